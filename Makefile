@@ -1,0 +1,34 @@
+# The two set-up commands of the README are `make bench` and `make test`; both start from a
+# fresh machine. `make check` is the fast part, run before every commit.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: bench test check lint venv clean
+
+$(STAMP): pyproject.toml constraints-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints-dev.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	mkdir -p bench-results
+	$(BIN)/fable bench --json bench-results/run.json
+
+check: lint
+	$(BIN)/pytest -m "not slow" -q
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,63 @@
+"""fable: reconfigurable I/O channels between processes.
+
+The core is the transport table (``fable.transports.REGISTRY``): each mechanism moves framed
+messages between two processes behind one contract, ``DataPath``. Above it, a ``Connection``
+binds its per-message methods straight to the transport, so a message costs one call.
+Public: ``Connection``, ``Buffer``, the errors, ``open_pair`` (two processes, no daemon) and
+``fable.testing``; the name service and live reconfiguration come in later milestones.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+if not sys.platform.startswith("linux"):  # pragma: no cover
+    raise ImportError("fable needs Linux (memfd, futex, SCM_RIGHTS, /proc)")
+
+from fable.buffer import Buffer
+from fable.connection import Connection
+from fable.errors import (
+    ConnectionClosed,
+    DaemonUnavailable,
+    DeadBuffer,
+    FableError,
+    InvalidName,
+    NameInUse,
+    NameNotFound,
+    NoSpace,
+    PeerDied,
+    PermissionDenied,
+    ProtocolError,
+    Timeout,
+    WouldBlock,
+)
+from fable.transports import REGISTRY, attach, open_pair
+from fable.transports.base import ConnectionStats
+
+__version__ = "0.1.0"
+
+logging.getLogger("fable").addHandler(logging.NullHandler())
+
+__all__ = [
+    "REGISTRY",
+    "Buffer",
+    "Connection",
+    "ConnectionClosed",
+    "ConnectionStats",
+    "DaemonUnavailable",
+    "DeadBuffer",
+    "FableError",
+    "InvalidName",
+    "NameInUse",
+    "NameNotFound",
+    "NoSpace",
+    "PeerDied",
+    "PermissionDenied",
+    "ProtocolError",
+    "Timeout",
+    "WouldBlock",
+    "__version__",
+    "attach",
+    "open_pair",
+]

@@ -1,0 +1,163 @@
+"""Every fable setting, in one place, read from ``FABLE_*`` environment variables.
+
+A setting is read when :func:`settings` is first called (and again after :func:`reload`);
+API calls that take a keyword argument for the same thing let it override the setting.
+``fable doctor`` prints the values in force and where each came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Settings", "reload", "settings", "state_dir"]
+
+logger = logging.getLogger("fable")
+
+
+def _default_state_dir() -> Path:
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return base / "fable"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings in force. Each field names its environment variable in ``metadata``."""
+
+    ring_size: int = field(
+        default=4 << 20,
+        metadata={
+            "env": "FABLE_RING_SIZE",
+            "help": "bytes of buffer space per direction of a connection (the staging area of "
+            "the socket transports, the ring of the shared-memory ones); a power of two",
+        },
+    )
+    read_buffers: int = field(
+        default=1024,
+        metadata={
+            "env": "FABLE_READ_BUFFERS",
+            "help": "read buffers the application may hold before getreadbuf raises NoSpace",
+        },
+    )
+    spin_budget_ns: int = field(
+        default=50_000,
+        metadata={
+            "env": "FABLE_SPIN_BUDGET_NS",
+            "help": "how long an adaptive wait spins before it yields and then sleeps",
+        },
+    )
+    grace_period_s: float = field(
+        default=5.0,
+        metadata={
+            "env": "FABLE_GRACE_PERIOD",
+            "help": "seconds old-epoch buffers may still be used after a reconfiguration",
+        },
+    )
+    close_linger_s: float = field(
+        default=5.0,
+        metadata={
+            "env": "FABLE_CLOSE_LINGER",
+            "help": "seconds close() waits to hand queued messages to a slow reader",
+        },
+    )
+    triggers: bool = field(
+        default=True,
+        metadata={"env": "FABLE_TRIGGERS", "help": "automatic reconfiguration triggers on/off"},
+    )
+    state_dir: Path = field(
+        default_factory=_default_state_dir,
+        metadata={"env": "FABLE_STATE_DIR", "help": "daemon log, calibration table"},
+    )
+    log_level: str = field(
+        default="WARNING",
+        metadata={"env": "FABLE_LOG_LEVEL", "help": "level of the 'fable' logger"},
+    )
+    backend: str = field(
+        default="auto",
+        metadata={"env": "FABLE_BACKEND", "help": "ring backend: auto, c or py"},
+    )
+
+    def describe(self) -> list[tuple[str, str, str, str]]:
+        """(name, value, environment variable, source) for each setting."""
+        rows = []
+        for f in dataclasses.fields(self):
+            env = f.metadata["env"]
+            source = "environment" if env in os.environ else "default"
+            rows.append((f.name, str(getattr(self, f.name)), env, source))
+        return rows
+
+
+def _parse(f: dataclasses.Field[object], raw: str) -> object:
+    name = f.metadata["env"]
+    kind = type(f.default) if f.default is not dataclasses.MISSING else Path
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw, 0)
+        if kind is float:
+            return float(raw)
+        if kind is Path:
+            return Path(raw).expanduser()
+        return raw.strip()
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _validate(s: Settings) -> None:
+    if s.ring_size < 4096 or s.ring_size & (s.ring_size - 1):
+        raise ValueError(f"FABLE_RING_SIZE={s.ring_size} must be a power of two >= 4096")
+    if s.read_buffers < 1:
+        raise ValueError("FABLE_READ_BUFFERS must be >= 1")
+    if s.spin_budget_ns < 0 or s.grace_period_s < 0 or s.close_linger_s < 0:
+        raise ValueError(
+            "FABLE_SPIN_BUDGET_NS, FABLE_GRACE_PERIOD and FABLE_CLOSE_LINGER must be >= 0"
+        )
+    if s.backend not in ("auto", "c", "py"):
+        raise ValueError(f"FABLE_BACKEND={s.backend!r} must be auto, c or py")
+    if s.log_level.upper() not in logging.getLevelNamesMapping():
+        raise ValueError(f"FABLE_LOG_LEVEL={s.log_level!r} is not a logging level")
+
+
+def _load() -> Settings:
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(Settings):
+        raw = os.environ.get(f.metadata["env"])
+        if raw is not None:
+            values[f.name] = _parse(f, raw)
+    s = Settings(**values)  # type: ignore[arg-type]
+    _validate(s)
+    logger.setLevel(s.log_level.upper())
+    return s
+
+
+_current: Settings | None = None
+
+
+def settings() -> Settings:
+    """The settings in force (read from the environment on first use)."""
+    global _current
+    if _current is None:
+        _current = _load()
+    return _current
+
+
+def reload() -> Settings:
+    """Read the environment again (tests and long-running daemons use this)."""
+    global _current
+    _current = _load()
+    return _current
+
+
+def state_dir() -> Path:
+    """Directory for the daemon log and the calibration table (not created here)."""
+    return settings().state_dir

@@ -1,0 +1,242 @@
+"""Connection: one side of a FABLE channel, whatever transport carries it.
+
+Legal call order:  open -> [getwritebuf -> commit|abort | send | getreadbuf -> release | recv]*
+                        -> close -> closed
+A connection inherited by a forked child is *invalid* there: every call raises ``FableError``,
+and the peer keeps talking to the parent (it sees the parent's close, not the child's).
+
+The per-message methods (``send``, ``recv``, ``getwritebuf``, ``commit``...) are bound straight
+to the transport's :class:`~fable.transports.DataPath` when the connection is made, so a call
+goes directly to the transport with no Python frame of ours in between; the methods defined below
+document the contract (see ``DataPath`` for the full guarantees) and are what you get only after
+the connection was closed or invalidated.
+
+Guarantees: messages are delivered whole, in commit order, exactly once; once ``send`` or
+``commit(flush=True)`` returns, the message is in the transport and survives this process's exit.
+``commit(flush=False)`` keeps messages in this process until ``flush()`` (or ``close()``): flush
+before exiting, as with a buffered file. Not guaranteed: that a committed message reached the
+peer's application, or that a ``PeerDied`` peer read anything it was sent.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NoReturn
+
+from fable.buffer import Buffer
+from fable.config import settings
+from fable.errors import ConnectionClosed, FableError
+from fable.transports.base import ConnectionStats, DataPath
+from fable.transports.setup import SetupChannel
+
+__all__ = ["Connection"]
+
+_HOT = (
+    "getwritebuf",
+    "commit",
+    "abort",
+    "flush",
+    "send",
+    "send_many",
+    "getreadbuf",
+    "release",
+    "recv",
+    "recv_into",
+)
+
+_live: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def _raiser(exc: Callable[[], BaseException]) -> Callable[..., NoReturn]:
+    def dead(*args: Any, **kwargs: Any) -> NoReturn:
+        raise exc()
+
+    return dead
+
+
+class Connection:
+    """One side of a connection. Use it from one sending and one receiving thread at a time."""
+
+    def __init__(self, path: DataPath, setup: SetupChannel) -> None:
+        self._path = path
+        self._setup = setup
+        self._state = "open"
+        self._bind(path)
+        _live.add(self)
+
+    def _bind(self, path: DataPath) -> None:
+        d = self.__dict__
+        for name in _HOT:
+            d[name] = getattr(path, name)
+
+    def _unbind(self, exc: Callable[[], BaseException]) -> None:
+        dead = _raiser(exc)
+        d = self.__dict__
+        for name in _HOT:
+            d[name] = dead
+
+    # ----------------------------------------------------------------- identity
+    @property
+    def transport(self) -> str:
+        """Canonical name of the transport carrying the connection now (REGISTRY key)."""
+        return self._path.transport
+
+    @property
+    def safe(self) -> bool:
+        """True when this side's reads are private copies; False when they are views into
+        memory the peer can write (only if this side said ``trusted=True``)."""
+        return self._path.safe
+
+    @property
+    def epoch(self) -> int:
+        """Transport generation: 0 at first, +1 at each reconfiguration."""
+        return self._path.epoch
+
+    @property
+    def max_write(self) -> int:
+        """The largest ``size`` one ``getwritebuf`` accepts."""
+        return self._path.max_write
+
+    @property
+    def closed(self) -> bool:
+        return self._state != "open"
+
+    # ----------------------------------------------------------------- data (documented here,
+    # bound to the DataPath per instance; these bodies only run on a dead connection)
+    def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
+        """Buffers with room for ``size`` bytes; waits for space (back-pressure).
+        ``timeout=0`` raises WouldBlock instead of waiting, expiry raises Timeout."""
+        return self._path.getwritebuf(size, timeout)
+
+    def commit(
+        self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
+    ) -> None:
+        """Publish ``nbytes`` of ``bufs`` as one message (``more=True``: it continues in the
+        next commit). ``flush=False`` batches until ``flush()``; with ``flush=True`` the socket
+        transports wait here while the kernel's buffer is full (a ring never waits here)."""
+        self._path.commit(bufs, nbytes, flush=flush, more=more)
+
+    def abort(self, bufs: Iterable[Buffer]) -> None:
+        """Give back uncommitted write buffers."""
+        self._path.abort(bufs)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Hand every committed message to the transport, waiting while it is full
+        (``timeout=0``: push what fits, WouldBlock if some is left queued)."""
+        self._path.flush(timeout)
+
+    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        """Send one message (copied); returns once the transport has it. ``timeout`` bounds the
+        wait for room before the message is accepted (WouldBlock/Timeout: nothing was sent)."""
+        self._path.send(data, timeout)
+
+    def send_many(
+        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
+    ) -> int:
+        """Send several messages with as few transport operations as possible; returns how many
+        were accepted (fewer than given only if ``timeout`` expired waiting for space)."""
+        return self._path.send_many(msgs, timeout)
+
+    def getreadbuf(self) -> list[Buffer]:
+        """Ready fragments without waiting; ``[]`` when none (re-arms ``fileno``).
+        Raises NoSpace while too many read buffers are held."""
+        return self._path.getreadbuf()
+
+    def release(self, buf: Buffer) -> None:
+        """Give back a read buffer (any order)."""
+        self._path.release(buf)
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        """The next whole message."""
+        return self._path.recv(timeout)
+
+    def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
+        """Copy the next message into ``buf``; ValueError (nothing lost) if it does not fit."""
+        return self._path.recv_into(buf, timeout)
+
+    # ----------------------------------------------------------------- the rest
+    def fileno(self) -> int:
+        """Edge-style readiness fd: when it signals, read until ``getreadbuf()`` returns ``[]``
+        (or ``recv(timeout=0)`` raises WouldBlock). Spurious wake-ups are possible."""
+        self._check_open()
+        return self._path.fileno()
+
+    def stats(self) -> ConnectionStats:
+        """A frozen snapshot of this side's counters."""
+        return self._path.stats()
+
+    def resources(self) -> list[int]:
+        """The fds this connection owns (for leak checks)."""
+        return [] if self._state != "open" else self._path.resources()
+
+    def close(self) -> None:
+        """Flush (up to FABLE_CLOSE_LINGER s), send the close frame, free everything.
+        Idempotent; the peer reads every message first, then gets ConnectionClosed."""
+        if self._state != "open":
+            return
+        self._state = "closed"
+        self._unbind(lambda: ConnectionClosed("connection is closed"))
+        _live.discard(self)
+        try:
+            self._path.close(settings().close_linger_s)
+        finally:
+            self._setup.close()
+
+    def _forked(self) -> None:
+        """In a forked child: drop the inherited handles silently and refuse every call."""
+        if self._state != "open":
+            return
+        self._state = "invalid"
+        self._unbind(
+            lambda: FableError("this connection was inherited across fork(); it is the parent's")
+        )
+        self._path.forget()
+
+    def _check_open(self) -> None:
+        if self._state == "closed":
+            raise ConnectionClosed("connection is closed")
+        if self._state == "invalid":
+            raise FableError("this connection was inherited across fork(); it is the parent's")
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Messages until the peer closes (ConnectionClosed ends the loop; PeerDied raises)."""
+        from fable.errors import PeerDied
+
+        while True:
+            try:
+                yield self.recv()
+            except PeerDied:
+                raise
+            except ConnectionClosed:
+                return
+
+    def __repr__(self) -> str:
+        return (
+            f"<fable.Connection {self._state} {self.transport} safe={self.safe} epoch={self.epoch}>"
+        )
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) == "open":
+            try:
+                self._state = "closed"
+                self._path.close(0.0)
+                self._setup.close()
+            except Exception:
+                pass
+
+
+def _after_fork_in_child() -> None:
+    for conn in list(_live):
+        conn._forked()
+    _live.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

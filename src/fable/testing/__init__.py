@@ -1,0 +1,751 @@
+"""Public conformance checks: what every transport must do, runnable against any of them.
+
+``check_transport(make_pair)`` runs every check in ``CHECKS`` against connections made by
+``make_pair()`` (which returns this side's Connection and the PendingEnd for the other side, as
+``fable.open_pair`` does). Each check forks a child that opens the other end, so everything is
+verified across processes, in both directions. A check raises AssertionError (or the fable error
+that broke it) on failure; a failing child prints its traceback to stderr and exits non-zero.
+
+Every check also verifies that no fd leaked: the fds open before it equal the fds open after it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fable.config import settings
+from fable.connection import Connection
+from fable.errors import (
+    ConnectionClosed,
+    DeadBuffer,
+    FableError,
+    NoSpace,
+    PeerDied,
+    Timeout,
+    WouldBlock,
+)
+from fable.transports.setup import PendingEnd
+
+__all__ = ["CHECKS", "Child", "MakePair", "check_transport", "open_fds", "pattern", "verify"]
+
+MakePair = Callable[[], tuple[Connection, PendingEnd]]
+
+# Sizes that cross every boundary we know of: empty, tiny, the small-message cut-off, pages,
+# one frame fragment (256 KiB), several, and a large message (8 MiB).
+SIZES = (
+    0,
+    1,
+    63,
+    64,
+    65,
+    2047,
+    2049,
+    4095,
+    4096,
+    4097,
+    65536,
+    262143,
+    262144,
+    262145,
+    1 << 20,
+    8 << 20,
+)
+SMALL_SIZES = (0, 1, 8, 64, 100, 4096, 5000, 65536)
+
+
+def pattern(seq: int, size: int) -> bytes:
+    """The payload of message ``seq``: its sequence number repeated (first 8 bytes = seq)."""
+    if size == 0:
+        return b""
+    word = (seq & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
+    return (word * (size // 8 + 1))[:size]
+
+
+def verify(seq: int, data: bytes | bytearray | memoryview, size: int | None = None) -> None:
+    """Assert that ``data`` is message ``seq`` (of ``size`` bytes, when given)."""
+    if size is not None:
+        assert len(data) == size, f"message {seq}: {len(data)} B, expected {size} B"
+    assert bytes(data) == pattern(seq, len(data)), f"message {seq}: corrupted or out of order"
+
+
+def open_fds() -> set[int]:
+    """The fds open in this process now."""
+    return {int(x) for x in os.listdir("/proc/self/fd")}
+
+
+class Child:
+    """A forked child that opens the other end of a pair and runs ``role(conn, *args)``."""
+
+    def __init__(self, pending: PendingEnd, role: Callable[..., None], *args: Any) -> None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 0
+            try:
+                conn = pending.open()
+                role(conn, *args)
+                conn.close()
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        pending.close()
+        self.pid = pid
+        self._status: int | None = None
+
+    def join(self, timeout: float = 60.0) -> int:
+        """Wait for the child; kill it and fail if it is still running after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self._status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._status = status
+                break
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"child {self.pid} still running after {timeout} s")
+            time.sleep(0.005)
+        return self._status
+
+    def expect_success(self, timeout: float = 60.0) -> None:
+        status = self.join(timeout)
+        assert os.waitstatus_to_exitcode(status) == 0, f"child failed (status {status})"
+
+    def kill(self) -> None:
+        if self._status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _, self._status = os.waitpid(self.pid, 0)
+
+
+def _go_pipe() -> tuple[int, int]:
+    return os.pipe()
+
+
+def _wait_go(fd: int) -> None:
+    assert os.read(fd, 1) == b"g"
+
+
+# ================================================================================ checks
+def _recv_all(conn: Connection, count: int, sizes: Sequence[int], first: int = 0) -> None:
+    for i in range(first, first + count):
+        verify(i, conn.recv(timeout=30), sizes[i % len(sizes)])
+
+
+def _send_all(conn: Connection, count: int, sizes: Sequence[int], first: int = 0) -> None:
+    for i in range(first, first + count):
+        conn.send(pattern(i, sizes[i % len(sizes)]))
+    conn.flush()
+
+
+def check_ordering(make_pair: MakePair) -> None:
+    """Every size from 0 B to 8 MiB, both directions, in order, boundaries kept."""
+    conn, pending = make_pair()
+
+    def child(c: Connection) -> None:
+        _recv_all(c, len(SIZES), SIZES)
+        _send_all(c, len(SIZES), SIZES)
+        assert c.recv(timeout=30) == b"done"
+
+    ch = Child(pending, child)
+    with conn:
+        _send_all(conn, len(SIZES), SIZES)
+        _recv_all(conn, len(SIZES), SIZES)
+        conn.send(b"done")
+    ch.expect_success()
+
+
+def check_both_directions(make_pair: MakePair) -> None:
+    """Both sides send and receive at once (a sending thread and a receiving one per side)."""
+    count = 400
+    conn, pending = make_pair()
+
+    def duplex(c: Connection) -> None:
+        errors: list[BaseException] = []
+
+        def sender() -> None:
+            try:
+                _send_all(c, count, SMALL_SIZES)
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        t = threading.Thread(target=sender)
+        t.start()
+        _recv_all(c, count, SMALL_SIZES)
+        t.join(60)
+        assert not t.is_alive(), "sender thread stuck"
+        if errors:
+            raise errors[0]
+
+    def child(c: Connection) -> None:
+        duplex(c)
+        c.send(b"bye")
+
+    ch = Child(pending, child)
+    with conn:
+        duplex(conn)
+        assert conn.recv(timeout=30) == b"bye"
+    ch.expect_success()
+
+
+def check_fragments(make_pair: MakePair) -> None:
+    """getwritebuf/commit with several buffers, partial fills, more=True, and getreadbuf
+    fragments released in any order."""
+    conn, pending = make_pair()
+    sizes = [0, 10, 4096, 300_000, 1 << 20]
+
+    def child(c: Connection) -> None:
+        rng = random.Random(1)
+        expected = [*sizes, 5 << 20]
+        seq = 0
+        parts: list[bytes] = []
+        held = []
+        deadline = time.monotonic() + 60
+        while seq < len(expected):
+            bufs = c.getreadbuf()
+            if not bufs:
+                assert time.monotonic() < deadline, "messages never arrived"
+                select.select([c.fileno()], [], [], 1.0)
+                continue
+            for b in bufs:
+                parts.append(bytes(b.data))
+                held.append(b)
+                if not b.more:
+                    verify(seq, b"".join(parts), expected[seq])
+                    seq += 1
+                    parts = []
+                    rng.shuffle(held)  # read buffers may be released in any order
+                    for h in held:
+                        c.release(h)
+                    held = []
+        assert not held and not parts
+        c.send(b"ok")
+
+    ch = Child(pending, child)
+    with conn:
+        for seq, size in enumerate(sizes):
+            bufs = conn.getwritebuf(size + 100)  # room to spare: commit fewer bytes than asked
+            assert sum(len(b.data) for b in bufs) >= size + 100
+            data = memoryview(pattern(seq, size))
+            pos = 0
+            for b in bufs:
+                n = min(len(b.data), size - pos)
+                b.data[:n] = data[pos : pos + n]
+                pos += n
+            conn.commit(bufs, size)
+        # a message larger than one getwritebuf, committed in parts
+        seq, size = len(sizes), 5 << 20
+        data = memoryview(pattern(seq, size))
+        pos = 0
+        while pos < size:
+            part = min(conn.max_write, size - pos)
+            bufs = conn.getwritebuf(part)
+            off = 0
+            for b in bufs:
+                n = len(b.data)
+                b.data[:] = data[pos + off : pos + off + n]
+                off += n
+            pos += part
+            conn.commit(bufs, part, more=pos < size)
+        assert conn.recv(timeout=30) == b"ok"
+    ch.expect_success()
+
+
+def check_commit_order(make_pair: MakePair) -> None:
+    """An earlier uncommitted buffer holds back later commits; abort lets them go."""
+    conn, pending = make_pair()
+
+    def child(c: Connection) -> None:
+        assert c.recv(timeout=30) == b"A"
+        assert c.recv(timeout=30) == b"B"
+        assert c.recv(timeout=30) == b"D"
+        assert c.recv(timeout=30) == b"E"
+        c.send(b"ok")
+
+    ch = Child(pending, child)
+    with conn:
+        a = conn.getwritebuf(1)
+        b = conn.getwritebuf(1)
+        b[0].data[:] = b"B"
+        conn.commit(b, 1)
+        a[0].data[:] = b"A"
+        conn.commit(a, 1)
+        c = conn.getwritebuf(1)
+        d = conn.getwritebuf(1)
+        d[0].data[:] = b"D"
+        conn.commit(d, 1)
+        conn.abort(c)
+        conn.send(b"E")
+        assert conn.recv(timeout=30) == b"ok"
+    ch.expect_success()
+
+
+def check_batches(make_pair: MakePair) -> None:
+    """commit(flush=False) + flush(), and send_many, keep order and boundaries."""
+    conn, pending = make_pair()
+    n = 2000
+
+    def child(c: Connection) -> None:
+        _recv_all(c, 2 * n, SMALL_SIZES)
+        c.send(b"ok")
+
+    ch = Child(pending, child)
+    with conn:
+        for i in range(n):
+            size = SMALL_SIZES[i % len(SMALL_SIZES)]
+            bufs = conn.getwritebuf(size)
+            data = pattern(i, size)
+            pos = 0
+            for b in bufs:
+                b.data[:] = data[pos : pos + len(b.data)]
+                pos += len(b.data)
+            conn.commit(bufs, size, flush=False)
+        assert conn.stats().pending_bytes >= 0
+        conn.flush()
+        conn.send_many(pattern(i, SMALL_SIZES[i % len(SMALL_SIZES)]) for i in range(n, 2 * n))
+        assert conn.recv(timeout=30) == b"ok"
+    ch.expect_success()
+
+
+def check_backpressure(make_pair: MakePair) -> None:
+    """A reader that does not read makes getwritebuf raise WouldBlock (timeout=0) and Timeout
+    (timeout>0); once it reads, writing resumes and nothing was lost."""
+    conn, pending = make_pair()
+    rfd, wfd = _go_pipe()
+    size = 4096
+
+    def child(c: Connection, rfd: int, wfd: int) -> None:
+        os.close(wfd)
+        _wait_go(rfd)
+        seq = 1
+        while (m := c.recv(timeout=30)) != b"end":
+            verify(seq, m, size)
+            seq += 1
+        c.send(str(seq - 1).encode())
+
+    ch = Child(pending, child, rfd, wfd)
+    os.close(rfd)
+    with conn:
+        sent = 0
+        limit = (settings().ring_size + (64 << 20)) // size
+        while True:
+            try:
+                bufs = conn.getwritebuf(size, timeout=0)
+            except WouldBlock:
+                break
+            bufs[0].data[:] = pattern(sent + 1, size)
+            conn.commit(bufs, size)
+            sent += 1
+            assert sent < limit, "getwritebuf never pushed back against a reader that does not read"
+        assert sent > 0
+        # The kernel may find a little more room (TCP grows its buffers): keep writing with a
+        # timeout until one expires; it must take the whole timeout.
+        while True:
+            t0 = time.monotonic()
+            try:
+                bufs = conn.getwritebuf(size, timeout=0.2)
+            except Timeout:
+                assert time.monotonic() - t0 >= 0.15, "Timeout came before the timeout"
+                break
+            bufs[0].data[:] = pattern(sent + 1, size)
+            conn.commit(bufs, size)
+            sent += 1
+            assert sent < limit, "getwritebuf never timed out against a reader that does not read"
+        os.write(wfd, b"g")
+        os.close(wfd)
+        for i in range(sent + 1, sent + 201):
+            conn.send(pattern(i, size))  # waits for room as the reader catches up
+        conn.send(b"end")
+        assert conn.recv(timeout=60) == str(sent + 200).encode()
+    ch.expect_success()
+
+
+def check_read_wouldblock(make_pair: MakePair) -> None:
+    """Nothing to read: getreadbuf() == [], recv(timeout=0) -> WouldBlock, recv(0.1) -> Timeout;
+    neither loses the message that arrives afterwards."""
+    conn, pending = make_pair()
+    rfd, wfd = _go_pipe()
+
+    def child(c: Connection, rfd: int, wfd: int) -> None:
+        os.close(wfd)
+        _wait_go(rfd)
+        c.send(pattern(7, 5000))
+        assert c.recv(timeout=30) == b"ok"
+
+    ch = Child(pending, child, rfd, wfd)
+    os.close(rfd)
+    with conn:
+        assert conn.getreadbuf() == []
+        try:
+            conn.recv(timeout=0)
+            raise AssertionError("recv(timeout=0) did not raise WouldBlock")
+        except WouldBlock:
+            pass
+        t0 = time.monotonic()
+        try:
+            conn.recv_into(bytearray(10), timeout=0.1)
+            raise AssertionError("recv_into(timeout=0.1) did not raise Timeout")
+        except Timeout:
+            pass
+        assert time.monotonic() - t0 >= 0.09
+        os.write(wfd, b"g")
+        os.close(wfd)
+        verify(7, conn.recv(timeout=30), 5000)
+        conn.send(b"ok")
+    ch.expect_success()
+
+
+def check_recv_into(make_pair: MakePair) -> None:
+    """recv_into a too-small buffer raises ValueError and loses nothing."""
+    conn, pending = make_pair()
+
+    def child(c: Connection) -> None:
+        c.send(pattern(1, 3000))
+        c.send(pattern(2, 600_000))
+        assert c.recv(timeout=30) == b"ok"
+
+    ch = Child(pending, child)
+    with conn:
+        small = bytearray(100)
+        for seq, size in ((1, 3000), (2, 600_000)):
+            try:
+                conn.recv_into(small, timeout=30)
+                raise AssertionError("recv_into into a small buffer did not raise ValueError")
+            except ValueError:
+                pass
+            big = bytearray(size + 10)
+            assert conn.recv_into(big, timeout=30) == size
+            verify(seq, big[:size], size)
+        conn.send(b"ok")
+    ch.expect_success()
+
+
+def check_no_space(make_pair: MakePair) -> None:
+    """Holding too many read buffers raises NoSpace; releasing some lets reading go on."""
+    conn, pending = make_pair()
+    limit = settings().read_buffers
+    count = limit + 50
+
+    def child(c: Connection, count: int) -> None:
+        c.send_many(pattern(i, 16) for i in range(count))
+        assert c.recv(timeout=30) == b"ok"
+
+    ch = Child(pending, child, count)
+    with conn:
+        held: list[Any] = []
+        deadline = time.monotonic() + 30
+        got_nospace = False
+        while len(held) < count:
+            assert time.monotonic() < deadline, "messages never arrived"
+            try:
+                bufs = conn.getreadbuf()
+            except NoSpace:
+                got_nospace = True
+                assert len(held) >= limit
+                for b in held:
+                    verify(int.from_bytes(bytes(b.data[:8]), "little"), b.data, 16)
+                    conn.release(b)
+                seen = len(held)
+                held = []
+                count -= seen
+                continue
+            if not bufs:
+                select.select([conn.fileno()], [], [], 0.5)
+            held.extend(bufs)
+        for b in held:
+            conn.release(b)
+        assert got_nospace, "getreadbuf never raised NoSpace"
+        assert conn.stats().read_buffers_held == 0
+        conn.send(b"ok")
+    ch.expect_success()
+
+
+def check_readiness(make_pair: MakePair) -> None:
+    """fileno() signals whenever data is ready; draining getreadbuf() until [] re-arms it."""
+    conn, pending = make_pair()
+    bursts, per = 50, 7
+
+    def child(c: Connection) -> None:
+        seq = 0
+        for _ in range(bursts):
+            for _ in range(per):
+                c.send(pattern(seq, 100))
+                seq += 1
+            assert c.recv(timeout=30) == b"next"
+
+    ch = Child(pending, child)
+    with conn:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        seq = 0
+        for _ in range(bursts):
+            got = 0
+            while got < per:
+                assert poller.poll(10_000), "fileno() never signalled: a missed wake-up"
+                while True:
+                    bufs = conn.getreadbuf()
+                    if not bufs:
+                        break
+                    for b in bufs:
+                        verify(seq, b.data, 100)
+                        seq += 1
+                        got += 1
+                        conn.release(b)
+            conn.send(b"next")
+    ch.expect_success()
+
+
+def check_clean_close(make_pair: MakePair) -> None:
+    """A clean close: the peer reads every message, then ConnectionClosed (not PeerDied), and
+    writing to it raises ConnectionClosed too. close() is idempotent."""
+    conn, pending = make_pair()
+
+    def child(c: Connection) -> None:
+        for i in range(3):
+            c.send(pattern(i, 1000))
+        c.close()
+        c.close()
+
+    ch = Child(pending, child)
+    with conn:
+        for i in range(3):
+            verify(i, conn.recv(timeout=30), 1000)
+        for _ in range(2):
+            try:
+                conn.recv(timeout=30)
+                raise AssertionError("recv after the peer closed did not raise")
+            except PeerDied:
+                raise AssertionError("a clean close was reported as PeerDied") from None
+            except ConnectionClosed:
+                pass
+        ch.expect_success()
+        try:
+            for _ in range(200):
+                conn.send(b"x" * 1000)
+                conn.flush()
+                time.sleep(0.005)
+            raise AssertionError("sending to a closed peer never failed")
+        except PeerDied:
+            raise AssertionError("writing to a cleanly closed peer gave PeerDied") from None
+        except ConnectionClosed:
+            pass
+    conn.close()
+    try:
+        conn.send(b"x")
+        raise AssertionError("send on a closed connection did not raise")
+    except ConnectionClosed:
+        pass
+
+
+def _killer(child: Child, delay: float, stamp: list[float]) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay)
+        stamp.append(time.monotonic())
+        os.kill(child.pid, signal.SIGKILL)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def check_peer_died_reader(make_pair: MakePair) -> None:
+    """SIGKILL of the writer while the reader blocks: its messages first, then PeerDied < 1 s."""
+    conn, pending = make_pair()
+
+    def child(c: Connection) -> None:
+        for i in range(3):
+            c.send(pattern(i, 500))
+        c.flush()
+        time.sleep(120)
+
+    ch = Child(pending, child)
+    with conn:
+        for i in range(3):
+            verify(i, conn.recv(timeout=30), 500)
+        stamp: list[float] = []
+        t = _killer(ch, 0.3, stamp)
+        try:
+            conn.recv(timeout=30)
+            raise AssertionError("recv from a killed peer did not raise")
+        except PeerDied:
+            took = time.monotonic() - stamp[0]
+            assert took < 1.0, f"PeerDied came {took:.2f} s after the kill"
+        t.join()
+    ch.join()
+
+
+def check_peer_died_writer(make_pair: MakePair) -> None:
+    """SIGKILL of the reader while the writer is blocked on back-pressure: PeerDied < 1 s."""
+    conn, pending = make_pair()
+
+    def child(c: Connection) -> None:
+        c.send(b"ready")
+        time.sleep(120)
+
+    ch = Child(pending, child)
+    with conn:
+        assert conn.recv(timeout=30) == b"ready"
+        chunk = b"z" * 65536
+        while True:
+            try:
+                conn.send(chunk, timeout=0)
+            except WouldBlock:
+                break
+        stamp: list[float] = []
+        t = _killer(ch, 0.3, stamp)
+        try:
+            for _ in range(100_000):
+                conn.send(chunk)  # blocks in getwritebuf until the kill
+            raise AssertionError("writing to a killed reader never failed")
+        except PeerDied:
+            took = time.monotonic() - stamp[0]
+            assert took < 1.0, f"PeerDied came {took:.2f} s after the kill"
+        t.join()
+    ch.join()
+
+
+def check_dead_buffer(make_pair: MakePair) -> None:
+    """Buffers are single-use: touching one after commit/abort/release raises DeadBuffer."""
+    conn, pending = make_pair()
+
+    def child(c: Connection) -> None:
+        assert c.recv(timeout=30) == b"abc"
+        c.send(b"r")
+        assert c.recv(timeout=30) == b"ok"
+
+    ch = Child(pending, child)
+    with conn:
+        bufs = conn.getwritebuf(3)
+        bufs[0].data[:] = b"abc"
+        conn.commit(bufs, 3)
+        for action in (
+            lambda: bufs[0].data,
+            lambda: conn.commit(bufs, 3),
+            lambda: conn.abort(bufs),
+        ):
+            try:
+                action()
+                raise AssertionError("a committed buffer was usable")
+            except DeadBuffer:
+                pass
+        gone = conn.getwritebuf(10)
+        conn.abort(gone)
+        try:
+            gone[0].data[0] = 1
+            raise AssertionError("an aborted buffer was usable")
+        except DeadBuffer:
+            pass
+        deadline = time.monotonic() + 30
+        rb: list[Any] = []
+        while not rb:
+            assert time.monotonic() < deadline
+            select.select([conn.fileno()], [], [], 1.0)
+            rb = conn.getreadbuf()
+        assert bytes(rb[0].data) == b"r"
+        conn.release(rb[0])
+        for action in (lambda: rb[0].data, lambda: conn.release(rb[0])):
+            try:
+                action()
+                raise AssertionError("a released buffer was usable")
+            except DeadBuffer:
+                pass
+        conn.send(b"ok")
+    ch.expect_success()
+
+
+def check_fork_invalidation(make_pair: MakePair) -> None:
+    """A connection inherited by fork() is invalid in the child; the parent's keeps working and
+    its peer sees nothing of the child."""
+    conn, pending = make_pair()
+
+    def child(c: Connection) -> None:
+        assert c.recv(timeout=30) == b"before"
+        assert c.recv(timeout=30) == b"after"
+        c.send(b"ok")
+
+    ch = Child(pending, child)
+    with conn:
+        conn.send(b"before")
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - grandchild
+            code = 0
+            for call in (lambda: conn.send(b"x"), lambda: conn.recv(timeout=0), conn.fileno):
+                try:
+                    call()
+                    code = 3
+                except FableError as e:
+                    if isinstance(e, ConnectionClosed):
+                        code = 4
+            conn.close()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, (
+            "inherited connection was usable in the child"
+        )
+        conn.send(b"after")
+        assert conn.recv(timeout=30) == b"ok"
+    ch.expect_success()
+
+
+def check_stats(make_pair: MakePair) -> None:
+    """stats() counts messages and bytes each way; the context manager closes."""
+    conn, pending = make_pair()
+
+    def child(c: Connection) -> None:
+        for _ in range(5):
+            c.send(c.recv(timeout=30))
+
+    ch = Child(pending, child)
+    with conn:
+        for i in range(5):
+            conn.send(b"x" * (i + 1))
+            assert conn.recv(timeout=30) == b"x" * (i + 1)
+        s = conn.stats()
+        assert (s.msgs_sent, s.bytes_sent, s.msgs_received, s.bytes_received) == (5, 15, 5, 15)
+        assert s.transport == conn.transport and s.epoch == conn.epoch == 0
+    assert conn.closed
+    ch.expect_success()
+
+
+CHECKS: dict[str, Callable[[MakePair], None]] = {
+    "ordering": check_ordering,
+    "both_directions": check_both_directions,
+    "fragments": check_fragments,
+    "commit_order": check_commit_order,
+    "batches": check_batches,
+    "backpressure": check_backpressure,
+    "read_wouldblock": check_read_wouldblock,
+    "recv_into": check_recv_into,
+    "no_space": check_no_space,
+    "readiness": check_readiness,
+    "clean_close": check_clean_close,
+    "peer_died_reader": check_peer_died_reader,
+    "peer_died_writer": check_peer_died_writer,
+    "dead_buffer": check_dead_buffer,
+    "fork_invalidation": check_fork_invalidation,
+    "stats": check_stats,
+}
+
+
+def run_check(name: str, make_pair: MakePair) -> None:
+    """Run one check and verify that it leaked no fd."""
+    before = open_fds()
+    CHECKS[name](make_pair)
+    leaked = open_fds() - before
+    assert not leaked, f"check {name} leaked fds {sorted(leaked)}"
+
+
+def check_transport(make_pair: MakePair) -> None:
+    """Run every conformance check against ``make_pair``; raises on the first failure."""
+    for name in CHECKS:
+        run_check(name, make_pair)

@@ -1,0 +1,41 @@
+"""The transport table: the one place that knows which transports exist and what each can do.
+
+``REGISTRY`` maps a canonical name (used everywhere: CLI, JSON, daemon, docs) to its
+:class:`TransportInfo`. The policy and the bench read capabilities from here and never branch on
+names. Each transport lives in its own module; adding one means adding its module and its row.
+
+    name          copies (safe)  wait    fileno  cross-host   module
+    tcp           2              kernel  yes     yes          transports/tcp.py
+    tcp-nodelay   2              kernel  yes     yes          transports/tcp.py
+    unix          2              kernel  yes     no           transports/unix.py
+    pipe          2              kernel  yes     no           transports/pipe.py
+"""
+
+from __future__ import annotations
+
+from fable.transports import pipe, tcp, unix
+from fable.transports.base import (
+    Capabilities,
+    ConnectionStats,
+    DataPath,
+    EndSpec,
+    TransportInfo,
+)
+from fable.transports.setup import PendingEnd, SetupChannel, attach, open_pair
+
+__all__ = [
+    "REGISTRY",
+    "Capabilities",
+    "ConnectionStats",
+    "DataPath",
+    "EndSpec",
+    "PendingEnd",
+    "SetupChannel",
+    "TransportInfo",
+    "attach",
+    "open_pair",
+]
+
+REGISTRY: dict[str, TransportInfo] = {
+    info.name: info for info in (tcp.INFO, tcp.INFO_NODELAY, unix.INFO, pipe.INFO)
+}

@@ -1,0 +1,200 @@
+"""The contract every transport implements, and the record that describes a transport.
+
+A *transport* is a mechanism (tcp, pipe, a shared-memory ring...). It is described by a
+:class:`TransportInfo` in the one table, ``fable.transports.REGISTRY``; the policy and the bench
+read that table and nothing else. Setting up a connection makes one :class:`DataPath` per side:
+the object that moves this side's messages. A :class:`fable.Connection` binds its hot methods
+straight to its DataPath, so one ``send`` or ``recv`` is one call into the transport.
+
+The contract below is verified by ``fable.testing.check_transport``; every transport must pass.
+
+Messages and frames
+- One ``commit`` (or ``send``) is one message; its buffers are its fragments, in order. A message
+  is delivered exactly once, whole, in commit order, with its boundaries kept.
+- Every frame on the wire carries its length, a 64-bit sequence number, the epoch and flags; the
+  receiver checks the sequence and fails the connection with ``ProtocolError`` on a gap.
+- A write buffer allocated earlier but not yet committed holds back messages committed later.
+- Close is an in-band frame after the last message: the peer reads every message, then gets
+  ``ConnectionClosed``. A peer that vanishes without it gives ``PeerDied`` (after every complete
+  message it committed has been read).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fable.buffer import Buffer
+    from fable.transports.setup import SetupChannel
+
+__all__ = ["Capabilities", "ConnectionStats", "DataPath", "EndSpec", "TransportInfo"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a transport can do; the policy ranks transports from these facts alone."""
+
+    copies_unsafe: (
+        int | None
+    )  # copies per message when the reader trusts the writer (None: no form)
+    copies_safe: int | None  # copies per message for an untrusting reader (None: no form)
+    wait: str  # "kernel" | "futex" | "spin" | "adaptive" | "pipe"
+    pollable: bool  # fileno() gives a readiness fd
+    cross_host: bool  # can connect two hosts
+    spins: bool  # burns a core while waiting (never pick when both ends may share one)
+    mutual_trust: bool = False  # both sides must trust each other to use it at all
+
+    @property
+    def forms(self) -> tuple[bool, ...]:
+        """The values of ``safe`` this transport offers (True = the reader gets a private copy)."""
+        out: list[bool] = []
+        if self.copies_safe is not None:
+            out.append(True)
+        if self.copies_unsafe is not None:
+            out.append(False)
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class EndSpec:
+    """One side's share of a new transport: fds to pass over the setup channel, JSON params."""
+
+    fds: list[int]
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TransportInfo:
+    """One row of REGISTRY.
+
+    ``create(options)`` runs on the initiating side and returns the two ends (the second is sent
+    to the peer over the setup channel); ``open(spec, role, safe, setup)`` turns an end into a
+    DataPath on its own side. ``role`` is 0 on the initiating side, 1 on the other.
+    """
+
+    name: str
+    caps: Capabilities
+    summary: str
+    create: Callable[[dict[str, Any]], tuple[EndSpec, EndSpec]]
+    open: Callable[[EndSpec, int, bool, SetupChannel], DataPath]
+
+
+@dataclass(frozen=True)
+class ConnectionStats:
+    """A snapshot of a connection's counters (``Connection.stats()``)."""
+
+    transport: str
+    safe: bool
+    epoch: int
+    msgs_sent: int
+    bytes_sent: int
+    msgs_received: int
+    bytes_received: int
+    read_buffers_held: int
+    write_buffers_held: int
+    pending_bytes: int  # committed but not yet handed to the transport (batched commits)
+
+
+class DataPath(abc.ABC):
+    """One side of a connection over one transport (one epoch).
+
+    Threads: one sending and one receiving thread at a time. Blocking calls release the GIL and
+    raise promptly on signals (KeyboardInterrupt works). ``timeout=None`` waits forever, ``0``
+    never waits (``WouldBlock``), otherwise ``Timeout`` when it expires; a call that raised
+    ``WouldBlock`` or ``Timeout`` consumed and lost nothing.
+    """
+
+    transport: str
+    safe: bool
+    epoch: int
+    max_write: int  # largest size one getwritebuf may ask for
+
+    # -- writing -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
+        """Buffers with room for ``size`` bytes in total, blocking while the transport is full.
+
+        This is where back-pressure applies. ``size`` above ``max_write`` raises ValueError
+        (send such a message as several commits with ``more=True``)."""
+
+    @abc.abstractmethod
+    def commit(
+        self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
+    ) -> None:
+        """Publish ``nbytes`` written into ``bufs`` (in order) as one message.
+
+        ``more=True``: the message continues in the next commit. ``flush=False`` lets several
+        commits be written together by ``flush()`` (socket transports: one vectored write).
+        With ``flush=True`` the message is handed to the transport before this returns (on the
+        socket transports it may wait while the kernel buffer is full; a reader that dies gives
+        ``PeerDied``). The buffers are dead afterwards, even if this raises."""
+
+    @abc.abstractmethod
+    def abort(self, bufs: Iterable[Buffer]) -> None:
+        """Give back write buffers without sending anything."""
+
+    @abc.abstractmethod
+    def flush(self, timeout: float | None = None) -> None:
+        """Hand every committed message to the transport, waiting while it is full.
+
+        ``timeout=0`` pushes what fits now and raises WouldBlock if some is left (an event loop
+        calls it when the write side is ready); on Timeout/WouldBlock the rest stays queued."""
+
+    @abc.abstractmethod
+    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        """Send one message of any size (a copy of ``data``). ``timeout`` bounds the wait for
+        space; once part of the message has been accepted the call completes it."""
+
+    @abc.abstractmethod
+    def send_many(
+        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
+    ) -> int:
+        """Send several messages, batched into as few transport operations as possible.
+
+        Returns how many were accepted, in order: all of them, unless ``timeout`` expired while
+        waiting for space (then the rest were not sent; no WouldBlock/Timeout is raised)."""
+
+    # -- reading -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def getreadbuf(self) -> list[Buffer]:
+        """The fragments that are ready, without waiting; ``[]`` when none is (which re-arms
+        ``fileno``). Raises ``NoSpace`` while the application holds too many read buffers, and
+        ``ConnectionClosed``/``PeerDied`` once the peer is gone and everything was read."""
+
+    @abc.abstractmethod
+    def release(self, buf: Buffer) -> None:
+        """Give a read buffer back; read buffers may be released in any order."""
+
+    @abc.abstractmethod
+    def recv(self, timeout: float | None = None) -> bytes:
+        """The next whole message (fragments reassembled)."""
+
+    @abc.abstractmethod
+    def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
+        """Copy the next message into ``buf``; returns its length. A buffer too small raises
+        ValueError and the message stays readable."""
+
+    # -- the rest --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def fileno(self) -> int:
+        """Edge-style readiness fd: after it signals, read until getreadbuf returns []."""
+
+    @abc.abstractmethod
+    def close(self, linger: float) -> None:
+        """Flush (waiting up to ``linger`` s), send the close frame, free everything.
+        Idempotent."""
+
+    @abc.abstractmethod
+    def forget(self) -> None:
+        """Drop this process's handles without telling the peer (a forked child's copy)."""
+
+    @abc.abstractmethod
+    def stats(self) -> ConnectionStats:
+        """Counters of this side."""
+
+    @abc.abstractmethod
+    def resources(self) -> list[int]:
+        """fds this path owns (tests count them to prove nothing leaks)."""

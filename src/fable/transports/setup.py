@@ -1,0 +1,276 @@
+"""The setup channel, and ``open_pair``: two processes connected without a daemon.
+
+The setup channel is an already-connected AF_UNIX stream socket between the two sides of a
+connection. It carries length-prefixed JSON records, with fds attached by SCM_RIGHTS:
+
+    +----------------+------------------------------------+
+    | length (u32 LE) | JSON object, "v": SETUP_VERSION   |   (+ fds on its first byte)
+    +----------------+------------------------------------+
+
+It lives as long as the connection: the hello that sets a transport up, and later
+reconfiguration requests and acknowledgements, travel on it; a side that closes cleanly says so
+on it (``{"op": "close"}``) before its data-path fds go, so the other side can tell a clean close
+from a death. Everything read from it is checked: a malformed record is a ``ProtocolError``.
+
+``open_pair(name)`` makes a connection whose other end is not open yet: the caller keeps the
+returned :class:`Connection` and gives the :class:`PendingEnd` to a child, which calls
+``open()`` after ``fork()`` or, after a spawn that passed ``pending.fileno()`` along,
+``fable.transports.attach(fd)``. The parent then closes its copy of the PendingEnd.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import select
+import socket
+import struct
+from typing import Any
+
+from fable.errors import FableError, ProtocolError, Timeout
+from fable.transports.base import EndSpec
+
+__all__ = ["SETUP_VERSION", "PendingEnd", "SetupChannel", "attach", "open_pair"]
+
+SETUP_VERSION = 1
+MAX_RECORD = 64 * 1024
+MAX_FDS = 8
+_LEN = struct.Struct("<I")
+
+
+class SetupChannel:
+    """Length-prefixed JSON records with attached fds over a connected AF_UNIX socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ProtocolError("the setup channel must be an AF_UNIX stream socket")
+        sock.setblocking(True)
+        self._sock: socket.socket | None = sock
+
+    @property
+    def sock(self) -> socket.socket:
+        if self._sock is None:
+            raise FableError("setup channel is closed")
+        return self._sock
+
+    def send(self, record: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        body = json.dumps({"v": SETUP_VERSION, **record}, separators=(",", ":")).encode()
+        if len(body) > MAX_RECORD:
+            raise ValueError("setup record too large")
+        data = _LEN.pack(len(body)) + body
+        anc = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
+        sent = self.sock.sendmsg([data], anc, socket.MSG_NOSIGNAL)
+        if sent < len(data):
+            self.sock.sendall(data[sent:], socket.MSG_NOSIGNAL)
+
+    def recv(self, timeout: float | None) -> tuple[dict[str, Any], list[int]]:
+        """The next record and the fds that came with it (closed for you if this raises)."""
+        sock = self.sock
+        fds: list[int] = []
+        try:
+            if timeout is not None and not select.select([sock], [], [], timeout)[0]:
+                raise Timeout("the other side of the setup channel did not answer in time")
+            head, anc, flags, _ = sock.recvmsg(
+                _LEN.size, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+            )
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
+                    fds.extend(a)
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError("too many fds on the setup channel")
+            if not head:
+                raise ProtocolError("the setup channel closed before a record arrived")
+            head += self._recv_exact(_LEN.size - len(head), timeout)
+            (length,) = _LEN.unpack(head)
+            if length > MAX_RECORD:
+                raise ProtocolError(f"setup record of {length} B is too large")
+            body = self._recv_exact(length, timeout)
+            try:
+                record = json.loads(body)
+            except ValueError:
+                raise ProtocolError("setup record is not JSON") from None
+            if not isinstance(record, dict) or record.get("v") != SETUP_VERSION:
+                raise ProtocolError(
+                    f"setup protocol version {record.get('v') if isinstance(record, dict) else '?'}"
+                    f" (this side speaks {SETUP_VERSION})"
+                )
+            return record, fds
+        except BaseException:
+            _close_all(fds)
+            raise
+
+    def _recv_exact(self, n: int, timeout: float | None) -> bytes:
+        sock = self.sock
+        chunks = []
+        while n > 0:
+            if timeout is not None and not select.select([sock], [], [], timeout)[0]:
+                raise Timeout("setup record cut short")
+            b = sock.recv(n)
+            if not b:
+                raise ProtocolError("setup record cut short")
+            chunks.append(b)
+            n -= len(b)
+        return b"".join(chunks)
+
+    def say_close(self) -> None:
+        """Tell the peer this side is closing cleanly (best effort)."""
+        try:
+            self.send({"op": "close"})
+        except (OSError, FableError):
+            pass
+
+    def peer_said_close(self) -> bool:
+        """Whether the peer's close notice waits on the channel (peeks; consumes nothing)."""
+        if self._sock is None:
+            return False
+        try:
+            data = self._sock.recv(MAX_RECORD, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return False
+        pos = 0
+        while pos + _LEN.size <= len(data):
+            (length,) = _LEN.unpack_from(data, pos)
+            body = data[pos + _LEN.size : pos + _LEN.size + length]
+            if len(body) < length:
+                break
+            try:
+                if json.loads(body).get("op") == "close":
+                    return True
+            except (ValueError, AttributeError):
+                return False
+            pos += _LEN.size + length
+        return False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def resources(self) -> list[int]:
+        return [self._sock.fileno()] if self._sock is not None else []
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def forget(self) -> None:
+        """Drop this process's copy without telling the peer (after fork, in the child)."""
+        self.close()
+
+
+def _close_all(fds: list[int]) -> None:
+    import os
+
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _open_end(ch: SetupChannel, timeout: float | None) -> Any:
+    from fable.connection import Connection
+    from fable.transports import REGISTRY
+
+    record, fds = ch.recv(timeout)
+    try:
+        if record.get("op") != "hello":
+            raise ProtocolError(f"expected a hello on the setup channel, got {record.get('op')!r}")
+        name = record.get("transport")
+        info = REGISTRY.get(name) if isinstance(name, str) else None
+        if info is None:
+            raise ProtocolError(f"the peer asked for an unknown transport {name!r}")
+        safe = record.get("safe")
+        params = record.get("params")
+        if not isinstance(safe, bool) or not isinstance(params, dict):
+            raise ProtocolError("malformed hello on the setup channel")
+        if safe not in info.caps.forms:
+            raise ProtocolError(f"transport {name} has no {'safe' if safe else 'unsafe'} form")
+    except BaseException:
+        _close_all(fds)
+        raise
+    path = info.open(EndSpec(fds, params), 1, safe, ch)
+    return Connection(path, ch)
+
+
+class PendingEnd:
+    """The not-yet-opened other end of an ``open_pair`` connection (hand it to a child)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock: socket.socket | None = sock
+
+    def fileno(self) -> int:
+        """The setup channel fd, to pass to a spawned child (``pass_fds``), then ``attach(fd)``."""
+        if self._sock is None:
+            raise FableError("this PendingEnd was already opened or closed")
+        return self._sock.fileno()
+
+    def open(self, timeout: float | None = 10.0) -> Any:
+        """Open this end (in the child) and return its :class:`fable.Connection`."""
+        if self._sock is None:
+            raise FableError("this PendingEnd was already opened or closed")
+        sock, self._sock = self._sock, None
+        ch = SetupChannel(sock)
+        try:
+            return _open_end(ch, timeout)
+        except BaseException:
+            ch.close()
+            raise
+
+    def close(self) -> None:
+        """Drop this process's copy (the parent, once the child has its own)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> PendingEnd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attach(fd: int, timeout: float | None = 10.0) -> Any:
+    """Open the end of an ``open_pair`` connection whose setup channel fd this process inherited."""
+    return PendingEnd(socket.socket(fileno=fd)).open(timeout)
+
+
+def open_pair(
+    name: str, *, safe: bool | None = None, options: dict[str, Any] | None = None
+) -> tuple[Any, PendingEnd]:
+    """A connection over transport ``name``: this side's Connection, and the other end to hand on.
+
+    ``safe``: whether the readers get private copies (default: the transport's safe form when it
+    has one). Raises ValueError for an unknown transport or a form it does not have.
+    """
+    from fable.connection import Connection
+    from fable.transports import REGISTRY
+
+    info = REGISTRY.get(name)
+    if info is None:
+        raise ValueError(f"unknown transport {name!r}; known: {', '.join(REGISTRY)}")
+    forms = info.caps.forms
+    if safe is None:
+        safe = forms[0]
+    if safe not in forms:
+        raise ValueError(f"transport {name} has no {'safe' if safe else 'unsafe'} form")
+    s0, s1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ch = SetupChannel(s0)
+    try:
+        local, remote = info.create(dict(options or {}))
+        try:
+            ch.send(
+                {"op": "hello", "transport": name, "safe": safe, "params": remote.params},
+                remote.fds,
+            )
+        finally:
+            _close_all(remote.fds)
+        path = info.open(local, 0, safe, ch)
+    except BaseException:
+        ch.close()
+        s1.close()
+        raise
+    return Connection(path, ch), PendingEnd(s1)

@@ -1,0 +1,789 @@
+"""Framed messages over a kernel byte stream: the data path of tcp, tcp-nodelay, unix and pipe.
+
+Wire format, version 1 (``WIRE_VERSION``, agreed in the setup hello), every frame little-endian:
+
+     0                   1                   2                   3
+     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+    +---------------------------------------------------------------+
+    |                     payload length (u32)                      |
+    +-------------------------------+-------------------------------+
+    |          flags (u16)          |        magic 0xFAB1 (u16)     |
+    +-------------------------------+-------------------------------+
+    |                    sequence number (u64)                      |
+    |                 (one per frame, from 0, no gaps)              |
+    +---------------------------------------------------------------+
+    |                          epoch (u32)                          |
+    +---------------------------------------------------------------+
+    |                payload (length bytes, <= FRAGMENT)            |
+    +---------------------------------------------------------------+
+
+flags: ``F_MORE`` (more fragments of this message follow), ``F_CLOSE`` (control: the writer
+closed cleanly; payload empty; nothing follows). Anything else, a bad magic, a wrong epoch, a
+payload above ``FRAGMENT`` or a sequence gap fails the connection with ``ProtocolError``.
+
+Writing: a message is framed in user memory (``getwritebuf`` hands out the payload part of a
+frame) and written with one vectored write per flush. ``commit(flush=True)``, ``send`` and
+``send_many`` return once the kernel has every byte (waiting while its buffer is full: that is
+the slow reader's back-pressure); ``commit(flush=False)`` queues in user memory until ``flush``,
+bounded by ``ring_size`` (``getwritebuf`` waits for room).
+Reading: the kernel's bytes land in a receive chunk; read buffers are read-only views into it, and
+a chunk the application still holds views of is never overwritten (a fresh one takes over).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import socket
+import struct
+import termios
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from fable.buffer import Buffer
+from fable.config import settings
+from fable.errors import (
+    ConnectionClosed,
+    DeadBuffer,
+    FableError,
+    NoSpace,
+    PeerDied,
+    ProtocolError,
+    Timeout,
+    WouldBlock,
+)
+from fable.transports.base import ConnectionStats, DataPath
+
+if TYPE_CHECKING:
+    from fable.transports.setup import SetupChannel
+
+__all__ = ["FRAGMENT", "HEADER", "MAGIC", "WIRE_VERSION", "StreamPath"]
+
+WIRE_VERSION = 1
+HEADER = struct.Struct("<IHHQI")
+HDR = HEADER.size  # 20
+MAGIC = 0xFAB1
+F_MORE = 0x1
+F_CLOSE = 0x2
+KNOWN_FLAGS = F_MORE | F_CLOSE
+# Largest payload of one frame. A frame always fits in a receive chunk, so the reader never
+# needs more than one chunk of memory per frame, whatever a peer claims.
+FRAGMENT = 256 * 1024
+CHUNK = 2 * FRAGMENT + 2 * HDR
+IOV_MAX = 1024
+# Messages up to this size are sent as one concatenated bytes object (cheaper than an iovec).
+SMALL = 2048
+
+_pack = HEADER.pack
+_pack_into = HEADER.pack_into
+_unpack_from = HEADER.unpack_from
+_monotonic = time.monotonic
+_DONTWAIT = socket.MSG_DONTWAIT
+_SENDFLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
+_POLLERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL
+_INT = struct.Struct("i")
+_FIONREAD = termios.FIONREAD
+
+
+class _Claim:
+    """The frames handed out by one getwritebuf, in order; committed or not yet."""
+
+    __slots__ = ("committed", "frames", "need", "nframes")
+
+    def __init__(self, nframes: int, need: int) -> None:
+        self.frames: list[tuple[bytearray, int, int]] = []  # (frame, used, flags)
+        self.committed = False
+        self.nframes = nframes
+        self.need = need  # bytes of the connection's buffer space this claim holds
+
+
+def _deadline(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError("timeout must be >= 0 or None")
+    return _monotonic() + timeout
+
+
+def _remaining(deadline: float | None, timeout: float | None) -> float | None:
+    """What is left of ``timeout`` (0 stays 0: never wait)."""
+    if deadline is None or timeout == 0:
+        return timeout
+    return max(0.0, deadline - _monotonic())
+
+
+def _remaining_ms(deadline: float | None) -> int | None:
+    if deadline is None:
+        return None
+    return max(0, int((deadline - _monotonic()) * 1000 + 0.999))
+
+
+class StreamPath(DataPath):
+    """A DataPath over a socket (one fd both ways) or a pair of pipes (read fd, write fd)."""
+
+    def __init__(
+        self,
+        transport: str,
+        setup: SetupChannel,
+        *,
+        sock: socket.socket | None = None,
+        rfd: int = -1,
+        wfd: int = -1,
+        epoch: int = 0,
+    ) -> None:
+        cfg = settings()
+        self.transport = transport
+        self.safe = True  # the kernel always hands the reader a private copy
+        self.epoch = epoch
+        self.max_write = min(cfg.ring_size // 2, 64 * FRAGMENT)
+        self._setup = setup
+        self._sock = sock
+        if sock is not None:
+            sock.setblocking(True)
+            self._rfd = self._wfd = sock.fileno()
+        else:
+            if rfd < 0 or wfd < 0:
+                raise ValueError("StreamPath needs a socket or both pipe fds")
+            self._rfd, self._wfd = rfd, wfd
+            os.set_blocking(rfd, True)
+            os.set_blocking(wfd, False)
+        self._closed = False
+        self._error: BaseException | None = None
+        # write side. The write queue is the writer's, but the reader pushes it too while it
+        # waits (so a blocked reader never starves the peer of our output): _wlock guards it.
+        self._wlock = threading.Lock()
+        self._limit = cfg.ring_size
+        self._wseq = 0
+        self._claims: deque[_Claim] = deque()
+        self._claimed = 0
+        self._queue: list[bytes | bytearray | memoryview] = []
+        self._queued = 0
+        self._msgs_out = 0
+        self._bytes_out = 0
+        self._wpoll = select.poll()
+        self._wpoll.register(self._wfd, _POLLOUT)
+        # read side
+        self._rbuf = bytearray(CHUNK)
+        self._rmv = memoryview(self._rbuf)
+        self._rpos = 0
+        self._rend = 0
+        self._pin = [0]  # read buffers held in the current chunk
+        self._held = 0
+        self._read_limit = cfg.read_buffers
+        self._rseq = 0
+        self._eof = False
+        self._peer_closed = False
+        self._stash: list[tuple[bytes, bool]] = []  # fragments recv() took but has not returned
+        self._mid = False  # getreadbuf handed out a fragment with more=True: a message is open
+        self._msgs_in = 0
+        self._bytes_in = 0
+        self._rpoll = select.poll()
+        self._rpoll.register(self._rfd, _POLLIN)
+        self._rwpoll = select.poll()  # readable, or room to push queued output
+        if self._wfd != self._rfd:
+            self._rwpoll.register(self._rfd, _POLLIN)
+            self._rwpoll.register(self._wfd, _POLLOUT)
+        else:
+            self._rwpoll.register(self._rfd, _POLLIN | _POLLOUT)
+
+    # ==================================================================== low-level I/O
+    def _write(self, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
+        """Non-blocking vectored write; returns bytes taken (0 when the kernel is full)."""
+        try:
+            if self._sock is not None:
+                return self._sock.sendmsg(bufs, (), _SENDFLAGS)
+            return os.writev(self._wfd, bufs)
+        except BlockingIOError:
+            return 0
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            raise self._gone_on_write() from None
+
+    def _fill(self, block: bool) -> int:
+        """Read what the kernel has into the chunk: >0 bytes, 0 at end of stream, -1 if none."""
+        if len(self._rbuf) - self._rend < 65536 and self._rpos:
+            self._make_room(0)
+        elif self._rpos == self._rend and self._rpos and not self._pin[0]:
+            self._rpos = self._rend = 0
+        mv = self._rmv[self._rend :]
+        try:
+            if self._sock is not None:
+                n = self._sock.recv_into(mv, 0, 0 if block else _DONTWAIT)
+            else:
+                if not block and not self._rpoll.poll(0):
+                    return -1
+                n = os.readv(self._rfd, [mv])
+        except BlockingIOError:
+            return -1
+        except (ConnectionResetError, ConnectionAbortedError):
+            n = 0
+        finally:
+            mv.release()
+        if n == 0:
+            self._eof = True
+            return 0
+        self._rend += n
+        return n
+
+    def _make_room(self, need: int) -> None:
+        """Make room for ``need`` bytes after the unparsed tail, never moving held bytes."""
+        tail = self._rend - self._rpos
+        if self._pin[0] == 0:
+            if self._rpos:
+                self._rbuf[0:tail] = self._rbuf[self._rpos : self._rend]
+        else:
+            # The application holds views into this chunk: continue in a fresh one.
+            fresh = bytearray(CHUNK)
+            fresh[0:tail] = self._rbuf[self._rpos : self._rend]
+            self._rmv.release()
+            self._rbuf = fresh
+            self._rmv = memoryview(fresh)
+            self._pin = [0]
+        self._rpos, self._rend = 0, tail
+        assert tail + need <= len(self._rbuf)
+
+    # ==================================================================== errors
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise ConnectionClosed("connection is closed")
+
+    def _fail(self, exc: BaseException) -> BaseException:
+        if self._error is None:
+            self._error = exc
+        return exc
+
+    def _gone_on_write(self) -> BaseException:
+        if self._peer_closed or self._setup.peer_said_close():
+            return ConnectionClosed("the peer closed the connection")
+        return PeerDied("the peer vanished (its end of the connection is gone)")
+
+    def _gone_on_read(self) -> BaseException:
+        if self._peer_closed:
+            return ConnectionClosed("the peer closed the connection")
+        if self._rend > self._rpos or self._stash:
+            return PeerDied("the peer vanished in the middle of a message")
+        return PeerDied("the peer vanished without closing")
+
+    # ==================================================================== write side
+    def _kernel_takes(self, size: int) -> bool:
+        """Whether the kernel takes ``size`` bytes now without blocking. A socket is writable
+        (POLLOUT) only with a third (TCP) or three quarters (unix) of its buffer free; a pipe is
+        writable with one free page, so for a pipe count the unread bytes instead."""
+        if self._sock is not None:
+            return bool(self._wpoll.poll(0))
+        # A write that does not fit the last page's tail starts a new page, so unread bytes
+        # may fill up to twice their size in pages: count them double.
+        capacity = int(fcntl.fcntl(self._wfd, fcntl.F_GETPIPE_SZ))
+        unread: int = _INT.unpack(fcntl.ioctl(self._wfd, _FIONREAD, b"\0\0\0\0"))[0]
+        return capacity - 2 * unread >= min(size, capacity // 4) + 4096
+
+    def _claim(self, size: int, deadline: float | None, timeout: float | None) -> None:
+        """Wait for room for ``size`` more bytes (back-pressure). Room means: queued plus claimed
+        bytes stay under the limit and, when the caller gave a timeout, the kernel can take the
+        message now (so that the commit after it does not wait either; for messages above half
+        the kernel's buffer this is a best effort)."""
+        while True:
+            if self._queued + self._claimed + size > self._limit:
+                if self._queue and self._push():
+                    continue
+                if self._claims and not self._queue:
+                    raise WouldBlock("uncommitted write buffers hold the connection's buffer space")
+            elif timeout is None or self._queue or self._kernel_takes(size):
+                return
+            if timeout == 0:
+                raise WouldBlock("the connection is full")
+            ms = _remaining_ms(deadline)
+            if ms == 0:
+                raise Timeout("no room before the timeout")
+            events = self._wpoll.poll(200 if ms is None else min(ms, 200))
+            if events and events[0][1] & _POLLERRS:
+                raise self._gone_on_write()
+            if events and not self._queue:
+                # writable, but not yet enough room for this message: poll cannot wait for
+                # "this much room", so nap briefly instead of spinning
+                time.sleep(0.001)
+
+    def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
+        self._check()
+        if size < 0 or size > self.max_write:
+            raise ValueError(
+                f"size must be in 0..{self.max_write} (commit larger messages in parts, more=True)"
+            )
+        nframes = max(1, -(-size // FRAGMENT))
+        need = size + nframes * HDR
+        self._check()
+        self._claim(need, _deadline(timeout), timeout)
+        claim = _Claim(nframes, need)
+        out = []
+        left = size
+        for _ in range(nframes):
+            cap = min(left, FRAGMENT)
+            left -= cap
+            frame = bytearray(HDR + cap)
+            claim.frames.append((frame, cap, 0))
+            out.append(
+                Buffer(
+                    memoryview(frame)[HDR:],
+                    self,
+                    claim,
+                    more=False,
+                    epoch=self.epoch,
+                    writable=True,
+                )
+            )
+        self._claims.append(claim)
+        self._claimed += need
+        return out
+
+    def commit(
+        self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
+    ) -> None:
+        self._check()
+        if not bufs:
+            raise ValueError("commit needs the buffers of one getwritebuf call")
+        for b in bufs:
+            if not b.alive:
+                raise DeadBuffer("buffer was already committed, released or aborted")
+        claim = bufs[0]._token
+        if not isinstance(claim, _Claim) or claim.committed:
+            raise ValueError("these buffers were not handed out by this connection's getwritebuf")
+        total = 0
+        for b in bufs:
+            if b._token is not claim:
+                raise ValueError("one commit takes the buffers of one getwritebuf call")
+            total += len(b.data)
+        if nbytes < 0 or nbytes > total:
+            raise ValueError(f"nbytes must be in 0..{total}")
+        for b in bufs:
+            b._take(self)
+        frames = []
+        left = nbytes
+        for i, (frame, cap, _) in enumerate(claim.frames[: len(bufs)]):
+            used = min(cap, left)
+            left -= used
+            if used == 0 and i > 0:
+                break
+            frames.append((frame, used, F_MORE))
+        last_frame, last_used, _ = frames[-1]
+        frames[-1] = (last_frame, last_used, F_MORE if more else 0)
+        claim.frames = frames
+        claim.committed = True
+        if not more:
+            self._msgs_out += 1
+        self._bytes_out += nbytes
+        if self._claims[0] is claim:
+            self._advance()
+            if flush:
+                self._drain(None)
+
+    def abort(self, bufs: Iterable[Buffer]) -> None:
+        claims = set()
+        for b in bufs:
+            claim = b._take(self)
+            if isinstance(claim, _Claim):
+                claims.add(id(claim))
+        if not claims:
+            return
+        kept: deque[_Claim] = deque()
+        for c in self._claims:
+            if id(c) in claims and not c.committed:
+                self._claimed -= c.need
+            else:
+                kept.append(c)
+        self._claims = kept
+        self._advance()
+
+    def _advance(self) -> None:
+        """Move committed claims at the head (allocation order) into the write queue."""
+        with self._wlock:
+            self._advance_locked()
+
+    def _advance_locked(self) -> None:
+        claims = self._claims
+        while claims and claims[0].committed:
+            claim = claims.popleft()
+            for frame, used, flags in claim.frames:
+                _pack_into(frame, 0, used, flags, MAGIC, self._wseq, self.epoch)
+                self._wseq += 1
+                self._queue.append(memoryview(frame)[: HDR + used])
+                self._queued += HDR + used
+            self._claimed -= claim.need
+
+    def _push(self) -> bool:
+        """Write queued frames without blocking; True once the queue is empty."""
+        with self._wlock:
+            return self._push_locked()
+
+    def _try_push(self) -> None:
+        """Push from the reading side, unless the writer is pushing right now."""
+        if self._wlock.acquire(blocking=False):
+            try:
+                self._push_locked()
+            finally:
+                self._wlock.release()
+
+    def _push_locked(self) -> bool:
+        q = self._queue
+        while q:
+            n = self._write(q if len(q) <= IOV_MAX else q[:IOV_MAX])
+            if n == 0:
+                return False
+            self._queued -= n
+            i = 0
+            while n:
+                ln = len(q[i])
+                if n >= ln:
+                    n -= ln
+                    i += 1
+                else:
+                    q[i] = memoryview(q[i])[n:]
+                    n = 0
+            del q[:i]
+        return True
+
+    def flush(self, timeout: float | None = None) -> None:
+        self._check()
+        self._advance()
+        self._drain(_deadline(timeout), timeout)
+
+    def _drain(self, deadline: float | None, timeout: float | None = None) -> None:
+        while not self._push():
+            if timeout == 0:
+                raise WouldBlock("the transport is full; the rest stays queued")
+            ms = _remaining_ms(deadline)
+            if ms == 0:
+                raise Timeout("the peer did not take the queued messages in time")
+            self._wpoll.poll(200 if ms is None else min(ms, 200))
+
+    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        n = len(data)
+        if (
+            timeout is not None
+            or self._queue
+            or self._claims
+            or self._closed
+            or self._error
+            or n > FRAGMENT
+            or (type(data) is memoryview and data.itemsize != 1)
+        ):
+            self._send_slow(data, timeout)
+            return
+        seq = self._wseq
+        self._wseq = seq + 1
+        if n <= SMALL:
+            frame: bytes | bytearray | memoryview = _pack(n, 0, MAGIC, seq, self.epoch) + data
+            sent = self._write((frame,))
+        else:
+            frame = bytearray(HDR + n)
+            _pack_into(frame, 0, n, 0, MAGIC, seq, self.epoch)
+            frame[HDR:] = data
+            sent = self._write((frame,))
+        self._msgs_out += 1
+        self._bytes_out += n
+        if sent < HDR + n:
+            rest = memoryview(frame)[sent:] if isinstance(frame, bytearray) else frame[sent:]
+            with self._wlock:
+                self._queue.append(rest)
+                self._queued += len(rest)
+            self._drain(None)
+
+    def _send_slow(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
+        self._check()
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        pos = 0
+        while True:
+            part = min(n - pos, self.max_write)
+            bufs = self.getwritebuf(part, timeout)
+            off = 0
+            for b in bufs:
+                d = b.data
+                d[:] = mv[pos + off : pos + off + len(d)]
+                off += len(d)
+            pos += part
+            self.commit(bufs, part, more=pos < n)
+            if pos >= n:
+                return
+            timeout = None  # part of the message is out: finish it
+
+    def send_many(
+        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
+    ) -> int:
+        self._check()
+        epoch = self.epoch
+        deadline = _deadline(timeout)
+        count = 0
+        try:
+            for m in msgs:
+                n = len(m)
+                if n > FRAGMENT or self._claims or (type(m) is memoryview and m.itemsize != 1):
+                    self._advance()
+                    self._send_slow(m, _remaining(deadline, timeout))
+                    count += 1
+                    continue
+                need = HDR + n
+                if self._queued + need > self._limit:
+                    self._claim(need, deadline, _remaining(deadline, timeout))
+                frame = _pack(n, 0, MAGIC, self._wseq, epoch) + m
+                with self._wlock:
+                    self._queue.append(frame)
+                    self._queued += need
+                self._wseq += 1
+                self._msgs_out += 1
+                self._bytes_out += n
+                count += 1
+        except (WouldBlock, Timeout):
+            if timeout is None:  # pragma: no cover - cannot happen without a timeout
+                raise
+        self._drain(None)
+        return count
+
+    # ==================================================================== read side
+    def _next_frame(self) -> tuple[int, int, int] | None:
+        """Consume the next complete data frame: (flags, start, end) in the chunk, or None."""
+        rpos = self._rpos
+        if self._rend - rpos < HDR:
+            if rpos and self._pin[0] == 0 and rpos == self._rend:
+                self._rpos = self._rend = 0
+            return None
+        length, flags, magic, seq, epoch = _unpack_from(self._rbuf, rpos)
+        if magic != MAGIC:
+            raise self._fail(
+                ProtocolError(f"bad frame magic {magic:#06x} at sequence {self._rseq}")
+            )
+        if flags & ~KNOWN_FLAGS or length > FRAGMENT or (flags & F_CLOSE and length):
+            raise self._fail(ProtocolError(f"malformed frame (flags {flags:#x}, length {length})"))
+        if seq != self._rseq:
+            raise self._fail(ProtocolError(f"sequence gap: expected {self._rseq}, got {seq}"))
+        if epoch != self.epoch:
+            raise self._fail(ProtocolError(f"frame of epoch {epoch} on epoch {self.epoch}"))
+        end = rpos + HDR + length
+        if end > self._rend:
+            if end > len(self._rbuf):
+                self._make_room(HDR + length)
+            return None
+        self._rpos = end
+        self._rseq = seq + 1
+        if flags & F_CLOSE:
+            if self._stash and self._stash[-1][1]:
+                raise self._fail(ProtocolError("close frame in the middle of a message"))
+            self._peer_closed = True
+            return None
+        return flags, rpos + HDR, end
+
+    def _wait_readable(self, deadline: float | None, timeout: float | None) -> None:
+        if timeout == 0:
+            raise WouldBlock("no message is ready")
+        ms = _remaining_ms(deadline)
+        if ms == 0:
+            raise Timeout("no message before the timeout")
+        if self._queue:
+            for fd, ev in self._rwpoll.poll(ms):
+                if fd == self._wfd and ev & (_POLLOUT | _POLLERRS) and self._queue:
+                    self._try_push()
+        else:
+            self._rpoll.poll(ms)
+
+    def _gather(self, timeout: float | None) -> None:
+        """Take fragments into the stash until it holds one whole message."""
+        if self._stash and not self._stash[-1][1]:
+            return
+        deadline = _deadline(timeout) if timeout else None
+        while True:
+            fr = self._next_frame() if not self._peer_closed else None
+            if fr is not None:
+                flags, s, e = fr
+                self._stash.append((self._rmv[s:e].tobytes(), bool(flags & F_MORE)))
+                if not flags & F_MORE:
+                    return
+                continue
+            if self._peer_closed:
+                raise ConnectionClosed("the peer closed the connection")
+            if self._queue:
+                self._try_push()
+            r = self._fill(block=timeout is None and not self._queue)
+            if r > 0:
+                continue
+            if r == 0:
+                raise self._gone_on_read()
+            self._wait_readable(deadline, timeout)
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        if not self._stash and not self._mid:
+            rpos = self._rpos
+            if self._rend - rpos >= HDR:
+                length, flags, magic, seq, epoch = _unpack_from(self._rbuf, rpos)
+                end = rpos + HDR + length
+                if (
+                    end <= self._rend
+                    and not flags
+                    and magic == MAGIC
+                    and seq == self._rseq
+                    and epoch == self.epoch
+                    and length <= FRAGMENT
+                    and not self._error
+                ):
+                    self._rpos = end
+                    self._rseq = seq + 1
+                    self._msgs_in += 1
+                    self._bytes_in += length
+                    return self._rmv[rpos + HDR : end].tobytes()
+        self._check()
+        self._not_mid_message()
+        self._gather(timeout)
+        parts = self._stash
+        self._stash = []
+        data = parts[0][0] if len(parts) == 1 else b"".join(p for p, _ in parts)
+        self._msgs_in += 1
+        self._bytes_in += len(data)
+        return data
+
+    def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
+        self._check()
+        self._not_mid_message()
+        self._gather(timeout)
+        total = sum(len(p) for p, _ in self._stash)
+        out = memoryview(buf).cast("B")
+        if total > len(out):
+            raise ValueError(f"message of {total} B does not fit in a buffer of {len(out)} B")
+        pos = 0
+        for p, _ in self._stash:
+            out[pos : pos + len(p)] = p
+            pos += len(p)
+        self._stash = []
+        self._msgs_in += 1
+        self._bytes_in += total
+        return total
+
+    def _not_mid_message(self) -> None:
+        if self._mid:
+            raise FableError(
+                "a message begun with getreadbuf() must be finished with getreadbuf() "
+                "(its last fragment has more=False) before recv()"
+            )
+
+    def getreadbuf(self) -> list[Buffer]:
+        self._check()
+        if self._held >= self._read_limit:
+            raise NoSpace(f"{self._held} read buffers held; release some first")
+        out: list[Buffer] = []
+        while self._stash and self._held < self._read_limit:
+            data, more = self._stash.pop(0)
+            out.append(
+                Buffer(memoryview(data), self, None, more=more, epoch=self.epoch, writable=False)
+            )
+            self._held += 1
+            self._count_in(more, len(data))
+        if self._queue:
+            self._try_push()
+        while self._held < self._read_limit:
+            fr = self._next_frame() if not self._peer_closed else None
+            if fr is None:
+                if out or self._peer_closed:
+                    break
+                r = self._fill(block=False)
+                if r > 0:
+                    continue
+                break
+            flags, s, e = fr
+            more = bool(flags & F_MORE)
+            view = self._rmv[s:e].toreadonly()
+            out.append(Buffer(view, self, self._pin, more=more, epoch=self.epoch, writable=False))
+            self._pin[0] += 1
+            self._held += 1
+            self._count_in(more, e - s)
+        if not out and (self._peer_closed or self._eof):
+            raise self._gone_on_read()
+        if out:
+            self._mid = out[-1].more
+        return out
+
+    def _count_in(self, more: bool, n: int) -> None:
+        self._bytes_in += n
+        if not more:
+            self._msgs_in += 1
+
+    def release(self, buf: Buffer) -> None:
+        pin = buf._take(self)
+        self._held -= 1
+        if isinstance(pin, list):
+            pin[0] -= 1
+
+    # ==================================================================== the rest
+    def fileno(self) -> int:
+        self._check()
+        return self._rfd
+
+    def stats(self) -> ConnectionStats:
+        return ConnectionStats(
+            transport=self.transport,
+            safe=self.safe,
+            epoch=self.epoch,
+            msgs_sent=self._msgs_out,
+            bytes_sent=self._bytes_out,
+            msgs_received=self._msgs_in,
+            bytes_received=self._bytes_in,
+            read_buffers_held=self._held,
+            write_buffers_held=sum(c.nframes for c in self._claims if not c.committed),
+            pending_bytes=self._queued,
+        )
+
+    def resources(self) -> list[int]:
+        fds = [self._rfd] if self._rfd == self._wfd else [self._rfd, self._wfd]
+        return [*fds, *self._setup.resources()]
+
+    def close(self, linger: float) -> None:
+        if self._closed:
+            return
+        try:
+            if self._error is None and not self._eof:
+                self._claims = deque(c for c in self._claims if c.committed)
+                self._advance()
+                with self._wlock:
+                    self._queue.append(_pack(0, F_CLOSE, MAGIC, self._wseq, self.epoch))
+                    self._queued += HDR
+                self._wseq += 1
+                self._drain(_deadline(linger))
+        except (ConnectionClosed, Timeout, OSError):
+            pass
+        finally:
+            self._setup.say_close()
+            self._release_fds(shutdown=True)
+
+    def forget(self) -> None:
+        if not self._closed:
+            self._release_fds(shutdown=False)
+        self._setup.forget()
+
+    def _release_fds(self, shutdown: bool) -> None:
+        self._closed = True
+        self._queue.clear()
+        self._queued = 0
+        if self._sock is not None:
+            if shutdown:
+                try:
+                    self._sock.shutdown(socket.SHUT_WR)
+                    # Unread input would make the kernel reset the connection instead of ending
+                    # it: read what is there (bounded) so the peer sees a clean end.
+                    for _ in range(64):
+                        if self._sock.recv(65536, _DONTWAIT) == b"":
+                            break
+                except OSError:
+                    pass
+            self._sock.close()
+        else:
+            for fd in {self._rfd, self._wfd}:
+                try:
+                    os.close(fd)
+                except OSError as e:  # pragma: no cover - a double close is a bug elsewhere
+                    if e.errno != errno.EBADF:
+                        raise
+        self._stash.clear()

@@ -1,0 +1,115 @@
+"""The `fable` command line: doctor, bench (schema of its JSON), argument errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fable.bench.harness import Point, run_point
+from fable.cli import main
+
+
+def test_doctor_text_and_json() -> None:
+    r = CliRunner().invoke(main, ["doctor"])
+    assert r.exit_code == 0, r.output
+    for word in (
+        "ring_size",
+        "FABLE_RING_SIZE",
+        "memfd",
+        "sealing",
+        "futex",
+        "eventfd",
+        "vmsplice",
+    ):
+        assert word in r.output
+    r = CliRunner().invoke(main, ["doctor", "--json"])
+    doc = json.loads(r.output)
+    assert doc["kernel"]["memfd"]["ok"] is True
+    assert doc["settings"]["ring_size"]["env"] == "FABLE_RING_SIZE"
+
+
+REQUIRED = {
+    "transport",
+    "safe",
+    "mode",
+    "size",
+    "cpus",
+    "placement",
+    "repeats",
+    "verify",
+    "verified",
+}
+
+
+def test_bench_json_schema(tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    args = [
+        "bench",
+        "--transports",
+        "unix,pipe",
+        "--sizes",
+        "64,4K",
+        "--pairs",
+        "0:0",
+        "--repeats",
+        "1",
+        "--target",
+        "0.01",
+        "--verify",
+        "full",
+        "--json",
+        str(out),
+    ]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert doc["schema_version"] == 1 and doc["machine"]["cpus"] >= 1
+    assert len(doc["records"]) == 2 * 2 * 2
+    for rec in doc["records"]:
+        assert REQUIRED <= rec.keys()
+        assert rec["verified"] is True and rec["verify"] == "full" and rec["cpus"] == [0, 0]
+        assert rec["placement"] == "same-core"
+        if rec["mode"] == "latency":
+            assert 0 < rec["min_ns"] <= rec["p50_ns"] <= rec["p99_ns"] <= rec["max_ns"]
+        else:
+            assert rec["msgs_per_s"] > 0 and rec["bytes_per_s"] == rec["msgs_per_s"] * rec["size"]
+    assert "unix" in r.output and "pipe" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--transports", "nope"], "unknown transport"),
+        (["--sizes", "big"], "not a size"),
+        (["--pairs", "0-1"], "not a CPU pair"),
+        (["--pairs", "0:999"], "not online"),
+        (["--safety", "risky"], "--safety"),
+        (["--modes", "fast"], "--modes"),
+    ],
+)
+def test_bench_bad_arguments(args: list[str], message: str) -> None:
+    r = CliRunner().invoke(main, ["bench", *args])
+    assert r.exit_code == 2 and message in r.output
+
+
+def test_stuck_point_is_a_failed_record() -> None:
+    # a point that cannot finish in its timeout becomes a record, not a hang
+    rec = run_point(
+        Point("unix", True, "throughput", 65536, (0, 0)),
+        placement="same-core",
+        target_s=30.0,
+        timeout_s=1.0,
+    )
+    assert rec["verified"] is False and "timed out" in rec["error"]
+
+
+def test_cli_starts_fast() -> None:
+    # `fable --help` must not import the heavy modules (scripts call the CLI in loops)
+    code = "import sys, fable.cli; print(sorted(m for m in sys.modules if m.startswith(('matplotlib', 'rich'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

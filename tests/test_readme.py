@@ -1,0 +1,22 @@
+"""The README's example runs as printed."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_two_process_example(tmp_path: Path) -> None:
+    text = README.read_text()
+    start = text.index("## Example: two processes")
+    code = re.search(r"```python\n(.*?)```", text[start:], re.S)
+    assert code is not None
+    script = tmp_path / "upper.py"
+    script.write_text(code.group(1))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["b'HELLO'", "b'ZERO COPIES'", "unix 2"]
