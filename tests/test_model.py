@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 import os
 import random
+import select
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -153,7 +155,8 @@ class ConnectionModel(RuleBasedStateMachine):
     def _consume_fragments(self) -> None:
         want = self.ready.popleft()
         parts: list[bytes] = []
-        for _ in range(10_000):
+        deadline = time.monotonic() + 10  # tcp with Nagle on may hold a segment ~40 ms
+        while time.monotonic() < deadline:
             while self.frags:
                 b = self.frags.popleft()
                 parts.append(bytes(b.data))
@@ -162,7 +165,10 @@ class ConnectionModel(RuleBasedStateMachine):
                     assert b"".join(parts) == want
                     return
             self._pump()
-            self.frags.extend(self.b.getreadbuf())
+            got = self.b.getreadbuf()
+            if not got:
+                select.select([self.b.fileno()], [], [], 0.01)
+            self.frags.extend(got)
         raise AssertionError("a committed message never became readable")
 
     @rule(into=st.sampled_from([None, 0, 10, 5000, 700_000]))
@@ -191,11 +197,13 @@ class ConnectionModel(RuleBasedStateMachine):
         self.ready.popleft()
 
     def _retry(self, fn: Callable[[], T]) -> T:
-        for _ in range(10_000):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
             try:
                 return fn()
             except WouldBlock:
                 self._pump()
+                select.select([self.b.fileno()], [], [], 0.01)
         raise AssertionError("a committed message never became readable")
 
     @rule()
