@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import select
 import socket
@@ -42,7 +43,7 @@ import termios
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from fable.buffer import Buffer
@@ -104,6 +105,10 @@ class _Claim:
         self.need = need  # bytes of the connection's buffer space this claim holds
 
 
+def _readv1(fd: int, buf: memoryview) -> int:
+    return os.readv(fd, (buf,))
+
+
 def _deadline(timeout: float | None) -> float | None:
     if timeout is None:
         return None
@@ -148,14 +153,24 @@ class StreamPath(DataPath):
         if sock is not None:
             sock.setblocking(True)
             self._rfd = self._wfd = sock.fileno()
+            self._readinto = sock.recv_into
+            send = sock.send
+
+            def write1(frame: bytes | bytearray | memoryview) -> int:
+                return send(frame, _SENDFLAGS)
+
+            self._write1: Callable[[bytes | bytearray | memoryview], int] = write1
         else:
             if rfd < 0 or wfd < 0:
                 raise ValueError("StreamPath needs a socket or both pipe fds")
             self._rfd, self._wfd = rfd, wfd
+            self._readinto = functools.partial(_readv1, rfd)
+            self._write1 = functools.partial(os.write, wfd)
             os.set_blocking(rfd, True)
             os.set_blocking(wfd, False)
         self._closed = False
         self._error: BaseException | None = None
+        self._dead = False  # closed or failed: every fast path checks this one flag
         # write side. The write queue is the writer's, but the reader pushes it too while it
         # waits (so a blocked reader never starves the peer of our output): _wlock guards it.
         self._wlock = threading.Lock()
@@ -258,6 +273,7 @@ class StreamPath(DataPath):
     def _fail(self, exc: BaseException) -> BaseException:
         if self._error is None:
             self._error = exc
+            self._dead = True
         return exc
 
     def _gone_on_write(self) -> BaseException:
@@ -469,8 +485,7 @@ class StreamPath(DataPath):
             timeout is not None
             or self._queue
             or self._claims
-            or self._closed
-            or self._error
+            or self._dead
             or n > FRAGMENT
             or (type(data) is memoryview and data.itemsize != 1)
         ):
@@ -480,12 +495,16 @@ class StreamPath(DataPath):
         self._wseq = seq + 1
         if n <= SMALL:
             frame: bytes | bytearray | memoryview = _pack(n, 0, MAGIC, seq, self.epoch) + data
-            sent = self._write((frame,))
         else:
             frame = bytearray(HDR + n)
             _pack_into(frame, 0, n, 0, MAGIC, seq, self.epoch)
             frame[HDR:] = data
-            sent = self._write((frame,))
+        try:
+            sent = self._write1(frame)
+        except BlockingIOError:
+            sent = 0
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            raise self._gone_on_write() from None
         self._msgs_out += 1
         self._bytes_out += n
         if sent < HDR + n:
@@ -617,25 +636,40 @@ class StreamPath(DataPath):
             self._wait_readable(deadline, timeout)
 
     def recv(self, timeout: float | None = None) -> bytes:
-        if not self._stash and not self._mid:
-            rpos = self._rpos
-            if self._rend - rpos >= HDR:
-                length, flags, magic, seq, epoch = _unpack_from(self._rbuf, rpos)
-                end = rpos + HDR + length
-                if (
-                    end <= self._rend
-                    and not flags
-                    and magic == MAGIC
-                    and seq == self._rseq
-                    and epoch == self.epoch
-                    and length <= FRAGMENT
-                    and not self._error
-                ):
-                    self._rpos = end
-                    self._rseq = seq + 1
-                    self._msgs_in += 1
-                    self._bytes_in += length
-                    return self._rmv[rpos + HDR : end].tobytes()
+        # Fast path: one unfragmented frame, parsed in place; when the chunk is used up and the
+        # caller waits without a timeout, one blocking read refills it from the start.
+        if not (self._stash or self._mid or self._dead):
+            rbuf = self._rbuf
+            while True:
+                rpos = self._rpos
+                rend = self._rend
+                if rend - rpos >= HDR:
+                    length, flags, magic, seq, epoch = _unpack_from(rbuf, rpos)
+                    end = rpos + HDR + length
+                    if (
+                        end <= rend
+                        and not flags
+                        and magic == MAGIC
+                        and seq == self._rseq
+                        and epoch == self.epoch
+                        and length <= FRAGMENT
+                    ):
+                        self._rpos = end
+                        self._rseq = seq + 1
+                        self._msgs_in += 1
+                        self._bytes_in += length
+                        return self._rmv[rpos + HDR : end].tobytes()
+                    break
+                if rpos != rend or self._pin[0] or timeout is not None or self._queue:
+                    break
+                try:
+                    n = self._readinto(self._rmv)
+                except (ConnectionResetError, ConnectionAbortedError):
+                    n = 0
+                if n <= 0:
+                    self._rpos = self._rend = 0
+                    break
+                self._rpos, self._rend = 0, n
         self._check()
         self._not_mid_message()
         self._gather(timeout)
@@ -765,6 +799,7 @@ class StreamPath(DataPath):
 
     def _release_fds(self, shutdown: bool) -> None:
         self._closed = True
+        self._dead = True
         self._queue.clear()
         self._queued = 0
         if self._sock is not None:
