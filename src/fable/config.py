@@ -43,6 +43,14 @@ class Settings:
             "help": "read buffers the application may hold before getreadbuf raises NoSpace",
         },
     )
+    max_message: int = field(
+        default=1 << 30,
+        metadata={
+            "env": "FABLE_MAX_MESSAGE",
+            "help": "largest message recv() reassembles (a peer sending more fails with "
+            "ProtocolError); getreadbuf streams fragments and has no such limit",
+        },
+    )
     spin_budget_ns: int = field(
         default=50_000,
         metadata={
@@ -118,6 +126,8 @@ def _validate(s: Settings) -> None:
         raise ValueError(f"FABLE_RING_SIZE={s.ring_size} must be a power of two >= 4096")
     if s.read_buffers < 1:
         raise ValueError("FABLE_READ_BUFFERS must be >= 1")
+    if s.max_message < 1:
+        raise ValueError("FABLE_MAX_MESSAGE must be >= 1")
     if s.spin_budget_ns < 0 or s.grace_period_s < 0 or s.close_linger_s < 0:
         raise ValueError(
             "FABLE_SPIN_BUDGET_NS, FABLE_GRACE_PERIOD and FABLE_CLOSE_LINGER must be >= 0"

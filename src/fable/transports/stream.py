@@ -192,6 +192,7 @@ class StreamPath(DataPath):
         self._pin = [0]  # read buffers held in the current chunk
         self._held = 0
         self._read_limit = cfg.read_buffers
+        self._max_message = cfg.max_message
         self._rseq = 0
         self._eof = False
         self._peer_closed = False
@@ -623,6 +624,10 @@ class StreamPath(DataPath):
                 self._stash.append((self._rmv[s:e].tobytes(), bool(flags & F_MORE)))
                 if not flags & F_MORE:
                     return
+                if sum(len(p) for p, _ in self._stash) > self._max_message:
+                    raise self._fail(
+                        ProtocolError(f"message larger than FABLE_MAX_MESSAGE={self._max_message}")
+                    )
                 continue
             if self._peer_closed:
                 raise ConnectionClosed("the peer closed the connection")
