@@ -1,0 +1,325 @@
+"""The pure-Python reference ring: the executable model of the ring protocol in ``layout.py``.
+
+Contract (verified by tests/test_ring.py; the C core must behave identically):
+- ``RingWriter.reserve(length)`` claims room for one record and returns a :class:`Slot`; slots
+  become visible to the reader only through ``publish()``, strictly in reservation order, so an
+  earlier slot that is neither committed nor aborted holds later ones back.
+- ``commit(slot, length, flags)`` fixes a slot's final length (at most what was reserved) and
+  flags; ``abort(slot)`` turns it into padding the reader skips. Sequence numbers are assigned at
+  publication, in position order, one per record (padding has none).
+- ``RingReader.peek()`` returns the next record (payload offset, length, flags, seq) or None;
+  records may be released in any order, and HEAD advances over the released prefix only, so the
+  writer never reuses memory a read buffer still points into.
+- Everything read from the peer's side (TAIL, HEAD, record headers) is read once and
+  range-checked: a violation raises ``ProtocolError``; nothing outside the ring is ever touched.
+
+x86-64 only: 8-byte positions are stored and loaded with single 8-byte accesses (a memoryview
+cast to 'Q'), and total store order stands in for the release/acquire fences the C core issues.
+This module makes no system call and never waits; waiting belongs to the transport.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+from fable.errors import ProtocolError
+from fable.ring import layout as L
+
+__all__ = ["Record", "RingReader", "RingWriter", "Slot", "format_ring"]
+
+if platform.machine() not in ("x86_64", "AMD64"):  # pragma: no cover
+    raise ImportError("the pure-Python ring relies on x86-64 store ordering")
+
+
+def format_ring(mem: memoryview, capacity: int) -> None:
+    """Write a fresh ring header into ``mem`` (``HEADER_SIZE + capacity`` bytes, zeroed)."""
+    if capacity < L.MIN_CAPACITY or capacity > L.MAX_CAPACITY or capacity & (capacity - 1):
+        raise ValueError(f"ring capacity must be a power of two in {L.MIN_CAPACITY}..2^40")
+    if len(mem) < L.HEADER_SIZE + capacity:
+        raise ValueError("memory too small for the ring")
+    q = mem.cast("B").cast("Q")
+    i = mem.cast("B").cast("I")
+    q[L.CAPACITY // 8] = capacity
+    i[L.VERSION_OFF // 4] = L.VERSION
+    i[L.HEADER_SIZE_OFF // 4] = L.HEADER_SIZE
+    q[L.MAGIC_OFF // 8] = L.MAGIC  # last: a half-formatted ring is never taken for a ring
+
+
+def _attach(mem: memoryview) -> tuple[memoryview, memoryview, memoryview, memoryview, int]:
+    b = mem.cast("B")
+    if len(b) < L.HEADER_SIZE + L.MIN_CAPACITY or len(b) % 8:
+        raise ProtocolError("shared memory too small for a ring")
+    q, i, h = b.cast("Q"), b.cast("I"), b.cast("H")
+    if q[L.MAGIC_OFF // 8] != L.MAGIC:
+        raise ProtocolError("not a fable ring (bad magic)")
+    if i[L.VERSION_OFF // 4] != L.VERSION or i[L.HEADER_SIZE_OFF // 4] != L.HEADER_SIZE:
+        raise ProtocolError(f"ring format version {i[L.VERSION_OFF // 4]}, expected {L.VERSION}")
+    cap = q[L.CAPACITY // 8]
+    if cap < L.MIN_CAPACITY or cap & (cap - 1) or L.HEADER_SIZE + cap > len(b):
+        raise ProtocolError(f"ring capacity {cap} does not fit the shared memory")
+    return b, q, i, h, cap
+
+
+@dataclass
+class Slot:
+    """A reserved record: payload at ``offset`` (in the ring's memory), room for ``room`` bytes."""
+
+    pos: int  # ring position of the record header
+    offset: int  # byte offset of the payload in the ring's memory
+    room: int
+    length: int = -1  # set by commit
+    flags: int = 0
+    state: int = 0  # 0 reserved, 1 committed, 2 aborted
+
+
+@dataclass(frozen=True)
+class Record:
+    """A published record as the reader sees it."""
+
+    pos: int
+    offset: int  # byte offset of the payload in the ring's memory
+    length: int
+    flags: int
+    seq: int
+    span: int  # bytes it occupies (header + padded payload)
+
+
+class RingWriter:
+    """The writing side of one ring."""
+
+    def __init__(self, mem: memoryview, *, epoch: int = 0, first_seq: int = 0) -> None:
+        self._b, self._q, self._i, self._h, self.capacity = _attach(mem)
+        self._mask = self.capacity - 1
+        self.epoch = epoch
+        self.seq = first_seq
+        self._tail = self._q[L.TAIL // 8]  # published (we are its only writer)
+        self._claim = self._tail  # end of reserved space
+        self._head_cache = self._q[L.HEAD // 8]
+        self._slots: list[Slot] = []
+        self.max_record = self.capacity // 4 - L.RECORD_HEADER
+
+    # ------------------------------------------------------------------ space
+    def _head(self) -> int:
+        head = self._q[L.HEAD // 8]  # the reader's: read once, then checked
+        if head < self._head_cache or head > self._tail:
+            raise ProtocolError(f"the reader moved HEAD to {head} (published {self._tail})")
+        self._head_cache = head
+        return head
+
+    def free(self) -> int:
+        """Bytes free now (re-reading HEAD)."""
+        return self.capacity - (self._claim - self._head())
+
+    def _fits(self, need: int) -> bool:
+        if self.capacity - (self._claim - self._head_cache) >= need:
+            return True
+        return self.capacity - (self._claim - self._head()) >= need
+
+    def reserve(self, length: int) -> Slot | None:
+        """Room for a record of ``length`` payload bytes, or None while the ring is too full."""
+        if length < 0 or length > self.max_record:
+            raise ValueError(f"record length must be in 0..{self.max_record}")
+        span = L.record_span(length)
+        off = self._claim & self._mask
+        to_end = self.capacity - off
+        pad = to_end if to_end < span else 0
+        if not self._fits(pad + span):
+            return None
+        if pad:
+            pad_slot = Slot(self._claim, L.HEADER_SIZE + off, 0, state=2)
+            pad_slot.length = to_end  # the whole gap
+            self._slots.append(pad_slot)
+            self._claim += pad
+        slot = Slot(
+            self._claim, L.HEADER_SIZE + (self._claim & self._mask) + L.RECORD_HEADER, length
+        )
+        self._slots.append(slot)
+        self._claim += span
+        return slot
+
+    def commit(self, slot: Slot, length: int, flags: int = 0) -> None:
+        if slot.state != 0:
+            raise ValueError("slot already committed or aborted")
+        if length < 0 or length > slot.room:
+            raise ValueError(f"length must be in 0..{slot.room}")
+        if flags & ~(L.F_MORE | L.F_CLOSE):
+            raise ValueError("commit takes F_MORE and F_CLOSE only")
+        slot.length, slot.flags, slot.state = length, flags, 1
+
+    def abort(self, slot: Slot) -> None:
+        if slot.state != 0:
+            raise ValueError("slot already committed or aborted")
+        slot.state = 2
+        slot.length = L.record_span(slot.room)  # padding over the whole reservation
+
+    def publish(self) -> int:
+        """Make committed slots visible, in order, up to the first open one; returns how many
+        records (not counting padding) were published."""
+        q, i, h = self._q, self._i, self._h
+        n = 0
+        tail = self._tail
+        slots = self._slots
+        k = 0
+        while k < len(slots) and slots[k].state:
+            s = slots[k]
+            base = L.HEADER_SIZE + (s.pos & self._mask)
+            if s.state == 2:
+                gap = s.length  # bytes to skip
+                if gap >= L.RECORD_HEADER:
+                    i[(base + L.REC_LENGTH) // 4] = gap - L.RECORD_HEADER
+                    h[(base + L.REC_FLAGS) // 2] = L.F_PAD
+                    q[(base + L.REC_SEQ) // 8] = 0
+                    i[(base + L.REC_EPOCH) // 4] = self.epoch
+                    i[(base + L.REC_SKIP) // 4] = 0
+                tail = s.pos + gap
+            else:
+                i[(base + L.REC_LENGTH) // 4] = s.length
+                h[(base + L.REC_FLAGS) // 2] = s.flags
+                h[(base + L.REC_FLAGS) // 2 + 1] = 0
+                q[(base + L.REC_SEQ) // 8] = self.seq
+                i[(base + L.REC_EPOCH) // 4] = self.epoch
+                i[(base + L.REC_SKIP) // 4] = L.align8(s.room) - L.align8(s.length)
+                self.seq += 1
+                n += 1
+                tail = s.pos + L.record_span(s.room)
+            k += 1
+        if k:
+            del slots[:k]
+            self._tail = tail
+            # SYNC POINT: release-store of TAIL; pairs with the reader's acquire-load of TAIL in
+            # RingReader.peek (x86-64: a plain single 8-byte store; records were written first).
+            q[L.TAIL // 8] = tail
+        return n
+
+    def write(self, data: bytes | bytearray | memoryview, flags: int = 0) -> bool:
+        """Reserve, copy, commit and publish one record; False when the ring is too full."""
+        n = len(data)
+        slot = self.reserve(n)
+        if slot is None:
+            return False
+        self._b[slot.offset : slot.offset + n] = data
+        self.commit(slot, n, flags)
+        self.publish()
+        return True
+
+    @property
+    def pending(self) -> int:
+        """Reserved slots not yet published."""
+        return len(self._slots)
+
+
+class RingReader:
+    """The reading side of one ring."""
+
+    def __init__(self, mem: memoryview, *, epoch: int = 0, first_seq: int = 0) -> None:
+        self._b, self._q, self._i, self._h, self.capacity = _attach(mem)
+        self._mask = self.capacity - 1
+        self.epoch = epoch
+        self.seq = first_seq
+        self._head = self._q[L.HEAD // 8]  # released (we are its only writer)
+        self._pos = self._head  # next record to read
+        self._tail_cache = self._head
+        self._released: dict[int, int] = {}  # pos -> span of records released out of order
+        self._outstanding: list[int] = []  # positions handed out, in order
+
+    def _tail(self) -> int:
+        # SYNC POINT: acquire-load of TAIL; pairs with the writer's release-store in publish.
+        tail = self._q[L.TAIL // 8]
+        if tail < self._tail_cache or tail - self._head > self.capacity:
+            raise ProtocolError(f"the writer moved TAIL to {tail} (read up to {self._pos})")
+        self._tail_cache = tail
+        return tail
+
+    def available(self) -> bool:
+        """Whether a record (or padding) is published beyond what was read."""
+        return self._tail_cache > self._pos or self._tail() > self._pos
+
+    def peek(self) -> Record | None:
+        """The next published record, or None; skips padding. Each call hands out a new record
+        (release it with ``release``)."""
+        i, h, q = self._i, self._h, self._q
+        while True:
+            pos = self._pos
+            tail = self._tail_cache if self._tail_cache > pos else self._tail()
+            if tail <= pos:
+                return None
+            off = pos & self._mask
+            to_end = self.capacity - off
+            if to_end < L.RECORD_HEADER:  # implicit gap at the end: skip it
+                if tail - pos < to_end:
+                    raise ProtocolError("TAIL ends inside the gap at the end of the data area")
+                self._skip(pos, to_end)
+                continue
+            if tail - pos < L.RECORD_HEADER:
+                raise ProtocolError("TAIL ends inside a record header")
+            base = L.HEADER_SIZE + off
+            length = i[(base + L.REC_LENGTH) // 4]
+            flags = h[(base + L.REC_FLAGS) // 2]
+            if flags & ~L.KNOWN_FLAGS or (flags & L.F_PAD and flags != L.F_PAD):
+                raise ProtocolError(f"record flags {flags:#x} at position {pos}")
+            skip = i[(base + L.REC_SKIP) // 4]
+            if skip & 7:
+                raise ProtocolError(f"record at {pos} skips {skip} B (not a multiple of 8)")
+            span = L.record_span(length, skip)
+            if span > to_end or span > tail - pos:
+                raise ProtocolError(f"record of {length} B at {pos} runs past its bounds")
+            if flags == L.F_PAD:
+                self._skip(pos, span)
+                continue
+            seq = q[(base + L.REC_SEQ) // 8]
+            if seq != self.seq:
+                raise ProtocolError(f"sequence gap: expected {self.seq}, got {seq}")
+            epoch = i[(base + L.REC_EPOCH) // 4]
+            if epoch != self.epoch:
+                raise ProtocolError(f"record of epoch {epoch} in epoch {self.epoch}")
+            if flags & L.F_CLOSE and length:
+                raise ProtocolError("close record with a payload")
+            self.seq += 1
+            self._pos = pos + span
+            self._outstanding.append(pos)
+            return Record(pos, base + L.RECORD_HEADER, length, flags, seq, span)
+
+    def _skip(self, pos: int, span: int) -> None:
+        self._pos = pos + span
+        self._outstanding.append(pos)
+        self._release_at(pos, span)
+
+    def read(self) -> tuple[bytes, int] | None:
+        """Copy out and release the next record: (payload, flags), or None."""
+        rec = self.peek()
+        if rec is None:
+            return None
+        data = self._b[rec.offset : rec.offset + rec.length].tobytes()
+        self.release(rec)
+        return data, rec.flags
+
+    def payload(self, rec: Record) -> memoryview:
+        """A view of a record's payload in shared memory (valid until it is released)."""
+        return self._b[rec.offset : rec.offset + rec.length]
+
+    def release(self, rec: Record) -> None:
+        """Give a record back; HEAD moves over every record released so far in order."""
+        self._release_at(rec.pos, rec.span)
+
+    def _release_at(self, pos: int, span: int) -> None:
+        if pos in self._released or pos < self._head:
+            raise ValueError(f"record at {pos} released twice")
+        self._released[pos] = span
+        head = self._head
+        out = self._outstanding
+        k = 0
+        while k < len(out) and out[k] in self._released:
+            head = out[k] + self._released.pop(out[k])
+            k += 1
+        if k:
+            del out[:k]
+            self._head = head
+            # SYNC POINT: release-store of HEAD; pairs with the writer's acquire-load of HEAD
+            # in RingWriter._head (the writer reuses the space only after this store).
+            self._q[L.HEAD // 8] = head
+
+    @property
+    def held(self) -> int:
+        """Records handed out and not yet released."""
+        return len(self._outstanding)

@@ -1,0 +1,291 @@
+"""The reference ring (fable.ring.pyring) against a deque model, and against a hostile peer."""
+
+from __future__ import annotations
+
+import collections
+import mmap
+import random
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
+
+from fable.errors import ProtocolError
+from fable.ring import layout as L
+from fable.ring.pyring import Record, RingReader, RingWriter, Slot, format_ring
+
+
+def new_ring(capacity: int = 4096) -> memoryview:
+    mem = memoryview(mmap.mmap(-1, L.HEADER_SIZE + capacity))
+    format_ring(mem, capacity)
+    return mem
+
+
+def test_layout_is_consistent() -> None:
+    assert L.HEADER_SIZE % L.CACHE_LINE == 0 and L.RECORD_HEADER % 8 == 0
+    writer_line = {L.TAIL, L.WRITER_CPU, L.SPACE_WAITING, L.DATA_BELL}
+    reader_line = {L.HEAD, L.READER_CPU, L.DATA_WAITING, L.SPACE_BELL}
+    assert {o // L.CACHE_LINE for o in writer_line} == {L.TAIL // L.CACHE_LINE}
+    assert {o // L.CACHE_LINE for o in reader_line} == {L.HEAD // L.CACHE_LINE}
+    assert L.record_span(0) == 24 and L.record_span(1) == 32 and L.record_span(8, 16) == 48
+
+
+@pytest.mark.parametrize("capacity", [0, 1000, 4095, 3 << 12])
+def test_format_rejects_bad_capacity(capacity: int) -> None:
+    with pytest.raises(ValueError):
+        format_ring(memoryview(mmap.mmap(-1, L.HEADER_SIZE + 65536)), capacity)
+
+
+def test_attach_checks_the_header() -> None:
+    mem = new_ring()
+    q, i = mem.cast("Q"), mem.cast("I")
+    for field, value, match in (
+        (("q", L.MAGIC_OFF), 12345, "magic"),
+        (("i", L.VERSION_OFF), 99, "version"),
+        (("q", L.CAPACITY), 3000, "capacity"),
+        (("q", L.CAPACITY), 1 << 20, "capacity"),
+    ):
+        view, off = field
+        arr = q if view == "q" else i
+        idx = off // (8 if view == "q" else 4)
+        old = arr[idx]
+        arr[idx] = value
+        with pytest.raises(ProtocolError, match=match):
+            RingReader(mem)
+        with pytest.raises(ProtocolError, match=match):
+            RingWriter(mem)
+        arr[idx] = old
+    with pytest.raises(ProtocolError, match="too small"):
+        RingReader(memoryview(bytearray(100)))
+
+
+def test_wraps_with_every_size() -> None:
+    mem = new_ring(4096)
+    w, r = RingWriter(mem), RingReader(mem)
+    rng = random.Random(5)
+    for n in range(3000):
+        size = rng.choice([0, 1, 7, 8, 9, 100, 500, w.max_record])
+        data = bytes([n & 0xFF]) * size
+        assert w.write(data, L.F_MORE if n % 3 == 0 else 0)
+        got = r.read()
+        assert got == (data, L.F_MORE if n % 3 == 0 else 0)
+    assert r.read() is None and w.free() == 4096
+
+
+def test_full_ring_and_release_order() -> None:
+    mem = new_ring(4096)
+    w, r = RingWriter(mem), RingReader(mem)
+    n = 0
+    while w.write(bytes([n]) * 100):
+        n += 1
+    assert n == 4096 // L.record_span(100)
+    recs = [r.peek() for _ in range(n)]
+    assert all(isinstance(x, Record) for x in recs) and r.peek() is None
+    # releasing out of order frees nothing until the oldest goes
+    for rec in recs[1:]:
+        assert isinstance(rec, Record)
+        r.release(rec)
+    assert w.reserve(100) is None
+    assert isinstance(recs[0], Record)
+    r.release(recs[0])
+    assert w.free() == 4096
+    with pytest.raises(ValueError, match="twice"):
+        r.release(recs[0])
+
+
+def test_open_slot_holds_back_later_ones() -> None:
+    mem = new_ring()
+    w, r = RingWriter(mem), RingReader(mem)
+    a = w.reserve(5)
+    b = w.reserve(5)
+    assert isinstance(a, Slot) and isinstance(b, Slot)
+    mem[b.offset : b.offset + 1] = b"B"
+    w.commit(b, 1)
+    assert w.publish() == 0 and r.peek() is None
+    w.abort(a)
+    assert w.publish() == 1
+    rec = r.peek()
+    assert isinstance(rec, Record) and rec.seq == 0 and bytes(r.payload(rec)) == b"B"
+
+
+# ------------------------------------------------------------------------------- model
+class RingModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mem = new_ring(4096)
+        self.w, self.r = RingWriter(self.mem), RingReader(self.mem)
+        self.open: list[tuple[Slot, bytes, int]] = []  # reservation order
+        self.published: collections.deque[tuple[bytes, int]] = collections.deque()
+        self.held: list[Record] = []
+        self.n = 0
+
+    @precondition(lambda self: len(self.open) < 6)
+    @rule(size=st.sampled_from([0, 1, 7, 8, 100, 999, 1000]), more=st.booleans())
+    def reserve(self, size: int, more: bool) -> None:
+        slot = self.w.reserve(size)
+        if slot is None:
+            assert self.w.free() < 2 * L.record_span(size)
+            return
+        self.n += 1
+        data = bytes([self.n & 0xFF]) * size
+        self.mem[slot.offset : slot.offset + size] = data
+        self.open.append((slot, data, L.F_MORE if more else 0))
+
+    @precondition(lambda self: bool(self.open))
+    @rule(which=st.integers(0, 5), cut=st.integers(0, 50), abort=st.booleans())
+    def finish(self, which: int, cut: int, abort: bool) -> None:
+        slot, data, flags = self.open[which % len(self.open)]
+        if slot.state:
+            return
+        if abort:
+            self.w.abort(slot)
+        else:
+            data = data[: max(0, len(data) - cut)]  # commit less than reserved
+            self.w.commit(slot, len(data), flags)
+        self.open[which % len(self.open)] = (slot, data, flags)
+
+    @rule()
+    def publish(self) -> None:
+        count = self.w.publish()
+        done = 0
+        while self.open and self.open[0][0].state:
+            slot, data, flags = self.open.pop(0)
+            if slot.state == 1:
+                self.published.append((data, flags))
+                done += 1
+        assert count == done
+
+    @rule(copy=st.booleans())
+    def read(self, copy: bool) -> None:
+        if copy:
+            got = self.r.read()
+            if not self.published:
+                assert got is None
+                return
+            assert got == self.published.popleft()
+            return
+        rec = self.r.peek()
+        if not self.published:
+            assert rec is None
+            return
+        assert rec is not None
+        assert (bytes(self.r.payload(rec)), rec.flags) == self.published.popleft()
+        self.held.append(rec)
+
+    @precondition(lambda self: bool(self.held))
+    @rule(which=st.integers(0, 100))
+    def release(self, which: int) -> None:
+        self.r.release(self.held.pop(which % len(self.held)))
+
+
+def test_ring_model() -> None:
+    run_state_machine_as_test(
+        RingModel,
+        settings=settings(
+            max_examples=150,
+            stateful_step_count=60,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ring_model_many() -> None:
+    run_state_machine_as_test(
+        RingModel,
+        settings=settings(
+            max_examples=2000,
+            stateful_step_count=100,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------- hostile peer
+def _published(n: int = 3) -> tuple[memoryview, RingWriter, RingReader, int]:
+    mem = new_ring()
+    w, r = RingWriter(mem), RingReader(mem)
+    for k in range(n):
+        w.write(bytes([k]) * 10)
+    return mem, w, r, L.HEADER_SIZE  # first record's header
+
+
+@pytest.mark.parametrize(
+    ("kind", "offset", "value", "match"),
+    [
+        ("I", L.REC_LENGTH, 5000, "past its bounds"),
+        ("I", L.REC_LENGTH, 0xFFFFFFFF, "past its bounds"),
+        ("H", L.REC_FLAGS, 0x80, "flags"),
+        ("H", L.REC_FLAGS, L.F_PAD | L.F_MORE, "flags"),
+        ("Q", L.REC_SEQ, 7, "sequence"),
+        ("I", L.REC_EPOCH, 3, "epoch"),
+        ("I", L.REC_SKIP, 3, "multiple of 8"),
+        ("I", L.REC_SKIP, 1 << 30, "past its bounds"),
+    ],
+)
+def test_hostile_record(kind: str, offset: int, value: int, match: str) -> None:
+    mem, _, r, base = _published()
+    views = {"I": mem.cast("I"), "H": mem.cast("H"), "Q": mem.cast("Q")}
+    view = views[kind]
+    view[(base + offset) // view.itemsize] = value
+    with pytest.raises(ProtocolError, match=match):
+        r.peek()
+
+
+def test_hostile_close_with_payload() -> None:
+    mem = new_ring()
+    w, r = RingWriter(mem), RingReader(mem)
+    w.write(b"bye", L.F_CLOSE)
+    with pytest.raises(ProtocolError, match="close record"):
+        r.peek()
+
+
+@pytest.mark.parametrize("tail", [-1, 5000, 1 << 62])
+def test_hostile_tail(tail: int) -> None:
+    mem, _, r, _ = _published()
+    q = mem.cast("Q")
+    q[L.TAIL // 8] = tail % (1 << 64) if tail < 0 else tail
+    with pytest.raises(ProtocolError):
+        while r.peek() is not None:
+            pass
+
+
+def test_tail_inside_a_header() -> None:
+    mem, _, r, _ = _published(1)
+    mem.cast("Q")[L.TAIL // 8] = 8
+    with pytest.raises(ProtocolError, match="inside a record header"):
+        r.peek()
+
+
+@pytest.mark.parametrize("head", [10_000, 1 << 40])
+def test_hostile_head(head: int) -> None:
+    mem, w, _, _ = _published()
+    mem.cast("Q")[L.HEAD // 8] = head
+    with pytest.raises(ProtocolError, match="HEAD"):
+        w.free()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_random_garbage_never_escapes() -> None:
+    """Random bytes over a ring with records: only ProtocolError, never another exception or a
+    read outside the data area (memoryview bounds would raise IndexError/ValueError)."""
+    rng = random.Random(11)
+    for _ in range(3000):
+        mem, _, r, _ = _published(rng.randint(0, 5))
+        for _ in range(rng.randint(1, 8)):
+            off = rng.randrange(L.TAIL, L.HEADER_SIZE + 400)
+            mem[off] = rng.randrange(256)
+        try:
+            for _ in range(20):
+                rec = r.peek()
+                if rec is None:
+                    break
+                assert L.HEADER_SIZE <= rec.offset <= rec.offset + rec.length <= len(mem)
+                r.release(rec)
+        except ProtocolError:
+            pass
