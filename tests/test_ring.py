@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import mmap
 import random
+from typing import Any
 
 import hypothesis.strategies as st
 import pytest
@@ -13,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_s
 
 from fable.errors import ProtocolError
 from fable.ring import layout as L
-from fable.ring.pyring import Record, RingReader, RingWriter, Slot, format_ring
+from fable.ring.pyring import RingReader, RingWriter, format_ring
 
 
 def new_ring(capacity: int = 4096) -> memoryview:
@@ -81,17 +82,16 @@ def test_full_ring_and_release_order() -> None:
         n += 1
     assert n == 4096 // L.record_span(100)
     recs = [r.peek() for _ in range(n)]
-    assert all(isinstance(x, Record) for x in recs) and r.peek() is None
+    assert all(x is not None for x in recs) and r.peek() is None
+    pos = [x[0] for x in recs if x is not None]
     # releasing out of order frees nothing until the oldest goes
-    for rec in recs[1:]:
-        assert isinstance(rec, Record)
-        r.release(rec)
+    for p in pos[1:]:
+        r.release(p)
     assert w.reserve(100) is None
-    assert isinstance(recs[0], Record)
-    r.release(recs[0])
+    r.release(pos[0])
     assert w.free() == 4096
     with pytest.raises(ValueError, match="twice"):
-        r.release(recs[0])
+        r.release(pos[0])
 
 
 def test_open_slot_holds_back_later_ones() -> None:
@@ -99,59 +99,79 @@ def test_open_slot_holds_back_later_ones() -> None:
     w, r = RingWriter(mem), RingReader(mem)
     a = w.reserve(5)
     b = w.reserve(5)
-    assert isinstance(a, Slot) and isinstance(b, Slot)
-    mem[b.offset : b.offset + 1] = b"B"
-    w.commit(b, 1)
+    assert a is not None and b is not None
+    mem[b[1] : b[1] + 1] = b"B"
+    w.commit(b[0], 1)
     assert w.publish() == 0 and r.peek() is None
-    w.abort(a)
+    w.abort(a[0])
     assert w.publish() == 1
     rec = r.peek()
-    assert isinstance(rec, Record) and rec.seq == 0 and bytes(r.payload(rec)) == b"B"
+    assert rec is not None and rec[4] == 0 and bytes(mem[rec[1] : rec[1] + rec[2]]) == b"B"
+    with pytest.raises(ValueError):
+        w.commit(a[0], 1)
 
 
 # ------------------------------------------------------------------------------- model
+BACKENDS = {"py": (RingWriter, RingReader)}
+
+
 class RingModel(RuleBasedStateMachine):
+    backend = "py"
+
     def __init__(self) -> None:
         super().__init__()
         self.mem = new_ring(4096)
-        self.w, self.r = RingWriter(self.mem), RingReader(self.mem)
-        self.open: list[tuple[Slot, bytes, int]] = []  # reservation order
+        writer, reader = BACKENDS[self.backend]
+        self.w, self.r = writer(self.mem), reader(self.mem)
+        # reservation order: [pos, offset, data, flags, state]  (state: 0 open, 1 done, 2 aborted)
+        self.open: list[list[Any]] = []
         self.published: collections.deque[tuple[bytes, int]] = collections.deque()
-        self.held: list[Record] = []
+        self.held: list[int] = []
         self.n = 0
+
+    def teardown(self) -> None:
+        for obj in (self.w, self.r):
+            close = getattr(obj, "close", None)
+            if close is not None:
+                close()
 
     @precondition(lambda self: len(self.open) < 6)
     @rule(size=st.sampled_from([0, 1, 7, 8, 100, 999, 1000]), more=st.booleans())
     def reserve(self, size: int, more: bool) -> None:
-        slot = self.w.reserve(size)
-        if slot is None:
+        got = self.w.reserve(size)
+        if got is None:
             assert self.w.free() < 2 * L.record_span(size)
             return
+        pos, offset, room = got
+        assert room == size
         self.n += 1
         data = bytes([self.n & 0xFF]) * size
-        self.mem[slot.offset : slot.offset + size] = data
-        self.open.append((slot, data, L.F_MORE if more else 0))
+        self.mem[offset : offset + size] = data
+        self.open.append([pos, offset, data, L.F_MORE if more else 0, 0])
 
     @precondition(lambda self: bool(self.open))
     @rule(which=st.integers(0, 5), cut=st.integers(0, 50), abort=st.booleans())
     def finish(self, which: int, cut: int, abort: bool) -> None:
-        slot, data, flags = self.open[which % len(self.open)]
-        if slot.state:
+        entry = self.open[which % len(self.open)]
+        if entry[4]:
+            with pytest.raises(ValueError):
+                self.w.abort(entry[0])
             return
         if abort:
-            self.w.abort(slot)
+            self.w.abort(entry[0])
+            entry[4] = 2
         else:
-            data = data[: max(0, len(data) - cut)]  # commit less than reserved
-            self.w.commit(slot, len(data), flags)
-        self.open[which % len(self.open)] = (slot, data, flags)
+            entry[2] = entry[2][: max(0, len(entry[2]) - cut)]  # commit less than reserved
+            self.w.commit(entry[0], len(entry[2]), entry[3])
+            entry[4] = 1
 
     @rule()
     def publish(self) -> None:
         count = self.w.publish()
         done = 0
-        while self.open and self.open[0][0].state:
-            slot, data, flags = self.open.pop(0)
-            if slot.state == 1:
+        while self.open and self.open[0][4]:
+            _, _, data, flags, state = self.open.pop(0)
+            if state == 1:
                 self.published.append((data, flags))
                 done += 1
         assert count == done
@@ -170,8 +190,9 @@ class RingModel(RuleBasedStateMachine):
             assert rec is None
             return
         assert rec is not None
-        assert (bytes(self.r.payload(rec)), rec.flags) == self.published.popleft()
-        self.held.append(rec)
+        pos, offset, length, flags, _ = rec
+        assert (bytes(self.mem[offset : offset + length]), flags) == self.published.popleft()
+        self.held.append(pos)
 
     @precondition(lambda self: bool(self.held))
     @rule(which=st.integers(0, 100))
@@ -179,30 +200,29 @@ class RingModel(RuleBasedStateMachine):
         self.r.release(self.held.pop(which % len(self.held)))
 
 
-def test_ring_model() -> None:
+def _run_model(backend: str, examples: int, steps: int) -> None:
+    machine = type(f"RingModel_{backend}", (RingModel,), {"backend": backend})
     run_state_machine_as_test(
-        RingModel,
+        machine,
         settings=settings(
-            max_examples=150,
-            stateful_step_count=60,
+            max_examples=examples,
+            stateful_step_count=steps,
             deadline=None,
             suppress_health_check=list(HealthCheck),
         ),
     )
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_ring_model(backend: str) -> None:
+    _run_model(backend, 150, 60)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_ring_model_many() -> None:
-    run_state_machine_as_test(
-        RingModel,
-        settings=settings(
-            max_examples=2000,
-            stateful_step_count=100,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-        ),
-    )
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_ring_model_many(backend: str) -> None:
+    _run_model(backend, 2000, 100)
 
 
 # ------------------------------------------------------------------------------- hostile peer
@@ -285,7 +305,8 @@ def test_random_garbage_never_escapes() -> None:
                 rec = r.peek()
                 if rec is None:
                     break
-                assert L.HEADER_SIZE <= rec.offset <= rec.offset + rec.length <= len(mem)
-                r.release(rec)
+                pos, offset, length, _, _ = rec
+                assert L.HEADER_SIZE <= offset <= offset + length <= len(mem)
+                r.release(pos)
         except ProtocolError:
             pass

@@ -1,15 +1,18 @@
 """The pure-Python reference ring: the executable model of the ring protocol in ``layout.py``.
 
 Contract (verified by tests/test_ring.py; the C core must behave identically):
-- ``RingWriter.reserve(length)`` claims room for one record and returns a :class:`Slot`; slots
-  become visible to the reader only through ``publish()``, strictly in reservation order, so an
-  earlier slot that is neither committed nor aborted holds later ones back.
-- ``commit(slot, length, flags)`` fixes a slot's final length (at most what was reserved) and
-  flags; ``abort(slot)`` turns it into padding the reader skips. Sequence numbers are assigned at
+- ``RingWriter.reserve(length)`` claims room for one record and returns ``(pos, offset, room)``
+  (``offset``: where the payload goes in the ring's memory) or None while the ring is too full.
+  Reserved records become visible to the reader only through ``publish()``, strictly in
+  reservation order, so an earlier one that is neither committed nor aborted holds later ones back.
+- ``commit(pos, length, flags)`` fixes a record's final length (at most ``room``) and flags;
+  ``abort(pos)`` turns it into padding the reader skips. Sequence numbers are assigned at
   publication, in position order, one per record (padding has none).
-- ``RingReader.peek()`` returns the next record (payload offset, length, flags, seq) or None;
-  records may be released in any order, and HEAD advances over the released prefix only, so the
-  writer never reuses memory a read buffer still points into.
+- ``RingReader.peek()`` returns the next record ``(pos, offset, length, flags, seq)`` or None;
+  ``release(pos)`` gives it back, in any order; HEAD advances over the released prefix only, so
+  the writer never reuses memory a read buffer still points into.
+- ``write(data, flags)`` and ``read()`` are the one-call forms (reserve+copy+commit+publish;
+  peek+copy+release).
 - Everything read from the peer's side (TAIL, HEAD, record headers) is read once and
   range-checked: a violation raises ``ProtocolError``; nothing outside the ring is ever touched.
 
@@ -21,12 +24,11 @@ This module makes no system call and never waits; waiting belongs to the transpo
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
 
 from fable.errors import ProtocolError
 from fable.ring import layout as L
 
-__all__ = ["Record", "RingReader", "RingWriter", "Slot", "format_ring"]
+__all__ = ["RingReader", "RingWriter", "format_ring"]
 
 if platform.machine() not in ("x86_64", "AMD64"):  # pragma: no cover
     raise ImportError("the pure-Python ring relies on x86-64 store ordering")
@@ -61,28 +63,15 @@ def _attach(mem: memoryview) -> tuple[memoryview, memoryview, memoryview, memory
     return b, q, i, h, cap
 
 
-@dataclass
-class Slot:
-    """A reserved record: payload at ``offset`` (in the ring's memory), room for ``room`` bytes."""
+class _Slot:
+    __slots__ = ("flags", "length", "pos", "room", "state")
 
-    pos: int  # ring position of the record header
-    offset: int  # byte offset of the payload in the ring's memory
-    room: int
-    length: int = -1  # set by commit
-    flags: int = 0
-    state: int = 0  # 0 reserved, 1 committed, 2 aborted
-
-
-@dataclass(frozen=True)
-class Record:
-    """A published record as the reader sees it."""
-
-    pos: int
-    offset: int  # byte offset of the payload in the ring's memory
-    length: int
-    flags: int
-    seq: int
-    span: int  # bytes it occupies (header + padded payload)
+    def __init__(self, pos: int, room: int, state: int = 0, length: int = -1) -> None:
+        self.pos = pos
+        self.room = room
+        self.state = state  # 0 reserved, 1 committed, 2 aborted or padding
+        self.length = length  # committed length, or bytes to skip for padding
+        self.flags = 0
 
 
 class RingWriter:
@@ -96,7 +85,7 @@ class RingWriter:
         self._tail = self._q[L.TAIL // 8]  # published (we are its only writer)
         self._claim = self._tail  # end of reserved space
         self._head_cache = self._q[L.HEAD // 8]
-        self._slots: list[Slot] = []
+        self._slots: list[_Slot] = []
         self.max_record = self.capacity // 4 - L.RECORD_HEADER
 
     # ------------------------------------------------------------------ space
@@ -116,7 +105,7 @@ class RingWriter:
             return True
         return self.capacity - (self._claim - self._head()) >= need
 
-    def reserve(self, length: int) -> Slot | None:
+    def reserve(self, length: int) -> tuple[int, int, int] | None:
         """Room for a record of ``length`` payload bytes, or None while the ring is too full."""
         if length < 0 or length > self.max_record:
             raise ValueError(f"record length must be in 0..{self.max_record}")
@@ -127,29 +116,31 @@ class RingWriter:
         if not self._fits(pad + span):
             return None
         if pad:
-            pad_slot = Slot(self._claim, L.HEADER_SIZE + off, 0, state=2)
-            pad_slot.length = to_end  # the whole gap
-            self._slots.append(pad_slot)
+            self._slots.append(_Slot(self._claim, 0, state=2, length=to_end))
             self._claim += pad
-        slot = Slot(
-            self._claim, L.HEADER_SIZE + (self._claim & self._mask) + L.RECORD_HEADER, length
-        )
-        self._slots.append(slot)
+        pos = self._claim
+        self._slots.append(_Slot(pos, length))
         self._claim += span
-        return slot
+        return pos, L.HEADER_SIZE + (pos & self._mask) + L.RECORD_HEADER, length
 
-    def commit(self, slot: Slot, length: int, flags: int = 0) -> None:
-        if slot.state != 0:
-            raise ValueError("slot already committed or aborted")
+    def _slot(self, pos: int) -> _Slot:
+        for s in self._slots:
+            if s.pos == pos:
+                if s.state:
+                    raise ValueError("record already committed or aborted")
+                return s
+        raise ValueError(f"no reserved record at position {pos}")
+
+    def commit(self, pos: int, length: int, flags: int = 0) -> None:
+        slot = self._slot(pos)
         if length < 0 or length > slot.room:
             raise ValueError(f"length must be in 0..{slot.room}")
         if flags & ~(L.F_MORE | L.F_CLOSE):
             raise ValueError("commit takes F_MORE and F_CLOSE only")
         slot.length, slot.flags, slot.state = length, flags, 1
 
-    def abort(self, slot: Slot) -> None:
-        if slot.state != 0:
-            raise ValueError("slot already committed or aborted")
+    def abort(self, pos: int) -> None:
+        slot = self._slot(pos)
         slot.state = 2
         slot.length = L.record_span(slot.room)  # padding over the whole reservation
 
@@ -195,11 +186,12 @@ class RingWriter:
     def write(self, data: bytes | bytearray | memoryview, flags: int = 0) -> bool:
         """Reserve, copy, commit and publish one record; False when the ring is too full."""
         n = len(data)
-        slot = self.reserve(n)
-        if slot is None:
+        got = self.reserve(n)
+        if got is None:
             return False
-        self._b[slot.offset : slot.offset + n] = data
-        self.commit(slot, n, flags)
+        pos, offset, _ = got
+        self._b[offset : offset + n] = data
+        self.commit(pos, n, flags)
         self.publish()
         return True
 
@@ -221,6 +213,7 @@ class RingReader:
         self._pos = self._head  # next record to read
         self._tail_cache = self._head
         self._released: dict[int, int] = {}  # pos -> span of records released out of order
+        self._spans: dict[int, int] = {}  # pos -> span of records handed out, not released
         self._outstanding: list[int] = []  # positions handed out, in order
 
     def _tail(self) -> int:
@@ -235,7 +228,7 @@ class RingReader:
         """Whether a record (or padding) is published beyond what was read."""
         return self._tail_cache > self._pos or self._tail() > self._pos
 
-    def peek(self) -> Record | None:
+    def peek(self) -> tuple[int, int, int, int, int] | None:
         """The next published record, or None; skips padding. Each call hands out a new record
         (release it with ``release``)."""
         i, h, q = self._i, self._h, self._q
@@ -278,33 +271,30 @@ class RingReader:
             self.seq += 1
             self._pos = pos + span
             self._outstanding.append(pos)
-            return Record(pos, base + L.RECORD_HEADER, length, flags, seq, span)
+            self._spans[pos] = span
+            return pos, base + L.RECORD_HEADER, length, flags, seq
 
     def _skip(self, pos: int, span: int) -> None:
         self._pos = pos + span
         self._outstanding.append(pos)
-        self._release_at(pos, span)
+        self._spans[pos] = span
+        self.release(pos)
 
     def read(self) -> tuple[bytes, int] | None:
         """Copy out and release the next record: (payload, flags), or None."""
         rec = self.peek()
         if rec is None:
             return None
-        data = self._b[rec.offset : rec.offset + rec.length].tobytes()
-        self.release(rec)
-        return data, rec.flags
+        pos, offset, length, flags, _ = rec
+        data = self._b[offset : offset + length].tobytes()
+        self.release(pos)
+        return data, flags
 
-    def payload(self, rec: Record) -> memoryview:
-        """A view of a record's payload in shared memory (valid until it is released)."""
-        return self._b[rec.offset : rec.offset + rec.length]
-
-    def release(self, rec: Record) -> None:
+    def release(self, pos: int) -> None:
         """Give a record back; HEAD moves over every record released so far in order."""
-        self._release_at(rec.pos, rec.span)
-
-    def _release_at(self, pos: int, span: int) -> None:
-        if pos in self._released or pos < self._head:
-            raise ValueError(f"record at {pos} released twice")
+        span = self._spans.pop(pos, None)
+        if span is None:
+            raise ValueError(f"no record at position {pos} is held (released twice?)")
         self._released[pos] = span
         head = self._head
         out = self._outstanding
