@@ -10,6 +10,11 @@ import pytest
 import fable.config
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # The suite tests the C core: it must have been built and loaded.
+    import fable._core  # noqa: F401
+
+
 @pytest.fixture(autouse=True)
 def _fresh_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for var in [f.metadata["env"] for f in dataclasses.fields(fable.config.Settings)]:

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
 
+from fable import _core
 from fable.errors import ProtocolError
 from fable.ring import layout as L
 from fable.ring.pyring import RingReader, RingWriter, format_ring
@@ -112,7 +113,25 @@ def test_open_slot_holds_back_later_ones() -> None:
 
 
 # ------------------------------------------------------------------------------- model
-BACKENDS = {"py": (RingWriter, RingReader)}
+def _c_writer(mem: memoryview) -> Any:
+    return _core.Ring(mem, True)
+
+
+def _c_reader(mem: memoryview) -> Any:
+    return _core.Ring(mem, False)
+
+
+BACKENDS: dict[str, tuple[Any, Any]] = {"py": (RingWriter, RingReader), "c": (_c_writer, _c_reader)}
+
+
+def test_c_core_mirrors_the_layout() -> None:
+    assert _core.LAYOUT == L.OFFSETS
+    assert (_core.MAGIC, _core.F_MORE, _core.F_CLOSE, _core.F_PAD) == (
+        L.MAGIC,
+        L.F_MORE,
+        L.F_CLOSE,
+        L.F_PAD,
+    )
 
 
 class RingModel(RuleBasedStateMachine):
@@ -226,9 +245,10 @@ def test_ring_model_many(backend: str) -> None:
 
 
 # ------------------------------------------------------------------------------- hostile peer
-def _published(n: int = 3) -> tuple[memoryview, RingWriter, RingReader, int]:
+def _published(n: int = 3, backend: str = "py") -> tuple[memoryview, Any, Any, int]:
     mem = new_ring()
-    w, r = RingWriter(mem), RingReader(mem)
+    writer, reader = BACKENDS[backend]
+    w, r = writer(mem), reader(mem)
     for k in range(n):
         w.write(bytes([k]) * 10)
     return mem, w, r, L.HEADER_SIZE  # first record's header
@@ -247,8 +267,9 @@ def _published(n: int = 3) -> tuple[memoryview, RingWriter, RingReader, int]:
         ("I", L.REC_SKIP, 1 << 30, "past its bounds"),
     ],
 )
-def test_hostile_record(kind: str, offset: int, value: int, match: str) -> None:
-    mem, _, r, base = _published()
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_hostile_record(kind: str, offset: int, value: int, match: str, backend: str) -> None:
+    mem, _, r, base = _published(backend=backend)
     views = {"I": mem.cast("I"), "H": mem.cast("H"), "Q": mem.cast("Q")}
     view = views[kind]
     view[(base + offset) // view.itemsize] = value
@@ -256,17 +277,20 @@ def test_hostile_record(kind: str, offset: int, value: int, match: str) -> None:
         r.peek()
 
 
-def test_hostile_close_with_payload() -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_hostile_close_with_payload(backend: str) -> None:
     mem = new_ring()
-    w, r = RingWriter(mem), RingReader(mem)
+    writer, reader = BACKENDS[backend]
+    w, r = writer(mem), reader(mem)
     w.write(b"bye", L.F_CLOSE)
     with pytest.raises(ProtocolError, match="close record"):
         r.peek()
 
 
 @pytest.mark.parametrize("tail", [-1, 5000, 1 << 62])
-def test_hostile_tail(tail: int) -> None:
-    mem, _, r, _ = _published()
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_hostile_tail(tail: int, backend: str) -> None:
+    mem, _, r, _ = _published(backend=backend)
     q = mem.cast("Q")
     q[L.TAIL // 8] = tail % (1 << 64) if tail < 0 else tail
     with pytest.raises(ProtocolError):
@@ -274,16 +298,18 @@ def test_hostile_tail(tail: int) -> None:
             pass
 
 
-def test_tail_inside_a_header() -> None:
-    mem, _, r, _ = _published(1)
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_tail_inside_a_header(backend: str) -> None:
+    mem, _, r, _ = _published(1, backend)
     mem.cast("Q")[L.TAIL // 8] = 8
     with pytest.raises(ProtocolError, match="inside a record header"):
         r.peek()
 
 
 @pytest.mark.parametrize("head", [10_000, 1 << 40])
-def test_hostile_head(head: int) -> None:
-    mem, w, _, _ = _published()
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_hostile_head(head: int, backend: str) -> None:
+    mem, w, _, _ = _published(backend=backend)
     mem.cast("Q")[L.HEAD // 8] = head
     with pytest.raises(ProtocolError, match="HEAD"):
         w.free()
@@ -291,12 +317,13 @@ def test_hostile_head(head: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_random_garbage_never_escapes() -> None:
-    """Random bytes over a ring with records: only ProtocolError, never another exception or a
-    read outside the data area (memoryview bounds would raise IndexError/ValueError)."""
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_random_garbage_never_escapes(backend: str) -> None:
+    """Random bytes over a ring with records: only ProtocolError, never another exception, a
+    crash, or a record outside the data area."""
     rng = random.Random(11)
     for _ in range(3000):
-        mem, _, r, _ = _published(rng.randint(0, 5))
+        mem, _, r, _ = _published(rng.randint(0, 5), backend)
         for _ in range(rng.randint(1, 8)):
             off = rng.randrange(L.TAIL, L.HEADER_SIZE + 400)
             mem[off] = rng.randrange(256)

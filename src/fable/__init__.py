@@ -39,6 +39,18 @@ __version__ = "0.1.0"
 
 logging.getLogger("fable").addHandler(logging.NullHandler())
 
+try:
+    from fable import _core as _core
+except ImportError as _e:  # pragma: no cover - a broken build
+    import warnings
+
+    warnings.warn(
+        f"fable's C core did not load ({_e}); the shared-memory fast path is unavailable. "
+        "Reinstall with a C compiler present.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
 __all__ = [
     "REGISTRY",
     "Buffer",

@@ -1,0 +1,750 @@
+/* fable._core: the per-message fast path of the shared-memory ring (layout: ring.h).
+ *
+ * One Ring object is one side of one ring: a writer (claim + copy + publish, batched publish,
+ * doorbell) or a reader (peek + sequence check, copy out, release in any order, doorbell). The
+ * protocol is the one of src/fable/ring/pyring.py, the executable reference; tests check that
+ * both behave alike. Policy (timeouts, liveness, which wait to use) stays in Python: the waits
+ * here cover one slice, release the GIL, and return.
+ *
+ * Every value read from the peer's memory is read once and range-checked; a violation raises
+ * fable.ProtocolError and nothing outside the mapping is ever touched. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ring.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#else
+#define cpu_relax() __asm__ __volatile__("" ::: "memory")
+#endif
+
+static PyObject *ProtocolError; /* fable.errors.ProtocolError, imported at module init */
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* Shared futexes (no FUTEX_PRIVATE_FLAG): the two sides are different processes. */
+static void futex_wait(uint32_t *word, uint32_t expected, uint64_t timeout_ns) {
+    struct timespec ts = {(time_t)(timeout_ns / 1000000000ULL), (long)(timeout_ns % 1000000000ULL)};
+    syscall(SYS_futex, word, FUTEX_WAIT, expected, &ts, NULL, 0); /* EINTR/EAGAIN/ETIMEDOUT: caller re-checks */
+}
+
+static void futex_wake(uint32_t *word) { syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0); }
+
+/* After moving our position: ring the peer's doorbell if its waiters flag says it sleeps. */
+static void ring_bell(uint32_t *waiting, uint32_t *bell, int evfd) {
+    /* SYNC POINT: StoreLoad fence between our position store and the flag load; pairs with the
+     * sleeper's seq_cst fetch_or of the flag before it re-checks our position (arm_wait). */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(waiting, __ATOMIC_RELAXED)) return; /* fast path: no system call */
+    uint32_t w = __atomic_exchange_n(waiting, 0, __ATOMIC_SEQ_CST);
+    if (!w) return;
+    /* SYNC POINT: release increment of the doorbell; pairs with the sleeper's acquire load of
+     * the bell value it passes to FUTEX_WAIT (a changed value makes the wait return at once). */
+    __atomic_fetch_add(bell, 1, __ATOMIC_RELEASE);
+    if (w & FR_WAIT_FUTEX) futex_wake(bell);
+    if ((w & FR_WAIT_EVENT) && evfd >= 0) {
+        uint64_t one = 1;
+        ssize_t r = write(evfd, &one, sizeof one);
+        (void)r; /* a full eventfd counter is already readable */
+    }
+}
+
+typedef struct { uint64_t pos, room; int64_t length; uint32_t flags; int state; } slot_t;
+typedef struct { uint64_t pos, span; int released; } held_t;
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int has_view;
+    int busy;           /* a wait is in progress without the GIL: do not release the memory */
+    int closing;
+    int writer;         /* 1 writer, 0 reader */
+    fr_header *h;
+    uint8_t *data;
+    uint64_t cap, mask;
+    uint32_t epoch;
+    uint64_t seq;
+    int evfd;           /* eventfd to signal: the reader's readiness fd */
+    /* writer */
+    uint64_t tail, claim, head_cache, max_record;
+    slot_t *slots; size_t nslots, slot0, slots_cap;
+    /* reader */
+    uint64_t head, pos, tail_cache;
+    held_t *held; size_t nheld, held0, held_cap;
+} Ring;
+
+static PyObject *proto_error(const char *fmt, ...) {
+    va_list va;
+    va_start(va, fmt);
+    PyObject *msg = PyUnicode_FromFormatV(fmt, va);
+    va_end(va);
+    if (msg) { PyErr_SetObject(ProtocolError, msg); Py_DECREF(msg); }
+    return NULL;
+}
+
+static int check_open(Ring *r) {
+    if (!r->has_view || r->closing) { PyErr_SetString(PyExc_ValueError, "ring is closed"); return -1; }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------ lifecycle */
+static int Ring_init(Ring *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"mem", "writer", "epoch", "first_seq", "eventfd", NULL};
+    PyObject *mem; int writer; unsigned int epoch = 0; unsigned long long first_seq = 0; int evfd = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Op|IKi", kwlist, &mem, &writer, &epoch, &first_seq, &evfd))
+        return -1;
+    if (self->has_view) { PyErr_SetString(PyExc_RuntimeError, "Ring already initialised"); return -1; }
+    if (PyObject_GetBuffer(mem, &self->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    self->has_view = 1;
+    if ((uintptr_t)self->view.buf % FR_CACHE_LINE || self->view.len < (Py_ssize_t)(FR_HEADER_SIZE + FR_MIN_CAPACITY)) {
+        proto_error("shared memory too small or misaligned for a ring");
+        return -1;
+    }
+    fr_header *h = (fr_header *)self->view.buf;
+    uint64_t cap = __atomic_load_n(&h->capacity, __ATOMIC_ACQUIRE);
+    if (__atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) != FR_MAGIC) { proto_error("not a fable ring (bad magic)"); return -1; }
+    if (h->version != FR_VERSION || h->header_size != FR_HEADER_SIZE) {
+        proto_error("ring format version %u, expected %u", (unsigned)h->version, FR_VERSION);
+        return -1;
+    }
+    if (cap < FR_MIN_CAPACITY || cap > FR_MAX_CAPACITY || (cap & (cap - 1)) ||
+        FR_HEADER_SIZE + cap > (uint64_t)self->view.len) {
+        proto_error("ring capacity %llu does not fit the shared memory", (unsigned long long)cap);
+        return -1;
+    }
+    self->h = h;
+    self->data = (uint8_t *)self->view.buf + FR_HEADER_SIZE;
+    self->cap = cap;
+    self->mask = cap - 1;
+    self->writer = writer;
+    self->epoch = epoch;
+    self->seq = first_seq;
+    self->evfd = evfd;
+    if (writer) {
+        self->tail = self->claim = __atomic_load_n(&h->tail, __ATOMIC_ACQUIRE);
+        self->head_cache = __atomic_load_n(&h->head, __ATOMIC_ACQUIRE);
+        self->max_record = cap / 4 - FR_RECORD_HEADER;
+    } else {
+        self->head = self->pos = self->tail_cache = __atomic_load_n(&h->head, __ATOMIC_ACQUIRE);
+    }
+    return 0;
+}
+
+static void ring_release_view(Ring *self) {
+    if (self->has_view && !self->busy) {
+        PyBuffer_Release(&self->view);
+        self->has_view = 0;
+    }
+}
+
+static PyObject *Ring_close(Ring *self, PyObject *Py_UNUSED(ignored)) {
+    self->closing = 1;
+    ring_release_view(self); /* deferred to the end of a wait in progress */
+    Py_RETURN_NONE;
+}
+
+static void Ring_dealloc(Ring *self) {
+    self->busy = 0;
+    ring_release_view(self);
+    PyMem_Free(self->slots);
+    PyMem_Free(self->held);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* ------------------------------------------------------------------------------ writer */
+static int writer_only(Ring *r) {
+    if (check_open(r) < 0) return -1;
+    if (!r->writer) { PyErr_SetString(PyExc_TypeError, "this Ring is the reading side"); return -1; }
+    return 0;
+}
+
+static int reader_only(Ring *r) {
+    if (check_open(r) < 0) return -1;
+    if (r->writer) { PyErr_SetString(PyExc_TypeError, "this Ring is the writing side"); return -1; }
+    return 0;
+}
+
+/* The reader's HEAD, read once and checked: it may only move forward, never past our TAIL. */
+static int load_head(Ring *r, uint64_t *out) {
+    /* SYNC POINT: acquire-load of HEAD; pairs with the reader's release-store in release_at. */
+    uint64_t head = __atomic_load_n(&r->h->head, __ATOMIC_ACQUIRE);
+    if (head < r->head_cache || head > r->tail) {
+        proto_error("the reader moved HEAD to %llu (published %llu)", (unsigned long long)head,
+                    (unsigned long long)r->tail);
+        return -1;
+    }
+    r->head_cache = head;
+    *out = head;
+    return 0;
+}
+
+static int fits(Ring *r, uint64_t need) {
+    if (r->cap - (r->claim - r->head_cache) >= need) return 1;
+    uint64_t head;
+    if (load_head(r, &head) < 0) return -1;
+    return r->cap - (r->claim - head) >= need;
+}
+
+static int push_slot(Ring *r, uint64_t pos, uint64_t room, int state, int64_t length) {
+    if (r->slot0 + r->nslots == r->slots_cap) {
+        if (r->slot0) {
+            memmove(r->slots, r->slots + r->slot0, r->nslots * sizeof(slot_t));
+            r->slot0 = 0;
+        } else {
+            size_t ncap = r->slots_cap ? 2 * r->slots_cap : 16;
+            slot_t *n = PyMem_Realloc(r->slots, ncap * sizeof(slot_t));
+            if (!n) { PyErr_NoMemory(); return -1; }
+            r->slots = n;
+            r->slots_cap = ncap;
+        }
+    }
+    slot_t *s = &r->slots[r->slot0 + r->nslots++];
+    s->pos = pos; s->room = room; s->state = state; s->length = length; s->flags = 0;
+    return 0;
+}
+
+/* reserve: 1 = reserved (*pos, *offset set), 0 = no room, -1 = error */
+static int do_reserve(Ring *r, uint64_t length, uint64_t *pos, uint64_t *offset) {
+    if (length > r->max_record) {
+        PyErr_Format(PyExc_ValueError, "record length must be in 0..%llu", (unsigned long long)r->max_record);
+        return -1;
+    }
+    uint64_t span = fr_span(length, 0);
+    uint64_t off = r->claim & r->mask, to_end = r->cap - off;
+    uint64_t pad = to_end < span ? to_end : 0;
+    int ok = fits(r, pad + span);
+    if (ok <= 0) return ok;
+    if (pad) {
+        if (push_slot(r, r->claim, 0, 2, (int64_t)to_end) < 0) return -1;
+        r->claim += pad;
+    }
+    if (push_slot(r, r->claim, length, 0, -1) < 0) return -1;
+    *pos = r->claim;
+    *offset = FR_HEADER_SIZE + (r->claim & r->mask) + FR_RECORD_HEADER;
+    r->claim += span;
+    return 1;
+}
+
+static slot_t *find_slot(Ring *r, uint64_t pos) {
+    for (size_t k = 0; k < r->nslots; k++) {
+        slot_t *s = &r->slots[r->slot0 + k];
+        if (s->pos == pos) {
+            if (s->state) { PyErr_SetString(PyExc_ValueError, "record already committed or aborted"); return NULL; }
+            return s;
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "no reserved record at position %llu", (unsigned long long)pos);
+    return NULL;
+}
+
+/* Write the headers of the committed prefix and release-store TAIL; returns records published. */
+static long do_publish(Ring *r) {
+    long n = 0;
+    uint64_t tail = r->tail;
+    size_t k = 0;
+    while (k < r->nslots && r->slots[r->slot0 + k].state) {
+        slot_t *s = &r->slots[r->slot0 + k];
+        fr_record *rec = (fr_record *)(r->data + (s->pos & r->mask));
+        if (s->state == 2) {
+            uint64_t gap = (uint64_t)s->length;
+            if (gap >= FR_RECORD_HEADER) {
+                rec->length = (uint32_t)(gap - FR_RECORD_HEADER);
+                rec->flags = FR_F_PAD; rec->zero = 0; rec->seq = 0; rec->epoch = r->epoch; rec->skip = 0;
+            }
+            tail = s->pos + gap;
+        } else {
+            rec->length = (uint32_t)s->length;
+            rec->flags = (uint16_t)s->flags; rec->zero = 0;
+            rec->seq = r->seq++;
+            rec->epoch = r->epoch;
+            rec->skip = (uint32_t)(fr_align8(s->room) - fr_align8((uint64_t)s->length));
+            tail = s->pos + fr_span(s->room, 0);
+            n++;
+        }
+        k++;
+    }
+    if (k) {
+        r->slot0 += k;
+        r->nslots -= k;
+        if (!r->nslots) r->slot0 = 0;
+        r->tail = tail;
+        /* SYNC POINT: release-store of TAIL after the records; pairs with the reader's
+         * acquire-load of TAIL in load_tail. */
+        __atomic_store_n(&r->h->tail, tail, __ATOMIC_RELEASE);
+        ring_bell(&r->h->data_waiting, &r->h->data_bell, r->evfd);
+    }
+    return n;
+}
+
+static PyObject *Ring_reserve(Ring *self, PyObject *arg) {
+    if (writer_only(self) < 0) return NULL;
+    long long length = PyLong_AsLongLong(arg);
+    if (length == -1 && PyErr_Occurred()) return NULL;
+    if (length < 0) { PyErr_SetString(PyExc_ValueError, "record length must be >= 0"); return NULL; }
+    uint64_t pos, offset;
+    int ok = do_reserve(self, (uint64_t)length, &pos, &offset);
+    if (ok < 0) return NULL;
+    if (!ok) Py_RETURN_NONE;
+    return Py_BuildValue("KKL", (unsigned long long)pos, (unsigned long long)offset, length);
+}
+
+static PyObject *Ring_commit(Ring *self, PyObject *args) {
+    unsigned long long pos; long long length; unsigned int flags = 0;
+    if (writer_only(self) < 0 || !PyArg_ParseTuple(args, "KL|I", &pos, &length, &flags)) return NULL;
+    slot_t *s = find_slot(self, pos);
+    if (!s) return NULL;
+    if (length < 0 || (uint64_t)length > s->room) {
+        PyErr_Format(PyExc_ValueError, "length must be in 0..%llu", (unsigned long long)s->room);
+        return NULL;
+    }
+    if (flags & ~(FR_F_MORE | FR_F_CLOSE)) { PyErr_SetString(PyExc_ValueError, "commit takes F_MORE and F_CLOSE only"); return NULL; }
+    s->length = length; s->flags = flags; s->state = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Ring_abort(Ring *self, PyObject *arg) {
+    if (writer_only(self) < 0) return NULL;
+    unsigned long long pos = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    slot_t *s = find_slot(self, pos);
+    if (!s) return NULL;
+    s->state = 2;
+    s->length = (int64_t)fr_span(s->room, 0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Ring_publish(Ring *self, PyObject *Py_UNUSED(ignored)) {
+    if (writer_only(self) < 0) return NULL;
+    return PyLong_FromLong(do_publish(self));
+}
+
+/* write(data, flags=0) -> bool: reserve + copy + commit + publish; False when the ring is full. */
+static PyObject *Ring_write(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) { PyErr_SetString(PyExc_TypeError, "write(data, flags=0)"); return NULL; }
+    if (writer_only(self) < 0) return NULL;
+    unsigned long flags = 0;
+    if (nargs == 2) {
+        flags = PyLong_AsUnsignedLong(args[1]);
+        if (PyErr_Occurred()) return NULL;
+        if (flags & ~(FR_F_MORE | FR_F_CLOSE)) { PyErr_SetString(PyExc_ValueError, "write takes F_MORE and F_CLOSE only"); return NULL; }
+    }
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0) return NULL;
+    uint64_t pos, offset;
+    int ok = do_reserve(self, (uint64_t)b.len, &pos, &offset);
+    if (ok <= 0) { PyBuffer_Release(&b); if (ok < 0) return NULL; Py_RETURN_FALSE; }
+    memcpy((uint8_t *)self->view.buf + offset, b.buf, (size_t)b.len);
+    slot_t *s = &self->slots[self->slot0 + self->nslots - 1];
+    s->length = b.len; s->flags = (uint32_t)flags; s->state = 1;
+    PyBuffer_Release(&b);
+    do_publish(self);
+    Py_RETURN_TRUE;
+}
+
+/* write_many(list, flags=0) -> int: as many whole messages as fit, one TAIL store, one doorbell. */
+static PyObject *Ring_write_many(Ring *self, PyObject *seq) {
+    if (writer_only(self) < 0) return NULL;
+    PyObject *fast = PySequence_Fast(seq, "write_many takes a sequence of bytes-like objects");
+    if (!fast) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), done = 0;
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    for (; done < n; done++) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(items[done], &b, PyBUF_SIMPLE) < 0) { Py_DECREF(fast); return NULL; }
+        uint64_t pos, offset;
+        int ok = do_reserve(self, (uint64_t)b.len, &pos, &offset);
+        if (ok <= 0) { PyBuffer_Release(&b); if (ok < 0) { Py_DECREF(fast); return NULL; } break; }
+        memcpy((uint8_t *)self->view.buf + offset, b.buf, (size_t)b.len);
+        slot_t *s = &self->slots[self->slot0 + self->nslots - 1];
+        s->length = b.len; s->flags = 0; s->state = 1;
+        PyBuffer_Release(&b);
+    }
+    Py_DECREF(fast);
+    do_publish(self);
+    return PyLong_FromSsize_t(done);
+}
+
+static PyObject *Ring_free(Ring *self, PyObject *Py_UNUSED(ignored)) {
+    if (writer_only(self) < 0) return NULL;
+    uint64_t head;
+    if (load_head(self, &head) < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(self->cap - (self->claim - head));
+}
+
+/* ------------------------------------------------------------------------------ reader */
+static int load_tail(Ring *r, uint64_t *out) {
+    /* SYNC POINT: acquire-load of TAIL; pairs with the writer's release-store in do_publish. */
+    uint64_t tail = __atomic_load_n(&r->h->tail, __ATOMIC_ACQUIRE);
+    if (tail < r->tail_cache || tail - r->head > r->cap) {
+        proto_error("the writer moved TAIL to %llu (read up to %llu)", (unsigned long long)tail,
+                    (unsigned long long)r->pos);
+        return -1;
+    }
+    r->tail_cache = tail;
+    *out = tail;
+    return 0;
+}
+
+static int push_held(Ring *r, uint64_t pos, uint64_t span, int released) {
+    if (r->held0 + r->nheld == r->held_cap) {
+        if (r->held0) {
+            memmove(r->held, r->held + r->held0, r->nheld * sizeof(held_t));
+            r->held0 = 0;
+        } else {
+            size_t ncap = r->held_cap ? 2 * r->held_cap : 16;
+            held_t *n = PyMem_Realloc(r->held, ncap * sizeof(held_t));
+            if (!n) { PyErr_NoMemory(); return -1; }
+            r->held = n;
+            r->held_cap = ncap;
+        }
+    }
+    held_t *e = &r->held[r->held0 + r->nheld++];
+    e->pos = pos; e->span = span; e->released = released;
+    return 0;
+}
+
+/* Move HEAD over the released prefix and ring the writer if it waits for space. */
+static void advance_head(Ring *r) {
+    size_t k = 0;
+    uint64_t head = r->head;
+    while (k < r->nheld && r->held[r->held0 + k].released) {
+        head = r->held[r->held0 + k].pos + r->held[r->held0 + k].span;
+        k++;
+    }
+    if (!k) return;
+    r->held0 += k;
+    r->nheld -= k;
+    if (!r->nheld) r->held0 = 0;
+    r->head = head;
+    /* SYNC POINT: release-store of HEAD; pairs with the writer's acquire-load in load_head
+     * (the writer reuses the space only after it sees this store). */
+    __atomic_store_n(&r->h->head, head, __ATOMIC_RELEASE);
+    ring_bell(&r->h->space_waiting, &r->h->space_bell, -1);
+}
+
+/* next record: 1 found (*rec filled, handed out), 0 none, -1 error */
+typedef struct { uint64_t pos, offset, length, seq; uint32_t flags; } rec_t;
+
+static int do_peek(Ring *r, rec_t *out) {
+    for (;;) {
+        uint64_t pos = r->pos, tail = r->tail_cache;
+        if (tail <= pos && load_tail(r, &tail) < 0) return -1;
+        if (tail <= pos) return 0;
+        uint64_t off = pos & r->mask, to_end = r->cap - off;
+        if (to_end < FR_RECORD_HEADER) {
+            if (tail - pos < to_end) { proto_error("TAIL ends inside the gap at the end of the data area"); return -1; }
+            r->pos = pos + to_end;
+            if (push_held(r, pos, to_end, 1) < 0) return -1;
+            advance_head(r);
+            continue;
+        }
+        if (tail - pos < FR_RECORD_HEADER) { proto_error("TAIL ends inside a record header"); return -1; }
+        volatile fr_record *rec = (volatile fr_record *)(r->data + off);
+        uint32_t length = rec->length;  /* each field read once: the peer may change it */
+        uint32_t flags = rec->flags;
+        if ((flags & ~FR_KNOWN_FLAGS) || ((flags & FR_F_PAD) && flags != FR_F_PAD)) {
+            proto_error("record flags %#x at position %llu", flags, (unsigned long long)pos);
+            return -1;
+        }
+        uint32_t skip = rec->skip;
+        if (skip & 7) { proto_error("record at %llu skips %u B (not a multiple of 8)", (unsigned long long)pos, skip); return -1; }
+        uint64_t span = fr_span(length, skip);
+        if (span > to_end || span > tail - pos) {
+            proto_error("record of %u B at %llu runs past its bounds", length, (unsigned long long)pos);
+            return -1;
+        }
+        if (flags == FR_F_PAD) {
+            r->pos = pos + span;
+            if (push_held(r, pos, span, 1) < 0) return -1;
+            advance_head(r);
+            continue;
+        }
+        uint64_t seq = rec->seq;
+        if (seq != r->seq) {
+            proto_error("sequence gap: expected %llu, got %llu", (unsigned long long)r->seq, (unsigned long long)seq);
+            return -1;
+        }
+        uint32_t epoch = rec->epoch;
+        if (epoch != r->epoch) { proto_error("record of epoch %u in epoch %u", epoch, r->epoch); return -1; }
+        if ((flags & FR_F_CLOSE) && length) { proto_error("close record with a payload"); return -1; }
+        r->seq++;
+        r->pos = pos + span;
+        if (push_held(r, pos, span, 0) < 0) return -1;
+        out->pos = pos; out->offset = FR_HEADER_SIZE + off + FR_RECORD_HEADER;
+        out->length = length; out->flags = flags; out->seq = seq;
+        return 1;
+    }
+}
+
+static int release_at(Ring *r, uint64_t pos) {
+    for (size_t k = 0; k < r->nheld; k++) {
+        held_t *e = &r->held[r->held0 + k];
+        if (e->pos == pos) {
+            if (e->released) break;
+            e->released = 1;
+            advance_head(r);
+            return 0;
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "no record at position %llu is held (released twice?)", (unsigned long long)pos);
+    return -1;
+}
+
+static PyObject *Ring_peek(Ring *self, PyObject *Py_UNUSED(ignored)) {
+    if (reader_only(self) < 0) return NULL;
+    rec_t rec;
+    int ok = do_peek(self, &rec);
+    if (ok < 0) return NULL;
+    if (!ok) Py_RETURN_NONE;
+    return Py_BuildValue("KKKIK", (unsigned long long)rec.pos, (unsigned long long)rec.offset,
+                         (unsigned long long)rec.length, rec.flags, (unsigned long long)rec.seq);
+}
+
+static PyObject *Ring_release(Ring *self, PyObject *arg) {
+    if (reader_only(self) < 0) return NULL;
+    unsigned long long pos = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    if (release_at(self, pos) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* read() -> (bytes, flags) | None: peek + copy + release. */
+static PyObject *Ring_read(Ring *self, PyObject *Py_UNUSED(ignored)) {
+    if (reader_only(self) < 0) return NULL;
+    rec_t rec;
+    int ok = do_peek(self, &rec);
+    if (ok < 0) return NULL;
+    if (!ok) Py_RETURN_NONE;
+    PyObject *data = PyBytes_FromStringAndSize((const char *)self->view.buf + rec.offset, (Py_ssize_t)rec.length);
+    if (!data) return NULL;
+    if (release_at(self, rec.pos) < 0) { Py_DECREF(data); return NULL; }
+    PyObject *res = Py_BuildValue("NI", data, rec.flags);
+    return res;
+}
+
+/* read_plain() -> bytes | None: the next record if it is a whole message (no flags); None when
+ * nothing is ready or the next record needs the general path (peek). Consumes only what it
+ * returns. */
+static PyObject *Ring_read_plain(Ring *self, PyObject *Py_UNUSED(ignored)) {
+    if (reader_only(self) < 0) return NULL;
+    uint64_t pos = self->pos, tail = self->tail_cache;
+    if (tail <= pos) {
+        if (load_tail(self, &tail) < 0) return NULL;
+        if (tail <= pos) Py_RETURN_NONE;
+    }
+    uint64_t off = pos & self->mask;
+    if (self->cap - off >= FR_RECORD_HEADER && tail - pos >= FR_RECORD_HEADER &&
+        ((volatile fr_record *)(self->data + off))->flags != 0)
+        Py_RETURN_NONE; /* flagged (or padding): the general path decides */
+    rec_t rec;
+    uint64_t seq_before = self->seq;
+    int ok = do_peek(self, &rec);
+    if (ok < 0) return NULL;
+    if (!ok) Py_RETURN_NONE;
+    if (rec.flags) {
+        /* the peer changed the flags between our two reads: give the record back unread */
+        self->seq = seq_before;
+        self->pos = rec.pos;
+        self->nheld--;
+        Py_RETURN_NONE;
+    }
+    PyObject *data = PyBytes_FromStringAndSize((const char *)self->view.buf + rec.offset, (Py_ssize_t)rec.length);
+    if (!data) return NULL;
+    if (release_at(self, rec.pos) < 0) { Py_DECREF(data); return NULL; }
+    return data;
+}
+
+static PyObject *Ring_available(Ring *self, PyObject *Py_UNUSED(ignored)) {
+    if (reader_only(self) < 0) return NULL;
+    uint64_t tail;
+    if (self->tail_cache > self->pos) Py_RETURN_TRUE;
+    if (load_tail(self, &tail) < 0) return NULL;
+    return PyBool_FromLong(tail > self->pos);
+}
+
+/* ------------------------------------------------------------------------------ waiting */
+/* The condition a side waits for: the reader for TAIL beyond its position, the writer for
+ * `need` free bytes. Both read the peer's position without validating it: the caller re-checks
+ * through peek()/reserve(), which validate. */
+static int ready(Ring *r, uint64_t need) {
+    if (r->writer) {
+        uint64_t head = __atomic_load_n(&r->h->head, __ATOMIC_ACQUIRE);
+        return head <= r->claim && r->cap - (r->claim - head) >= need;
+    }
+    return __atomic_load_n(&r->h->tail, __ATOMIC_ACQUIRE) > r->pos;
+}
+
+/* wait(need, mode, slice_ns, spin_ns) -> bool (ready). mode: 0 spin, 1 futex, 2 adaptive.
+ * Waits at most one slice, without the GIL; the caller loops, checking liveness and signals. */
+static PyObject *Ring_wait(Ring *self, PyObject *args) {
+    unsigned long long need, slice_ns, spin_ns; int mode;
+    if (check_open(self) < 0 || !PyArg_ParseTuple(args, "KiKK", &need, &mode, &slice_ns, &spin_ns)) return NULL;
+    if (mode < 0 || mode > 2) { PyErr_SetString(PyExc_ValueError, "mode must be 0 (spin), 1 (futex) or 2 (adaptive)"); return NULL; }
+    fr_header *h = self->h;
+    uint32_t *flag = self->writer ? &h->space_waiting : &h->data_waiting;
+    uint32_t *bell = self->writer ? &h->space_bell : &h->data_bell;
+    uint32_t *mine = self->writer ? &h->writer_cpu : &h->reader_cpu;
+    uint32_t *theirs = self->writer ? &h->reader_cpu : &h->writer_cpu;
+    int ok = 0;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t start = now_ns(), end = start + slice_ns;
+    int cpu = sched_getcpu();
+    __atomic_store_n(mine, (uint32_t)(cpu + 1), __ATOMIC_RELAXED); /* 0 = unknown */
+    uint64_t spin_until = mode == 0 ? end : mode == 2 ? start + spin_ns : start;
+    if (mode == 2 && __atomic_load_n(theirs, __ATOMIC_RELAXED) == (uint32_t)(cpu + 1))
+        spin_until = start; /* the peer last ran on this CPU: spinning would only delay it */
+    for (unsigned i = 0;; i++) {
+        if ((ok = ready(self, need))) break;
+        if ((i & 255) == 255) {
+            uint64_t t = now_ns();
+            if (t >= spin_until) break;
+        }
+        cpu_relax();
+    }
+    if (!ok && mode == 2) {
+        for (int k = 0; k < 4 && !(ok = ready(self, need)); k++) sched_yield();
+    }
+    while (!ok && mode != 0) {
+        uint64_t t = now_ns();
+        if (t >= end) break;
+        uint32_t b = __atomic_load_n(bell, __ATOMIC_ACQUIRE);
+        /* SYNC POINT: seq_cst fetch_or of the waiters flag, then re-check; pairs with the
+         * fence in the peer's ring_bell. */
+        __atomic_fetch_or(flag, FR_WAIT_FUTEX, __ATOMIC_SEQ_CST);
+        if ((ok = ready(self, need))) { __atomic_fetch_and(flag, ~FR_WAIT_FUTEX, __ATOMIC_RELAXED); break; }
+        futex_wait(bell, b, end - t);
+        __atomic_fetch_and(flag, ~FR_WAIT_FUTEX, __ATOMIC_RELAXED);
+        ok = ready(self, need);
+    }
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (self->closing) ring_release_view(self);
+    return PyBool_FromLong(ok);
+}
+
+/* arm() -> bool: set the event bit so the writer signals our eventfd on its next publish;
+ * True when data is already there (then nothing is armed and the caller reads instead). */
+static PyObject *Ring_arm(Ring *self, PyObject *Py_UNUSED(ignored)) {
+    if (reader_only(self) < 0) return NULL;
+    /* SYNC POINT: seq_cst fetch_or, then re-check TAIL; pairs with the fence in ring_bell. */
+    __atomic_fetch_or(&self->h->data_waiting, FR_WAIT_EVENT, __ATOMIC_SEQ_CST);
+    if (ready(self, 0)) {
+        __atomic_fetch_and(&self->h->data_waiting, ~FR_WAIT_EVENT, __ATOMIC_RELAXED);
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *Ring_peer_cpu(Ring *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self) < 0) return NULL;
+    uint32_t v = __atomic_load_n(self->writer ? &self->h->reader_cpu : &self->h->writer_cpu, __ATOMIC_RELAXED);
+    return PyLong_FromLong((long)v - 1);
+}
+
+/* ------------------------------------------------------------------------------ type */
+static PyObject *Ring_get_seq(Ring *self, void *c) { return PyLong_FromUnsignedLongLong(self->seq); }
+static PyObject *Ring_get_epoch(Ring *self, void *c) { return PyLong_FromUnsignedLong(self->epoch); }
+static PyObject *Ring_get_capacity(Ring *self, void *c) { return PyLong_FromUnsignedLongLong(self->cap); }
+static PyObject *Ring_get_max_record(Ring *self, void *c) { return PyLong_FromUnsignedLongLong(self->max_record); }
+static PyObject *Ring_get_pending(Ring *self, void *c) { return PyLong_FromSize_t(self->nslots); }
+static PyObject *Ring_get_held(Ring *self, void *c) {
+    size_t n = 0;
+    for (size_t k = 0; k < self->nheld; k++) n += !self->held[self->held0 + k].released;
+    return PyLong_FromSize_t(n);
+}
+
+static PyGetSetDef Ring_getset[] = {
+    {"seq", (getter)Ring_get_seq, NULL, "next sequence number", NULL},
+    {"epoch", (getter)Ring_get_epoch, NULL, "epoch written into / expected in records", NULL},
+    {"capacity", (getter)Ring_get_capacity, NULL, "data area size", NULL},
+    {"max_record", (getter)Ring_get_max_record, NULL, "largest record payload (writer)", NULL},
+    {"pending", (getter)Ring_get_pending, NULL, "reserved records not yet published (writer)", NULL},
+    {"held", (getter)Ring_get_held, NULL, "records handed out, not released (reader)", NULL},
+    {NULL},
+};
+
+static PyMethodDef Ring_methods[] = {
+    {"reserve", (PyCFunction)Ring_reserve, METH_O, "reserve(length) -> (pos, offset, room) | None"},
+    {"commit", (PyCFunction)Ring_commit, METH_VARARGS, "commit(pos, length, flags=0)"},
+    {"abort", (PyCFunction)Ring_abort, METH_O, "abort(pos): the reservation becomes padding"},
+    {"publish", (PyCFunction)Ring_publish, METH_NOARGS, "publish() -> records made visible"},
+    {"write", (PyCFunction)(void (*)(void))Ring_write, METH_FASTCALL, "write(data, flags=0) -> bool"},
+    {"write_many", (PyCFunction)Ring_write_many, METH_O, "write_many(seq) -> messages written"},
+    {"free", (PyCFunction)Ring_free, METH_NOARGS, "free() -> bytes free now"},
+    {"peek", (PyCFunction)Ring_peek, METH_NOARGS, "peek() -> (pos, offset, length, flags, seq) | None"},
+    {"release", (PyCFunction)Ring_release, METH_O, "release(pos)"},
+    {"read", (PyCFunction)Ring_read, METH_NOARGS, "read() -> (bytes, flags) | None"},
+    {"read_plain", (PyCFunction)Ring_read_plain, METH_NOARGS, "read_plain() -> bytes | None"},
+    {"available", (PyCFunction)Ring_available, METH_NOARGS, "available() -> bool"},
+    {"wait", (PyCFunction)Ring_wait, METH_VARARGS, "wait(need, mode, slice_ns, spin_ns) -> bool"},
+    {"arm", (PyCFunction)Ring_arm, METH_NOARGS, "arm() -> bool (True: data already there)"},
+    {"peer_cpu", (PyCFunction)Ring_peer_cpu, METH_NOARGS, "peer_cpu() -> the CPU the peer last waited on, or -1"},
+    {"close", (PyCFunction)Ring_close, METH_NOARGS, "close(): let go of the memory"},
+    {NULL},
+};
+
+static PyTypeObject RingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fable._core.Ring",
+    .tp_basicsize = sizeof(Ring),
+    .tp_dealloc = (destructor)Ring_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Ring(mem, writer, epoch=0, first_seq=0, eventfd=-1): one side of a shared-memory ring",
+    .tp_methods = Ring_methods,
+    .tp_getset = Ring_getset,
+    .tp_init = (initproc)Ring_init,
+    .tp_new = PyType_GenericNew,
+};
+
+static struct PyModuleDef coremodule = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "fable._core",
+    .m_doc = "the C fast path of the fable ring",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    PyObject *errors = PyImport_ImportModule("fable.errors");
+    if (!errors) return NULL;
+    ProtocolError = PyObject_GetAttrString(errors, "ProtocolError");
+    Py_DECREF(errors);
+    if (!ProtocolError) return NULL;
+    if (PyType_Ready(&RingType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&coremodule);
+    if (!m) return NULL;
+    Py_INCREF(&RingType);
+    PyModule_AddObject(m, "Ring", (PyObject *)&RingType);
+    PyObject *layout = Py_BuildValue(
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
+        "MAGIC_OFF", FR_MAGIC_OFF, "VERSION_OFF", FR_VERSION_OFF, "HEADER_SIZE_OFF", FR_HEADER_SIZE_OFF,
+        "CAPACITY", FR_CAPACITY, "TAIL", FR_TAIL, "WRITER_CPU", FR_WRITER_CPU,
+        "SPACE_WAITING", FR_SPACE_WAITING, "DATA_BELL", FR_DATA_BELL, "HEAD", FR_HEAD,
+        "READER_CPU", FR_READER_CPU, "DATA_WAITING", FR_DATA_WAITING, "SPACE_BELL", FR_SPACE_BELL,
+        "HEADER_SIZE", FR_HEADER_SIZE, "REC_LENGTH", FR_REC_LENGTH, "REC_FLAGS", FR_REC_FLAGS,
+        "REC_SEQ", FR_REC_SEQ, "REC_EPOCH", FR_REC_EPOCH, "REC_SKIP", FR_REC_SKIP,
+        "RECORD_HEADER", FR_RECORD_HEADER);
+    if (!layout) return NULL;
+    PyModule_AddObject(m, "LAYOUT", layout);
+    PyModule_AddIntConstant(m, "F_MORE", FR_F_MORE);
+    PyModule_AddIntConstant(m, "F_CLOSE", FR_F_CLOSE);
+    PyModule_AddIntConstant(m, "F_PAD", FR_F_PAD);
+    PyObject *magic = PyLong_FromUnsignedLongLong(FR_MAGIC);
+    if (!magic) return NULL;
+    PyModule_AddObject(m, "MAGIC", magic);
+    return m;
+}
