@@ -55,6 +55,8 @@ class ConnectionModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         for b in [*self.held, *self.frags]:
             self.b.release(b)
+        for bufs, _ in self.claims:  # uncommitted write buffers pin transport memory
+            self.a.abort(bufs)
         self.b.close()  # reader first: the writer's close must not linger on unread data
         self.a.close()
 

@@ -37,9 +37,10 @@ static uint64_t now_ns(void) {
 }
 
 /* Shared futexes (no FUTEX_PRIVATE_FLAG): the two sides are different processes. */
-static void futex_wait(uint32_t *word, uint32_t expected, uint64_t timeout_ns) {
+/* Returns 0 or the errno (EAGAIN: the word changed; ETIMEDOUT; EINTR: a signal arrived). */
+static int futex_wait(uint32_t *word, uint32_t expected, uint64_t timeout_ns) {
     struct timespec ts = {(time_t)(timeout_ns / 1000000000ULL), (long)(timeout_ns % 1000000000ULL)};
-    syscall(SYS_futex, word, FUTEX_WAIT, expected, &ts, NULL, 0); /* EINTR/EAGAIN/ETIMEDOUT: caller re-checks */
+    return syscall(SYS_futex, word, FUTEX_WAIT, expected, &ts, NULL, 0) < 0 ? errno : 0;
 }
 
 static void futex_wake(uint32_t *word) { syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0); }
@@ -627,9 +628,10 @@ static PyObject *Ring_wait(Ring *self, PyObject *args) {
          * fence in the peer's ring_bell. */
         __atomic_fetch_or(flag, FR_WAIT_FUTEX, __ATOMIC_SEQ_CST);
         if ((ok = ready(self, need))) { __atomic_fetch_and(flag, ~FR_WAIT_FUTEX, __ATOMIC_RELAXED); break; }
-        futex_wait(bell, b, end - t);
+        int err = futex_wait(bell, b, end - t);
         __atomic_fetch_and(flag, ~FR_WAIT_FUTEX, __ATOMIC_RELAXED);
         ok = ready(self, need);
+        if (err == EINTR) break; /* back to Python so the signal handler runs now */
     }
     Py_END_ALLOW_THREADS
     self->busy = 0;

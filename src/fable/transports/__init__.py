@@ -9,11 +9,14 @@ names. Each transport lives in its own module; adding one means adding its modul
     tcp-nodelay   2              kernel  yes     yes          transports/tcp.py
     unix          2              kernel  yes     no           transports/unix.py
     pipe          2              kernel  yes     no           transports/pipe.py
+    mempipe-futex 1 (0 unsafe)   futex   yes     no           transports/mempipe.py
+    mempipe-spin  1 (0 unsafe)   spin    no      no           transports/mempipe.py
+    mempipe-adaptive 1 (0)       adaptive yes    no           transports/mempipe.py
 """
 
 from __future__ import annotations
 
-from fable.transports import pipe, tcp, unix
+from fable.transports import mempipe, pipe, tcp, unix
 from fable.transports.base import (
     Capabilities,
     ConnectionStats,
@@ -37,5 +40,14 @@ __all__ = [
 ]
 
 REGISTRY: dict[str, TransportInfo] = {
-    info.name: info for info in (tcp.INFO, tcp.INFO_NODELAY, unix.INFO, pipe.INFO)
+    info.name: info
+    for info in (
+        tcp.INFO,
+        tcp.INFO_NODELAY,
+        unix.INFO,
+        pipe.INFO,
+        mempipe.INFO_FUTEX,
+        mempipe.INFO_SPIN,
+        mempipe.INFO_ADAPTIVE,
+    )
 }

@@ -1,0 +1,666 @@
+"""mempipe-spin, mempipe-futex, mempipe-adaptive: two shared-memory rings (one per direction).
+
+The initiating side creates one sealed memfd (``F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL``) holding
+both rings (format: ``fable/ring/layout.py``) and two eventfds, and passes them over the setup
+channel; the other side checks the seals, the size and the fd kinds before mapping anything.
+
+    memfd:  [ ring 0: initiator -> peer ][ ring 1: peer -> initiator ]
+            each HEADER_SIZE + capacity bytes
+
+The three transports share this data path and differ only in how a side waits (``fable._core``
+Ring.wait, one slice at a time, the GIL released):
+- spin: busy-polls the peer's position (``pause``), never sleeps; no ``fileno``.
+- futex: sleeps on the ring's doorbell; the peer rings it only when the waiters flag is set, so
+  sending makes no system call while the reader is awake.
+- adaptive: spins for ``FABLE_SPIN_BUDGET_NS``, yields, then sleeps; never spins when the peer
+  last waited on the same CPU (spinning there only delays the peer).
+
+Messages are records of at most ``max_fragment`` bytes; a longer message is several records with
+``F_MORE``. Close is an in-band ``F_CLOSE`` record. Liveness: every wait slice (at most 200 ms,
+20 ms when spinning) checks the setup channel, whose hang-up without a close notice is PeerDied.
+Readiness (``fileno``, futex and adaptive): an epoll fd over this side's eventfd, which the peer
+signals once per arming when this side found nothing to read, and over the setup channel, so a
+closed or dead peer wakes a poller too.
+
+Trust: a safe reader gets private copies; an unsafe (trusting) reader gets read-only views into
+the shared memory, which stop working once released.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import select
+import socket
+import stat
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from fable import _core
+from fable.buffer import Buffer
+from fable.config import settings
+from fable.errors import (
+    ConnectionClosed,
+    DeadBuffer,
+    FableError,
+    NoSpace,
+    PeerDied,
+    ProtocolError,
+    Timeout,
+    WouldBlock,
+)
+from fable.ring import layout as L
+from fable.ring.pyring import format_ring
+from fable.transports.base import Capabilities, ConnectionStats, DataPath, EndSpec, TransportInfo
+from fable.transports.setup import SetupChannel, _close_all
+
+SPIN, FUTEX, ADAPTIVE = 0, 1, 2
+SEALS = 0x0001 | 0x0002 | 0x0004  # F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW
+SLICE_NS = {SPIN: 20_000_000, FUTEX: 200_000_000, ADAPTIVE: 200_000_000}
+MAX_FRAGMENT = 1 << 20
+
+
+def _ring_bytes(capacity: int) -> int:
+    return L.HEADER_SIZE + capacity
+
+
+def _create(options: dict[str, Any]) -> tuple[EndSpec, EndSpec]:
+    capacity = int(options.get("capacity") or settings().ring_size)
+    size = 2 * _ring_bytes(capacity)
+    fd = os.memfd_create("fable-mempipe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    evs: list[int] = []
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as mm:
+            mv = memoryview(mm)
+            format_ring(mv[: _ring_bytes(capacity)], capacity)
+            format_ring(mv[_ring_bytes(capacity) :], capacity)
+            mv.release()
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        evs = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2)]
+        peer_fd = os.dup(fd)
+        peer_evs = [os.dup(e) for e in evs]
+    except BaseException:
+        _close_all([fd, *evs])
+        raise
+    params = {"capacity": capacity, "size": size}
+    # each side gets: memfd, its own readiness eventfd, the peer's (to signal)
+    return (
+        EndSpec([fd, evs[0], evs[1]], params),
+        EndSpec([peer_fd, peer_evs[1], peer_evs[0]], params),
+    )
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
+def _checked_memory(spec: EndSpec) -> tuple[mmap.mmap, int, int, int, int]:
+    """Check everything the peer sent before mapping it; returns (map, capacity, fds...)."""
+    import fcntl
+
+    if len(spec.fds) != 3:
+        raise ProtocolError(f"expected 3 fds for a mempipe transport, got {len(spec.fds)}")
+    fd, own_ev, peer_ev = spec.fds
+    capacity, size = spec.params.get("capacity"), spec.params.get("size")
+    if not isinstance(capacity, int) or not isinstance(size, int):
+        raise ProtocolError("malformed mempipe parameters")
+    if capacity < L.MIN_CAPACITY or capacity > L.MAX_CAPACITY or capacity & (capacity - 1):
+        raise ProtocolError(f"mempipe capacity {capacity} is not a power of two in range")
+    if size != 2 * _ring_bytes(capacity):
+        raise ProtocolError("mempipe size does not match its capacity")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or not os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"):
+        raise ProtocolError("the fd passed as shared memory is not a memfd")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise ProtocolError("the shared memory cannot be sealed (not a memfd)") from None
+    if seals & SEALS != SEALS:
+        raise ProtocolError("the shared memory is not sealed against shrinking and growing")
+    if st.st_size != size:
+        raise ProtocolError(f"the shared memory is {st.st_size} B, expected {size} B")
+    if not (_is_eventfd(own_ev) and _is_eventfd(peer_ev)):
+        raise ProtocolError("the readiness fds passed for a mempipe transport are not eventfds")
+    mm = mmap.mmap(fd, size)
+    return mm, capacity, fd, own_ev, peer_ev
+
+
+class RingPath(DataPath):
+    """A DataPath over two rings in shared memory (see the module docstring)."""
+
+    def __init__(
+        self, name: str, mode: int, spec: EndSpec, role: int, safe: bool, setup: SetupChannel
+    ) -> None:
+        try:
+            mm, capacity, fd, own_ev, peer_ev = _checked_memory(spec)
+        except BaseException:
+            _close_all(spec.fds)
+            raise
+        os.close(fd)  # the mapping keeps the memory
+        cfg = settings()
+        self.transport = name
+        self.safe = safe
+        self.epoch = 0
+        self._mode = mode
+        self._slice = SLICE_NS[mode]
+        self._spin = cfg.spin_budget_ns
+        self._setup = setup
+        self._mm = mm
+        self._mv = memoryview(mm)
+        half = _ring_bytes(capacity)
+        mine, theirs = (0, 1) if role == 0 else (1, 0)
+        self._tx_base, self._rx_base = mine * half, theirs * half
+        self._tx_mem = self._mv[self._tx_base : self._tx_base + half]
+        self._rx_mem = self._mv[self._rx_base : self._rx_base + half]
+        self._own_ev, self._peer_ev = own_ev, peer_ev
+        try:
+            self._tx = _core.Ring(self._tx_mem, True, eventfd=peer_ev)
+            self._rx = _core.Ring(self._rx_mem, False)
+        except BaseException:
+            self._free_memory()
+            _close_all([own_ev, peer_ev])
+            raise
+        self.max_fragment = min(MAX_FRAGMENT, self._tx.max_record)
+        self.max_write = capacity // 2
+        self._quarter = capacity // 4
+        self._epoll: select.epoll | None = None
+        self._armed = False
+        self._dead = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._read_limit = cfg.read_buffers
+        self._max_message = cfg.max_message
+        self._held = 0
+        self._pinned = 0  # ring bytes held by unsafe read buffers
+        self._pin_limit = capacity // 2
+        self._stash: list[tuple[bytes, bool]] = []
+        self._mid = False
+        self._peer_closed = False
+        self._msgs_out = self._bytes_out = self._msgs_in = self._bytes_in = 0
+
+    # ================================================================= liveness and waiting
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise ConnectionClosed("connection is closed")
+
+    def _fail(self, exc: BaseException) -> BaseException:
+        if self._error is None:
+            self._error = exc
+            self._dead = True
+        return exc
+
+    def _peer_state(self) -> str | None:
+        """None while the peer lives; "closed" after its close notice; "died" otherwise."""
+        try:
+            data = self._setup.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return "died"
+        if self._setup.peer_said_close():
+            return "closed"
+        return "died" if data == b"" else None
+
+    def _gone(self, state: str) -> BaseException:
+        if state == "closed" or self._peer_closed:
+            return ConnectionClosed("the peer closed the connection")
+        return PeerDied("the peer vanished without closing")
+
+    def _wait(self, ring: Any, need: int, deadline: float | None, timeout: float | None) -> None:
+        """Wait until ``ring`` is ready (data, or ``need`` free bytes), in slices."""
+        if timeout == 0:
+            raise WouldBlock(
+                "the connection is full" if ring is self._tx else "no message is ready"
+            )
+        while True:
+            slice_ns = self._slice
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Timeout("the timeout expired")
+                slice_ns = min(slice_ns, int(left * 1e9) + 1)
+            if ring.wait(need, self._mode, slice_ns, self._spin):
+                return
+            state = self._peer_state()
+            if state is not None:
+                if ring is self._rx and ring.available():
+                    return  # read what the peer left first
+                raise self._gone(state)
+            if self._closed:
+                raise ConnectionClosed("connection is closed")
+
+    # ================================================================= writing
+    def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
+        self._check()
+        if size < 0 or size > self.max_write:
+            raise ValueError(
+                f"size must be in 0..{self.max_write} (commit larger messages in parts, more=True)"
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sizes = [min(self.max_fragment, size - k) for k in range(0, size, self.max_fragment)] or [0]
+        got: list[tuple[int, int, int]] = []
+        try:
+            for part in sizes:
+                while (r := self._tx.reserve(part)) is None:
+                    self._tx.publish()  # a batch waiting for room must let the reader see it
+                    self._wait(
+                        self._tx, max(L.record_span(part) * 2, self._quarter), deadline, timeout
+                    )
+                got.append(r)
+        except BaseException:
+            for pos, _, _ in got:
+                self._tx.abort(pos)
+            self._tx.publish()
+            raise
+        claim: list[int] = [pos for pos, _, _ in got]
+        mv, base = self._mv, self._tx_base
+        return [
+            Buffer(
+                mv[base + off : base + off + room],
+                self,
+                (claim, pos, room),
+                more=False,
+                epoch=self.epoch,
+                writable=True,
+            )
+            for pos, off, room in got
+        ]
+
+    def commit(
+        self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
+    ) -> None:
+        self._check()
+        if not bufs:
+            raise ValueError("commit needs the buffers of one getwritebuf call")
+        for b in bufs:
+            if not b.alive:
+                raise DeadBuffer("buffer was already committed, released or aborted")
+        first = bufs[0]._token
+        if bufs[0]._owner is not self or not isinstance(first, tuple):
+            raise ValueError("these buffers were not handed out by this connection's getwritebuf")
+        claim = first[0]
+        rooms: dict[int, int] = {}
+        for b in bufs:
+            tok = b._token
+            if not isinstance(tok, tuple) or tok[0] is not claim:
+                raise ValueError("one commit takes the buffers of one getwritebuf call")
+            rooms[tok[1]] = tok[2]
+        total = sum(rooms.values())
+        if nbytes < 0 or nbytes > total:
+            raise ValueError(f"nbytes must be in 0..{total}")
+        for b in bufs:
+            b._take(self)
+        # Fill the records in order; records left empty (or not passed) become padding.
+        used: list[tuple[int, int]] = []
+        left = nbytes
+        for pos in claim:
+            room = rooms.get(pos)
+            if room is None or (left == 0 and used):
+                self._tx.abort(pos)
+                continue
+            n = min(room, left)
+            left -= n
+            used.append((pos, n))
+        for k, (pos, n) in enumerate(used):
+            last = k == len(used) - 1
+            self._tx.commit(pos, n, (L.F_MORE if more else 0) if last else L.F_MORE)
+        if not more:
+            self._msgs_out += 1
+        self._bytes_out += nbytes
+        if flush:
+            self._tx.publish()
+
+    def abort(self, bufs: Iterable[Buffer]) -> None:
+        for b in bufs:
+            tok = b._take(self)
+            if isinstance(tok, tuple):
+                try:
+                    self._tx.abort(tok[1])
+                except ValueError:
+                    pass  # already given back with its claim
+        self._tx.publish()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Publish committed records (a ring never waits here), and report a reader that closed
+        or died before reading them: writes into a ring succeed while it has room, with no
+        system call, so this is where a writer learns that they will not be read."""
+        self._check()
+        self._tx.publish()
+        state = self._peer_state()
+        if state is not None and self._tx.free() < self._tx.capacity:
+            raise self._gone(state)  # the peer is gone and left messages unread
+
+    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        n = len(data)
+        if (
+            n <= self.max_fragment
+            and not self._dead
+            and (type(data) is not memoryview or data.itemsize == 1)
+            and self._tx.write(data)
+        ):
+            self._msgs_out += 1
+            self._bytes_out += n
+            return
+        self._send_slow(data, timeout)
+
+    def _send_slow(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
+        self._check()
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if n <= self.max_fragment:
+            while not self._tx.write(mv):
+                self._wait(self._tx, max(L.record_span(n) * 2, self._quarter), deadline, timeout)
+            self._msgs_out += 1
+            self._bytes_out += n
+            return
+        pos = 0
+        while pos < n:
+            part = min(n - pos, self.max_fragment)
+            last = pos + part >= n
+            while not self._tx.write(mv[pos : pos + part], 0 if last else L.F_MORE):
+                self._wait(self._tx, max(L.record_span(part) * 2, self._quarter), deadline, timeout)
+            pos += part
+            timeout, deadline = None, None  # part of the message is out: finish it
+        self._msgs_out += 1
+        self._bytes_out += n
+
+    def send_many(
+        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
+    ) -> int:
+        self._check()
+        items = msgs if isinstance(msgs, list) else list(msgs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        count = 0
+        try:
+            while count < len(items):
+                m = items[count]
+                if len(m) > self.max_fragment or (type(m) is memoryview and m.itemsize != 1):
+                    self._send_slow(
+                        m, None if deadline is None else max(0.0, deadline - time.monotonic())
+                    )
+                    count += 1
+                    continue
+                k = self._tx.write_many(items[count:] if count else items)
+                if k:
+                    self._bytes_out += sum(len(x) for x in items[count : count + k])
+                    self._msgs_out += k
+                    count += k
+                    continue
+                if count < len(items) and len(items[count]) > self.max_fragment:
+                    continue
+                self._wait(self._tx, self._quarter, deadline, timeout)
+        except (WouldBlock, Timeout):
+            if timeout is None:  # pragma: no cover
+                raise
+        return count
+
+    # ================================================================= reading
+    def _not_mid_message(self) -> None:
+        if self._mid:
+            raise FableError(
+                "a message begun with getreadbuf() must be finished with getreadbuf() "
+                "(its last fragment has more=False) before recv()"
+            )
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        if not (self._stash or self._mid or self._dead):
+            m = self._rx.read_plain()
+            if m is not None:
+                self._msgs_in += 1
+                self._bytes_in += len(m)
+                return m
+        self._check()
+        self._not_mid_message()
+        self._gather(timeout)
+        parts, self._stash = self._stash, []
+        data = parts[0][0] if len(parts) == 1 else b"".join(p for p, _ in parts)
+        self._msgs_in += 1
+        self._bytes_in += len(data)
+        return data
+
+    def _gather(self, timeout: float | None) -> None:
+        if self._stash and not self._stash[-1][1]:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            rec = None if self._peer_closed else self._rx.read()
+            if rec is not None:
+                data, flags = rec
+                if flags & L.F_CLOSE:
+                    if self._stash:
+                        raise self._fail(ProtocolError("close record in the middle of a message"))
+                    self._peer_closed = True
+                    continue
+                self._stash.append((data, bool(flags & L.F_MORE)))
+                if not flags & L.F_MORE:
+                    return
+                if sum(len(p) for p, _ in self._stash) > self._max_message:
+                    raise self._fail(
+                        ProtocolError(f"message larger than FABLE_MAX_MESSAGE={self._max_message}")
+                    )
+                continue
+            if self._peer_closed:
+                raise ConnectionClosed("the peer closed the connection")
+            self._wait(self._rx, 0, deadline, timeout)
+
+    def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
+        self._check()
+        self._not_mid_message()
+        self._gather(timeout)
+        total = sum(len(p) for p, _ in self._stash)
+        out = memoryview(buf).cast("B")
+        if total > len(out):
+            raise ValueError(f"message of {total} B does not fit in a buffer of {len(out)} B")
+        pos = 0
+        for p, _ in self._stash:
+            out[pos : pos + len(p)] = p
+            pos += len(p)
+        self._stash = []
+        self._msgs_in += 1
+        self._bytes_in += total
+        return total
+
+    def getreadbuf(self) -> list[Buffer]:
+        self._check()
+        if self._held >= self._read_limit:
+            raise NoSpace(f"{self._held} read buffers held; release some first")
+        if self._armed:
+            self._armed = False
+            try:
+                os.read(self._own_ev, 8)  # consume the wake-up
+            except BlockingIOError:
+                pass
+        out: list[Buffer] = []
+        while self._stash and self._held < self._read_limit:
+            data, more = self._stash.pop(0)
+            out.append(
+                Buffer(memoryview(data), self, None, more=more, epoch=self.epoch, writable=False)
+            )
+            self._count(more, len(data))
+        while self._held < self._read_limit and not self._peer_closed:
+            rec = self._rx.peek()
+            if rec is None:
+                if out or self._mode == SPIN or self._rx.arm() is False:
+                    break
+                continue  # data arrived while arming: read it
+            pos, off, length, flags, _ = rec
+            if flags & L.F_CLOSE:
+                self._rx.release(pos)
+                if self._stash or self._mid:
+                    raise self._fail(ProtocolError("close record in the middle of a message"))
+                self._peer_closed = True
+                break
+            more = bool(flags & L.F_MORE)
+            base = self._rx_base + off
+            if self.safe:
+                view = memoryview(self._mv[base : base + length].tobytes())
+                self._rx.release(pos)
+                token: Any = None
+            else:
+                view = self._mv[base : base + length].toreadonly()
+                token = (pos, length)
+                self._pinned += length
+            out.append(Buffer(view, self, token, more=more, epoch=self.epoch, writable=False))
+            self._count(more, length)
+        if not out:
+            if self._peer_closed:
+                raise ConnectionClosed("the peer closed the connection")
+            if self._pinned >= self._pin_limit:
+                # Unsafe buffers pin the ring: the writer may need that space to go on.
+                raise NoSpace(
+                    f"read buffers hold {self._pinned} B of the ring; copy and release some"
+                )
+            state = self._peer_state()
+            if state is not None and not self._rx.available():
+                raise self._gone(state)
+            if self._mode != SPIN:
+                self._armed = True
+        else:
+            self._mid = out[-1].more
+        return out
+
+    def _count(self, more: bool, n: int) -> None:
+        self._held += 1
+        self._bytes_in += n
+        if not more:
+            self._msgs_in += 1
+
+    def release(self, buf: Buffer) -> None:
+        view = buf._data
+        token = buf._take(self)
+        self._held -= 1
+        if view is not None:
+            try:
+                view.release()  # a saved reference stops working too
+            except BufferError:
+                pass
+        if token is not None:
+            self._pinned -= token[1]
+            if not self._closed:
+                self._rx.release(token[0])
+
+    # ================================================================= the rest
+    def fileno(self) -> int:
+        self._check()
+        if self._mode == SPIN:
+            raise io.UnsupportedOperation(
+                "mempipe-spin has no readiness fd (it never sleeps); use mempipe-adaptive"
+            )
+        if self._epoll is None:
+            ep = select.epoll()
+            ep.register(self._own_ev, select.EPOLLIN)
+            ep.register(self._setup.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+            self._epoll = ep
+            # Edge-style readiness starts armed: data that is already there signals at once.
+            if self._rx.arm():
+                os.eventfd_write(self._own_ev, 1)
+            self._armed = True
+        return self._epoll.fileno()
+
+    def stats(self) -> ConnectionStats:
+        return ConnectionStats(
+            transport=self.transport,
+            safe=self.safe,
+            epoch=self.epoch,
+            msgs_sent=self._msgs_out,
+            bytes_sent=self._bytes_out,
+            msgs_received=self._msgs_in,
+            bytes_received=self._bytes_in,
+            read_buffers_held=self._held,
+            write_buffers_held=self._tx.pending if not self._closed else 0,
+            pending_bytes=0,
+        )
+
+    def resources(self) -> list[int]:
+        fds = [self._own_ev, self._peer_ev, *self._setup.resources()]
+        if self._epoll is not None:
+            fds.append(self._epoll.fileno())
+        return fds
+
+    def close(self, linger: float) -> None:
+        if self._closed:
+            return
+        try:
+            if self._error is None and self._peer_state() is None:
+                deadline = time.monotonic() + linger
+                self._tx.publish()
+                while not self._tx.write(b"", L.F_CLOSE):
+                    self._wait(self._tx, L.RECORD_HEADER * 2, deadline, linger)
+        except (ConnectionClosed, Timeout, WouldBlock, ProtocolError):
+            pass
+        finally:
+            self._setup.say_close()
+            self._release()
+
+    def forget(self) -> None:
+        if not self._closed:
+            self._release()
+        self._setup.forget()
+
+    def _release(self) -> None:
+        self._closed = True
+        self._dead = True
+        self._stash.clear()
+        for ring in (self._tx, self._rx):
+            ring.close()
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        _close_all([self._own_ev, self._peer_ev])
+        self._free_memory()
+
+    def _free_memory(self) -> None:
+        for view in (getattr(self, "_tx_mem", None), getattr(self, "_rx_mem", None), self._mv):
+            if view is not None:
+                try:
+                    view.release()
+                except BufferError:
+                    pass
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # the application still holds read buffers: the mapping goes with them
+
+
+def _opener(name: str, mode: int) -> Any:
+    def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> DataPath:
+        return RingPath(name, mode, spec, role, safe, setup)
+
+    return _open
+
+
+def _info(name: str, mode: int, summary: str) -> TransportInfo:
+    return TransportInfo(
+        name=name,
+        caps=Capabilities(
+            copies_unsafe=0,
+            copies_safe=1,
+            wait={SPIN: "spin", FUTEX: "futex", ADAPTIVE: "adaptive"}[mode],
+            pollable=mode != SPIN,
+            cross_host=False,
+            spins=mode == SPIN,
+        ),
+        summary=summary,
+        create=_create,
+        open=_opener(name, mode),
+    )
+
+
+INFO_SPIN = _info("mempipe-spin", SPIN, "shared-memory rings, readers and writers spin")
+INFO_FUTEX = _info(
+    "mempipe-futex", FUTEX, "shared-memory rings, futex doorbells with a waiters flag"
+)
+INFO_ADAPTIVE = _info(
+    "mempipe-adaptive", ADAPTIVE, "shared-memory rings, spin then yield then futex"
+)
