@@ -19,7 +19,6 @@ from fable.testing import open_fds
 from fable.transports.setup import SetupChannel
 from fable.transports.stream import F_CLOSE, F_MORE, FRAGMENT, HEADER, MAGIC
 
-
 # The framed byte stream is the data path of the kernel transports.
 STREAM = [name for name, info in fable.REGISTRY.items() if info.caps.wait == "kernel"]
 
