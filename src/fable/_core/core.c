@@ -652,6 +652,15 @@ static PyObject *Ring_arm(Ring *self, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_FALSE;
 }
 
+/* note_cpu(): publish the CPU this thread runs on in this side's field of the ring. A side
+ * waits on one ring but the peer looks for it on the other, so it notes itself on both. */
+static PyObject *Ring_note_cpu(Ring *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self) < 0) return NULL;
+    int cpu = sched_getcpu();
+    __atomic_store_n(self->writer ? &self->h->writer_cpu : &self->h->reader_cpu, (uint32_t)(cpu + 1), __ATOMIC_RELAXED);
+    return PyLong_FromLong(cpu);
+}
+
 static PyObject *Ring_peer_cpu(Ring *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self) < 0) return NULL;
     uint32_t v = __atomic_load_n(self->writer ? &self->h->reader_cpu : &self->h->writer_cpu, __ATOMIC_RELAXED);
@@ -695,6 +704,7 @@ static PyMethodDef Ring_methods[] = {
     {"available", (PyCFunction)Ring_available, METH_NOARGS, "available() -> bool"},
     {"wait", (PyCFunction)Ring_wait, METH_VARARGS, "wait(need, mode, slice_ns, spin_ns) -> bool"},
     {"arm", (PyCFunction)Ring_arm, METH_NOARGS, "arm() -> bool (True: data already there)"},
+    {"note_cpu", (PyCFunction)Ring_note_cpu, METH_NOARGS, "note_cpu() -> this thread's CPU, published in the ring"},
     {"peer_cpu", (PyCFunction)Ring_peer_cpu, METH_NOARGS, "peer_cpu() -> the CPU the peer last waited on, or -1"},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "close(): let go of the memory"},
     {NULL},

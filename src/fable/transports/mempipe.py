@@ -222,6 +222,8 @@ class RingPath(DataPath):
             raise WouldBlock(
                 "the connection is full" if ring is self._tx else "no message is ready"
             )
+        # the peer looks for our CPU on the ring it waits on, which is the other one
+        (self._rx if ring is self._tx else self._tx).note_cpu()
         while True:
             slice_ns = self._slice
             if deadline is not None:
