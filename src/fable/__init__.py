@@ -32,6 +32,7 @@ from fable.errors import (
     Timeout,
     WouldBlock,
 )
+from fable.poll import xpoll
 from fable.transports import REGISTRY, attach, open_pair
 from fable.transports.base import ConnectionStats
 
@@ -72,4 +73,5 @@ __all__ = [
     "__version__",
     "attach",
     "open_pair",
+    "xpoll",
 ]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from fable.buffer import Buffer
@@ -162,6 +162,32 @@ class Connection:
         (or ``recv(timeout=0)`` raises WouldBlock). Spurious wake-ups are possible."""
         self._check_open()
         return self._path.fileno()
+
+    def _poll_prepare(self) -> bool:
+        if self._state != "open":
+            return True  # reading raises: the caller should find out
+        return self._path.poll_prepare()
+
+    def _write_fileno(self) -> int | None:
+        return self._path.write_fileno() if self._state == "open" else None
+
+    async def arecv(self) -> bytes:
+        """The next message, for asyncio (waits on ``fileno()`` with the running loop)."""
+        from fable.poll import arecv
+
+        return await arecv(self)
+
+    async def asend(self, data: bytes | bytearray | memoryview) -> None:
+        """Send one message, for asyncio: waits for room without blocking the loop."""
+        from fable.poll import asend
+
+        await asend(self, data)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        """``async for msg in conn``: messages until the peer closes."""
+        from fable.poll import aiter_messages
+
+        return aiter_messages(self)
 
     def stats(self) -> ConnectionStats:
         """A frozen snapshot of this side's counters."""

@@ -183,6 +183,16 @@ class DataPath(abc.ABC):
         """Edge-style readiness fd: after it signals, read until getreadbuf returns []."""
 
     @abc.abstractmethod
+    def poll_prepare(self) -> bool:
+        """True when a read would not wait now (a message, the peer's close or death, an
+        error); otherwise make sure ``fileno()`` signals when that changes (re-arm it) and
+        return False. ``xpoll`` and asyncio call this before they wait on ``fileno()``."""
+
+    def write_fileno(self) -> int | None:
+        """An fd that polls writable when a blocked writer may go on, or None (rings)."""
+        return None
+
+    @abc.abstractmethod
     def close(self, linger: float) -> None:
         """Flush (waiting up to ``linger`` s), send the close frame, free everything.
         Idempotent."""

@@ -553,6 +553,19 @@ class RingPath(DataPath):
                 self._rx.release(token[0])
 
     # ================================================================= the rest
+    def poll_prepare(self) -> bool:
+        if self._dead or self._stash or self._peer_closed or self._rx.available():
+            return True
+        if self._peer_state() is not None:
+            return True
+        if self._mode == SPIN:
+            return False
+        self.fileno()  # creates and arms the readiness fd on first use
+        if self._armed:
+            return False
+        self._armed = True
+        return self._rx.arm()
+
     def fileno(self) -> int:
         self._check()
         if self._mode == SPIN:

@@ -757,6 +757,19 @@ class StreamPath(DataPath):
             pin[0] -= 1
 
     # ==================================================================== the rest
+    def poll_prepare(self) -> bool:
+        if self._dead or self._stash or self._peer_closed or self._eof:
+            return True
+        rpos = self._rpos
+        if self._rend - rpos >= HDR:
+            length = _unpack_from(self._rbuf, rpos)[0]
+            if self._rend - rpos >= HDR + length:
+                return True
+        return bool(self._rpoll.poll(0))  # the kernel's readiness is level-triggered
+
+    def write_fileno(self) -> int | None:
+        return self._wfd
+
     def fileno(self) -> int:
         self._check()
         return self._rfd
