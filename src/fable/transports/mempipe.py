@@ -44,7 +44,6 @@ from fable.config import settings
 from fable.errors import (
     ConnectionClosed,
     DeadBuffer,
-    FableError,
     NoSpace,
     PeerDied,
     ProtocolError,
@@ -53,7 +52,8 @@ from fable.errors import (
 )
 from fable.ring import layout as L
 from fable.ring.pyring import format_ring
-from fable.transports.base import Capabilities, ConnectionStats, DataPath, EndSpec, TransportInfo
+from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
+from fable.transports.message import MessagePath
 from fable.transports.setup import SetupChannel, _close_all
 
 SPIN, FUTEX, ADAPTIVE = 0, 1, 2
@@ -133,7 +133,7 @@ def _checked_memory(spec: EndSpec) -> tuple[mmap.mmap, int, int, int, int]:
     return mm, capacity, fd, own_ev, peer_ev
 
 
-class RingPath(DataPath):
+class RingPath(MessagePath):
     """A DataPath over two rings in shared memory (see the module docstring)."""
 
     def __init__(
@@ -146,9 +146,7 @@ class RingPath(DataPath):
             raise
         os.close(fd)  # the mapping keeps the memory
         cfg = settings()
-        self.transport = name
-        self.safe = safe
-        self.epoch = 0
+        self._init_messages(name, safe, 0, cfg)
         self._mode = mode
         self._slice = SLICE_NS[mode]
         self._spin = cfg.spin_budget_ns
@@ -173,32 +171,10 @@ class RingPath(DataPath):
         self._quarter = capacity // 4
         self._epoll: select.epoll | None = None
         self._armed = False
-        self._dead = False
-        self._closed = False
-        self._error: BaseException | None = None
-        self._read_limit = cfg.read_buffers
-        self._max_message = cfg.max_message
-        self._held = 0
         self._pinned = 0  # ring bytes held by unsafe read buffers
         self._pin_limit = capacity // 2
-        self._stash: list[tuple[bytes, bool]] = []
-        self._mid = False
-        self._peer_closed = False
-        self._msgs_out = self._bytes_out = self._msgs_in = self._bytes_in = 0
 
     # ================================================================= liveness and waiting
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._closed:
-            raise ConnectionClosed("connection is closed")
-
-    def _fail(self, exc: BaseException) -> BaseException:
-        if self._error is None:
-            self._error = exc
-            self._dead = True
-        return exc
-
     def _peer_state(self) -> str | None:
         """None while the peer lives; "closed" after its close notice; "died" otherwise."""
         try:
@@ -408,13 +384,6 @@ class RingPath(DataPath):
         return count
 
     # ================================================================= reading
-    def _not_mid_message(self) -> None:
-        if self._mid:
-            raise FableError(
-                "a message begun with getreadbuf() must be finished with getreadbuf() "
-                "(its last fragment has more=False) before recv()"
-            )
-
     def recv(self, timeout: float | None = None) -> bytes:
         if not (self._stash or self._mid or self._dead):
             m = self._rx.read_plain()
@@ -422,14 +391,7 @@ class RingPath(DataPath):
                 self._msgs_in += 1
                 self._bytes_in += len(m)
                 return m
-        self._check()
-        self._not_mid_message()
-        self._gather(timeout)
-        parts, self._stash = self._stash, []
-        data = parts[0][0] if len(parts) == 1 else b"".join(p for p, _ in parts)
-        self._msgs_in += 1
-        self._bytes_in += len(data)
-        return data
+        return self._recv_slow(timeout)
 
     def _gather(self, timeout: float | None) -> None:
         if self._stash and not self._stash[-1][1]:
@@ -444,52 +406,22 @@ class RingPath(DataPath):
                         raise self._fail(ProtocolError("close record in the middle of a message"))
                     self._peer_closed = True
                     continue
-                self._stash.append((data, bool(flags & L.F_MORE)))
+                self._stash_fragment(data, bool(flags & L.F_MORE))
                 if not flags & L.F_MORE:
                     return
-                if sum(len(p) for p, _ in self._stash) > self._max_message:
-                    raise self._fail(
-                        ProtocolError(f"message larger than FABLE_MAX_MESSAGE={self._max_message}")
-                    )
                 continue
             if self._peer_closed:
                 raise ConnectionClosed("the peer closed the connection")
             self._wait(self._rx, 0, deadline, timeout)
 
-    def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
-        self._check()
-        self._not_mid_message()
-        self._gather(timeout)
-        total = sum(len(p) for p, _ in self._stash)
-        out = memoryview(buf).cast("B")
-        if total > len(out):
-            raise ValueError(f"message of {total} B does not fit in a buffer of {len(out)} B")
-        pos = 0
-        for p, _ in self._stash:
-            out[pos : pos + len(p)] = p
-            pos += len(p)
-        self._stash = []
-        self._msgs_in += 1
-        self._bytes_in += total
-        return total
-
     def getreadbuf(self) -> list[Buffer]:
-        self._check()
-        if self._held >= self._read_limit:
-            raise NoSpace(f"{self._held} read buffers held; release some first")
+        out = self._start_getreadbuf()
         if self._armed:
             self._armed = False
             try:
                 os.read(self._own_ev, 8)  # consume the wake-up
             except BlockingIOError:
                 pass
-        out: list[Buffer] = []
-        while self._stash and self._held < self._read_limit:
-            data, more = self._stash.pop(0)
-            out.append(
-                Buffer(memoryview(data), self, None, more=more, epoch=self.epoch, writable=False)
-            )
-            self._count(more, len(data))
         while self._held < self._read_limit and not self._peer_closed:
             rec = self._rx.peek()
             if rec is None:
@@ -514,7 +446,7 @@ class RingPath(DataPath):
                 token = (pos, length)
                 self._pinned += length
             out.append(Buffer(view, self, token, more=more, epoch=self.epoch, writable=False))
-            self._count(more, length)
+            self._count_in(more, length)
         if not out:
             if self._peer_closed:
                 raise ConnectionClosed("the peer closed the connection")
@@ -531,12 +463,6 @@ class RingPath(DataPath):
         else:
             self._mid = out[-1].more
         return out
-
-    def _count(self, more: bool, n: int) -> None:
-        self._held += 1
-        self._bytes_in += n
-        if not more:
-            self._msgs_in += 1
 
     def release(self, buf: Buffer) -> None:
         view = buf._data
@@ -583,19 +509,8 @@ class RingPath(DataPath):
             self._armed = True
         return self._epoll.fileno()
 
-    def stats(self) -> ConnectionStats:
-        return ConnectionStats(
-            transport=self.transport,
-            safe=self.safe,
-            epoch=self.epoch,
-            msgs_sent=self._msgs_out,
-            bytes_sent=self._bytes_out,
-            msgs_received=self._msgs_in,
-            bytes_received=self._bytes_in,
-            read_buffers_held=self._held,
-            write_buffers_held=self._tx.pending if not self._closed else 0,
-            pending_bytes=0,
-        )
+    def _write_buffers_held(self) -> int:
+        return self._tx.pending if not self._closed else 0
 
     def resources(self) -> list[int]:
         fds = [self._own_ev, self._peer_ev, *self._setup.resources()]

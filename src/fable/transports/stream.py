@@ -51,14 +51,12 @@ from fable.config import settings
 from fable.errors import (
     ConnectionClosed,
     DeadBuffer,
-    FableError,
-    NoSpace,
     PeerDied,
     ProtocolError,
     Timeout,
     WouldBlock,
 )
-from fable.transports.base import ConnectionStats, DataPath
+from fable.transports.message import MessagePath
 
 if TYPE_CHECKING:
     from fable.transports.setup import SetupChannel
@@ -130,7 +128,7 @@ def _remaining_ms(deadline: float | None) -> int | None:
     return max(0, int((deadline - _monotonic()) * 1000 + 0.999))
 
 
-class StreamPath(DataPath):
+class StreamPath(MessagePath):
     """A DataPath over a socket (one fd both ways) or a pair of pipes (read fd, write fd)."""
 
     def __init__(
@@ -144,9 +142,8 @@ class StreamPath(DataPath):
         epoch: int = 0,
     ) -> None:
         cfg = settings()
-        self.transport = transport
-        self.safe = True  # the kernel always hands the reader a private copy
-        self.epoch = epoch
+        # the kernel always hands the reader a private copy: safe
+        self._init_messages(transport, True, epoch, cfg)
         self.max_write = min(cfg.ring_size // 2, 64 * FRAGMENT)
         self._setup = setup
         self._sock = sock
@@ -168,9 +165,6 @@ class StreamPath(DataPath):
             self._write1 = functools.partial(os.write, wfd)
             os.set_blocking(rfd, True)
             os.set_blocking(wfd, False)
-        self._closed = False
-        self._error: BaseException | None = None
-        self._dead = False  # closed or failed: every fast path checks this one flag
         # write side. The write queue is the writer's, but the reader pushes it too while it
         # waits (so a blocked reader never starves the peer of our output): _wlock guards it.
         self._wlock = threading.Lock()
@@ -180,8 +174,6 @@ class StreamPath(DataPath):
         self._claimed = 0
         self._queue: list[bytes | bytearray | memoryview] = []
         self._queued = 0
-        self._msgs_out = 0
-        self._bytes_out = 0
         self._wpoll = select.poll()
         self._wpoll.register(self._wfd, _POLLOUT)
         # read side
@@ -190,16 +182,8 @@ class StreamPath(DataPath):
         self._rpos = 0
         self._rend = 0
         self._pin = [0]  # read buffers held in the current chunk
-        self._held = 0
-        self._read_limit = cfg.read_buffers
-        self._max_message = cfg.max_message
         self._rseq = 0
         self._eof = False
-        self._peer_closed = False
-        self._stash: list[tuple[bytes, bool]] = []  # fragments recv() took but has not returned
-        self._mid = False  # getreadbuf handed out a fragment with more=True: a message is open
-        self._msgs_in = 0
-        self._bytes_in = 0
         self._rpoll = select.poll()
         self._rpoll.register(self._rfd, _POLLIN)
         self._rwpoll = select.poll()  # readable, or room to push queued output
@@ -265,18 +249,6 @@ class StreamPath(DataPath):
         assert tail + need <= len(self._rbuf)
 
     # ==================================================================== errors
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._closed:
-            raise ConnectionClosed("connection is closed")
-
-    def _fail(self, exc: BaseException) -> BaseException:
-        if self._error is None:
-            self._error = exc
-            self._dead = True
-        return exc
-
     def _gone_on_write(self) -> BaseException:
         if self._peer_closed or self._setup.peer_said_close():
             return ConnectionClosed("the peer closed the connection")
@@ -621,13 +593,9 @@ class StreamPath(DataPath):
             fr = self._next_frame() if not self._peer_closed else None
             if fr is not None:
                 flags, s, e = fr
-                self._stash.append((self._rmv[s:e].tobytes(), bool(flags & F_MORE)))
+                self._stash_fragment(self._rmv[s:e].tobytes(), bool(flags & F_MORE))
                 if not flags & F_MORE:
                     return
-                if sum(len(p) for p, _ in self._stash) > self._max_message:
-                    raise self._fail(
-                        ProtocolError(f"message larger than FABLE_MAX_MESSAGE={self._max_message}")
-                    )
                 continue
             if self._peer_closed:
                 raise ConnectionClosed("the peer closed the connection")
@@ -675,52 +643,10 @@ class StreamPath(DataPath):
                     self._rpos = self._rend = 0
                     break
                 self._rpos, self._rend = 0, n
-        self._check()
-        self._not_mid_message()
-        self._gather(timeout)
-        parts = self._stash
-        self._stash = []
-        data = parts[0][0] if len(parts) == 1 else b"".join(p for p, _ in parts)
-        self._msgs_in += 1
-        self._bytes_in += len(data)
-        return data
-
-    def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
-        self._check()
-        self._not_mid_message()
-        self._gather(timeout)
-        total = sum(len(p) for p, _ in self._stash)
-        out = memoryview(buf).cast("B")
-        if total > len(out):
-            raise ValueError(f"message of {total} B does not fit in a buffer of {len(out)} B")
-        pos = 0
-        for p, _ in self._stash:
-            out[pos : pos + len(p)] = p
-            pos += len(p)
-        self._stash = []
-        self._msgs_in += 1
-        self._bytes_in += total
-        return total
-
-    def _not_mid_message(self) -> None:
-        if self._mid:
-            raise FableError(
-                "a message begun with getreadbuf() must be finished with getreadbuf() "
-                "(its last fragment has more=False) before recv()"
-            )
+        return self._recv_slow(timeout)
 
     def getreadbuf(self) -> list[Buffer]:
-        self._check()
-        if self._held >= self._read_limit:
-            raise NoSpace(f"{self._held} read buffers held; release some first")
-        out: list[Buffer] = []
-        while self._stash and self._held < self._read_limit:
-            data, more = self._stash.pop(0)
-            out.append(
-                Buffer(memoryview(data), self, None, more=more, epoch=self.epoch, writable=False)
-            )
-            self._held += 1
-            self._count_in(more, len(data))
+        out = self._start_getreadbuf()
         if self._queue:
             self._try_push()
         while self._held < self._read_limit:
@@ -737,18 +663,12 @@ class StreamPath(DataPath):
             view = self._rmv[s:e].toreadonly()
             out.append(Buffer(view, self, self._pin, more=more, epoch=self.epoch, writable=False))
             self._pin[0] += 1
-            self._held += 1
             self._count_in(more, e - s)
         if not out and (self._peer_closed or self._eof):
             raise self._gone_on_read()
         if out:
             self._mid = out[-1].more
         return out
-
-    def _count_in(self, more: bool, n: int) -> None:
-        self._bytes_in += n
-        if not more:
-            self._msgs_in += 1
 
     def release(self, buf: Buffer) -> None:
         pin = buf._take(self)
@@ -774,19 +694,11 @@ class StreamPath(DataPath):
         self._check()
         return self._rfd
 
-    def stats(self) -> ConnectionStats:
-        return ConnectionStats(
-            transport=self.transport,
-            safe=self.safe,
-            epoch=self.epoch,
-            msgs_sent=self._msgs_out,
-            bytes_sent=self._bytes_out,
-            msgs_received=self._msgs_in,
-            bytes_received=self._bytes_in,
-            read_buffers_held=self._held,
-            write_buffers_held=sum(c.nframes for c in self._claims if not c.committed),
-            pending_bytes=self._queued,
-        )
+    def _write_buffers_held(self) -> int:
+        return sum(c.nframes for c in self._claims if not c.committed)
+
+    def _pending_bytes(self) -> int:
+        return self._queued
 
     def resources(self) -> list[int]:
         fds = [self._rfd] if self._rfd == self._wfd else [self._rfd, self._wfd]
