@@ -1,10 +1,11 @@
 """fable: reconfigurable I/O channels between processes.
 
-The core is the transport table (``fable.transports.REGISTRY``): each mechanism moves framed
-messages between two processes behind one contract, ``DataPath``. Above it, a ``Connection``
-binds its per-message methods straight to the transport, so a message costs one call.
-Public: ``Connection``, ``Buffer``, the errors, ``open_pair`` (two processes, no daemon) and
-``fable.testing``; the name service and live reconfiguration come in later milestones.
+The core is the transport table (``fable.transports.REGISTRY``): each mechanism, from TCP to
+shared-memory rings driven by the C core ``fable._core``, moves framed messages between two
+processes behind one contract, ``DataPath``. Above it, a ``Connection`` binds its per-message
+methods straight to the transport, and ``xpoll``/asyncio wait on connections and fds together.
+Public: ``Connection``, ``Buffer``, the errors, ``open_pair`` (two processes, no daemon),
+``xpoll`` and ``fable.testing``; the name service and live reconfiguration come later.
 """
 
 from __future__ import annotations
