@@ -7,6 +7,7 @@ import functools
 import pytest
 
 import fable
+import fable.config
 from fable.testing import CHECKS, run_check
 
 
@@ -14,4 +15,35 @@ from fable.testing import CHECKS, run_check
 @pytest.mark.parametrize("transport", list(fable.REGISTRY))
 def test_conformance(transport: str, check: str) -> None:
     for safe in fable.REGISTRY[transport].caps.forms:
+        run_check(check, functools.partial(fable.open_pair, transport, safe=safe))
+
+
+# The reference ring (FABLE_BACKEND=py) runs a cross-process subset: it is the executable model,
+# and slow (a few microseconds a message), so the full suite runs on the C core only.
+PY_SUBSET = [
+    "ordering",
+    "both_directions",
+    "batches",
+    "read_wouldblock",
+    "readiness",
+    "clean_close",
+    "peer_died_reader",
+    "peer_died_writer",
+    "fork_invalidation",
+]
+RINGS = [n for n, i in fable.REGISTRY.items() if i.caps.copies_unsafe == 0]
+
+
+@pytest.mark.parametrize("check", PY_SUBSET)
+@pytest.mark.parametrize("transport", RINGS)
+def test_conformance_python_ring(
+    transport: str, check: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FABLE_BACKEND", "py")
+    fable.config.reload()
+    for safe in fable.REGISTRY[transport].caps.forms:
+        conn, pending = fable.open_pair(transport, safe=safe)
+        assert type(conn._path._tx).__name__ == "PyRing"
+        conn.close()
+        pending.close()
         run_check(check, functools.partial(fable.open_pair, transport, safe=safe))

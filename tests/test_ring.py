@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_s
 from fable import _core
 from fable.errors import ProtocolError
 from fable.ring import layout as L
-from fable.ring.pyring import RingReader, RingWriter, format_ring
+from fable.ring.pyring import PyRing, RingReader, RingWriter, format_ring
 
 
 def new_ring(capacity: int = 4096) -> memoryview:
@@ -121,7 +121,19 @@ def _c_reader(mem: memoryview) -> Any:
     return _core.Ring(mem, False)
 
 
-BACKENDS: dict[str, tuple[Any, Any]] = {"py": (RingWriter, RingReader), "c": (_c_writer, _c_reader)}
+def _py_writer(mem: memoryview) -> Any:
+    return PyRing(mem, True)
+
+
+def _py_reader(mem: memoryview) -> Any:
+    return PyRing(mem, False)
+
+
+BACKENDS: dict[str, tuple[Any, Any]] = {
+    "py": (RingWriter, RingReader),
+    "c": (_c_writer, _c_reader),
+    "py-adapter": (_py_writer, _py_reader),  # the reference ring behind _core.Ring's interface
+}
 
 
 def test_c_core_mirrors_the_layout() -> None:

@@ -661,6 +661,14 @@ static PyObject *Ring_note_cpu(Ring *self, PyObject *Py_UNUSED(ignored)) {
     return PyLong_FromLong(cpu);
 }
 
+/* disarm(): the reader consumed its wake-up (the C writer already cleared the flag when it rang;
+ * a Python writer never clears it, so the reader does). */
+static PyObject *Ring_disarm(Ring *self, PyObject *Py_UNUSED(ignored)) {
+    if (reader_only(self) < 0) return NULL;
+    __atomic_fetch_and(&self->h->data_waiting, ~FR_WAIT_EVENT, __ATOMIC_RELAXED);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Ring_peer_cpu(Ring *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self) < 0) return NULL;
     uint32_t v = __atomic_load_n(self->writer ? &self->h->reader_cpu : &self->h->writer_cpu, __ATOMIC_RELAXED);
@@ -704,6 +712,7 @@ static PyMethodDef Ring_methods[] = {
     {"available", (PyCFunction)Ring_available, METH_NOARGS, "available() -> bool"},
     {"wait", (PyCFunction)Ring_wait, METH_VARARGS, "wait(need, mode, slice_ns, spin_ns) -> bool"},
     {"arm", (PyCFunction)Ring_arm, METH_NOARGS, "arm() -> bool (True: data already there)"},
+    {"disarm", (PyCFunction)Ring_disarm, METH_NOARGS, "disarm(): clear the event bit"},
     {"note_cpu", (PyCFunction)Ring_note_cpu, METH_NOARGS, "note_cpu() -> this thread's CPU, published in the ring"},
     {"peer_cpu", (PyCFunction)Ring_peer_cpu, METH_NOARGS, "peer_cpu() -> the CPU the peer last waited on, or -1"},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "close(): let go of the memory"},

@@ -313,3 +313,248 @@ class RingReader:
     def held(self) -> int:
         """Records handed out and not yet released."""
         return len(self._outstanding)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyRing: the reference ring behind the same interface as fable._core.Ring (FABLE_BACKEND=py).
+#
+# Python has no atomic read-modify-write on shared memory, so the doorbell protocol is adapted:
+# the writer never clears the peer's waiters flag (only the sleeping side clears its own bits),
+# so it cannot erase a bit set concurrently; it rings whenever a bit is set (spurious wake-ups
+# are allowed). A lock acquire/release is a locked instruction, i.e. a full fence on x86-64: it
+# orders our position store before our flag load (and the flag store before the position load
+# on the sleeping side). Futex waits use short slices as a safety net all the same.
+
+import ctypes  # noqa: E402
+import os  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+_FENCE = threading.Lock()
+_SYS_FUTEX = 202
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1
+_SAFETY_NS = 10_000_000
+_WAIT_FUTEX, _WAIT_EVENT = 0x1, 0x2
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+
+
+def _fence() -> None:
+    _FENCE.acquire()
+    _FENCE.release()
+
+
+class PyRing:
+    """``fable._core.Ring``'s interface over :class:`RingWriter`/:class:`RingReader`."""
+
+    def __init__(
+        self,
+        mem: memoryview,
+        writer: bool,
+        epoch: int = 0,
+        first_seq: int = 0,
+        eventfd: int = -1,
+    ) -> None:
+        self._mem = memoryview(mem).cast("B")
+        self._side: RingWriter | RingReader
+        if writer:
+            self._side = self._w = RingWriter(self._mem, epoch=epoch, first_seq=first_seq)
+        else:
+            self._side = self._r = RingReader(self._mem, epoch=epoch, first_seq=first_seq)
+        self._writer = writer
+        self._evfd = eventfd
+        self._i = self._mem.cast("I")
+        self._u32 = (ctypes.c_uint32 * (L.HEADER_SIZE // 4)).from_buffer(self._mem)
+        self.capacity = self._side.capacity
+        self.max_record = self._w.max_record if writer else 0
+        self.epoch = epoch
+
+    # -- the peer's doorbell ----------------------------------------------------------------
+    def _ring(self, waiting: int, bell: int) -> None:
+        _fence()
+        flags = self._i[waiting // 4]
+        if not flags:
+            return
+        self._i[bell // 4] = (self._i[bell // 4] + 1) & 0xFFFFFFFF
+        if flags & _WAIT_FUTEX:
+            _syscall(
+                _SYS_FUTEX, ctypes.byref(self._u32, bell), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0
+            )
+        if flags & _WAIT_EVENT and self._evfd >= 0:
+            try:
+                os.eventfd_write(self._evfd, 1)
+            except BlockingIOError:
+                pass
+
+    @property
+    def seq(self) -> int:
+        return self._side.seq
+
+    @property
+    def pending(self) -> int:
+        return self._w.pending
+
+    @property
+    def held(self) -> int:
+        return self._r.held
+
+    # -- writer -----------------------------------------------------------------------------
+    def reserve(self, length: int) -> tuple[int, int, int] | None:
+        return self._w.reserve(length)
+
+    def commit(self, pos: int, length: int, flags: int = 0) -> None:
+        self._w.commit(pos, length, flags)
+
+    def abort(self, pos: int) -> None:
+        self._w.abort(pos)
+
+    def publish(self) -> int:
+        before = self._w._tail
+        n = self._w.publish()
+        if self._w._tail != before:
+            self._ring(L.DATA_WAITING, L.DATA_BELL)
+        return n
+
+    def write(self, data: bytes | bytearray | memoryview, flags: int = 0) -> bool:
+        n = len(data)
+        got = self._w.reserve(n)
+        if got is None:
+            return False
+        pos, offset, _ = got
+        self._mem[offset : offset + n] = data
+        self._w.commit(pos, n, flags)
+        self.publish()
+        return True
+
+    def write_many(self, msgs: list[bytes | bytearray | memoryview]) -> int:
+        done = 0
+        for m in msgs:
+            got = self._w.reserve(len(m))
+            if got is None:
+                break
+            pos, offset, _ = got
+            self._mem[offset : offset + len(m)] = m
+            self._w.commit(pos, len(m), 0)
+            done += 1
+        self.publish()
+        return done
+
+    def free(self) -> int:
+        return self._w.free()
+
+    # -- reader -----------------------------------------------------------------------------
+    def peek(self) -> tuple[int, int, int, int, int] | None:
+        before = self._r._head
+        rec = self._r.peek()
+        if self._r._head != before:  # padding skipped
+            self._ring(L.SPACE_WAITING, L.SPACE_BELL)
+        return rec
+
+    def release(self, pos: int) -> None:
+        before = self._r._head
+        self._r.release(pos)
+        if self._r._head != before:
+            self._ring(L.SPACE_WAITING, L.SPACE_BELL)
+
+    def read(self) -> tuple[bytes, int] | None:
+        rec = self.peek()
+        if rec is None:
+            return None
+        pos, offset, length, flags, _ = rec
+        data = self._mem[offset : offset + length].tobytes()
+        self.release(pos)
+        return data, flags
+
+    def read_plain(self) -> bytes | None:
+        r = self._r
+        if not r.available():
+            return None
+        pos = r._pos
+        off = pos & r._mask
+        flags_at = (L.HEADER_SIZE + off + L.REC_FLAGS) // 2
+        if r.capacity - off >= L.RECORD_HEADER and self._mem.cast("H")[flags_at]:
+            return None  # flagged or padding: the general path decides
+        got = self.read()
+        if got is None:
+            return None
+        if got[1]:  # pragma: no cover - the peer changed the flags under us
+            raise ProtocolError("record flags changed while being read")
+        return got[0]
+
+    def available(self) -> bool:
+        return self._r.available()
+
+    # -- waiting ----------------------------------------------------------------------------
+    def _ready(self, need: int) -> bool:
+        if self._writer:
+            return self._w.free() >= need
+        return self._r.available()
+
+    def wait(self, need: int, mode: int, slice_ns: int, spin_ns: int) -> bool:
+        start = time.monotonic_ns()
+        end = start + slice_ns
+        spin_until = end if mode == 0 else start + spin_ns if mode == 2 else start
+        while True:
+            if self._ready(need):
+                return True
+            now = time.monotonic_ns()
+            if now >= spin_until:
+                break
+        if mode == 0:
+            return False
+        flag = L.SPACE_WAITING if self._writer else L.DATA_WAITING
+        bell = L.SPACE_BELL if self._writer else L.DATA_BELL
+        while True:
+            now = time.monotonic_ns()
+            if now >= end:
+                return self._ready(need)
+            b = self._i[bell // 4]
+            self._i[flag // 4] |= _WAIT_FUTEX
+            _fence()
+            if self._ready(need):
+                self._i[flag // 4] &= ~_WAIT_FUTEX
+                return True
+            left = min(end - now, _SAFETY_NS)
+            ts = _Timespec(left // 1_000_000_000, left % 1_000_000_000)
+            _syscall(
+                _SYS_FUTEX, ctypes.byref(self._u32, bell), _FUTEX_WAIT, b, ctypes.byref(ts), None, 0
+            )
+            self._i[flag // 4] &= ~_WAIT_FUTEX
+            if self._ready(need):
+                return True
+
+    def arm(self) -> bool:
+        self._i[L.DATA_WAITING // 4] |= _WAIT_EVENT
+        _fence()
+        if self._r.available():
+            self._i[L.DATA_WAITING // 4] &= ~_WAIT_EVENT
+            return True
+        return False
+
+    def disarm(self) -> None:
+        """The reader consumed its wake-up: the writer, which never clears, may stop ringing."""
+        self._i[L.DATA_WAITING // 4] &= ~_WAIT_EVENT
+
+    def note_cpu(self) -> int:
+        cpu = int(_libc.sched_getcpu())
+        field = L.WRITER_CPU if self._writer else L.READER_CPU
+        self._i[field // 4] = cpu + 1
+        return cpu
+
+    def peer_cpu(self) -> int:
+        field = L.READER_CPU if self._writer else L.WRITER_CPU
+        return int(self._i[field // 4]) - 1
+
+    def close(self) -> None:
+        self._u32 = None  # type: ignore[assignment]  # drop the ctypes export first
+        for view in (self._i, self._mem):
+            try:
+                view.release()
+            except BufferError:
+                pass

@@ -38,12 +38,16 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from fable import _core
+try:
+    from fable import _core
+except ImportError:  # pragma: no cover - the package warns at import; the reference ring serves
+    _core = None  # type: ignore[assignment]
 from fable.buffer import Buffer
 from fable.config import settings
 from fable.errors import (
     ConnectionClosed,
     DeadBuffer,
+    FableError,
     NoSpace,
     PeerDied,
     ProtocolError,
@@ -51,7 +55,7 @@ from fable.errors import (
     WouldBlock,
 )
 from fable.ring import layout as L
-from fable.ring.pyring import format_ring
+from fable.ring.pyring import PyRing, format_ring
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
 from fable.transports.message import MessagePath
 from fable.transports.setup import SetupChannel, _close_all
@@ -160,8 +164,9 @@ class RingPath(MessagePath):
         self._rx_mem = self._mv[self._rx_base : self._rx_base + half]
         self._own_ev, self._peer_ev = own_ev, peer_ev
         try:
-            self._tx = _core.Ring(self._tx_mem, True, eventfd=peer_ev)
-            self._rx = _core.Ring(self._rx_mem, False)
+            ring = _ring_class(cfg.backend)
+            self._tx = ring(self._tx_mem, True, eventfd=peer_ev)
+            self._rx = ring(self._rx_mem, False)
         except BaseException:
             self._free_memory()
             _close_all([own_ev, peer_ev])
@@ -418,6 +423,7 @@ class RingPath(MessagePath):
         out = self._start_getreadbuf()
         if self._armed:
             self._armed = False
+            self._rx.disarm()
             try:
                 os.read(self._own_ev, 8)  # consume the wake-up
             except BlockingIOError:
@@ -561,6 +567,17 @@ class RingPath(MessagePath):
             self._mm.close()
         except BufferError:
             pass  # the application still holds read buffers: the mapping goes with them
+
+
+def _ring_class(backend: str) -> type[PyRing] | type[_core.Ring]:
+    """The ring implementation FABLE_BACKEND asks for: the C core, or the reference ring."""
+    if backend == "py":
+        return PyRing
+    if _core is None:
+        if backend == "c":
+            raise FableError("FABLE_BACKEND=c, but the C core did not load")
+        return PyRing
+    return _core.Ring
 
 
 def _opener(name: str, mode: int) -> Any:
