@@ -86,6 +86,11 @@ typedef struct {
     /* reader */
     uint64_t head, pos, tail_cache;
     held_t *held; size_t nheld, held0, held_cap;
+    /* the Connection's hot path (send on the writer, recv on the reader): */
+    PyObject *slow;     /* Python callable for everything but the fast case */
+    int gate;           /* set by Python while its own state needs the slow path */
+    uint64_t frag;      /* largest message send() writes as one record */
+    uint64_t msgs, bytes;
 } Ring;
 
 static PyObject *proto_error(const char *fmt, ...) {
@@ -159,6 +164,7 @@ static PyObject *Ring_close(Ring *self, PyObject *Py_UNUSED(ignored)) {
 }
 
 static void Ring_dealloc(Ring *self) {
+    Py_CLEAR(self->slow);
     self->busy = 0;
     ring_release_view(self);
     PyMem_Free(self->slots);
@@ -569,6 +575,69 @@ static PyObject *Ring_read_plain(Ring *self, PyObject *Py_UNUSED(ignored)) {
     return data;
 }
 
+/* ------------------------------------------------------------------------------ hot path */
+/* send(data, timeout=None): a whole message in one record when it fits now; anything else (a
+ * timeout, a full ring, a large message, a failed connection) goes to the Python slow path. */
+static PyObject *Ring_send(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    int plain = nargs == 1 && nkw == 0;
+    if (!plain && nargs + nkw == 2) { /* send(data, None) or send(data, timeout=None) */
+        plain = args[1] == Py_None;
+    }
+    if (plain && !self->gate && self->writer && self->has_view && !self->closing && self->slow) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) == 0) {
+            if ((uint64_t)b.len <= self->frag) {
+                uint64_t pos, offset;
+                int ok = do_reserve(self, (uint64_t)b.len, &pos, &offset);
+                if (ok < 0) { PyBuffer_Release(&b); return NULL; }
+                if (ok) {
+                    memcpy((uint8_t *)self->view.buf + offset, b.buf, (size_t)b.len);
+                    slot_t *s = &self->slots[self->slot0 + self->nslots - 1];
+                    s->length = b.len; s->flags = 0; s->state = 1;
+                    self->msgs++;
+                    self->bytes += (uint64_t)b.len;
+                    PyBuffer_Release(&b);
+                    do_publish(self);
+                    Py_RETURN_NONE;
+                }
+            }
+            PyBuffer_Release(&b);
+        } else {
+            PyErr_Clear(); /* not a simple buffer: the slow path says what is wrong */
+        }
+    }
+    if (!self->slow) { PyErr_SetString(PyExc_ValueError, "ring is closed"); return NULL; }
+    return PyObject_Vectorcall(self->slow, args, (size_t)nargs, kwnames);
+}
+
+/* recv(timeout=None): the next record when it is a whole message; else the slow path. */
+static PyObject *Ring_recv(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    if (!self->gate && !self->writer && self->has_view && !self->closing && self->slow) {
+        PyObject *m = Ring_read_plain(self, NULL);
+        if (!m) return NULL;
+        if (m != Py_None) {
+            self->msgs++;
+            self->bytes += (uint64_t)PyBytes_GET_SIZE(m);
+            return m;
+        }
+        Py_DECREF(m);
+    }
+    if (!self->slow) { PyErr_SetString(PyExc_ValueError, "ring is closed"); return NULL; }
+    return PyObject_Vectorcall(self->slow, args, (size_t)nargs, kwnames);
+}
+
+/* hot(slow, frag): install the slow path (None: remove it, breaking the reference cycle). */
+static PyObject *Ring_hot(Ring *self, PyObject *args) {
+    PyObject *slow; unsigned long long frag = 0;
+    if (!PyArg_ParseTuple(args, "O|K", &slow, &frag)) return NULL;
+    if (slow != Py_None && !PyCallable_Check(slow)) { PyErr_SetString(PyExc_TypeError, "slow must be callable"); return NULL; }
+    Py_XSETREF(self->slow, slow == Py_None ? NULL : Py_NewRef(slow));
+    if (frag > self->max_record) frag = self->max_record;
+    self->frag = frag;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Ring_available(Ring *self, PyObject *Py_UNUSED(ignored)) {
     if (reader_only(self) < 0) return NULL;
     uint64_t tail;
@@ -681,6 +750,15 @@ static PyObject *Ring_get_epoch(Ring *self, void *c) { return PyLong_FromUnsigne
 static PyObject *Ring_get_capacity(Ring *self, void *c) { return PyLong_FromUnsignedLongLong(self->cap); }
 static PyObject *Ring_get_max_record(Ring *self, void *c) { return PyLong_FromUnsignedLongLong(self->max_record); }
 static PyObject *Ring_get_pending(Ring *self, void *c) { return PyLong_FromSize_t(self->nslots); }
+static PyObject *Ring_get_msgs(Ring *self, void *c) { return PyLong_FromUnsignedLongLong(self->msgs); }
+static PyObject *Ring_get_bytes(Ring *self, void *c) { return PyLong_FromUnsignedLongLong(self->bytes); }
+static PyObject *Ring_get_gate(Ring *self, void *c) { return PyBool_FromLong(self->gate); }
+static int Ring_set_gate(Ring *self, PyObject *v, void *c) {
+    int t = v ? PyObject_IsTrue(v) : 0;
+    if (t < 0) return -1;
+    self->gate = t;
+    return 0;
+}
 static PyObject *Ring_get_held(Ring *self, void *c) {
     size_t n = 0;
     for (size_t k = 0; k < self->nheld; k++) n += !self->held[self->held0 + k].released;
@@ -694,6 +772,9 @@ static PyGetSetDef Ring_getset[] = {
     {"max_record", (getter)Ring_get_max_record, NULL, "largest record payload (writer)", NULL},
     {"pending", (getter)Ring_get_pending, NULL, "reserved records not yet published (writer)", NULL},
     {"held", (getter)Ring_get_held, NULL, "records handed out, not released (reader)", NULL},
+    {"msgs", (getter)Ring_get_msgs, NULL, "messages the hot path moved", NULL},
+    {"nbytes", (getter)Ring_get_bytes, NULL, "bytes the hot path moved", NULL},
+    {"gate", (getter)Ring_get_gate, (setter)Ring_set_gate, "True: send/recv take the slow path", NULL},
     {NULL},
 };
 
@@ -716,6 +797,9 @@ static PyMethodDef Ring_methods[] = {
     {"note_cpu", (PyCFunction)Ring_note_cpu, METH_NOARGS, "note_cpu() -> this thread's CPU, published in the ring"},
     {"peer_cpu", (PyCFunction)Ring_peer_cpu, METH_NOARGS, "peer_cpu() -> the CPU the peer last waited on, or -1"},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "close(): let go of the memory"},
+    {"send", (PyCFunction)(void (*)(void))Ring_send, METH_FASTCALL | METH_KEYWORDS, "send(data, timeout=None): the Connection's send"},
+    {"recv", (PyCFunction)(void (*)(void))Ring_recv, METH_FASTCALL | METH_KEYWORDS, "recv(timeout=None): the Connection's recv"},
+    {"hot", (PyCFunction)Ring_hot, METH_VARARGS, "hot(slow, frag=0): install the slow path"},
     {NULL},
 };
 

@@ -329,6 +329,7 @@ import ctypes  # noqa: E402
 import os  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from typing import Any  # noqa: E402
 
 _FENCE = threading.Lock()
 _SYS_FUTEX = 202
@@ -374,6 +375,23 @@ class PyRing:
         self.capacity = self._side.capacity
         self.max_record = self._w.max_record if writer else 0
         self.epoch = epoch
+        self.gate = False
+        self.msgs = self.nbytes = 0  # counted by the slow path in this backend
+        self._slow: Any = None
+
+    # -- the Connection's hot path: everything goes to the slow path in this backend ------
+    def hot(self, slow: Any, frag: int = 0) -> None:
+        self._slow = slow
+
+    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        if self._slow is None:
+            raise ValueError("ring is closed")
+        self._slow(data, timeout)
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        if self._slow is None:
+            raise ValueError("ring is closed")
+        return self._slow(timeout)  # type: ignore[no-any-return]
 
     # -- the peer's doorbell ----------------------------------------------------------------
     def _ring(self, waiting: int, bell: int) -> None:

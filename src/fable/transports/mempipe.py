@@ -172,6 +172,12 @@ class RingPath(MessagePath):
             _close_all([own_ev, peer_ev])
             raise
         self.max_fragment = min(MAX_FRAGMENT, self._tx.max_record)
+        # The Connection binds send/recv straight to the rings' native methods: one call per
+        # message; they come back to _send_slow_entry/_recv_slow_entry for everything else.
+        self._tx.hot(self._send_slow_entry, self.max_fragment)
+        self._rx.hot(self._recv_slow_entry)
+        self.__dict__["send"] = self._tx.send
+        self.__dict__["recv"] = self._rx.recv
         self.max_write = capacity // 2
         self._quarter = capacity // 4
         self._epoll: select.epoll | None = None
@@ -468,6 +474,7 @@ class RingPath(MessagePath):
                 self._armed = True
         else:
             self._mid = out[-1].more
+            self._state_changed()
         return out
 
     def release(self, buf: Buffer) -> None:
@@ -518,6 +525,21 @@ class RingPath(MessagePath):
     def _write_buffers_held(self) -> int:
         return self._tx.pending if not self._closed else 0
 
+    def _native_counts(self) -> tuple[int, int, int, int]:
+        return self._tx.msgs, self._tx.nbytes, self._rx.msgs, self._rx.nbytes
+
+    def _state_changed(self) -> None:
+        self._rx.gate = bool(self._stash or self._mid or self._dead)
+        self._tx.gate = self._dead
+
+    def _send_slow_entry(
+        self, data: bytes | bytearray | memoryview, timeout: float | None = None
+    ) -> None:
+        RingPath.send(self, data, timeout)
+
+    def _recv_slow_entry(self, timeout: float | None = None) -> bytes:
+        return RingPath.recv(self, timeout)
+
     def resources(self) -> list[int]:
         fds = [self._own_ev, self._peer_ev, *self._setup.resources()]
         if self._epoll is not None:
@@ -549,6 +571,8 @@ class RingPath(MessagePath):
         self._dead = True
         self._stash.clear()
         for ring in (self._tx, self._rx):
+            ring.gate = True
+            ring.hot(None)  # drops the slow paths: no reference cycle outlives the connection
             ring.close()
         if self._epoll is not None:
             self._epoll.close()

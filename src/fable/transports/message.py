@@ -48,7 +48,12 @@ class MessagePath(DataPath):
         if self._error is None:
             self._error = exc
             self._dead = True
+            self._state_changed()
         return exc
+
+    def _state_changed(self) -> None:
+        """Called when the stash, the mid-message flag or the failed state changed (a path
+        with a native fast path re-reads them here)."""
 
     # ------------------------------------------------------------------ reassembly
     @abc.abstractmethod
@@ -57,6 +62,7 @@ class MessagePath(DataPath):
 
     def _stash_fragment(self, data: bytes, more: bool) -> None:
         self._stash.append((data, more))
+        self._state_changed()
         if more and sum(len(p) for p, _ in self._stash) > self._max_message:
             raise self._fail(
                 ProtocolError(f"message larger than FABLE_MAX_MESSAGE={self._max_message}")
@@ -74,6 +80,7 @@ class MessagePath(DataPath):
         self._not_mid_message()
         self._gather(timeout)
         parts, self._stash = self._stash, []
+        self._state_changed()
         data = parts[0][0] if len(parts) == 1 else b"".join(p for p, _ in parts)
         self._msgs_in += 1
         self._bytes_in += len(data)
@@ -92,6 +99,7 @@ class MessagePath(DataPath):
             out[pos : pos + len(p)] = p
             pos += len(p)
         self._stash = []
+        self._state_changed()
         self._msgs_in += 1
         self._bytes_in += total
         return total
@@ -109,6 +117,8 @@ class MessagePath(DataPath):
                 Buffer(memoryview(data), self, None, more=more, epoch=self.epoch, writable=False)
             )
             self._count_in(more, len(data))
+        if out:
+            self._state_changed()
         return out
 
     def _count_in(self, more: bool, n: int) -> None:
@@ -125,15 +135,20 @@ class MessagePath(DataPath):
     def _pending_bytes(self) -> int:
         return 0
 
+    def _native_counts(self) -> tuple[int, int, int, int]:
+        """Messages and bytes out and in counted by a native fast path."""
+        return 0, 0, 0, 0
+
     def stats(self) -> ConnectionStats:
+        mo, bo, mi, bi = self._native_counts()
         return ConnectionStats(
             transport=self.transport,
             safe=self.safe,
             epoch=self.epoch,
-            msgs_sent=self._msgs_out,
-            bytes_sent=self._bytes_out,
-            msgs_received=self._msgs_in,
-            bytes_received=self._bytes_in,
+            msgs_sent=self._msgs_out + mo,
+            bytes_sent=self._bytes_out + bo,
+            msgs_received=self._msgs_in + mi,
+            bytes_received=self._bytes_in + bi,
             read_buffers_held=self._held,
             write_buffers_held=self._write_buffers_held(),
             pending_bytes=self._pending_bytes(),
