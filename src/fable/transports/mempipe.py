@@ -46,7 +46,6 @@ from fable.buffer import Buffer
 from fable.config import settings
 from fable.errors import (
     ConnectionClosed,
-    DeadBuffer,
     FableError,
     NoSpace,
     PeerDied,
@@ -268,12 +267,7 @@ class RingPath(MessagePath):
     def commit(
         self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
     ) -> None:
-        self._check()
-        if not bufs:
-            raise ValueError("commit needs the buffers of one getwritebuf call")
-        for b in bufs:
-            if not b.alive:
-                raise DeadBuffer("buffer was already committed, released or aborted")
+        self._start_commit(bufs)
         first = bufs[0]._token
         if bufs[0]._owner is not self or not isinstance(first, tuple):
             raise ValueError("these buffers were not handed out by this connection's getwritebuf")

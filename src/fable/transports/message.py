@@ -9,10 +9,11 @@ whole message (the last fragment has ``more == False``), or raise.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 
 from fable.buffer import Buffer
 from fable.config import Settings
-from fable.errors import ConnectionClosed, FableError, NoSpace, ProtocolError
+from fable.errors import ConnectionClosed, DeadBuffer, FableError, NoSpace, ProtocolError
 from fable.transports.base import ConnectionStats, DataPath
 
 __all__ = ["MessagePath"]
@@ -54,6 +55,15 @@ class MessagePath(DataPath):
     def _state_changed(self) -> None:
         """Called when the stash, the mid-message flag or the failed state changed (a path
         with a native fast path re-reads them here)."""
+
+    def _start_commit(self, bufs: Sequence[Buffer]) -> None:
+        """The checks every commit starts with: an open connection and live buffers."""
+        self._check()
+        if not bufs:
+            raise ValueError("commit needs the buffers of one getwritebuf call")
+        for b in bufs:
+            if not b.alive:
+                raise DeadBuffer("buffer was already committed, released or aborted")
 
     # ------------------------------------------------------------------ reassembly
     @abc.abstractmethod

@@ -50,7 +50,6 @@ from fable.buffer import Buffer
 from fable.config import settings
 from fable.errors import (
     ConnectionClosed,
-    DeadBuffer,
     PeerDied,
     ProtocolError,
     Timeout,
@@ -335,12 +334,7 @@ class StreamPath(MessagePath):
     def commit(
         self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
     ) -> None:
-        self._check()
-        if not bufs:
-            raise ValueError("commit needs the buffers of one getwritebuf call")
-        for b in bufs:
-            if not b.alive:
-                raise DeadBuffer("buffer was already committed, released or aborted")
+        self._start_commit(bufs)
         claim = bufs[0]._token
         if not isinstance(claim, _Claim) or claim.committed:
             raise ValueError("these buffers were not handed out by this connection's getwritebuf")
