@@ -193,10 +193,6 @@ class Connection:
         """A frozen snapshot of this side's counters."""
         return self._path.stats()
 
-    def resources(self) -> list[int]:
-        """The fds this connection owns (for leak checks)."""
-        return [] if self._state != "open" else self._path.resources()
-
     def close(self) -> None:
         """Flush (up to FABLE_CLOSE_LINGER s), send the close frame, free everything.
         Idempotent; the peer reads every message first, then gets ConnectionClosed."""

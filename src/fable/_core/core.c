@@ -206,20 +206,30 @@ static int fits(Ring *r, uint64_t need) {
     return r->cap - (r->claim - head) >= need;
 }
 
-static int push_slot(Ring *r, uint64_t pos, uint64_t room, int state, int64_t length) {
-    if (r->slot0 + r->nslots == r->slots_cap) {
-        if (r->slot0) {
-            memmove(r->slots, r->slots + r->slot0, r->nslots * sizeof(slot_t));
-            r->slot0 = 0;
+/* Room for one more element at the end of a deque kept as (array, first, count, capacity):
+ * compacts to the front when the front has space, else grows. Returns the new element. */
+static void *deque_push(void **arr, size_t *first, size_t n, size_t *cap, size_t elem) {
+    if (*first + n == *cap) {
+        if (*first) {
+            memmove(*arr, (char *)*arr + *first * elem, n * elem);
+            *first = 0;
         } else {
-            size_t ncap = r->slots_cap ? 2 * r->slots_cap : 16;
-            slot_t *n = PyMem_Realloc(r->slots, ncap * sizeof(slot_t));
-            if (!n) { PyErr_NoMemory(); return -1; }
-            r->slots = n;
-            r->slots_cap = ncap;
+            size_t ncap = *cap ? 2 * *cap : 16;
+            void *grown = PyMem_Realloc(*arr, ncap * elem);
+            if (!grown) { PyErr_NoMemory(); return NULL; }
+            *arr = grown;
+            *cap = ncap;
         }
     }
-    slot_t *s = &r->slots[r->slot0 + r->nslots++];
+    return (char *)*arr + (*first + n) * elem;
+}
+
+static int push_slot(Ring *r, uint64_t pos, uint64_t room, int state, int64_t length) {
+    void *arr = r->slots;
+    slot_t *s = deque_push(&arr, &r->slot0, r->nslots, &r->slots_cap, sizeof(slot_t));
+    r->slots = arr;
+    if (!s) return -1;
+    r->nslots++;
     s->pos = pos; s->room = room; s->state = state; s->length = length; s->flags = 0;
     return 0;
 }
@@ -297,6 +307,17 @@ static long do_publish(Ring *r) {
     return n;
 }
 
+/* Reserve, copy and commit one record (published by the caller): 1 done, 0 no room, -1 error. */
+static int append_record(Ring *r, const void *data, uint64_t len, uint32_t flags) {
+    uint64_t pos, offset;
+    int ok = do_reserve(r, len, &pos, &offset);
+    if (ok <= 0) return ok;
+    memcpy((uint8_t *)r->view.buf + offset, data, (size_t)len);
+    slot_t *s = &r->slots[r->slot0 + r->nslots - 1];
+    s->length = (int64_t)len; s->flags = flags; s->state = 1;
+    return 1;
+}
+
 static PyObject *Ring_reserve(Ring *self, PyObject *arg) {
     if (writer_only(self) < 0) return NULL;
     long long length = PyLong_AsLongLong(arg);
@@ -351,34 +372,32 @@ static PyObject *Ring_write(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_buffer b;
     if (PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0) return NULL;
-    uint64_t pos, offset;
-    int ok = do_reserve(self, (uint64_t)b.len, &pos, &offset);
-    if (ok <= 0) { PyBuffer_Release(&b); if (ok < 0) return NULL; Py_RETURN_FALSE; }
-    memcpy((uint8_t *)self->view.buf + offset, b.buf, (size_t)b.len);
-    slot_t *s = &self->slots[self->slot0 + self->nslots - 1];
-    s->length = b.len; s->flags = (uint32_t)flags; s->state = 1;
+    int ok = append_record(self, b.buf, (uint64_t)b.len, (uint32_t)flags);
     PyBuffer_Release(&b);
+    if (ok < 0) return NULL;
+    if (!ok) Py_RETURN_FALSE;
     do_publish(self);
     Py_RETURN_TRUE;
 }
 
-/* write_many(list, flags=0) -> int: as many whole messages as fit, one TAIL store, one doorbell. */
+/* write_many(seq) -> int: messages written, in order, each one record, with one TAIL store and
+ * one doorbell. Stops at the first that does not fit now, or that is larger than one record
+ * (the caller sends that one another way). Counted in msgs/nbytes like the hot path. */
 static PyObject *Ring_write_many(Ring *self, PyObject *seq) {
     if (writer_only(self) < 0) return NULL;
     PyObject *fast = PySequence_Fast(seq, "write_many takes a sequence of bytes-like objects");
     if (!fast) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), done = 0;
     PyObject **items = PySequence_Fast_ITEMS(fast);
+    uint64_t limit = self->frag ? self->frag : self->max_record;
     for (; done < n; done++) {
         Py_buffer b;
         if (PyObject_GetBuffer(items[done], &b, PyBUF_SIMPLE) < 0) { Py_DECREF(fast); return NULL; }
-        uint64_t pos, offset;
-        int ok = do_reserve(self, (uint64_t)b.len, &pos, &offset);
-        if (ok <= 0) { PyBuffer_Release(&b); if (ok < 0) { Py_DECREF(fast); return NULL; } break; }
-        memcpy((uint8_t *)self->view.buf + offset, b.buf, (size_t)b.len);
-        slot_t *s = &self->slots[self->slot0 + self->nslots - 1];
-        s->length = b.len; s->flags = 0; s->state = 1;
+        int ok = (uint64_t)b.len > limit ? 0 : append_record(self, b.buf, (uint64_t)b.len, 0);
+        if (ok > 0) { self->msgs++; self->bytes += (uint64_t)b.len; }
         PyBuffer_Release(&b);
+        if (ok < 0) { Py_DECREF(fast); return NULL; }
+        if (!ok) break;
     }
     Py_DECREF(fast);
     do_publish(self);
@@ -407,19 +426,11 @@ static int load_tail(Ring *r, uint64_t *out) {
 }
 
 static int push_held(Ring *r, uint64_t pos, uint64_t span, int released) {
-    if (r->held0 + r->nheld == r->held_cap) {
-        if (r->held0) {
-            memmove(r->held, r->held + r->held0, r->nheld * sizeof(held_t));
-            r->held0 = 0;
-        } else {
-            size_t ncap = r->held_cap ? 2 * r->held_cap : 16;
-            held_t *n = PyMem_Realloc(r->held, ncap * sizeof(held_t));
-            if (!n) { PyErr_NoMemory(); return -1; }
-            r->held = n;
-            r->held_cap = ncap;
-        }
-    }
-    held_t *e = &r->held[r->held0 + r->nheld++];
+    void *arr = r->held;
+    held_t *e = deque_push(&arr, &r->held0, r->nheld, &r->held_cap, sizeof(held_t));
+    r->held = arr;
+    if (!e) return -1;
+    r->nheld++;
     e->pos = pos; e->span = span; e->released = released;
     return 0;
 }
@@ -529,6 +540,13 @@ static PyObject *Ring_release(Ring *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* Copy a record's payload out and release it. */
+static PyObject *take_bytes(Ring *r, const rec_t *rec) {
+    PyObject *data = PyBytes_FromStringAndSize((const char *)r->view.buf + rec->offset, (Py_ssize_t)rec->length);
+    if (data && release_at(r, rec->pos) < 0) Py_CLEAR(data);
+    return data;
+}
+
 /* read() -> (bytes, flags) | None: peek + copy + release. */
 static PyObject *Ring_read(Ring *self, PyObject *Py_UNUSED(ignored)) {
     if (reader_only(self) < 0) return NULL;
@@ -536,11 +554,8 @@ static PyObject *Ring_read(Ring *self, PyObject *Py_UNUSED(ignored)) {
     int ok = do_peek(self, &rec);
     if (ok < 0) return NULL;
     if (!ok) Py_RETURN_NONE;
-    PyObject *data = PyBytes_FromStringAndSize((const char *)self->view.buf + rec.offset, (Py_ssize_t)rec.length);
-    if (!data) return NULL;
-    if (release_at(self, rec.pos) < 0) { Py_DECREF(data); return NULL; }
-    PyObject *res = Py_BuildValue("NI", data, rec.flags);
-    return res;
+    PyObject *data = take_bytes(self, &rec);
+    return data ? Py_BuildValue("NI", data, rec.flags) : NULL;
 }
 
 /* read_plain() -> bytes | None: the next record if it is a whole message (no flags); None when
@@ -569,10 +584,7 @@ static PyObject *Ring_read_plain(Ring *self, PyObject *Py_UNUSED(ignored)) {
         self->nheld--;
         Py_RETURN_NONE;
     }
-    PyObject *data = PyBytes_FromStringAndSize((const char *)self->view.buf + rec.offset, (Py_ssize_t)rec.length);
-    if (!data) return NULL;
-    if (release_at(self, rec.pos) < 0) { Py_DECREF(data); return NULL; }
-    return data;
+    return take_bytes(self, &rec);
 }
 
 /* ------------------------------------------------------------------------------ hot path */
@@ -587,22 +599,11 @@ static PyObject *Ring_send(Ring *self, PyObject *const *args, Py_ssize_t nargs, 
     if (plain && !self->gate && self->writer && self->has_view && !self->closing && self->slow) {
         Py_buffer b;
         if (PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) == 0) {
-            if ((uint64_t)b.len <= self->frag) {
-                uint64_t pos, offset;
-                int ok = do_reserve(self, (uint64_t)b.len, &pos, &offset);
-                if (ok < 0) { PyBuffer_Release(&b); return NULL; }
-                if (ok) {
-                    memcpy((uint8_t *)self->view.buf + offset, b.buf, (size_t)b.len);
-                    slot_t *s = &self->slots[self->slot0 + self->nslots - 1];
-                    s->length = b.len; s->flags = 0; s->state = 1;
-                    self->msgs++;
-                    self->bytes += (uint64_t)b.len;
-                    PyBuffer_Release(&b);
-                    do_publish(self);
-                    Py_RETURN_NONE;
-                }
-            }
+            int ok = (uint64_t)b.len <= self->frag ? append_record(self, b.buf, (uint64_t)b.len, 0) : 0;
+            if (ok > 0) { self->msgs++; self->bytes += (uint64_t)b.len; }
             PyBuffer_Release(&b);
+            if (ok < 0) return NULL;
+            if (ok) { do_publish(self); Py_RETURN_NONE; }
         } else {
             PyErr_Clear(); /* not a simple buffer: the slow path says what is wrong */
         }
@@ -738,12 +739,6 @@ static PyObject *Ring_disarm(Ring *self, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Ring_peer_cpu(Ring *self, PyObject *Py_UNUSED(ignored)) {
-    if (check_open(self) < 0) return NULL;
-    uint32_t v = __atomic_load_n(self->writer ? &self->h->reader_cpu : &self->h->writer_cpu, __ATOMIC_RELAXED);
-    return PyLong_FromLong((long)v - 1);
-}
-
 /* ------------------------------------------------------------------------------ type */
 static PyObject *Ring_get_seq(Ring *self, void *c) { return PyLong_FromUnsignedLongLong(self->seq); }
 static PyObject *Ring_get_epoch(Ring *self, void *c) { return PyLong_FromUnsignedLong(self->epoch); }
@@ -795,7 +790,6 @@ static PyMethodDef Ring_methods[] = {
     {"arm", (PyCFunction)Ring_arm, METH_NOARGS, "arm() -> bool (True: data already there)"},
     {"disarm", (PyCFunction)Ring_disarm, METH_NOARGS, "disarm(): clear the event bit"},
     {"note_cpu", (PyCFunction)Ring_note_cpu, METH_NOARGS, "note_cpu() -> this thread's CPU, published in the ring"},
-    {"peer_cpu", (PyCFunction)Ring_peer_cpu, METH_NOARGS, "peer_cpu() -> the CPU the peer last waited on, or -1"},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "close(): let go of the memory"},
     {"send", (PyCFunction)(void (*)(void))Ring_send, METH_FASTCALL | METH_KEYWORDS, "send(data, timeout=None): the Connection's send"},
     {"recv", (PyCFunction)(void (*)(void))Ring_recv, METH_FASTCALL | METH_KEYWORDS, "recv(timeout=None): the Connection's recv"},

@@ -52,10 +52,6 @@ def _message(seq: int, body: bytes) -> bytes:
     return (seq & ((1 << (8 * len(body))) - 1)).to_bytes(len(body), "little")
 
 
-def _seq_of(msg: bytes, size: int) -> int:
-    return int.from_bytes(msg[:8], "little")
-
-
 def _mask(size: int) -> int:
     return (1 << (8 * min(size, 8))) - 1
 

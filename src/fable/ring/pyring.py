@@ -376,12 +376,14 @@ class PyRing:
         self.max_record = self._w.max_record if writer else 0
         self.epoch = epoch
         self.gate = False
-        self.msgs = self.nbytes = 0  # counted by the slow path in this backend
+        self.msgs = self.nbytes = 0  # what write_many moved (send/recv count in the slow path)
         self._slow: Any = None
+        self._frag = 0
 
     # -- the Connection's hot path: everything goes to the slow path in this backend ------
     def hot(self, slow: Any, frag: int = 0) -> None:
         self._slow = slow
+        self._frag = min(frag, self.max_record)
 
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
         if self._slow is None:
@@ -452,13 +454,17 @@ class PyRing:
 
     def write_many(self, msgs: list[bytes | bytearray | memoryview]) -> int:
         done = 0
+        limit = self._frag or self.max_record
         for m in msgs:
-            got = self._w.reserve(len(m))
+            data = memoryview(m).cast("B")
+            got = self._w.reserve(len(data)) if len(data) <= limit else None
             if got is None:
                 break
             pos, offset, _ = got
-            self._mem[offset : offset + len(m)] = m
-            self._w.commit(pos, len(m), 0)
+            self._mem[offset : offset + len(data)] = data
+            self._w.commit(pos, len(data), 0)
+            self.msgs += 1
+            self.nbytes += len(data)
             done += 1
         self.publish()
         return done
@@ -564,10 +570,6 @@ class PyRing:
         field = L.WRITER_CPU if self._writer else L.READER_CPU
         self._i[field // 4] = cpu + 1
         return cpu
-
-    def peer_cpu(self) -> int:
-        field = L.READER_CPU if self._writer else L.WRITER_CPU
-        return int(self._i[field // 4]) - 1
 
     def close(self) -> None:
         self._u32 = None  # type: ignore[assignment]  # drop the ctypes export first

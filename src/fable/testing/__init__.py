@@ -324,8 +324,12 @@ def check_batches(make_pair: MakePair) -> None:
     conn, pending = make_pair()
     n = 2000
 
+    mixed = [(2 * n, 10), (2 * n + 1, 3 << 20), (2 * n + 2, 0), (2 * n + 3, 300_000)]
+
     def child(c: Connection) -> None:
         _recv_all(c, 2 * n, SMALL_SIZES)
+        for seq, size in mixed:
+            verify(seq, c.recv(timeout=30), size)
         c.send(b"ok")
 
     ch = Child(pending, child)
@@ -339,9 +343,12 @@ def check_batches(make_pair: MakePair) -> None:
                 b.data[:] = data[pos : pos + len(b.data)]
                 pos += len(b.data)
             conn.commit(bufs, size, flush=False)
-        assert conn.stats().pending_bytes >= 0
         conn.flush()
+        assert conn.stats().pending_bytes == 0, "flush() left committed messages behind"
         conn.send_many(pattern(i, SMALL_SIZES[i % len(SMALL_SIZES)]) for i in range(n, 2 * n))
+        # a batch mixing messages larger than one fragment or record with small ones
+        assert conn.send_many([pattern(seq, size) for seq, size in mixed]) == len(mixed)
+        assert conn.stats().pending_bytes == 0
         assert conn.recv(timeout=30) == b"ok"
     ch.expect_success()
 

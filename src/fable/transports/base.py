@@ -204,7 +204,3 @@ class DataPath(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> ConnectionStats:
         """Counters of this side."""
-
-    @abc.abstractmethod
-    def resources(self) -> list[int]:
-        """fds this path owns (tests count them to prove nothing leaks)."""

@@ -172,9 +172,9 @@ class RingPath(MessagePath):
             raise
         self.max_fragment = min(MAX_FRAGMENT, self._tx.max_record)
         # The Connection binds send/recv straight to the rings' native methods: one call per
-        # message; they come back to _send_slow_entry/_recv_slow_entry for everything else.
-        self._tx.hot(self._send_slow_entry, self.max_fragment)
-        self._rx.hot(self._recv_slow_entry)
+        # message; they come back to _send_slow/_recv_slow for everything else.
+        self._tx.hot(self._send_slow, self.max_fragment)
+        self._rx.hot(self._recv_slow)
         self.__dict__["send"] = self._tx.send
         self.__dict__["recv"] = self._rx.recv
         self.max_write = capacity // 2
@@ -324,36 +324,26 @@ class RingPath(MessagePath):
             raise self._gone(state)  # the peer is gone and left messages unread
 
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
-        n = len(data)
-        if (
-            n <= self.max_fragment
-            and not self._dead
-            and (type(data) is not memoryview or data.itemsize == 1)
-            and self._tx.write(data)
-        ):
-            self._msgs_out += 1
-            self._bytes_out += n
-            return
+        # Instances bind send to the C ring (see __init__); this is what it falls back to.
         self._send_slow(data, timeout)
 
-    def _send_slow(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
+    def _send_slow(
+        self, data: bytes | bytearray | memoryview, timeout: float | None = None
+    ) -> None:
+        """One message of any size: records of at most max_fragment, waiting for room."""
         self._check()
         mv = memoryview(data).cast("B")
         n = len(mv)
         deadline = None if timeout is None else time.monotonic() + timeout
-        if n <= self.max_fragment:
-            while not self._tx.write(mv):
-                self._wait(self._tx, max(L.record_span(n) * 2, self._quarter), deadline, timeout)
-            self._msgs_out += 1
-            self._bytes_out += n
-            return
         pos = 0
-        while pos < n:
+        while True:
             part = min(n - pos, self.max_fragment)
             last = pos + part >= n
             while not self._tx.write(mv[pos : pos + part], 0 if last else L.F_MORE):
                 self._wait(self._tx, max(L.record_span(part) * 2, self._quarter), deadline, timeout)
             pos += part
+            if last:
+                break
             timeout, deadline = None, None  # part of the message is out: finish it
         self._msgs_out += 1
         self._bytes_out += n
@@ -366,23 +356,18 @@ class RingPath(MessagePath):
         deadline = None if timeout is None else time.monotonic() + timeout
         count = 0
         try:
-            while count < len(items):
-                m = items[count]
-                if len(m) > self.max_fragment or (type(m) is memoryview and m.itemsize != 1):
-                    self._send_slow(
-                        m, None if deadline is None else max(0.0, deadline - time.monotonic())
-                    )
-                    count += 1
-                    continue
+            while True:
+                # whole records, counted by the ring; it stops at a full ring or a large message
                 k = self._tx.write_many(items[count:] if count else items)
-                if k:
-                    self._bytes_out += sum(len(x) for x in items[count : count + k])
-                    self._msgs_out += k
-                    count += k
-                    continue
-                if count < len(items) and len(items[count]) > self.max_fragment:
-                    continue
-                self._wait(self._tx, self._quarter, deadline, timeout)
+                count += k
+                if count == len(items):
+                    break
+                if memoryview(items[count]).nbytes > self.max_fragment:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    self._send_slow(items[count], left)
+                    count += 1
+                elif not k:
+                    self._wait(self._tx, self._quarter, deadline, timeout)
         except (WouldBlock, Timeout):
             if timeout is None:  # pragma: no cover
                 raise
@@ -390,12 +375,7 @@ class RingPath(MessagePath):
 
     # ================================================================= reading
     def recv(self, timeout: float | None = None) -> bytes:
-        if not (self._stash or self._mid or self._dead):
-            m = self._rx.read_plain()
-            if m is not None:
-                self._msgs_in += 1
-                self._bytes_in += len(m)
-                return m
+        # Instances bind recv to the C ring (see __init__); this is what it falls back to.
         return self._recv_slow(timeout)
 
     def _gather(self, timeout: float | None) -> None:
@@ -525,20 +505,6 @@ class RingPath(MessagePath):
     def _state_changed(self) -> None:
         self._rx.gate = bool(self._stash or self._mid or self._dead)
         self._tx.gate = self._dead
-
-    def _send_slow_entry(
-        self, data: bytes | bytearray | memoryview, timeout: float | None = None
-    ) -> None:
-        RingPath.send(self, data, timeout)
-
-    def _recv_slow_entry(self, timeout: float | None = None) -> bytes:
-        return RingPath.recv(self, timeout)
-
-    def resources(self) -> list[int]:
-        fds = [self._own_ev, self._peer_ev, *self._setup.resources()]
-        if self._epoll is not None:
-            fds.append(self._epoll.fileno())
-        return fds
 
     def close(self, linger: float) -> None:
         if self._closed:

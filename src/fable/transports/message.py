@@ -85,7 +85,7 @@ class MessagePath(DataPath):
                 "(its last fragment has more=False) before recv()"
             )
 
-    def _recv_slow(self, timeout: float | None) -> bytes:
+    def _recv_slow(self, timeout: float | None = None) -> bytes:
         self._check()
         self._not_mid_message()
         self._gather(timeout)

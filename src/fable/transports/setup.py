@@ -148,9 +148,6 @@ class SetupChannel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def resources(self) -> list[int]:
-        return [self._sock.fileno()] if self._sock is not None else []
-
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
