@@ -162,6 +162,7 @@ class StreamPath(MessagePath):
             self._rfd, self._wfd = rfd, wfd
             self._readinto = functools.partial(_readv1, rfd)
             self._write1 = functools.partial(os.write, wfd)
+            self._pipe_size = int(fcntl.fcntl(wfd, fcntl.F_GETPIPE_SZ))  # fixed at setup
             os.set_blocking(rfd, True)
             os.set_blocking(wfd, False)
         # write side. The write queue is the writer's, but the reader pushes it too while it
@@ -269,7 +270,7 @@ class StreamPath(MessagePath):
             return bool(self._wpoll.poll(0))
         # A write that does not fit the last page's tail starts a new page, so unread bytes
         # may fill up to twice their size in pages: count them double.
-        capacity = int(fcntl.fcntl(self._wfd, fcntl.F_GETPIPE_SZ))
+        capacity = self._pipe_size
         unread: int = _INT.unpack(fcntl.ioctl(self._wfd, _FIONREAD, b"\0\0\0\0"))[0]
         return capacity - 2 * unread >= min(size, capacity // 4) + 4096
 
@@ -449,12 +450,12 @@ class StreamPath(MessagePath):
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
         n = len(data)
         if (
-            timeout is not None
-            or self._queue
+            self._queue
             or self._claims
             or self._dead
             or n > FRAGMENT
             or (type(data) is memoryview and data.itemsize != 1)
+            or (timeout is not None and not self._kernel_takes(HDR + n))
         ):
             self._send_slow(data, timeout)
             return
@@ -693,10 +694,6 @@ class StreamPath(MessagePath):
 
     def _pending_bytes(self) -> int:
         return self._queued
-
-    def resources(self) -> list[int]:
-        fds = [self._rfd] if self._rfd == self._wfd else [self._rfd, self._wfd]
-        return [*fds, *self._setup.resources()]
 
     def close(self, linger: float) -> None:
         if self._closed:
