@@ -51,10 +51,11 @@ class Settings:
             "ProtocolError); getreadbuf streams fragments and has no such limit",
         },
     )
-    # Spin budget: on this machine kind (2-vCPU KVM guest) `fable bench` measured a 64 B
-    # cross-core round trip of ~90 us on mempipe-futex against ~2.8 us on mempipe-spin, so a
-    # sleeping hop costs ~45 us of wake-up. Spinning up to 50 us (about one wake-up) wins whenever
-    # the answer comes within that time and costs at most one wake-up's worth of CPU otherwise.
+    # Spin budget: on this machine kind (2-vCPU KVM guest) `fable bench --sizes 64 --pairs 0:1
+    # --transports mempipe-futex,mempipe-spin` measured a 64 B cross-core round trip of ~90 us
+    # (futex) against ~3 us (spin), so a sleeping hop costs ~45 us of wake-up. Spinning up to
+    # 50 us (about one wake-up) wins whenever the answer comes within that time, and costs at
+    # most one wake-up's worth of CPU otherwise.
     spin_budget_ns: int = field(
         default=50_000,
         metadata={
