@@ -32,8 +32,9 @@ def _victim_and_raw(transport: str) -> tuple[fable.Connection, int, SetupChannel
     ch = SetupChannel(sock)
     hello, fds = ch.recv(5)
     assert hello["op"] == "hello"
-    if transport == "pipe":
-        os.close(fds[0])  # the peer's read end: unused by the attacker
+    if len(fds) > 1:  # pipes: [data in, data out, ...]; the attacker only writes
+        for fd in fds[:1] + fds[2:]:
+            os.close(fd)
         return conn, fds[1], ch
     return conn, fds[0], ch
 

@@ -9,6 +9,8 @@ F_MORE: int
 F_CLOSE: int
 F_PAD: int
 
+def vmsplice(fd: int, bufs: Sequence[Buffer], /) -> int: ...
+
 class Ring:
     seq: int
     epoch: int

@@ -7,16 +7,20 @@
  * here cover one slice, release the GIL, and return.
  *
  * Every value read from the peer's memory is read once and range-checked; a violation raises
- * fable.ProtocolError and nothing outside the mapping is ever touched. */
+ * fable.ProtocolError and nothing outside the mapping is ever touched.
+ *
+ * Also here: vmsplice(), which Python's os module lacks (the vmsplice-coop transport). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <sched.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -810,11 +814,69 @@ static PyTypeObject RingType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* ---------------------------------------------------------------- vmsplice
+ * vmsplice(fd, bufs) -> bytes taken: hand the pages under ``bufs`` (buffer objects, at most
+ * IOV_MAX) to the pipe ``fd`` without copying them, never blocking (SPLICE_F_NONBLOCK: a full
+ * pipe raises BlockingIOError). The kernel may take fewer bytes than offered; the caller loops.
+ * The pages stay referenced by the pipe until the reader has read them: the caller must not
+ * change or unmap them before then (vmsplice-coop learns that from the reader's tokens). */
+static PyObject *core_vmsplice(PyObject *Py_UNUSED(mod), PyObject *args) {
+    int fd;
+    PyObject *seq;
+    if (!PyArg_ParseTuple(args, "iO:vmsplice", &fd, &seq)) return NULL;
+    PyObject *fast = PySequence_Fast(seq, "vmsplice needs a sequence of buffers");
+    if (!fast) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n < 1 || n > IOV_MAX) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "vmsplice takes 1..%d buffers", IOV_MAX);
+        return NULL;
+    }
+    Py_buffer *views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
+    struct iovec *iov = PyMem_Calloc((size_t)n, sizeof(struct iovec));
+    Py_ssize_t got = 0;
+    PyObject *result = NULL;
+    if (!views || !iov) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < n; got++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, got), &views[got], PyBUF_SIMPLE) < 0)
+            goto done;
+        iov[got].iov_base = views[got].buf;
+        iov[got].iov_len = (size_t)views[got].len;
+    }
+    ssize_t r;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    r = vmsplice(fd, iov, (unsigned long)n, SPLICE_F_NONBLOCK);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (r < 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    result = PyLong_FromSsize_t(r);
+done:
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(iov);
+    Py_DECREF(fast);
+    return result;
+}
+
+static PyMethodDef core_methods[] = {
+    {"vmsplice", core_vmsplice, METH_VARARGS, "vmsplice(fd, bufs) -> bytes the pipe took (never blocks)"},
+    {NULL},
+};
+
 static struct PyModuleDef coremodule = {
     PyModuleDef_HEAD_INIT,
     .m_name = "fable._core",
-    .m_doc = "the C fast path of the fable ring",
+    .m_doc = "the C fast path of fable: the shared-memory ring, and vmsplice",
     .m_size = -1,
+    .m_methods = core_methods,
 };
 
 PyMODINIT_FUNC PyInit__core(void) {

@@ -9,6 +9,8 @@ names. Each transport lives in its own module; adding one means adding its modul
     tcp-nodelay   2              kernel  yes     yes          transports/tcp.py
     unix          2              kernel  yes     no           transports/unix.py
     pipe          2              kernel  yes     no           transports/pipe.py
+    shmem-pipe    1 (0 unsafe)   pipe    yes     no           transports/shmem_pipe.py
+    vmsplice-coop 1 (no safe form: both sides must trust) kernel yes no transports/vmsplice.py
     mempipe-futex 1 (0 unsafe)   futex   yes     no           transports/mempipe.py
     mempipe-spin  1 (0 unsafe)   spin    no      no           transports/mempipe.py
     mempipe-adaptive 1 (0)       adaptive yes    no           transports/mempipe.py
@@ -16,7 +18,7 @@ names. Each transport lives in its own module; adding one means adding its modul
 
 from __future__ import annotations
 
-from fable.transports import mempipe, pipe, tcp, unix
+from fable.transports import mempipe, pipe, shmem_pipe, tcp, unix, vmsplice
 from fable.transports.base import (
     Capabilities,
     ConnectionStats,
@@ -46,6 +48,8 @@ REGISTRY: dict[str, TransportInfo] = {
         tcp.INFO_NODELAY,
         unix.INFO,
         pipe.INFO,
+        shmem_pipe.INFO,
+        vmsplice.INFO,
         mempipe.INFO_FUTEX,
         mempipe.INFO_SPIN,
         mempipe.INFO_ADAPTIVE,

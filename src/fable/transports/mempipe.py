@@ -33,7 +33,6 @@ import mmap
 import os
 import select
 import socket
-import stat
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -58,9 +57,9 @@ from fable.ring.pyring import PyRing, format_ring
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
 from fable.transports.message import MessagePath
 from fable.transports.setup import SetupChannel, _close_all
+from fable.transports.shm import check_sealed_memfd, is_eventfd, new_sealed_memfd
 
 SPIN, FUTEX, ADAPTIVE = 0, 1, 2
-SEALS = 0x0001 | 0x0002 | 0x0004  # F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW
 SLICE_NS = {SPIN: 20_000_000, FUTEX: 200_000_000, ADAPTIVE: 200_000_000}
 MAX_FRAGMENT = 1 << 20
 
@@ -72,18 +71,14 @@ def _ring_bytes(capacity: int) -> int:
 def _create(options: dict[str, Any]) -> tuple[EndSpec, EndSpec]:
     capacity = int(options.get("capacity") or settings().ring_size)
     size = 2 * _ring_bytes(capacity)
-    fd = os.memfd_create("fable-mempipe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+
+    def fill(mv: memoryview) -> None:
+        format_ring(mv[: _ring_bytes(capacity)], capacity)
+        format_ring(mv[_ring_bytes(capacity) :], capacity)
+
+    fd = new_sealed_memfd("fable-mempipe", size, fill)
     evs: list[int] = []
     try:
-        os.ftruncate(fd, size)
-        with mmap.mmap(fd, size) as mm:
-            mv = memoryview(mm)
-            format_ring(mv[: _ring_bytes(capacity)], capacity)
-            format_ring(mv[_ring_bytes(capacity) :], capacity)
-            mv.release()
-        import fcntl
-
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
         evs = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2)]
         peer_fd = os.dup(fd)
         peer_evs = [os.dup(e) for e in evs]
@@ -98,17 +93,8 @@ def _create(options: dict[str, Any]) -> tuple[EndSpec, EndSpec]:
     )
 
 
-def _is_eventfd(fd: int) -> bool:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
-    except OSError:
-        return False
-
-
 def _checked_memory(spec: EndSpec) -> tuple[mmap.mmap, int, int, int, int]:
     """Check everything the peer sent before mapping it; returns (map, capacity, fds...)."""
-    import fcntl
-
     if len(spec.fds) != 3:
         raise ProtocolError(f"expected 3 fds for a mempipe transport, got {len(spec.fds)}")
     fd, own_ev, peer_ev = spec.fds
@@ -119,18 +105,8 @@ def _checked_memory(spec: EndSpec) -> tuple[mmap.mmap, int, int, int, int]:
         raise ProtocolError(f"mempipe capacity {capacity} is not a power of two in range")
     if size != 2 * _ring_bytes(capacity):
         raise ProtocolError("mempipe size does not match its capacity")
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or not os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"):
-        raise ProtocolError("the fd passed as shared memory is not a memfd")
-    try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        raise ProtocolError("the shared memory cannot be sealed (not a memfd)") from None
-    if seals & SEALS != SEALS:
-        raise ProtocolError("the shared memory is not sealed against shrinking and growing")
-    if st.st_size != size:
-        raise ProtocolError(f"the shared memory is {st.st_size} B, expected {size} B")
-    if not (_is_eventfd(own_ev) and _is_eventfd(peer_ev)):
+    check_sealed_memfd(fd, size)
+    if not (is_eventfd(own_ev) and is_eventfd(peer_ev)):
         raise ProtocolError("the readiness fds passed for a mempipe transport are not eventfds")
     mm = mmap.mmap(fd, size)
     return mm, capacity, fd, own_ev, peer_ev

@@ -32,7 +32,8 @@ def _pipe_max() -> int:
         return 65536
 
 
-def _new_pipe() -> tuple[int, int]:
+def new_pipe() -> tuple[int, int]:
+    """A CLOEXEC pipe (read end, write end), enlarged to PIPE_SIZE where the kernel allows."""
     r, w = os.pipe()
     try:
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, min(PIPE_SIZE, _pipe_max()))
@@ -42,16 +43,28 @@ def _new_pipe() -> tuple[int, int]:
 
 
 def _create(options: dict[str, Any]) -> tuple[EndSpec, EndSpec]:
-    r1, w1 = _new_pipe()  # initiator -> peer
-    r2, w2 = _new_pipe()  # peer -> initiator
+    r1, w1 = new_pipe()  # initiator -> peer
+    r2, w2 = new_pipe()  # peer -> initiator
     return EndSpec([r2, w1], {}), EndSpec([r1, w2], {})
 
 
-def _check_pipe(fd: int, mode: int) -> None:
+def check_pipe(fd: int, mode: int) -> None:
+    """ProtocolError unless ``fd`` is a pipe end opened for ``mode`` (os.O_RDONLY/O_WRONLY)."""
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-        raise ProtocolError("an fd passed for the pipe transport is not a pipe")
+        raise ProtocolError("an fd passed as a pipe is not a pipe")
     if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != mode:
-        raise ProtocolError("a pipe end passed for the pipe transport has the wrong direction")
+        raise ProtocolError("a pipe end passed by the peer has the wrong direction")
+
+
+def ignore_sigpipe() -> None:
+    """Writes to a pipe whose reader died must give EPIPE (PeerDied), not kill the process.
+    Python ignores SIGPIPE at start-up; restore that if the application changed it."""
+    if (
+        signal.getsignal(signal.SIGPIPE) is not signal.SIG_IGN
+        and threading.current_thread() is threading.main_thread()
+    ):
+        logger.info("pipe transports: ignoring SIGPIPE (a dead reader gives PeerDied instead)")
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
 
 def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> DataPath:
@@ -60,17 +73,12 @@ def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> DataPath
         raise ProtocolError(f"expected 2 fds for the pipe transport, got {len(spec.fds)}")
     rfd, wfd = spec.fds
     try:
-        _check_pipe(rfd, os.O_RDONLY)
-        _check_pipe(wfd, os.O_WRONLY)
+        check_pipe(rfd, os.O_RDONLY)
+        check_pipe(wfd, os.O_WRONLY)
     except BaseException:
         _close_all(spec.fds)
         raise
-    if (
-        signal.getsignal(signal.SIGPIPE) is not signal.SIG_IGN
-        and threading.current_thread() is threading.main_thread()
-    ):
-        logger.info("pipe transport: ignoring SIGPIPE (a dead reader gives PeerDied instead)")
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    ignore_sigpipe()
     return StreamPath("pipe", setup, rfd=rfd, wfd=wfd)
 
 

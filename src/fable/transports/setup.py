@@ -252,6 +252,11 @@ def open_pair(
     forms = info.caps.forms
     if safe is None:
         safe = forms[0]
+    if safe and info.caps.mutual_trust:
+        raise ValueError(
+            f"transport {name} needs both sides to trust each other, so it has no safe form; "
+            "open it with safe=False between trusting processes, or pick another transport"
+        )
     if safe not in forms:
         raise ValueError(f"transport {name} has no {'safe' if safe else 'unsafe'} form")
     s0, s1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

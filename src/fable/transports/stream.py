@@ -96,7 +96,7 @@ class _Claim:
     __slots__ = ("committed", "frames", "need", "nframes")
 
     def __init__(self, nframes: int, need: int) -> None:
-        self.frames: list[tuple[bytearray, int, int]] = []  # (frame, used, flags)
+        self.frames: list[tuple[bytearray | memoryview, int, int]] = []  # (frame, used, flags)
         self.committed = False
         self.nframes = nframes
         self.need = need  # bytes of the connection's buffer space this claim holds
@@ -149,7 +149,7 @@ class StreamPath(MessagePath):
         if sock is not None:
             sock.setblocking(True)
             self._rfd = self._wfd = sock.fileno()
-            self._readinto = sock.recv_into
+            self._readinto: Callable[[memoryview], int] = sock.recv_into
             send = sock.send
 
             def write1(frame: bytes | bytearray | memoryview) -> int:
@@ -218,7 +218,7 @@ class StreamPath(MessagePath):
             else:
                 if not block and not self._rpoll.poll(0):
                     return -1
-                n = os.readv(self._rfd, [mv])
+                n = self._readinto(mv)
         except BlockingIOError:
             return -1
         except (ConnectionResetError, ConnectionAbortedError):
@@ -316,7 +316,7 @@ class StreamPath(MessagePath):
         for _ in range(nframes):
             cap = min(left, FRAGMENT)
             left -= cap
-            frame = bytearray(HDR + cap)
+            frame = self._new_frame(HDR + cap)
             claim.frames.append((frame, cap, 0))
             out.append(
                 Buffer(
@@ -400,6 +400,17 @@ class StreamPath(MessagePath):
                 self._queue.append(memoryview(frame)[: HDR + used])
                 self._queued += HDR + used
             self._claimed -= claim.need
+
+    def _new_frame(self, size: int) -> bytearray | memoryview:
+        """Memory for one frame (header + payload) of a getwritebuf claim."""
+        return bytearray(size)
+
+    def _queue_close(self, deadline: float | None, timeout: float | None) -> None:
+        """Queue the close frame after everything committed."""
+        with self._wlock:
+            self._queue.append(_pack(0, F_CLOSE, MAGIC, self._wseq, self.epoch))
+            self._queued += HDR
+        self._wseq += 1
 
     def _push(self) -> bool:
         """Write queued frames without blocking; True once the queue is empty."""
@@ -702,10 +713,7 @@ class StreamPath(MessagePath):
             if self._error is None and not self._eof:
                 self._claims = deque(c for c in self._claims if c.committed)
                 self._advance()
-                with self._wlock:
-                    self._queue.append(_pack(0, F_CLOSE, MAGIC, self._wseq, self.epoch))
-                    self._queued += HDR
-                self._wseq += 1
+                self._queue_close(_deadline(linger), linger)
                 self._drain(_deadline(linger))
         except (ConnectionClosed, Timeout, OSError):
             pass

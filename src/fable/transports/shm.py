@@ -1,0 +1,67 @@
+"""Sealed memfds: the only shared memory fable maps (DESIGN.md §3, "Shared memory").
+
+The creating side makes an anonymous memfd, sizes and fills it, then seals it against shrinking,
+growing and further sealing (``SEALS``) before any fd goes to the peer. The receiving side calls
+:func:`check_sealed_memfd` before mapping: a peer that passes something else (a regular file, an
+unsealed memfd that it could later shrink to raise SIGBUS in us, the wrong size) gets a
+``ProtocolError`` and nothing is mapped. No named objects live in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import stat
+from collections.abc import Callable
+
+from fable.errors import ProtocolError
+
+__all__ = ["SEALS", "check_sealed_memfd", "is_eventfd", "new_sealed_memfd"]
+
+SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+def new_sealed_memfd(name: str, size: int, fill: Callable[[memoryview], None] | None = None) -> int:
+    """A CLOEXEC memfd of ``size`` bytes, ``fill``ed through a temporary mapping, then sealed."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        if fill is not None:
+            with mmap.mmap(fd, size) as mm:
+                mv = memoryview(mm)
+                try:
+                    fill(mv)
+                finally:
+                    mv.release()
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_sealed_memfd(fd: int, size: int) -> None:
+    """Raise ProtocolError unless ``fd`` is a memfd of exactly ``size`` bytes, sealed (SEALS)."""
+    st = os.fstat(fd)
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        target = ""
+    if not stat.S_ISREG(st.st_mode) or not target.startswith("/memfd:"):
+        raise ProtocolError("the fd passed as shared memory is not a memfd")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise ProtocolError("the shared memory cannot be sealed (not a memfd)") from None
+    if seals & SEALS != SEALS:
+        raise ProtocolError("the shared memory is not sealed against shrinking and growing")
+    if st.st_size != size:
+        raise ProtocolError(f"the shared memory is {st.st_size} B, expected {size} B")
+
+
+def is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False

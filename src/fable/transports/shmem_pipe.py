@@ -1,0 +1,826 @@
+"""shmem-pipe: payloads in shared memory managed by the writer's allocator, descriptors in pipes.
+
+The paper's §2.1.4. Per direction, a data area in one sealed memfd (both directions share it),
+a *descriptor pipe* (writer -> reader) and a *return pipe* (reader -> writer):
+
+    memfd:  [ area 0: initiator -> peer (capacity B) ][ area 1: peer -> initiator ]
+
+    writer                                                     reader
+    Extents.alloc(n) -> offset   --- descriptor (24 B) --->    bounds-checked, then read in place
+    copy the payload in                                        (safe: copied out at once)
+    Extents.free(offset) <-------- return (8 B, batched) ---   once the reader is done with it
+
+Descriptor, little-endian (``DESC``): offset u32, length u32, sequence u64, epoch u32, flags u16,
+magic u16 (0xFAB2). Flags: ``F_MORE`` (more fragments follow), ``F_CLOSE`` (the writer closed;
+nothing follows), ``F_NEED`` (control, no payload: the writer is waiting for space, so return
+what you hold now). Every descriptor has the next sequence number. Return: offset u32, length
+u32 of a descriptor the reader got; the writer accepts it only if that exact extent is
+outstanding, so a bogus, repeated or overlapping return is a ``ProtocolError``.
+
+The allocator (``Extents``) hands out contiguous, 64-byte aligned extents: next to the previous
+one while there is room there (a ring while the reader keeps up), else the best fit among the
+free extents (when releases out of order have fragmented the area). The number of outstanding
+extents is bounded so that every return fits in the return pipe: the reader never blocks on it.
+
+The reader returns extents in batches (``RETURN_BATCH``), at once when the writer said it waits
+(``F_NEED``), and before it closes. Both pipes are pollable: ``fileno()`` is the descriptor pipe,
+level-triggered. A writer that dies closes its pipe ends, so a waiting reader sees the end of the
+stream (``PeerDied`` unless ``F_CLOSE`` came first); a reader that dies closes the return pipe,
+which wakes a writer waiting for space.
+
+Trust: a safe reader gets private copies (one copy); an unsafe reader gets read-only views of the
+shared area (zero copies) until it releases them. Every offset and length read from a pipe is
+range-checked before use, so a hostile writer can only fail its own connection.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import select
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from fable.buffer import Buffer
+from fable.config import settings
+from fable.errors import (
+    ConnectionClosed,
+    NoSpace,
+    PeerDied,
+    ProtocolError,
+    Timeout,
+    WouldBlock,
+)
+from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
+from fable.transports.message import MessagePath
+from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
+from fable.transports.setup import SetupChannel, _close_all
+from fable.transports.shm import check_sealed_memfd, new_sealed_memfd
+
+__all__ = ["DESC", "INFO", "RETURN", "Extents", "ShmemPipePath"]
+
+DESC = struct.Struct("<IIQIHH")
+DSIZE = DESC.size  # 24
+RETURN = struct.Struct("<II")
+RSIZE = RETURN.size  # 8
+MAGIC = 0xFAB2
+F_MORE, F_CLOSE, F_NEED = 0x1, 0x2, 0x4
+KNOWN_FLAGS = F_MORE | F_CLOSE | F_NEED
+ALIGN = 64
+MIN_CAPACITY = 1 << 16
+MAX_CAPACITY = 1 << 31  # offsets are u32
+RETURN_BATCH = 64  # returns the reader gathers before it writes them (one write)
+DREAD = DSIZE * 2730  # descriptor bytes one read takes (just under 64 KiB)
+SLICE_MS = 200
+
+_pack_desc = DESC.pack
+_unpack_desc = DESC.unpack_from
+_pack_ret = RETURN.pack
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
+_POLLERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+class Extents:
+    """The writer's allocator over an area of ``capacity`` bytes (see the module docstring).
+
+    ``alloc(n)`` returns the offset of ``n`` bytes (rounded up to ``ALIGN``) or None when no
+    free extent is large enough or ``max_outstanding`` extents are out; ``free(start, n)`` gives
+    back an allocation of ``n`` bytes (as allocated, or as shrunk by ``shrink``).
+
+    The *current* extent ``[cur, cur_end)`` is kept out of the free maps: allocating from it is a
+    bump of ``cur`` (the common case: messages laid one after another, like a ring), and frees
+    that touch it grow it. Only when it is too small does best fit over the free maps pick the
+    next current extent."""
+
+    def __init__(self, capacity: int, max_outstanding: int) -> None:
+        self.capacity = capacity
+        self.max_outstanding = max_outstanding
+        self.count = 0  # extents out
+        self.free_bytes = capacity
+        self._cur = 0
+        self._cur_end = capacity
+        self._by_start: dict[int, int] = {}  # other free extents: start -> end
+        self._by_end: dict[int, int] = {}  # end -> start
+
+    def alloc(self, n: int) -> int | None:
+        n = (n + ALIGN - 1) & ~(ALIGN - 1) or ALIGN
+        if self.count >= self.max_outstanding:
+            return None
+        start = self._cur
+        if self._cur_end - start < n:
+            if n > self.free_bytes or not self._switch(n):
+                return None
+            start = self._cur
+        self._cur = start + n
+        self.count += 1
+        self.free_bytes -= n
+        return start
+
+    def _switch(self, n: int) -> bool:
+        """Make the best-fitting free extent of at least ``n`` bytes the current one."""
+        best, best_size = -1, 0
+        for s, e in self._by_start.items():
+            size = e - s
+            if size >= n and (best < 0 or size < best_size):
+                best, best_size = s, size
+                if size == n:
+                    break
+        if best < 0:
+            return False
+        if self._cur_end > self._cur:
+            self._insert(self._cur, self._cur_end)
+        end = self._by_start.pop(best)
+        del self._by_end[end]
+        self._cur, self._cur_end = best, end
+        return True
+
+    def shrink(self, start: int, n: int, used: int) -> int:
+        """Give back the tail of an allocation of ``n`` bytes beyond ``used``; the new size."""
+        keep = (used + ALIGN - 1) & ~(ALIGN - 1) or ALIGN
+        if keep < n:
+            self.count += 1  # free() below counts the tail as an extent coming back
+            self.free(start + keep, n - keep)
+        return keep
+
+    def free(self, start: int, n: int) -> None:
+        end = start + n
+        self.count -= 1
+        self.free_bytes += n
+        if end == self._cur:
+            self._cur = self._by_end.pop(start, start)
+            if self._cur != start:
+                del self._by_start[self._cur]
+        elif start == self._cur_end:
+            nxt = self._by_start.pop(end, None)
+            if nxt is not None:
+                del self._by_end[nxt]
+                end = nxt
+            self._cur_end = end
+        else:
+            self._insert(start, end)
+
+    def _insert(self, start: int, end: int) -> None:
+        prev = self._by_end.pop(start, None)  # a free extent ending where this one starts
+        if prev is not None:
+            del self._by_start[prev]
+            start = prev
+        nxt = self._by_start.pop(end, None)  # one starting where this one ends
+        if nxt is not None:
+            del self._by_end[nxt]
+            end = nxt
+        if end == self._cur:
+            self._cur = start
+        elif start == self._cur_end:
+            self._cur_end = end
+        else:
+            self._by_start[start] = end
+            self._by_end[end] = start
+
+
+def _asize(n: int) -> int:
+    """The bytes an allocation of ``n`` takes (Extents rounds up to ALIGN, at least ALIGN)."""
+    return (n + ALIGN - 1) & ~(ALIGN - 1) or ALIGN
+
+
+class _Claim:
+    """The extents handed out by one getwritebuf, until they are committed and described."""
+
+    __slots__ = ("committed", "parts")
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[int, int, int, int]] = []  # (offset, size, used, flags)
+        self.committed = False
+
+
+def _capacity_ok(capacity: object) -> bool:
+    return (
+        isinstance(capacity, int)
+        and MIN_CAPACITY <= capacity <= MAX_CAPACITY
+        and capacity % ALIGN == 0
+    )
+
+
+def _create(options: dict[str, Any]) -> tuple[EndSpec, EndSpec]:
+    capacity = int(options.get("capacity") or settings().ring_size)
+    if not _capacity_ok(capacity):
+        raise ValueError(f"shmem-pipe capacity must be in {MIN_CAPACITY}..{MAX_CAPACITY}")
+    fd = new_sealed_memfd("fable-shmem-pipe", 2 * capacity)
+    pipes: list[int] = []
+    try:
+        for _ in range(4):
+            pipes.extend(new_pipe())
+        d0r, d0w, d1r, d1w, r0r, r0w, r1r, r1w = pipes
+        peer_fd = os.dup(fd)
+    except BaseException:
+        _close_all([fd, *pipes])
+        raise
+    params = {"capacity": capacity}
+    # direction 0: initiator writes descriptors into d0, reads returns from r0; direction 1 mirrors
+    # Each side: [memfd, descriptors in, descriptors out, returns in, returns out]
+    return (
+        EndSpec([fd, d1r, d0w, r0r, r1w], params),
+        EndSpec([peer_fd, d0r, d1w, r1r, r0w], params),
+    )
+
+
+class ShmemPipePath(MessagePath):
+    """A DataPath over a shared area per direction and descriptor/return pipes."""
+
+    def __init__(self, spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> None:
+        capacity = spec.params.get("capacity")
+        try:
+            if len(spec.fds) != 5:
+                raise ProtocolError(f"expected 5 fds for shmem-pipe, got {len(spec.fds)}")
+            if not _capacity_ok(capacity):
+                raise ProtocolError(f"malformed shmem-pipe capacity {capacity!r}")
+            assert isinstance(capacity, int)
+            fd, din, dout, rin, rout = spec.fds
+            check_sealed_memfd(fd, 2 * capacity)
+            for rfd in (din, rin):
+                check_pipe(rfd, os.O_RDONLY)
+            for wfd in (dout, rout):
+                check_pipe(wfd, os.O_WRONLY)
+            mm = mmap.mmap(fd, 2 * capacity)
+        except BaseException:
+            _close_all(spec.fds)
+            raise
+        os.close(fd)
+        ignore_sigpipe()
+        cfg = settings()
+        self._init_messages("shmem-pipe", safe, 0, cfg)
+        self._setup = setup
+        self._cap = capacity
+        self._mm = mm
+        self._mv = memoryview(mm)
+        self._tx_base = 0 if role == 0 else capacity
+        self._rx_base = capacity - self._tx_base
+        self._din, self._dout, self._rin, self._rout = din, dout, rin, rout
+        for f in (din, dout, rin, rout):
+            os.set_blocking(f, False)
+        self.max_fragment = capacity // 4
+        self.max_write = capacity // 2
+        # writer
+        ret_pipe = int(fcntl.fcntl(rin, fcntl.F_GETPIPE_SZ))
+        self._extents = Extents(capacity, max(16, ret_pipe // (2 * RSIZE)))
+        self._wseq = 0
+        self._out = bytearray()  # descriptors not yet written
+        self._wlock = threading.Lock()
+        self._claims: deque[_Claim] = deque()
+        self._described: dict[int, int] = {}  # outstanding offset -> length described
+        self._rbuf = b""  # a partial return read from the pipe
+        self._need_sent = False
+        # reader
+        self._dbuf = bytearray(DREAD)
+        self._dpos = self._dend = 0
+        self._rseq = 0
+        self._eof = False
+        self._rets = bytearray()  # returns not yet written
+        self._nrets = 0
+        self._writer_waits = False
+        self._pinned = 0
+        self._pin_limit = capacity // 2
+        self._rpoll = select.poll()
+        self._rpoll.register(din, _POLLIN)
+        self._wpoll = select.poll()
+        self._wpoll.register(rin, _POLLIN)
+
+    # ================================================================= writing
+    def _gone(self) -> BaseException:
+        if self._setup.peer_said_close():
+            return ConnectionClosed("the peer closed the connection")
+        return PeerDied("the peer vanished without closing")
+
+    def _describe(self, off: int, n: int, flags: int) -> None:
+        self._out += _pack_desc(off, n, self._wseq, self.epoch, flags, MAGIC)
+        self._wseq += 1
+        if n:
+            self._described[off] = n
+
+    def _write_out(self) -> bool:
+        """Write pending descriptors without blocking; True when none is left. A reading or
+        closing thread may write too: the lock keeps two writers from sending the same bytes
+        (appending to ``_out`` needs no lock)."""
+        with self._wlock:
+            return self._write_out_locked()
+
+    def _write_out_locked(self) -> bool:
+        out = self._out
+        while out:
+            try:
+                n = os.write(self._dout, bytes(out))  # a snapshot: _out stays resizable
+            except BlockingIOError:
+                return False
+            except (BrokenPipeError, ConnectionResetError):
+                raise self._fail(self._gone()) from None
+            del out[:n]
+        return True
+
+    def _take_returns(self) -> int:
+        """Read the returns that are there (never waiting); how many extents came back.
+        Raises PeerDied/ConnectionClosed when the reader is gone."""
+        got = 0
+        while True:
+            try:
+                data = os.read(self._rin, 65536)
+            except BlockingIOError:
+                return got
+            if not data:
+                raise self._fail(self._gone())
+            data = self._rbuf + data if self._rbuf else data
+            whole = len(data) - len(data) % RSIZE
+            self._rbuf = data[whole:]
+            described = self._described
+            for off, n in RETURN.iter_unpack(memoryview(data)[:whole]):
+                if described.pop(off, None) != n:
+                    raise self._fail(
+                        ProtocolError(f"the peer returned extent ({off}, {n}), never described")
+                    )
+                self._extents.free(off, (n + ALIGN - 1) & ~(ALIGN - 1))  # n > 0: as _asize
+                got += 1
+            if len(data) < 65536:
+                return got
+
+    def _alloc(self, n: int, deadline: float | None, timeout: float | None) -> int:
+        """An extent of ``n`` bytes, waiting for returns while the area is full."""
+        off = self._extents.alloc(n)
+        if off is not None:
+            return off
+        self._need_sent = False
+        while True:
+            self._take_returns()
+            off = self._extents.alloc(n)
+            if off is not None:
+                return off
+            if timeout == 0:
+                raise WouldBlock("the connection is full")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise Timeout("no room before the timeout")
+            if not self._need_sent:
+                # The reader returns extents in batches: ask it to return what it holds now.
+                self._describe(0, 0, F_NEED)
+                self._need_sent = True
+            if not self._write_out():
+                self._wpoll.register(self._dout, _POLLOUT)
+            else:
+                try:
+                    self._wpoll.unregister(self._dout)
+                except KeyError:
+                    pass
+            ms = SLICE_MS if left is None else min(SLICE_MS, int(left * 1000) + 1)
+            for fd, ev in self._wpoll.poll(ms):
+                if fd == self._dout and ev & _POLLERRS:
+                    raise self._fail(self._gone())
+            self._check()
+
+    def _flush_out(self, deadline: float | None, timeout: float | None) -> None:
+        while not self._write_out():
+            if timeout == 0:
+                raise WouldBlock("the descriptor pipe is full; the rest stays queued")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise Timeout("the peer did not take the queued messages in time")
+            ms = SLICE_MS if left is None else min(SLICE_MS, int(left * 1000) + 1)
+            p = select.poll()
+            p.register(self._dout, _POLLOUT)
+            p.register(self._rin, _POLLIN)
+            for fd, ev in p.poll(ms):
+                if fd == self._rin:
+                    self._take_returns()
+                elif ev & _POLLERRS:
+                    raise self._fail(self._gone())
+
+    def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
+        self._check()
+        if size < 0 or size > self.max_write:
+            raise ValueError(
+                f"size must be in 0..{self.max_write} (commit larger messages in parts, more=True)"
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        frag = self.max_fragment
+        sizes = [min(frag, size - k) for k in range(0, size, frag)] or [0]
+        claim = _Claim()
+        got: list[int] = []
+        try:
+            for part in sizes:
+                got.append(self._alloc(part, deadline, timeout))
+        except BaseException:
+            for off, part in zip(got, sizes, strict=False):
+                self._extents.free(off, _asize(part))
+            raise
+        base = self._tx_base
+        out = []
+        for off, part in zip(got, sizes, strict=True):
+            claim.parts.append((off, part, 0, 0))
+            out.append(
+                Buffer(
+                    self._mv[base + off : base + off + part],
+                    self,
+                    claim,
+                    more=False,
+                    epoch=self.epoch,
+                    writable=True,
+                )
+            )
+        self._claims.append(claim)
+        return out
+
+    def commit(
+        self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
+    ) -> None:
+        self._start_commit(bufs)
+        claim = bufs[0]._token
+        if not isinstance(claim, _Claim) or claim.committed or bufs[0]._owner is not self:
+            raise ValueError("these buffers were not handed out by this connection's getwritebuf")
+        total = 0
+        for b in bufs:
+            if b._token is not claim:
+                raise ValueError("one commit takes the buffers of one getwritebuf call")
+            total += len(b.data)
+        if nbytes < 0 or nbytes > total:
+            raise ValueError(f"nbytes must be in 0..{total}")
+        for b in bufs:
+            b._take(self)
+        parts = []
+        left = nbytes
+        for i, (off, cap, _, _) in enumerate(claim.parts):
+            used = min(cap, left) if i < len(bufs) else 0
+            left -= used
+            if used == 0 and i > 0:
+                self._extents.free(off, _asize(cap))  # not needed: never described
+                continue
+            parts.append((off, cap, used, F_MORE))
+        off, cap, used, _ = parts[-1]
+        parts[-1] = (off, cap, used, F_MORE if more else 0)
+        claim.parts = parts
+        claim.committed = True
+        if not more:
+            self._msgs_out += 1
+        self._bytes_out += nbytes
+        self._advance()
+        if flush:
+            self._flush_out(None, None)
+
+    def _advance(self) -> None:
+        """Describe committed claims at the head (allocation order holds later ones back)."""
+        claims = self._claims
+        while claims and claims[0].committed:
+            for off, cap, used, flags in claims.popleft().parts:
+                if used == 0:
+                    self._extents.free(off, _asize(cap))
+                    self._describe(0, 0, flags)
+                else:
+                    self._extents.shrink(off, _asize(cap), used)
+                    self._describe(off, used, flags)
+
+    def abort(self, bufs: Iterable[Buffer]) -> None:
+        claims = set()
+        for b in bufs:
+            claim = b._take(self)
+            if isinstance(claim, _Claim) and not claim.committed:
+                claims.add(id(claim))
+        if not claims:
+            return
+        kept: deque[_Claim] = deque()
+        for c in self._claims:
+            if id(c) in claims:
+                for off, cap, _, _ in c.parts:
+                    self._extents.free(off, _asize(cap))
+            else:
+                kept.append(c)
+        self._claims = kept
+        self._advance()
+
+    def flush(self, timeout: float | None = None) -> None:
+        self._check()
+        self._advance()
+        self._flush_out(None if timeout is None else time.monotonic() + timeout, timeout)
+
+    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        self._check()
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        if self._claims or n > self.max_fragment:
+            self._send_parts(mv, timeout)
+            return
+        if n:
+            off = self._alloc(n, None if timeout is None else time.monotonic() + timeout, timeout)
+            base = self._tx_base + off
+            self._mv[base : base + n] = mv
+        else:
+            off = 0
+        self._describe(off, n, 0)
+        self._msgs_out += 1
+        self._bytes_out += n
+        self._flush_out(None, None)
+
+    def _send_parts(self, mv: memoryview, timeout: float | None) -> None:
+        n = len(mv)
+        pos = 0
+        while True:
+            part = min(n - pos, self.max_write)
+            bufs = self.getwritebuf(part, timeout)
+            off = 0
+            for b in bufs:
+                d = b.data
+                d[:] = mv[pos + off : pos + off + len(d)]
+                off += len(d)
+            pos += part
+            self.commit(bufs, part, more=pos < n)
+            if pos >= n:
+                return
+            timeout = None  # part of the message is out: finish it
+
+    def send_many(
+        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
+    ) -> int:
+        self._check()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        count = 0
+        try:
+            for m in msgs:
+                mv = memoryview(m).cast("B")
+                n = len(mv)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if self._claims or n > self.max_fragment:
+                    self._send_parts(mv, left)
+                else:
+                    if n:
+                        off = self._alloc(n, deadline, left)
+                        base = self._tx_base + off
+                        self._mv[base : base + n] = mv
+                    else:
+                        off = 0
+                    self._describe(off, n, 0)
+                    self._msgs_out += 1
+                    self._bytes_out += n
+                count += 1
+                if len(self._out) >= 4096:
+                    self._write_out()
+        except (WouldBlock, Timeout):
+            if timeout is None:  # pragma: no cover - cannot happen without a timeout
+                raise
+        self._flush_out(None, None)
+        return count
+
+    # ================================================================= reading
+    def _fill(self) -> int:
+        """Read descriptors: >0 bytes, 0 at the end of the stream, -1 when none is there."""
+        tail = self._dend - self._dpos
+        if tail:
+            self._dbuf[:tail] = self._dbuf[self._dpos : self._dend]
+        self._dpos, self._dend = 0, tail
+        try:
+            n = os.readv(self._din, [memoryview(self._dbuf)[tail:]])
+        except BlockingIOError:
+            return -1
+        if n == 0:
+            self._eof = True
+            return 0
+        self._dend += n
+        return n
+
+    def _next(self) -> tuple[int, int, int] | None:
+        """The next data descriptor (offset, length, flags), checked; None when none is whole."""
+        while self._dend - self._dpos >= DSIZE:
+            off, n, seq, epoch, flags, magic = _unpack_desc(self._dbuf, self._dpos)
+            self._dpos += DSIZE
+            if magic != MAGIC or flags & ~KNOWN_FLAGS:
+                raise self._fail(ProtocolError(f"malformed descriptor (magic {magic:#x})"))
+            if seq != self._rseq:
+                raise self._fail(ProtocolError(f"sequence gap: expected {self._rseq}, got {seq}"))
+            if epoch != self.epoch:
+                raise self._fail(ProtocolError(f"descriptor of epoch {epoch} on {self.epoch}"))
+            self._rseq = seq + 1
+            if flags & F_NEED:
+                self._writer_waits = True
+                self._return_now()
+                continue
+            if flags & F_CLOSE:
+                if (self._stash and self._stash[-1][1]) or self._mid:
+                    raise self._fail(ProtocolError("close in the middle of a message"))
+                self._peer_closed = True
+                return None
+            if n > self.max_fragment or off + n > self._cap:
+                raise self._fail(
+                    ProtocolError(f"extent ({off}, {n}) lies outside the {self._cap} B area")
+                )
+            self._writer_waits = False
+            return off, n, flags
+        return None
+
+    def _give_back(self, off: int, n: int) -> None:
+        if n == 0:
+            return
+        self._rets += _pack_ret(off, n)
+        self._nrets += 1
+        if self._nrets >= RETURN_BATCH or self._writer_waits:
+            self._return_now()
+
+    def _return_now(self) -> None:
+        rets = self._rets
+        while rets:
+            try:
+                k = os.write(self._rout, rets)
+            except BlockingIOError:
+                return  # cannot happen while returns are bounded (see Extents); kept for later
+            except (BrokenPipeError, ConnectionResetError):
+                rets.clear()  # the writer is gone: nobody needs them
+                break
+            del rets[:k]
+        self._nrets = 0
+
+    def _gather(self, timeout: float | None) -> None:
+        if self._stash and not self._stash[-1][1]:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            d = None if self._peer_closed else self._next()
+            if d is not None:
+                off, n, flags = d
+                base = self._rx_base + off
+                data = self._mm[base : base + n]
+                self._give_back(off, n)
+                self._stash_fragment(data, bool(flags & F_MORE))
+                if not flags & F_MORE:
+                    return
+                continue
+            if self._peer_closed:
+                raise ConnectionClosed("the peer closed the connection")
+            r = self._fill()
+            if r > 0:
+                continue
+            if r == 0:
+                raise self._gone_on_read()
+            self._wait_readable(deadline, timeout)
+
+    def _gone_on_read(self) -> BaseException:
+        if self._stash:
+            return PeerDied("the peer vanished in the middle of a message")
+        return PeerDied("the peer vanished without closing")
+
+    def _wait_readable(self, deadline: float | None, timeout: float | None) -> None:
+        # Returns wait for their batch: a writer short of space says so (F_NEED), which wakes us.
+        if timeout == 0:
+            raise WouldBlock("no message is ready")
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise Timeout("no message before the timeout")
+        ms = SLICE_MS if left is None else min(SLICE_MS, int(left * 1000) + 1)
+        self._rpoll.poll(ms)
+        self._check()
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        if not (self._stash or self._mid or self._dead):
+            dpos = self._dpos
+            if self._dend - dpos >= DSIZE:
+                off, n, seq, epoch, flags, magic = _unpack_desc(self._dbuf, dpos)
+                if (
+                    not flags
+                    and magic == MAGIC
+                    and seq == self._rseq
+                    and epoch == self.epoch
+                    and n <= self.max_fragment
+                    and off + n <= self._cap
+                ):
+                    self._dpos = dpos + DSIZE
+                    self._rseq = seq + 1
+                    self._writer_waits = False
+                    self._msgs_in += 1
+                    if not n:
+                        return b""
+                    base = self._rx_base + off
+                    data = self._mm[base : base + n]
+                    self._bytes_in += n
+                    self._rets += _pack_ret(off, n)
+                    self._nrets += 1
+                    if self._nrets >= RETURN_BATCH:
+                        self._return_now()
+                    return data
+        return self._recv_slow(timeout)
+
+    def getreadbuf(self) -> list[Buffer]:
+        out = self._start_getreadbuf()
+        while self._held < self._read_limit:
+            d = None if self._peer_closed else self._next()
+            if d is None:
+                if out or self._peer_closed or self._fill() <= 0:
+                    break
+                continue
+            off, n, flags = d
+            more = bool(flags & F_MORE)
+            base = self._rx_base + off
+            if self.safe or n == 0:
+                view = memoryview(self._mm[base : base + n])
+                self._give_back(off, n)
+                token: Any = None
+            else:
+                view = self._mv[base : base + n].toreadonly()
+                token = (off, n)
+                self._pinned += n
+            out.append(Buffer(view, self, token, more=more, epoch=self.epoch, writable=False))
+            self._count_in(more, n)
+        if out:
+            self._mid = out[-1].more
+            return out
+        self._return_now()
+        if self._peer_closed:
+            raise ConnectionClosed("the peer closed the connection")
+        if self._eof:
+            raise self._gone_on_read()
+        if self._pinned >= self._pin_limit:
+            raise NoSpace(f"read buffers hold {self._pinned} B of the area; copy and release some")
+        return out
+
+    def release(self, buf: Buffer) -> None:
+        view = buf._data
+        token = buf._take(self)
+        self._held -= 1
+        if view is not None:
+            try:
+                view.release()
+            except BufferError:
+                pass
+        if token is not None:
+            off, n = token
+            self._pinned -= n
+            if not self._closed:
+                self._give_back(off, n)
+                if self._dpos == self._dend:
+                    self._return_now()  # caught up: the writer may be waiting for this
+
+    # ================================================================= the rest
+    def poll_prepare(self) -> bool:
+        if self._dead or self._stash or self._peer_closed or self._eof:
+            return True
+        if self._dend - self._dpos >= DSIZE:
+            return True
+        return bool(self._rpoll.poll(0))
+
+    def fileno(self) -> int:
+        self._check()
+        return self._din
+
+    def _write_buffers_held(self) -> int:
+        return sum(len(c.parts) for c in self._claims if not c.committed)
+
+    def _pending_bytes(self) -> int:
+        return len(self._out)
+
+    def close(self, linger: float) -> None:
+        if self._closed:
+            return
+        try:
+            self._return_now()
+            if self._error is None:
+                self._claims = deque(c for c in self._claims if c.committed)
+                self._advance()
+                self._describe(0, 0, F_CLOSE)
+                self._flush_out(time.monotonic() + linger, linger)
+        except (ConnectionClosed, Timeout, WouldBlock, ProtocolError, OSError):
+            pass
+        finally:
+            self._setup.say_close()
+            self._release()
+
+    def forget(self) -> None:
+        if not self._closed:
+            self._release()
+        self._setup.forget()
+
+    def _release(self) -> None:
+        self._closed = True
+        self._dead = True
+        self._stash.clear()
+        _close_all([self._din, self._dout, self._rin, self._rout])
+        self._mv.release()
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # the application still holds read buffers: the mapping goes with them
+
+
+def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> DataPath:
+    return ShmemPipePath(spec, role, safe, setup)
+
+
+INFO = TransportInfo(
+    name="shmem-pipe",
+    caps=Capabilities(
+        copies_unsafe=0,
+        copies_safe=1,
+        wait="pipe",
+        pollable=True,
+        cross_host=False,
+        spins=False,
+    ),
+    summary="shared area with a writer-side allocator; descriptors and returns through pipes",
+    create=_create,
+    open=_open,
+)
