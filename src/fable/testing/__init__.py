@@ -11,6 +11,7 @@ Every check also verifies that no fd leaked: the fds open before it equal the fd
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import random
@@ -89,6 +90,14 @@ def verify(seq: int, data: bytes | bytearray | memoryview, size: int | None = No
 def open_fds() -> set[int]:
     """The fds open in this process now."""
     return {int(x) for x in os.listdir("/proc/self/fd")}
+
+
+def fable_mappings() -> list[str]:
+    """The mappings of fable's shared memory and arenas in this process (all are memfds named
+    ``fable-...``), after a garbage collection so that dropped objects are gone."""
+    gc.collect()
+    with open("/proc/self/maps") as f:
+        return [line.split()[-2] for line in f if "/memfd:fable" in line]
 
 
 class Child:
@@ -660,6 +669,43 @@ def check_peer_died_writer(make_pair: MakePair) -> None:
     ch.join()
 
 
+def check_peer_died_getwritebuf(make_pair: MakePair) -> None:
+    """SIGKILL of the reader while the writer waits for space in getwritebuf (or, on the kernel
+    transports, in the commit that hands the bytes over): PeerDied < 1 s."""
+    conn, pending = make_pair()
+
+    def child(c: Connection) -> None:
+        c.send(b"ready")
+        time.sleep(120)
+
+    ch = Child(pending, child)
+    with conn:
+        assert conn.recv(timeout=30) == b"ready"
+        size = min(65536, conn._path.max_write)
+        while True:
+            try:
+                bufs = conn.getwritebuf(size, timeout=0)
+            except WouldBlock:
+                break
+            conn.commit(bufs, size, flush=False)
+            try:
+                conn.flush(timeout=0)
+            except WouldBlock:
+                break
+        stamp: list[float] = []
+        t = _killer(ch, 0.3, stamp)
+        try:
+            for _ in range(100_000):
+                bufs = conn.getwritebuf(size)  # blocks until the kill
+                conn.commit(bufs, size)
+            raise AssertionError("writing to a killed reader never failed")
+        except PeerDied:
+            took = time.monotonic() - stamp[0]
+            assert took < 1.0, f"PeerDied came {took:.2f} s after the kill"
+        t.join()
+    ch.join()
+
+
 def check_dead_buffer(make_pair: MakePair) -> None:
     """Buffers are single-use: touching one after commit/abort/release raises DeadBuffer."""
     conn, pending = make_pair()
@@ -777,6 +823,7 @@ CHECKS: dict[str, Callable[[MakePair], None]] = {
     "clean_close": check_clean_close,
     "peer_died_reader": check_peer_died_reader,
     "peer_died_writer": check_peer_died_writer,
+    "peer_died_getwritebuf": check_peer_died_getwritebuf,
     "dead_buffer": check_dead_buffer,
     "fork_invalidation": check_fork_invalidation,
     "stats": check_stats,
@@ -784,11 +831,15 @@ CHECKS: dict[str, Callable[[MakePair], None]] = {
 
 
 def run_check(name: str, make_pair: MakePair) -> None:
-    """Run one check and verify that it leaked no fd."""
+    """Run one check and verify that it leaked no fd and no mapping."""
     before = open_fds()
+    maps = fable_mappings()
     CHECKS[name](make_pair)
+    gc.collect()  # buffers still referenced by a dead frame keep their memory (and its fd)
     leaked = open_fds() - before
     assert not leaked, f"check {name} leaked fds {sorted(leaked)}"
+    left = fable_mappings()
+    assert len(left) <= len(maps), f"check {name} leaked mappings {left} (before: {maps})"
 
 
 def check_transport(make_pair: MakePair) -> None:
