@@ -479,7 +479,7 @@ static int do_peek(Ring *r, rec_t *out) {
         uint32_t length = rec->length;  /* each field read once: the peer may change it */
         uint32_t flags = rec->flags;
         if ((flags & ~FR_KNOWN_FLAGS) || ((flags & FR_F_PAD) && flags != FR_F_PAD)) {
-            proto_error("record flags %#x at position %llu", flags, (unsigned long long)pos);
+            proto_error("record flags 0x%x at position %llu", flags, (unsigned long long)pos);
             return -1;
         }
         uint32_t skip = rec->skip;
