@@ -10,6 +10,7 @@ deque of whole messages that must come out, in order, exactly once.
 from __future__ import annotations
 
 import collections
+import gc
 import os
 import random
 import select
@@ -240,6 +241,7 @@ def test_model(transport: str) -> None:
             suppress_health_check=list(HealthCheck),
         ),
     )
+    gc.collect()  # buffers the model still held keep their memory (and its fd) until collected
     assert open_fds() == before
 
 
