@@ -114,12 +114,15 @@ class Connection:
         self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
     ) -> None:
         """Publish ``nbytes`` of ``bufs`` as one message (``more=True``: it continues in the
-        next commit). ``flush=False`` batches until ``flush()``; with ``flush=True`` the socket
-        transports wait here while the kernel's buffer is full (a ring never waits here)."""
+        next commit). ``bufs``: buffers of one getwritebuf call, filled in the order it returned
+        them; its buffers not passed are dropped. ``flush=False`` batches until ``flush()``;
+        with ``flush=True`` the socket transports wait here while the kernel's buffer is full
+        (a ring never waits here)."""
         self._path.commit(bufs, nbytes, flush=flush, more=more)
 
     def abort(self, bufs: Iterable[Buffer]) -> None:
-        """Give back uncommitted write buffers."""
+        """Give back uncommitted write buffers; aborting one buffer of a getwritebuf call
+        aborts all of that call's buffers."""
         self._path.abort(bufs)
 
     def flush(self, timeout: float | None = None) -> None:

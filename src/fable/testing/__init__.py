@@ -328,6 +328,42 @@ def check_commit_order(make_pair: MakePair) -> None:
     ch.expect_success()
 
 
+def check_commit_subset(make_pair: MakePair) -> None:
+    """A commit may pass some of one getwritebuf call's buffers: exactly their bytes go out, in
+    claim order. Aborting one buffer aborts its whole call: the others cannot be committed."""
+    conn, pending = make_pair()
+
+    def child(c: Connection) -> None:
+        assert c.recv(timeout=30) == b"second"
+        m = c.recv(timeout=30)
+        assert m[-5:] == b"third" and len(m) > 5 and set(m[:-5]) == {ord("f")}
+        assert c.recv(timeout=30) == b"after"
+        c.send(b"ok")
+
+    ch = Child(pending, child)
+    with conn:
+        bufs = conn.getwritebuf(conn.max_write)
+        assert len(bufs) >= 2, "max_write should span several buffers"
+        bufs[1].data[:6] = b"second"
+        conn.commit([bufs[1]], 6)
+        bufs = conn.getwritebuf(conn.max_write)
+        room = len(bufs[0].data)
+        bufs[0].data[:] = b"f" * room
+        bufs[-1].data[:5] = b"third"
+        # passed in any order, filled in claim order: the first buffer whole, then the last
+        conn.commit([bufs[-1], bufs[0]], room + 5)
+        bufs = conn.getwritebuf(conn.max_write)
+        conn.abort([bufs[0]])
+        try:
+            conn.commit(bufs[1:], 1)
+            raise AssertionError("a buffer of an aborted getwritebuf call was committed")
+        except DeadBuffer:
+            pass
+        conn.send(b"after")
+        assert conn.recv(timeout=30) == b"ok"
+    ch.expect_success()
+
+
 def check_batches(make_pair: MakePair) -> None:
     """commit(flush=False) + flush(), and send_many, keep order and boundaries."""
     conn, pending = make_pair()
@@ -681,7 +717,7 @@ def check_peer_died_getwritebuf(make_pair: MakePair) -> None:
     ch = Child(pending, child)
     with conn:
         assert conn.recv(timeout=30) == b"ready"
-        size = min(65536, conn._path.max_write)
+        size = min(65536, conn.max_write)
         while True:
             try:
                 bufs = conn.getwritebuf(size, timeout=0)
@@ -814,6 +850,7 @@ CHECKS: dict[str, Callable[[MakePair], None]] = {
     "both_directions": check_both_directions,
     "fragments": check_fragments,
     "commit_order": check_commit_order,
+    "commit_subset": check_commit_subset,
     "batches": check_batches,
     "backpressure": check_backpressure,
     "read_wouldblock": check_read_wouldblock,

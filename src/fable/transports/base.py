@@ -124,7 +124,11 @@ class DataPath(abc.ABC):
     def commit(
         self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
     ) -> None:
-        """Publish ``nbytes`` written into ``bufs`` (in order) as one message.
+        """Publish ``nbytes`` written into ``bufs`` as one message.
+
+        ``bufs`` are buffers of one getwritebuf call, passed in any order: they are filled in
+        the order getwritebuf returned them (each whole before the next), and that call's
+        buffers not passed are dropped.
 
         ``more=True``: the message continues in the next commit. ``flush=False`` lets several
         commits be written together by ``flush()`` (socket transports: one vectored write).
@@ -134,7 +138,8 @@ class DataPath(abc.ABC):
 
     @abc.abstractmethod
     def abort(self, bufs: Iterable[Buffer]) -> None:
-        """Give back write buffers without sending anything."""
+        """Give back write buffers without sending anything. Aborting any buffer of a
+        getwritebuf call aborts all of it: its other buffers can no longer be committed."""
 
     @abc.abstractmethod
     def flush(self, timeout: float | None = None) -> None:

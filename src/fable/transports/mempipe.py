@@ -55,7 +55,7 @@ from fable.errors import (
 from fable.ring import layout as L
 from fable.ring.pyring import PyRing, format_ring
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
-from fable.transports.message import MessagePath
+from fable.transports.message import Claim, MessagePath
 from fable.transports.setup import SetupChannel, _close_all
 from fable.transports.shm import check_sealed_memfd, is_eventfd, new_sealed_memfd
 
@@ -226,53 +226,25 @@ class RingPath(MessagePath):
                 self._tx.abort(pos)
             self._tx.publish()
             raise
-        claim: list[int] = [pos for pos, _, _ in got]
+        claim = Claim()
+        claim.parts = [pos for pos, _, _ in got]
         mv, base = self._mv, self._tx_base
-        return [
-            Buffer(
-                mv[base + off : base + off + room],
-                self,
-                (claim, pos, room),
-                more=False,
-                epoch=self.epoch,
-                writable=True,
-            )
-            for pos, off, room in got
-        ]
+        return self._hand_out(claim, [mv[base + off : base + off + room] for _, off, room in got])
 
     def commit(
         self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
     ) -> None:
-        self._start_commit(bufs)
-        first = bufs[0]._token
-        if bufs[0]._owner is not self or not isinstance(first, tuple):
-            raise ValueError("these buffers were not handed out by this connection's getwritebuf")
-        claim = first[0]
-        rooms: dict[int, int] = {}
-        for b in bufs:
-            tok = b._token
-            if not isinstance(tok, tuple) or tok[0] is not claim:
-                raise ValueError("one commit takes the buffers of one getwritebuf call")
-            rooms[tok[1]] = tok[2]
-        total = sum(rooms.values())
-        if nbytes < 0 or nbytes > total:
-            raise ValueError(f"nbytes must be in 0..{total}")
-        for b in bufs:
-            b._take(self)
-        # Fill the records in order; records left empty (or not passed) become padding.
-        used: list[tuple[int, int]] = []
-        left = nbytes
-        for pos in claim:
-            room = rooms.get(pos)
-            if room is None or (left == 0 and used):
-                self._tx.abort(pos)
-                continue
-            n = min(room, left)
-            left -= n
-            used.append((pos, n))
-        for k, (pos, n) in enumerate(used):
-            last = k == len(used) - 1
-            self._tx.commit(pos, n, (L.F_MORE if more else 0) if last else L.F_MORE)
+        claim, sent = self._take_claim(bufs, nbytes)
+        # Records that carry nothing become padding; the others are committed in order.
+        if len(sent) < len(claim.parts):
+            keep = {i for i, _ in sent}
+            for i, pos in enumerate(claim.parts):
+                if i not in keep:
+                    self._tx.abort(pos)
+        last = len(sent) - 1
+        for k, (i, n) in enumerate(sent):
+            flags = (L.F_MORE if more else 0) if k == last else L.F_MORE
+            self._tx.commit(claim.parts[i], n, flags)
         if not more:
             self._msgs_out += 1
         self._bytes_out += nbytes
@@ -280,13 +252,9 @@ class RingPath(MessagePath):
             self._tx.publish()
 
     def abort(self, bufs: Iterable[Buffer]) -> None:
-        for b in bufs:
-            tok = b._take(self)
-            if isinstance(tok, tuple):
-                try:
-                    self._tx.abort(tok[1])
-                except ValueError:
-                    pass  # already given back with its claim
+        for claim in self._take_aborted(bufs):
+            for pos in claim.parts:
+                self._tx.abort(pos)
         self._tx.publish()
 
     def flush(self, timeout: float | None = None) -> None:

@@ -9,14 +9,29 @@ whole message (the last fragment has ``more == False``), or raise.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from fable.buffer import Buffer
 from fable.config import Settings
 from fable.errors import ConnectionClosed, DeadBuffer, FableError, NoSpace, ProtocolError
 from fable.transports.base import ConnectionStats, DataPath
 
-__all__ = ["MessagePath"]
+__all__ = ["Claim", "MessagePath"]
+
+
+class Claim:
+    """The write buffers of one ``getwritebuf`` call, and the transport's part behind each (a
+    frame, an extent, a ring position: ``parts[i]`` backs buffer ``i``), until they are
+    committed or aborted. A write Buffer's token is ``(claim, i)``. Aborting any buffer of a
+    claim aborts all of it; a commit may pass a subset of its buffers (the rest is dropped)."""
+
+    __slots__ = ("aborted", "committed", "parts")
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+        self.committed = False
+        self.aborted = False
 
 
 class MessagePath(DataPath):
@@ -56,14 +71,70 @@ class MessagePath(DataPath):
         """Called when the stash, the mid-message flag or the failed state changed (a path
         with a native fast path re-reads them here)."""
 
-    def _start_commit(self, bufs: Sequence[Buffer]) -> None:
-        """The checks every commit starts with: an open connection and live buffers."""
+    # ------------------------------------------------------------------ write claims
+    def _hand_out(self, claim: Claim, views: Sequence[memoryview]) -> list[Buffer]:
+        """The write buffers of ``claim``, one per part, over ``views``."""
+        epoch = self.epoch
+        return [
+            Buffer(v, self, (claim, i), more=False, epoch=epoch, writable=True)
+            for i, v in enumerate(views)
+        ]
+
+    def _take_claim(self, bufs: Sequence[Buffer], nbytes: int) -> tuple[Any, list[tuple[int, int]]]:
+        """Every commit's checks; then the buffers are dead and the claim is committed. Returns
+        the claim and its parts that carry the message, in claim order, as (index, bytes): the
+        passed buffers are filled in claim order; parts not passed or past ``nbytes`` are not
+        in the list (the transport drops them), except that an empty message is carried by the
+        first passed part."""
         self._check()
         if not bufs:
             raise ValueError("commit needs the buffers of one getwritebuf call")
+        rooms: dict[int, int] = {}
+        claim = None
         for b in bufs:
             if not b.alive:
                 raise DeadBuffer("buffer was already committed, released or aborted")
+            tok = b._token
+            if b._owner is not self or not (isinstance(tok, tuple) and isinstance(tok[0], Claim)):
+                raise ValueError(
+                    "these buffers were not handed out by this connection's getwritebuf"
+                )
+            if claim is None:
+                claim = tok[0]
+            elif tok[0] is not claim:
+                raise ValueError("one commit takes the buffers of one getwritebuf call")
+            rooms[tok[1]] = len(b.data)
+        assert claim is not None
+        if claim.aborted:
+            raise DeadBuffer("another buffer of this getwritebuf call was aborted")
+        total = sum(rooms.values())
+        if nbytes < 0 or nbytes > total:
+            raise ValueError(f"nbytes must be in 0..{total}")
+        for b in bufs:
+            b._take(self)
+        claim.committed = True
+        order = sorted(rooms)
+        sent: list[tuple[int, int]] = []
+        left = nbytes
+        for i in order:
+            n = min(rooms[i], left)
+            if n:
+                sent.append((i, n))
+                left -= n
+        return claim, sent or [(order[0], 0)]
+
+    def _take_aborted(self, bufs: Iterable[Buffer]) -> list[Any]:
+        """Abort's half: the buffers are dead, and so is every claim they belong to (its other
+        buffers can no longer be committed). Returns those claims, uncommitted, once each."""
+        out: list[Any] = []
+        for b in bufs:
+            tok = b._take(self)
+            if isinstance(tok, tuple) and isinstance(tok[0], Claim):
+                claim = tok[0]
+                if not claim.committed and not claim.aborted:
+                    claim.aborted = True
+                    out.append(claim)
+        return out
 
     # ------------------------------------------------------------------ reassembly
     @abc.abstractmethod

@@ -57,7 +57,7 @@ from fable.errors import (
     WouldBlock,
 )
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
-from fable.transports.message import MessagePath
+from fable.transports.message import Claim, MessagePath
 from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
 from fable.transports.setup import SetupChannel, _close_all
 from fable.transports.shm import check_sealed_memfd, new_sealed_memfd
@@ -188,14 +188,15 @@ def _asize(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1) or ALIGN
 
 
-class _Claim:
-    """The extents handed out by one getwritebuf, until they are committed and described."""
+class _Claim(Claim):
+    """A claim of extents: ``parts[i]`` is (offset, size asked) of buffer i; once committed,
+    ``sent`` lists what is described: (offset, size asked, bytes used, flags)."""
 
-    __slots__ = ("committed", "parts")
+    __slots__ = ("sent",)
 
     def __init__(self) -> None:
-        self.parts: list[tuple[int, int, int, int]] = []  # (offset, size, used, flags)
-        self.committed = False
+        super().__init__()
+        self.sent: list[tuple[int, int, int, int]] = []
 
 
 def _capacity_ok(capacity: object) -> bool:
@@ -415,51 +416,22 @@ class ShmemPipePath(MessagePath):
                 self._extents.free(off, _asize(part))
             raise
         base = self._tx_base
-        out = []
-        for off, part in zip(got, sizes, strict=True):
-            claim.parts.append((off, part, 0, 0))
-            out.append(
-                Buffer(
-                    self._mv[base + off : base + off + part],
-                    self,
-                    claim,
-                    more=False,
-                    epoch=self.epoch,
-                    writable=True,
-                )
-            )
+        claim.parts = list(zip(got, sizes, strict=True))
         self._claims.append(claim)
-        return out
+        return self._hand_out(claim, [self._mv[base + o : base + o + n] for o, n in claim.parts])
 
     def commit(
         self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
     ) -> None:
-        self._start_commit(bufs)
-        claim = bufs[0]._token
-        if not isinstance(claim, _Claim) or claim.committed or bufs[0]._owner is not self:
-            raise ValueError("these buffers were not handed out by this connection's getwritebuf")
-        total = 0
-        for b in bufs:
-            if b._token is not claim:
-                raise ValueError("one commit takes the buffers of one getwritebuf call")
-            total += len(b.data)
-        if nbytes < 0 or nbytes > total:
-            raise ValueError(f"nbytes must be in 0..{total}")
-        for b in bufs:
-            b._take(self)
-        parts = []
-        left = nbytes
-        for i, (off, cap, _, _) in enumerate(claim.parts):
-            used = min(cap, left) if i < len(bufs) else 0
-            left -= used
-            if used == 0 and i > 0:
-                self._extents.free(off, _asize(cap))  # not needed: never described
-                continue
-            parts.append((off, cap, used, F_MORE))
-        off, cap, used, _ = parts[-1]
-        parts[-1] = (off, cap, used, F_MORE if more else 0)
-        claim.parts = parts
-        claim.committed = True
+        claim, carried = self._take_claim(bufs, nbytes)
+        sent = [(*claim.parts[i], n, F_MORE) for i, n in carried]
+        sent[-1] = (*sent[-1][:3], F_MORE if more else 0)
+        claim.sent = sent
+        if len(carried) < len(claim.parts):
+            keep = {i for i, _ in carried}
+            for i, (off, cap) in enumerate(claim.parts):
+                if i not in keep:
+                    self._extents.free(off, _asize(cap))  # never described
         if not more:
             self._msgs_out += 1
         self._bytes_out += nbytes
@@ -471,7 +443,7 @@ class ShmemPipePath(MessagePath):
         """Describe committed claims at the head (allocation order holds later ones back)."""
         claims = self._claims
         while claims and claims[0].committed:
-            for off, cap, used, flags in claims.popleft().parts:
+            for off, cap, used, flags in claims.popleft().sent:
                 if used == 0:
                     self._extents.free(off, _asize(cap))
                     self._describe(0, 0, flags)
@@ -480,22 +452,13 @@ class ShmemPipePath(MessagePath):
                     self._describe(off, used, flags)
 
     def abort(self, bufs: Iterable[Buffer]) -> None:
-        claims = set()
-        for b in bufs:
-            claim = b._take(self)
-            if isinstance(claim, _Claim) and not claim.committed:
-                claims.add(id(claim))
-        if not claims:
-            return
-        kept: deque[_Claim] = deque()
-        for c in self._claims:
-            if id(c) in claims:
-                for off, cap, _, _ in c.parts:
-                    self._extents.free(off, _asize(cap))
-            else:
-                kept.append(c)
-        self._claims = kept
-        self._advance()
+        claims = self._take_aborted(bufs)
+        for c in claims:
+            self._claims.remove(c)
+            for off, cap in c.parts:
+                self._extents.free(off, _asize(cap))
+        if claims:
+            self._advance()
 
     def flush(self, timeout: float | None = None) -> None:
         self._check()

@@ -55,7 +55,7 @@ from fable.errors import (
     Timeout,
     WouldBlock,
 )
-from fable.transports.message import MessagePath
+from fable.transports.message import Claim, MessagePath
 
 if TYPE_CHECKING:
     from fable.transports.setup import SetupChannel
@@ -90,15 +90,15 @@ _INT = struct.Struct("i")
 _FIONREAD = termios.FIONREAD
 
 
-class _Claim:
-    """The frames handed out by one getwritebuf, in order; committed or not yet."""
+class _Claim(Claim):
+    """A claim of frames: ``parts[i]`` is frame i's memory (header, then buffer i's payload);
+    once committed, ``frames`` lists what goes out: (frame, payload bytes, flags)."""
 
-    __slots__ = ("committed", "frames", "need", "nframes")
+    __slots__ = ("frames", "need")
 
-    def __init__(self, nframes: int, need: int) -> None:
-        self.frames: list[tuple[bytearray | memoryview, int, int]] = []  # (frame, used, flags)
-        self.committed = False
-        self.nframes = nframes
+    def __init__(self, need: int) -> None:
+        super().__init__()
+        self.frames: list[tuple[bytearray | memoryview, int, int]] = []
         self.need = need  # bytes of the connection's buffer space this claim holds
 
 
@@ -310,56 +310,29 @@ class StreamPath(MessagePath):
         need = size + nframes * HDR
         self._check()
         self._claim(need, _deadline(timeout), timeout)
-        claim = _Claim(nframes, need)
-        out = []
+        claim = _Claim(need)
+        views = []
         left = size
         for _ in range(nframes):
             cap = min(left, FRAGMENT)
             left -= cap
             frame = self._new_frame(HDR + cap)
-            claim.frames.append((frame, cap, 0))
-            out.append(
-                Buffer(
-                    memoryview(frame)[HDR:],
-                    self,
-                    claim,
-                    more=False,
-                    epoch=self.epoch,
-                    writable=True,
-                )
-            )
+            claim.parts.append(frame)
+            views.append(memoryview(frame)[HDR:])
         self._claims.append(claim)
         self._claimed += need
-        return out
+        return self._hand_out(claim, views)
 
     def commit(
         self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
     ) -> None:
-        self._start_commit(bufs)
-        claim = bufs[0]._token
-        if not isinstance(claim, _Claim) or claim.committed:
-            raise ValueError("these buffers were not handed out by this connection's getwritebuf")
-        total = 0
-        for b in bufs:
-            if b._token is not claim:
-                raise ValueError("one commit takes the buffers of one getwritebuf call")
-            total += len(b.data)
-        if nbytes < 0 or nbytes > total:
-            raise ValueError(f"nbytes must be in 0..{total}")
-        for b in bufs:
-            b._take(self)
-        frames = []
-        left = nbytes
-        for i, (frame, cap, _) in enumerate(claim.frames[: len(bufs)]):
-            used = min(cap, left)
-            left -= used
-            if used == 0 and i > 0:
-                break
-            frames.append((frame, used, F_MORE))
-        last_frame, last_used, _ = frames[-1]
-        frames[-1] = (last_frame, last_used, F_MORE if more else 0)
+        claim, sent = self._take_claim(bufs, nbytes)
+        frames = [(claim.parts[i], n, F_MORE) for i, n in sent]
+        frames[-1] = (frames[-1][0], frames[-1][1], F_MORE if more else 0)
         claim.frames = frames
-        claim.committed = True
+        if len(sent) < len(claim.parts):
+            carried = {i for i, _ in sent}
+            self._drop_frames([f for i, f in enumerate(claim.parts) if i not in carried])
         if not more:
             self._msgs_out += 1
         self._bytes_out += nbytes
@@ -369,21 +342,13 @@ class StreamPath(MessagePath):
                 self._drain(None)
 
     def abort(self, bufs: Iterable[Buffer]) -> None:
-        claims = set()
-        for b in bufs:
-            claim = b._take(self)
-            if isinstance(claim, _Claim):
-                claims.add(id(claim))
-        if not claims:
-            return
-        kept: deque[_Claim] = deque()
-        for c in self._claims:
-            if id(c) in claims and not c.committed:
-                self._claimed -= c.need
-            else:
-                kept.append(c)
-        self._claims = kept
-        self._advance()
+        claims = self._take_aborted(bufs)
+        for c in claims:
+            self._claims.remove(c)
+            self._claimed -= c.need
+            self._drop_frames(c.parts)
+        if claims:
+            self._advance()
 
     def _advance(self) -> None:
         """Move committed claims at the head (allocation order) into the write queue."""
@@ -397,13 +362,20 @@ class StreamPath(MessagePath):
             for frame, used, flags in claim.frames:
                 _pack_into(frame, 0, used, flags, MAGIC, self._wseq, self.epoch)
                 self._wseq += 1
-                self._queue.append(memoryview(frame)[: HDR + used])
-                self._queued += HDR + used
+                self._queue_frame(frame, HDR + used)
             self._claimed -= claim.need
+
+    def _queue_frame(self, frame: bytearray | memoryview, n: int) -> None:
+        """Queue the first ``n`` bytes of a committed claim's frame (writer lock held)."""
+        self._queue.append(memoryview(frame)[:n])
+        self._queued += n
 
     def _new_frame(self, size: int) -> bytearray | memoryview:
         """Memory for one frame (header + payload) of a getwritebuf claim."""
         return bytearray(size)
+
+    def _drop_frames(self, frames: list[bytearray | memoryview]) -> None:
+        """Frames of ``_new_frame`` that will never be sent (aborted, or not carrying data)."""
 
     def _queue_close(self, deadline: float | None, timeout: float | None) -> None:
         """Queue the close frame after everything committed."""
@@ -701,7 +673,7 @@ class StreamPath(MessagePath):
         return self._rfd
 
     def _write_buffers_held(self) -> int:
-        return sum(c.nframes for c in self._claims if not c.committed)
+        return sum(len(c.parts) for c in self._claims if not c.committed)
 
     def _pending_bytes(self) -> int:
         return self._queued

@@ -37,7 +37,6 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 from fable import _core
-from fable.buffer import Buffer
 from fable.errors import ProtocolError, Timeout, WouldBlock
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
 from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
@@ -220,40 +219,14 @@ class VmsplicePath(StreamPath):
                     self._tpoll.unregister(self._wfd)
             self._check()
 
-    def commit(
-        self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
-    ) -> None:
-        claim = bufs[0]._token if bufs else None
-        frames = list(getattr(claim, "frames", ()))
-        super().commit(bufs, nbytes, flush=flush, more=more)
-        kept = {id(f) for f, _, _ in getattr(claim, "frames", ())}
-        for frame, _, _ in frames:
-            if id(frame) not in kept:  # dropped by the commit: never queued
-                entry = self._by_frame.pop(id(frame), None)
-                if entry is not None:
-                    entry[1] = -1
+    def _drop_frames(self, frames: list[bytearray | memoryview]) -> None:
+        for frame in frames:
+            entry = self._by_frame.pop(id(frame), None)
+            if entry is not None:
+                entry[1] = -1  # never queued: free once the allocations before it are
 
-    def abort(self, bufs: Iterable[Buffer]) -> None:
-        bufs = list(bufs)
-        claims = [b._token for b in bufs]
-        super().abort(bufs)
-        for claim in claims:
-            if claim is not None and not getattr(claim, "committed", True):
-                for frame, _, _ in claim.frames:
-                    entry = self._by_frame.pop(id(frame), None)
-                    if entry is not None:
-                        entry[1] = -1
-
-    def _advance_locked(self) -> None:
-        claims = self._claims
-        while claims and claims[0].committed:
-            claim = claims.popleft()
-            for frame, used, flags in claim.frames:
-                _pack_into(frame, 0, used, flags, MAGIC, self._wseq, self.epoch)
-                self._wseq += 1
-                entry = self._by_frame.pop(id(frame))
-                self._enqueue(memoryview(frame)[: HDR + used], entry)
-            self._claimed -= claim.need
+    def _queue_frame(self, frame: bytearray | memoryview, n: int) -> None:
+        self._enqueue(memoryview(frame)[:n], self._by_frame.pop(id(frame)))
 
     def _write(self, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
         try:
