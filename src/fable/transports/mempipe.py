@@ -57,7 +57,7 @@ from fable.ring.pyring import PyRing, format_ring
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
 from fable.transports.message import Claim, MessagePath
 from fable.transports.setup import SetupChannel, _close_all
-from fable.transports.shm import check_sealed_memfd, is_eventfd, new_sealed_memfd
+from fable.transports.shm import check_sealed_memfd, is_eventfd, new_sealed_memfd, unmap
 
 SPIN, FUTEX, ADAPTIVE = 0, 1, 2
 SLICE_NS = {SPIN: 20_000_000, FUTEX: 200_000_000, ADAPTIVE: 200_000_000}
@@ -125,11 +125,10 @@ class RingPath(MessagePath):
             raise
         os.close(fd)  # the mapping keeps the memory
         cfg = settings()
-        self._init_messages(name, safe, 0, cfg)
+        self._init_messages(name, safe, 0, cfg, setup)
         self._mode = mode
         self._slice = SLICE_NS[mode]
         self._spin = cfg.spin_budget_ns
-        self._setup = setup
         self._mm = mm
         self._mv = memoryview(mm)
         half = _ring_bytes(capacity)
@@ -450,30 +449,15 @@ class RingPath(MessagePath):
         self._rx.gate = bool(self._stash or self._mid or self._dead)
         self._tx.gate = self._dead
 
-    def close(self, linger: float) -> None:
-        if self._closed:
+    def _say_goodbye(self, linger: float) -> None:
+        if self._peer_state() is not None:
             return
-        try:
-            if self._error is None and self._peer_state() is None:
-                deadline = time.monotonic() + linger
-                self._tx.publish()
-                while not self._tx.write(b"", L.F_CLOSE):
-                    self._wait(self._tx, L.RECORD_HEADER * 2, deadline, linger)
-        except (ConnectionClosed, Timeout, WouldBlock, ProtocolError):
-            pass
-        finally:
-            self._setup.say_close()
-            self._release()
+        deadline = time.monotonic() + linger
+        self._tx.publish()
+        while not self._tx.write(b"", L.F_CLOSE):
+            self._wait(self._tx, L.RECORD_HEADER * 2, deadline, linger)
 
-    def forget(self) -> None:
-        if not self._closed:
-            self._release()
-        self._setup.forget()
-
-    def _release(self) -> None:
-        self._closed = True
-        self._dead = True
-        self._stash.clear()
+    def _free(self, clean: bool) -> None:
         for ring in (self._tx, self._rx):
             ring.gate = True
             ring.hot(None)  # drops the slow paths: no reference cycle outlives the connection
@@ -485,16 +469,7 @@ class RingPath(MessagePath):
         self._free_memory()
 
     def _free_memory(self) -> None:
-        for view in (getattr(self, "_tx_mem", None), getattr(self, "_rx_mem", None), self._mv):
-            if view is not None:
-                try:
-                    view.release()
-                except BufferError:
-                    pass
-        try:
-            self._mm.close()
-        except BufferError:
-            pass  # the application still holds read buffers: the mapping goes with them
+        unmap(self._mm, getattr(self, "_tx_mem", None), getattr(self, "_rx_mem", None), self._mv)
 
 
 def _ring_class(backend: str) -> type[PyRing] | type[_core.Ring]:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fable.buffer import Buffer
 from fable.config import Settings
 from fable.errors import ConnectionClosed, DeadBuffer, FableError, NoSpace, ProtocolError
 from fable.transports.base import ConnectionStats, DataPath
+
+if TYPE_CHECKING:
+    from fable.transports.setup import SetupChannel
 
 __all__ = ["Claim", "MessagePath"]
 
@@ -37,7 +40,10 @@ class Claim:
 class MessagePath(DataPath):
     """The transport-independent half of a DataPath."""
 
-    def _init_messages(self, transport: str, safe: bool, epoch: int, cfg: Settings) -> None:
+    def _init_messages(
+        self, transport: str, safe: bool, epoch: int, cfg: Settings, setup: SetupChannel
+    ) -> None:
+        self._setup = setup
         self.transport = transport
         self.safe = safe
         self.epoch = epoch
@@ -51,6 +57,39 @@ class MessagePath(DataPath):
         self._mid = False  # getreadbuf handed out a fragment with more=True: a message is open
         self._peer_closed = False
         self._msgs_out = self._bytes_out = self._msgs_in = self._bytes_in = 0
+
+    # ------------------------------------------------------------------ closing
+    def close(self, linger: float) -> None:
+        if self._closed:
+            return
+        try:
+            if self._error is None:
+                self._say_goodbye(linger)
+        except (FableError, OSError):
+            pass  # the peer is gone or does not read: it sees the end without a close notice
+        finally:
+            self._setup.say_close()
+            self._teardown(clean=True)
+
+    def forget(self) -> None:
+        if not self._closed:
+            self._teardown(clean=False)
+        self._setup.forget()
+
+    def _teardown(self, clean: bool) -> None:
+        self._closed = True
+        self._dead = True
+        self._stash.clear()
+        self._free(clean)
+
+    @abc.abstractmethod
+    def _say_goodbye(self, linger: float) -> None:
+        """Hand what is committed to the transport and write the in-band close after it,
+        waiting at most ``linger`` seconds (close, on a healthy connection)."""
+
+    @abc.abstractmethod
+    def _free(self, clean: bool) -> None:
+        """Let go of every fd and mapping (``clean``: closing, not forgetting after fork)."""
 
     # ------------------------------------------------------------------ errors
     def _check(self) -> None:
@@ -135,6 +174,28 @@ class MessagePath(DataPath):
                     claim.aborted = True
                     out.append(claim)
         return out
+
+    def _send_in_parts(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
+        """Send one message of any size through getwritebuf and commit, at most ``max_write``
+        bytes a commit (``more=True`` between them). ``timeout`` bounds the wait for room
+        until the first part is out; then the message is finished whatever it takes."""
+        self._check()
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        pos = 0
+        while True:
+            part = min(n - pos, self.max_write)
+            bufs = self.getwritebuf(part, timeout)
+            off = pos
+            for b in bufs:
+                d = b.data
+                d[:] = mv[off : off + len(d)]
+                off += len(d)
+            pos += part
+            self.commit(bufs, part, more=pos < n)
+            if pos >= n:
+                return
+            timeout = None
 
     # ------------------------------------------------------------------ reassembly
     @abc.abstractmethod

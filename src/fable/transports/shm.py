@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from fable.errors import ProtocolError
 
-__all__ = ["SEALS", "check_sealed_memfd", "is_eventfd", "new_sealed_memfd"]
+__all__ = ["SEALS", "check_sealed_memfd", "is_eventfd", "new_sealed_memfd", "unmap"]
 
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
@@ -65,3 +65,18 @@ def is_eventfd(fd: int) -> bool:
         return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
     except OSError:
         return False
+
+
+def unmap(mm: mmap.mmap, *views: memoryview | None) -> None:
+    """Release ``views`` of ``mm`` and unmap it, unless the application still holds buffers
+    into it: then the mapping (and the fd Python's mmap keeps) goes when the last one does."""
+    for view in views:
+        if view is not None:
+            try:
+                view.release()
+            except BufferError:
+                pass
+    try:
+        mm.close()
+    except BufferError:
+        pass

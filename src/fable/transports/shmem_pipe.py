@@ -60,7 +60,7 @@ from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
 from fable.transports.message import Claim, MessagePath
 from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
 from fable.transports.setup import SetupChannel, _close_all
-from fable.transports.shm import check_sealed_memfd, new_sealed_memfd
+from fable.transports.shm import check_sealed_memfd, new_sealed_memfd, unmap
 
 __all__ = ["DESC", "INFO", "RETURN", "Extents", "ShmemPipePath"]
 
@@ -254,8 +254,7 @@ class ShmemPipePath(MessagePath):
         os.close(fd)
         ignore_sigpipe()
         cfg = settings()
-        self._init_messages("shmem-pipe", safe, 0, cfg)
-        self._setup = setup
+        self._init_messages("shmem-pipe", safe, 0, cfg, setup)
         self._cap = capacity
         self._mm = mm
         self._mv = memoryview(mm)
@@ -470,7 +469,7 @@ class ShmemPipePath(MessagePath):
         mv = memoryview(data).cast("B")
         n = len(mv)
         if self._claims or n > self.max_fragment:
-            self._send_parts(mv, timeout)
+            self._send_in_parts(mv, timeout)
             return
         if n:
             off = self._alloc(n, None if timeout is None else time.monotonic() + timeout, timeout)
@@ -482,23 +481,6 @@ class ShmemPipePath(MessagePath):
         self._msgs_out += 1
         self._bytes_out += n
         self._flush_out(None, None)
-
-    def _send_parts(self, mv: memoryview, timeout: float | None) -> None:
-        n = len(mv)
-        pos = 0
-        while True:
-            part = min(n - pos, self.max_write)
-            bufs = self.getwritebuf(part, timeout)
-            off = 0
-            for b in bufs:
-                d = b.data
-                d[:] = mv[pos + off : pos + off + len(d)]
-                off += len(d)
-            pos += part
-            self.commit(bufs, part, more=pos < n)
-            if pos >= n:
-                return
-            timeout = None  # part of the message is out: finish it
 
     def send_many(
         self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
@@ -547,7 +529,7 @@ class ShmemPipePath(MessagePath):
         n = len(mv)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         if self._claims or n > self.max_fragment:
-            self._send_parts(mv, left)
+            self._send_in_parts(mv, left)
             return
         off = 0
         if n:
@@ -762,37 +744,16 @@ class ShmemPipePath(MessagePath):
     def _pending_bytes(self) -> int:
         return len(self._out)
 
-    def close(self, linger: float) -> None:
-        if self._closed:
-            return
-        try:
-            self._return_now()
-            if self._error is None:
-                self._claims = deque(c for c in self._claims if c.committed)
-                self._advance()
-                self._describe(0, 0, F_CLOSE)
-                self._flush_out(time.monotonic() + linger, linger)
-        except (ConnectionClosed, Timeout, WouldBlock, ProtocolError, OSError):
-            pass
-        finally:
-            self._setup.say_close()
-            self._release()
+    def _say_goodbye(self, linger: float) -> None:
+        self._return_now()
+        self._claims = deque(c for c in self._claims if c.committed)
+        self._advance()
+        self._describe(0, 0, F_CLOSE)
+        self._flush_out(time.monotonic() + linger, linger)
 
-    def forget(self) -> None:
-        if not self._closed:
-            self._release()
-        self._setup.forget()
-
-    def _release(self) -> None:
-        self._closed = True
-        self._dead = True
-        self._stash.clear()
+    def _free(self, clean: bool) -> None:
         _close_all([self._din, self._dout, self._rin, self._rout])
-        self._mv.release()
-        try:
-            self._mm.close()
-        except BufferError:
-            pass  # the application still holds read buffers: the mapping goes with them
+        unmap(self._mm, self._mv)
 
 
 def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> DataPath:

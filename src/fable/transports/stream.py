@@ -142,9 +142,8 @@ class StreamPath(MessagePath):
     ) -> None:
         cfg = settings()
         # the kernel always hands the reader a private copy: safe
-        self._init_messages(transport, True, epoch, cfg)
+        self._init_messages(transport, True, epoch, cfg, setup)
         self.max_write = min(cfg.ring_size // 2, 64 * FRAGMENT)
-        self._setup = setup
         self._sock = sock
         if sock is not None:
             sock.setblocking(True)
@@ -440,7 +439,7 @@ class StreamPath(MessagePath):
             or (type(data) is memoryview and data.itemsize != 1)
             or (timeout is not None and not self._kernel_takes(HDR + n))
         ):
-            self._send_slow(data, timeout)
+            self._send_in_parts(data, timeout)
             return
         seq = self._wseq
         self._wseq = seq + 1
@@ -465,25 +464,6 @@ class StreamPath(MessagePath):
                 self._queued += len(rest)
             self._drain(None)
 
-    def _send_slow(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
-        self._check()
-        mv = memoryview(data).cast("B")
-        n = len(mv)
-        pos = 0
-        while True:
-            part = min(n - pos, self.max_write)
-            bufs = self.getwritebuf(part, timeout)
-            off = 0
-            for b in bufs:
-                d = b.data
-                d[:] = mv[pos + off : pos + off + len(d)]
-                off += len(d)
-            pos += part
-            self.commit(bufs, part, more=pos < n)
-            if pos >= n:
-                return
-            timeout = None  # part of the message is out: finish it
-
     def send_many(
         self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
     ) -> int:
@@ -496,7 +476,7 @@ class StreamPath(MessagePath):
                 n = len(m)
                 if n > FRAGMENT or self._claims or (type(m) is memoryview and m.itemsize != 1):
                     self._advance()
-                    self._send_slow(m, _remaining(deadline, timeout))
+                    self._send_in_parts(m, _remaining(deadline, timeout))
                     count += 1
                     continue
                 need = HDR + n
@@ -678,33 +658,19 @@ class StreamPath(MessagePath):
     def _pending_bytes(self) -> int:
         return self._queued
 
-    def close(self, linger: float) -> None:
-        if self._closed:
+    def _say_goodbye(self, linger: float) -> None:
+        if self._eof:
             return
-        try:
-            if self._error is None and not self._eof:
-                self._claims = deque(c for c in self._claims if c.committed)
-                self._advance()
-                self._queue_close(_deadline(linger), linger)
-                self._drain(_deadline(linger))
-        except (ConnectionClosed, Timeout, OSError):
-            pass
-        finally:
-            self._setup.say_close()
-            self._release_fds(shutdown=True)
+        self._claims = deque(c for c in self._claims if c.committed)
+        self._advance()
+        self._queue_close(_deadline(linger), linger)
+        self._drain(_deadline(linger))
 
-    def forget(self) -> None:
-        if not self._closed:
-            self._release_fds(shutdown=False)
-        self._setup.forget()
-
-    def _release_fds(self, shutdown: bool) -> None:
-        self._closed = True
-        self._dead = True
+    def _free(self, clean: bool) -> None:
         self._queue.clear()
         self._queued = 0
         if self._sock is not None:
-            if shutdown:
+            if clean:
                 try:
                     self._sock.shutdown(socket.SHUT_WR)
                     # Unread input would make the kernel reset the connection instead of ending
@@ -722,4 +688,3 @@ class StreamPath(MessagePath):
                 except OSError as e:  # pragma: no cover - a double close is a bug elsewhere
                     if e.errno != errno.EBADF:
                         raise
-        self._stash.clear()

@@ -41,6 +41,7 @@ from fable.errors import ProtocolError, Timeout, WouldBlock
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
 from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
 from fable.transports.setup import SetupChannel, _close_all
+from fable.transports.shm import unmap
 from fable.transports.stream import (
     F_CLOSE,
     FRAGMENT,
@@ -268,7 +269,7 @@ class VmsplicePath(StreamPath):
             or (timeout is not None and not self._kernel_takes(HDR + n))
             or not self._room(HDR + n)
         ):
-            self._send_slow(data, timeout)
+            self._send_in_parts(data, timeout)
             return
         self._put(data, n)
         self._drain(None)
@@ -284,7 +285,7 @@ class VmsplicePath(StreamPath):
                 n = len(m)
                 if n > FRAGMENT or self._claims or (type(m) is memoryview and m.itemsize != 1):
                     self._advance()
-                    self._send_slow(m, _remaining(deadline, timeout))
+                    self._send_in_parts(m, _remaining(deadline, timeout))
                     count += 1
                     continue
                 if self._queued + HDR + n > self._limit or not self._room(HDR + n):
@@ -324,16 +325,12 @@ class VmsplicePath(StreamPath):
         super()._wait_readable(deadline, timeout)
 
     # ================================================================= the rest
-    def _release_fds(self, shutdown: bool) -> None:
-        super()._release_fds(shutdown)
+    def _free(self, clean: bool) -> None:
+        super()._free(clean)
         _close_all([self._tin, self._tout])
         self._claims.clear()
         self._by_frame.clear()
-        self._amv.release()
-        try:
-            self._arena.close()
-        except BufferError:
-            pass  # write buffers the application still holds keep the arena alive
+        unmap(self._arena, self._amv)  # write buffers still held keep the arena alive
 
 
 def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> DataPath:
