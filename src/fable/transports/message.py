@@ -9,18 +9,58 @@ whole message (the last fragment has ``more == False``), or raise.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fable.buffer import Buffer
 from fable.config import Settings
-from fable.errors import ConnectionClosed, DeadBuffer, FableError, NoSpace, ProtocolError
+from fable.errors import (
+    ConnectionClosed,
+    DeadBuffer,
+    FableError,
+    NoSpace,
+    ProtocolError,
+    Timeout,
+    WouldBlock,
+)
 from fable.transports.base import ConnectionStats, DataPath
 
 if TYPE_CHECKING:
     from fable.transports.setup import SetupChannel
 
-__all__ = ["Claim", "MessagePath"]
+__all__ = ["SLICE_MS", "Claim", "MessagePath", "deadline_of", "slice_ms", "time_left"]
+
+SLICE_MS = 200  # the longest one wait lasts before it checks the connection again
+
+
+def deadline_of(timeout: float | None) -> float | None:
+    """The monotonic time a wait of ``timeout`` seconds ends (None: never)."""
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError("timeout must be >= 0 or None")
+    return time.monotonic() + timeout
+
+
+def time_left(deadline: float | None, timeout: float | None) -> float | None:
+    """What is left of ``timeout`` (0 stays 0: never wait)."""
+    if deadline is None or timeout == 0:
+        return timeout
+    return max(0.0, deadline - time.monotonic())
+
+
+def slice_ms(deadline: float | None, timeout: float | None, full: str, late: str) -> int:
+    """How many ms the next wait slice may last; raises ``WouldBlock(full)`` when the caller
+    may not wait (``timeout == 0``) and ``Timeout(late)`` once the deadline has passed."""
+    if timeout == 0:
+        raise WouldBlock(full)
+    if deadline is None:
+        return SLICE_MS
+    ms = int((deadline - time.monotonic()) * 1000 + 0.999)
+    if ms <= 0:
+        raise Timeout(late)
+    return min(ms, SLICE_MS)
 
 
 class Claim:

@@ -57,7 +57,7 @@ from fable.errors import (
     WouldBlock,
 )
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
-from fable.transports.message import Claim, MessagePath
+from fable.transports.message import Claim, MessagePath, deadline_of, slice_ms, time_left
 from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
 from fable.transports.setup import SetupChannel, _close_all
 from fable.transports.shm import check_sealed_memfd, new_sealed_memfd, unmap
@@ -76,7 +76,6 @@ MIN_CAPACITY = 1 << 16
 MAX_CAPACITY = 1 << 31  # offsets are u32
 RETURN_BATCH = 64  # returns the reader gathers before it writes them (one write)
 DREAD = DSIZE * 2730  # descriptor bytes one read takes (just under 64 KiB)
-SLICE_MS = 200
 
 _pack_desc = DESC.pack
 _unpack_desc = DESC.unpack_from
@@ -357,44 +356,42 @@ class ShmemPipePath(MessagePath):
             off = self._extents.alloc(n)
             if off is not None:
                 return off
-            if timeout == 0:
-                raise WouldBlock("the connection is full")
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise Timeout("no room before the timeout")
+            ms = slice_ms(deadline, timeout, "the connection is full", "no room before the timeout")
             if not self._need_sent:
                 # The reader returns extents in batches: ask it to return what it holds now.
                 self._describe(0, 0, F_NEED)
                 self._need_sent = True
-            if not self._write_out():
-                self._wpoll.register(self._dout, _POLLOUT)
-            else:
-                try:
-                    self._wpoll.unregister(self._dout)
-                except KeyError:
-                    pass
-            ms = SLICE_MS if left is None else min(SLICE_MS, int(left * 1000) + 1)
-            for fd, ev in self._wpoll.poll(ms):
-                if fd == self._dout and ev & _POLLERRS:
-                    raise self._fail(self._gone())
-            self._check()
+            self._write_out()
+            self._writer_wait(ms)
 
     def _flush_out(self, deadline: float | None, timeout: float | None) -> None:
         while not self._write_out():
-            if timeout == 0:
-                raise WouldBlock("the descriptor pipe is full; the rest stays queued")
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise Timeout("the peer did not take the queued messages in time")
-            ms = SLICE_MS if left is None else min(SLICE_MS, int(left * 1000) + 1)
-            p = select.poll()
-            p.register(self._dout, _POLLOUT)
-            p.register(self._rin, _POLLIN)
-            for fd, ev in p.poll(ms):
+            self._writer_wait(
+                slice_ms(
+                    deadline,
+                    timeout,
+                    "the descriptor pipe is full; the rest stays queued",
+                    "the peer did not take the queued messages in time",
+                )
+            )
+
+    def _writer_wait(self, ms: int) -> None:
+        """Wait up to ``ms`` for returns, or for room in the descriptor pipe while descriptors
+        wait to be written; returns that came are taken."""
+        poll = self._wpoll
+        writing = bool(self._out)
+        if writing:
+            poll.register(self._dout, _POLLOUT)
+        try:
+            for fd, ev in poll.poll(ms):
                 if fd == self._rin:
-                    self._take_returns()
+                    self._take_returns()  # raises once the reader is gone
                 elif ev & _POLLERRS:
                     raise self._fail(self._gone())
+        finally:
+            if writing:
+                poll.unregister(self._dout)
+        self._check()
 
     def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
         self._check()
@@ -402,7 +399,7 @@ class ShmemPipePath(MessagePath):
             raise ValueError(
                 f"size must be in 0..{self.max_write} (commit larger messages in parts, more=True)"
             )
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_of(timeout)
         frag = self.max_fragment
         sizes = [min(frag, size - k) for k in range(0, size, frag)] or [0]
         claim = _Claim()
@@ -462,31 +459,37 @@ class ShmemPipePath(MessagePath):
     def flush(self, timeout: float | None = None) -> None:
         self._check()
         self._advance()
-        self._flush_out(None if timeout is None else time.monotonic() + timeout, timeout)
+        self._flush_out(deadline_of(timeout), timeout)
 
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
         self._check()
+        self._put(data, deadline_of(timeout), timeout)
+        self._flush_out(None, None)
+
+    def _put(
+        self, data: bytes | bytearray | memoryview, deadline: float | None, timeout: float | None
+    ) -> None:
+        """Describe one message of any size (not written to the pipe yet): copied into one
+        extent, or sent in parts when it is large or an open claim must go first."""
         mv = memoryview(data).cast("B")
         n = len(mv)
         if self._claims or n > self.max_fragment:
             self._send_in_parts(mv, timeout)
             return
+        off = 0
         if n:
-            off = self._alloc(n, None if timeout is None else time.monotonic() + timeout, timeout)
-            base = self._tx_base + off
-            self._mv[base : base + n] = mv
-        else:
-            off = 0
+            off = self._alloc(n, deadline, timeout)
+            start = self._tx_base + off
+            self._mv[start : start + n] = mv
         self._describe(off, n, 0)
         self._msgs_out += 1
         self._bytes_out += n
-        self._flush_out(None, None)
 
     def send_many(
         self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
     ) -> int:
         self._check()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_of(timeout)
         count = 0
         ext = self._extents
         mv, base, epoch = self._mv, self._tx_base, self.epoch
@@ -495,7 +498,7 @@ class ShmemPipePath(MessagePath):
             for m in msgs:
                 n = len(m)
                 if self._claims or n > frag or not n or (type(m) is memoryview and m.itemsize != 1):
-                    self._send_other(m, deadline)
+                    self._put(m, deadline, time_left(deadline, timeout))
                     count += 1
                     continue
                 # Extents.alloc inlined for the common case: a bump of the current extent
@@ -506,7 +509,7 @@ class ShmemPipePath(MessagePath):
                     ext.count += 1
                     ext.free_bytes -= size
                 else:
-                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    left = time_left(deadline, timeout)
                     off = self._alloc(n, deadline, left)
                 mv[base + off : base + off + n] = m
                 out += _pack_desc(off, n, self._wseq, epoch, 0, MAGIC)
@@ -522,23 +525,6 @@ class ShmemPipePath(MessagePath):
                 raise
         self._flush_out(None, None)
         return count
-
-    def _send_other(self, m: bytes | bytearray | memoryview, deadline: float | None) -> None:
-        """send_many's path for an empty, large or oddly typed message, or behind a claim."""
-        mv = memoryview(m).cast("B")
-        n = len(mv)
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if self._claims or n > self.max_fragment:
-            self._send_in_parts(mv, left)
-            return
-        off = 0
-        if n:
-            off = self._alloc(n, deadline, left)
-            start = self._tx_base + off
-            self._mv[start : start + n] = mv
-        self._describe(off, n, 0)
-        self._msgs_out += 1
-        self._bytes_out += n
 
     # ================================================================= reading
     def _fill(self) -> int:
@@ -610,7 +596,7 @@ class ShmemPipePath(MessagePath):
     def _gather(self, timeout: float | None) -> None:
         if self._stash and not self._stash[-1][1]:
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_of(timeout)
         while True:
             d = None if self._peer_closed else self._next()
             if d is not None:
@@ -638,13 +624,9 @@ class ShmemPipePath(MessagePath):
 
     def _wait_readable(self, deadline: float | None, timeout: float | None) -> None:
         # Returns wait for their batch: a writer short of space says so (F_NEED), which wakes us.
-        if timeout == 0:
-            raise WouldBlock("no message is ready")
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            raise Timeout("no message before the timeout")
-        ms = SLICE_MS if left is None else min(SLICE_MS, int(left * 1000) + 1)
-        self._rpoll.poll(ms)
+        self._rpoll.poll(
+            slice_ms(deadline, timeout, "no message is ready", "no message before the timeout")
+        )
         self._check()
 
     def recv(self, timeout: float | None = None) -> bytes:

@@ -55,7 +55,7 @@ from fable.errors import (
     Timeout,
     WouldBlock,
 )
-from fable.transports.message import Claim, MessagePath
+from fable.transports.message import Claim, MessagePath, deadline_of, slice_ms, time_left
 
 if TYPE_CHECKING:
     from fable.transports.setup import SetupChannel
@@ -104,27 +104,6 @@ class _Claim(Claim):
 
 def _readv1(fd: int, buf: memoryview) -> int:
     return os.readv(fd, (buf,))
-
-
-def _deadline(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    if timeout < 0:
-        raise ValueError("timeout must be >= 0 or None")
-    return _monotonic() + timeout
-
-
-def _remaining(deadline: float | None, timeout: float | None) -> float | None:
-    """What is left of ``timeout`` (0 stays 0: never wait)."""
-    if deadline is None or timeout == 0:
-        return timeout
-    return max(0.0, deadline - _monotonic())
-
-
-def _remaining_ms(deadline: float | None) -> int | None:
-    if deadline is None:
-        return None
-    return max(0, int((deadline - _monotonic()) * 1000 + 0.999))
 
 
 class StreamPath(MessagePath):
@@ -286,12 +265,8 @@ class StreamPath(MessagePath):
                     raise WouldBlock("uncommitted write buffers hold the connection's buffer space")
             elif timeout is None or self._queue or self._kernel_takes(size):
                 return
-            if timeout == 0:
-                raise WouldBlock("the connection is full")
-            ms = _remaining_ms(deadline)
-            if ms == 0:
-                raise Timeout("no room before the timeout")
-            events = self._wpoll.poll(200 if ms is None else min(ms, 200))
+            ms = slice_ms(deadline, timeout, "the connection is full", "no room before the timeout")
+            events = self._wpoll.poll(ms)
             if events and events[0][1] & _POLLERRS:
                 raise self._gone_on_write()
             if events and not self._queue:
@@ -308,7 +283,7 @@ class StreamPath(MessagePath):
         nframes = max(1, -(-size // FRAGMENT))
         need = size + nframes * HDR
         self._check()
-        self._claim(need, _deadline(timeout), timeout)
+        self._claim(need, deadline_of(timeout), timeout)
         claim = _Claim(need)
         views = []
         left = size
@@ -418,16 +393,18 @@ class StreamPath(MessagePath):
     def flush(self, timeout: float | None = None) -> None:
         self._check()
         self._advance()
-        self._drain(_deadline(timeout), timeout)
+        self._drain(deadline_of(timeout), timeout)
 
     def _drain(self, deadline: float | None, timeout: float | None = None) -> None:
         while not self._push():
-            if timeout == 0:
-                raise WouldBlock("the transport is full; the rest stays queued")
-            ms = _remaining_ms(deadline)
-            if ms == 0:
-                raise Timeout("the peer did not take the queued messages in time")
-            self._wpoll.poll(200 if ms is None else min(ms, 200))
+            self._wpoll.poll(
+                slice_ms(
+                    deadline,
+                    timeout,
+                    "the transport is full; the rest stays queued",
+                    "the peer did not take the queued messages in time",
+                )
+            )
 
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
         n = len(data)
@@ -469,19 +446,19 @@ class StreamPath(MessagePath):
     ) -> int:
         self._check()
         epoch = self.epoch
-        deadline = _deadline(timeout)
+        deadline = deadline_of(timeout)
         count = 0
         try:
             for m in msgs:
                 n = len(m)
                 if n > FRAGMENT or self._claims or (type(m) is memoryview and m.itemsize != 1):
                     self._advance()
-                    self._send_in_parts(m, _remaining(deadline, timeout))
+                    self._send_in_parts(m, time_left(deadline, timeout))
                     count += 1
                     continue
                 need = HDR + n
                 if self._queued + need > self._limit:
-                    self._claim(need, deadline, _remaining(deadline, timeout))
+                    self._claim(need, deadline, time_left(deadline, timeout))
                 frame = _pack(n, 0, MAGIC, self._wseq, epoch) + m
                 with self._wlock:
                     self._queue.append(frame)
@@ -530,11 +507,7 @@ class StreamPath(MessagePath):
         return flags, rpos + HDR, end
 
     def _wait_readable(self, deadline: float | None, timeout: float | None) -> None:
-        if timeout == 0:
-            raise WouldBlock("no message is ready")
-        ms = _remaining_ms(deadline)
-        if ms == 0:
-            raise Timeout("no message before the timeout")
+        ms = slice_ms(deadline, timeout, "no message is ready", "no message before the timeout")
         if self._queue:
             for fd, ev in self._rwpoll.poll(ms):
                 if fd == self._wfd and ev & (_POLLOUT | _POLLERRS) and self._queue:
@@ -546,7 +519,7 @@ class StreamPath(MessagePath):
         """Take fragments into the stash until it holds one whole message."""
         if self._stash and not self._stash[-1][1]:
             return
-        deadline = _deadline(timeout) if timeout else None
+        deadline = deadline_of(timeout) if timeout else None
         while True:
             fr = self._next_frame() if not self._peer_closed else None
             if fr is not None:
@@ -663,8 +636,8 @@ class StreamPath(MessagePath):
             return
         self._claims = deque(c for c in self._claims if c.committed)
         self._advance()
-        self._queue_close(_deadline(linger), linger)
-        self._drain(_deadline(linger))
+        self._queue_close(deadline_of(linger), linger)
+        self._drain(deadline_of(linger))
 
     def _free(self, clean: bool) -> None:
         self._queue.clear()

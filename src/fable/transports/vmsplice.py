@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 from fable import _core
 from fable.errors import ProtocolError, Timeout, WouldBlock
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
+from fable.transports.message import deadline_of, slice_ms, time_left
 from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
 from fable.transports.setup import SetupChannel, _close_all
 from fable.transports.shm import unmap
@@ -49,9 +50,6 @@ from fable.transports.stream import (
     IOV_MAX,
     MAGIC,
     StreamPath,
-    _deadline,
-    _remaining,
-    _remaining_ms,
 )
 
 __all__ = ["INFO", "TOKEN", "VmsplicePath"]
@@ -204,19 +202,16 @@ class VmsplicePath(StreamPath):
         while not self._room(size):
             if self._queue:
                 self._try_push()
-            if timeout == 0:
-                raise WouldBlock("the connection is full")
-            ms = _remaining_ms(deadline)
-            if ms == 0:
-                raise Timeout("no room before the timeout")
-            if self._queue:
+            ms = slice_ms(deadline, timeout, "the connection is full", "no room before the timeout")
+            pushing = bool(self._queue)  # then room in the pipe matters too
+            if pushing:
                 self._tpoll.register(self._wfd, _POLLOUT)
             try:
-                for fd, ev in self._tpoll.poll(200 if ms is None else min(ms, 200)):
+                for fd, ev in self._tpoll.poll(ms):
                     if fd == self._wfd and ev & _POLLERRS:
                         raise self._fail(self._gone_on_write())
             finally:
-                if self._queue:
+                if pushing:
                     self._tpoll.unregister(self._wfd)
             self._check()
 
@@ -278,18 +273,18 @@ class VmsplicePath(StreamPath):
         self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
     ) -> int:
         self._check()
-        deadline = _deadline(timeout)
+        deadline = deadline_of(timeout)
         count = 0
         try:
             for m in msgs:
                 n = len(m)
                 if n > FRAGMENT or self._claims or (type(m) is memoryview and m.itemsize != 1):
                     self._advance()
-                    self._send_in_parts(m, _remaining(deadline, timeout))
+                    self._send_in_parts(m, time_left(deadline, timeout))
                     count += 1
                     continue
                 if self._queued + HDR + n > self._limit or not self._room(HDR + n):
-                    self._claim(HDR + n, deadline, _remaining(deadline, timeout))
+                    self._claim(HDR + n, deadline, time_left(deadline, timeout))
                 self._put(m, n)
                 count += 1
                 if self._queued >= 65536:
