@@ -10,7 +10,7 @@ from types import FrameType
 import pytest
 
 import fable
-from fable.errors import WouldBlock
+from fable.testing import fill
 
 
 class Interrupted(Exception):
@@ -50,11 +50,7 @@ def test_blocked_writer_raises_on_signal(transport: str, alarm: None) -> None:
     other = pending.open()
     with other, conn:
         chunk = b"w" * 65536
-        while True:
-            try:
-                conn.send(chunk, timeout=0)
-            except WouldBlock:
-                break
+        fill(conn, chunk)
         signal.setitimer(signal.ITIMER_REAL, 0.2)
         t0 = time.monotonic()
         with pytest.raises(Interrupted):

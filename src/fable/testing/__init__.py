@@ -41,6 +41,8 @@ __all__ = [
     "Child",
     "MakePair",
     "check_transport",
+    "fable_mappings",
+    "fill",
     "open_fds",
     "pattern",
     "verify",
@@ -638,15 +640,41 @@ def check_clean_close(make_pair: MakePair) -> None:
         pass
 
 
-def _killer(child: Child, delay: float, stamp: list[float]) -> threading.Thread:
-    def run() -> None:
-        time.sleep(delay)
+def fill(conn: Connection, chunk: bytes = b"z" * 65536) -> None:
+    """Send ``chunk`` until the connection is full (the next send would wait)."""
+    while True:
+        try:
+            conn.send(chunk, timeout=0)
+        except WouldBlock:
+            return
+
+
+def _dies_within_a_second(child: Child, blocked: Callable[[], object], what: str) -> None:
+    """Kill ``child`` 0.3 s into ``blocked()`` (which must block until then): it must raise
+    PeerDied within 1 s of the kill."""
+    stamp: list[float] = []
+
+    def kill() -> None:
+        time.sleep(0.3)
         stamp.append(time.monotonic())
         os.kill(child.pid, signal.SIGKILL)
 
-    t = threading.Thread(target=run)
-    t.start()
-    return t
+    killer = threading.Thread(target=kill)
+    killer.start()
+    try:
+        blocked()
+        raise AssertionError(f"{what} never noticed that the peer was killed")
+    except PeerDied:
+        took = time.monotonic() - stamp[0]
+        assert took < 1.0, f"PeerDied came {took:.2f} s after the kill ({what})"
+    finally:
+        killer.join()
+    child.join()
+
+
+def _idle_peer(c: Connection) -> None:
+    c.send(b"ready")
+    time.sleep(120)
 
 
 def check_peer_died_reader(make_pair: MakePair) -> None:
@@ -663,83 +691,40 @@ def check_peer_died_reader(make_pair: MakePair) -> None:
     with conn:
         for i in range(3):
             verify(i, conn.recv(timeout=30), 500)
-        stamp: list[float] = []
-        t = _killer(ch, 0.3, stamp)
-        try:
-            conn.recv(timeout=30)
-            raise AssertionError("recv from a killed peer did not raise")
-        except PeerDied:
-            took = time.monotonic() - stamp[0]
-            assert took < 1.0, f"PeerDied came {took:.2f} s after the kill"
-        t.join()
-    ch.join()
+        _dies_within_a_second(ch, lambda: conn.recv(timeout=30), "a blocked recv")
 
 
 def check_peer_died_writer(make_pair: MakePair) -> None:
     """SIGKILL of the reader while the writer is blocked on back-pressure: PeerDied < 1 s."""
     conn, pending = make_pair()
-
-    def child(c: Connection) -> None:
-        c.send(b"ready")
-        time.sleep(120)
-
-    ch = Child(pending, child)
+    ch = Child(pending, _idle_peer)
     with conn:
         assert conn.recv(timeout=30) == b"ready"
-        chunk = b"z" * 65536
-        while True:
-            try:
-                conn.send(chunk, timeout=0)
-            except WouldBlock:
-                break
-        stamp: list[float] = []
-        t = _killer(ch, 0.3, stamp)
-        try:
+        fill(conn)
+
+        def blocked() -> None:
             for _ in range(100_000):
-                conn.send(chunk)  # blocks in getwritebuf until the kill
-            raise AssertionError("writing to a killed reader never failed")
-        except PeerDied:
-            took = time.monotonic() - stamp[0]
-            assert took < 1.0, f"PeerDied came {took:.2f} s after the kill"
-        t.join()
-    ch.join()
+                conn.send(b"z" * 65536)
+
+        _dies_within_a_second(ch, blocked, "a blocked send")
 
 
 def check_peer_died_getwritebuf(make_pair: MakePair) -> None:
     """SIGKILL of the reader while the writer waits for space in getwritebuf (or, on the kernel
     transports, in the commit that hands the bytes over): PeerDied < 1 s."""
     conn, pending = make_pair()
-
-    def child(c: Connection) -> None:
-        c.send(b"ready")
-        time.sleep(120)
-
-    ch = Child(pending, child)
+    ch = Child(pending, _idle_peer)
     with conn:
         assert conn.recv(timeout=30) == b"ready"
+        fill(conn)
         size = min(65536, conn.max_write)
-        while True:
-            try:
-                bufs = conn.getwritebuf(size, timeout=0)
-            except WouldBlock:
-                break
-            conn.commit(bufs, size, flush=False)
-            try:
-                conn.flush(timeout=0)
-            except WouldBlock:
-                break
-        stamp: list[float] = []
-        t = _killer(ch, 0.3, stamp)
-        try:
+
+        def blocked() -> None:
             for _ in range(100_000):
                 bufs = conn.getwritebuf(size)  # blocks until the kill
                 conn.commit(bufs, size)
-            raise AssertionError("writing to a killed reader never failed")
-        except PeerDied:
-            took = time.monotonic() - stamp[0]
-            assert took < 1.0, f"PeerDied came {took:.2f} s after the kill"
-        t.join()
-    ch.join()
+
+        _dies_within_a_second(ch, blocked, "a getwritebuf waiting for space")
 
 
 def check_dead_buffer(make_pair: MakePair) -> None:
