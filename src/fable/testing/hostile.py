@@ -2,10 +2,11 @@
 
 ``Attack`` functions run in the attacker's process, on its own end of a connection: they use
 its transport's internals to write what a hostile peer could write (random bytes over ring
-headers and records, descriptors for extents outside the area or overlapping, bogus returns and
-tokens, payloads changed after commit). :func:`run_victim` runs in the victim's process: it
-sends and reads (with ``getreadbuf``) until its connection fails or the attacker goes, within a
-time bound, and reports what happened as an :class:`Outcome`.
+headers and records, ring positions moved past what the ring holds, descriptors for extents
+outside the area or overlapping, bogus returns and tokens, payloads changed after commit).
+:func:`run_victim` runs in the victim's process: it sends and reads (with ``getreadbuf``)
+until its connection fails or the attacker goes, within a time bound, and reports what
+happened as an :class:`Outcome`.
 
 The contract (DESIGN.md §3, "Untrusted input is never trusted"): the victim's connection fails
 with ``ProtocolError``, or it delivers bytes (which, from a hostile writer, may be anything);
@@ -136,11 +137,26 @@ def ring_records(conn: Connection, rng: random.Random) -> None:
     _send_some(conn)
 
 
-def ring_reader_fields(conn: Connection, rng: random.Random) -> None:
-    """Random bytes over the ring the victim writes (its tail, waiters flags, CPUs)."""
+def _u64(mem: memoryview, off: int) -> int:
+    return int.from_bytes(mem[off : off + 8], "little")
+
+
+def ring_tail_ahead(conn: Connection, rng: random.Random) -> None:
+    """The writer's published position (TAIL) moved past anything the ring can hold."""
     p: Any = conn._path
-    _scribble(p._rx_mem[: L.HEADER_SIZE], rng, 16)
+    _send_some(conn, 2)
+    tail = _u64(p._tx_mem, L.TAIL) + p._tx.capacity + rng.randrange(1, 1 << 20)
+    p._tx_mem[L.TAIL : L.TAIL + 8] = tail.to_bytes(8, "little")
     time.sleep(0.3)
+
+
+def ring_head_ahead(conn: Connection, rng: random.Random) -> None:
+    """The reader's position (HEAD, in the ring the victim writes) moved past anything the
+    victim published."""
+    p: Any = conn._path
+    head = _u64(p._rx_mem, L.HEAD) + rng.randrange(1 << 20, 1 << 40)
+    p._rx_mem[L.HEAD : L.HEAD + 8] = head.to_bytes(8, "little")
+    time.sleep(0.5)
 
 
 def ring_change_after_commit(conn: Connection, rng: random.Random) -> None:
@@ -268,7 +284,8 @@ ATTACKS: dict[str, dict[str, tuple[Attack, frozenset[str]]]] = {
     "fable.transports.mempipe": {
         "ring-header": (ring_header, EITHER),
         "ring-records": (ring_records, EITHER),
-        "ring-reader-fields": (ring_reader_fields, EITHER),
+        "ring-tail-ahead": (ring_tail_ahead, FAILS),
+        "ring-head-ahead": (ring_head_ahead, FAILS),
         "change-after-commit": (ring_change_after_commit, EITHER),
     },
     "fable.transports.shmem_pipe": {
