@@ -168,6 +168,15 @@ def _close_all(fds: list[int]) -> None:
             pass
 
 
+def _no_form(name: str, safe: bool, mutual_trust: bool) -> str:
+    if safe and mutual_trust:
+        return (
+            f"transport {name} has no safe form: both sides must trust each other; open it "
+            "with safe=False between trusting processes, or pick another transport"
+        )
+    return f"transport {name} has no {'safe' if safe else 'unsafe'} form"
+
+
 def _open_end(ch: SetupChannel, timeout: float | None) -> Any:
     from fable.connection import Connection
     from fable.transports import REGISTRY
@@ -185,7 +194,7 @@ def _open_end(ch: SetupChannel, timeout: float | None) -> Any:
         if not isinstance(safe, bool) or not isinstance(params, dict):
             raise ProtocolError("malformed hello on the setup channel")
         if safe not in info.caps.forms:
-            raise ProtocolError(f"transport {name} has no {'safe' if safe else 'unsafe'} form")
+            raise ProtocolError(_no_form(info.name, safe, info.caps.mutual_trust))
     except BaseException:
         _close_all(fds)
         raise
@@ -252,13 +261,8 @@ def open_pair(
     forms = info.caps.forms
     if safe is None:
         safe = forms[0]
-    if safe and info.caps.mutual_trust:
-        raise ValueError(
-            f"transport {name} needs both sides to trust each other, so it has no safe form; "
-            "open it with safe=False between trusting processes, or pick another transport"
-        )
     if safe not in forms:
-        raise ValueError(f"transport {name} has no {'safe' if safe else 'unsafe'} form")
+        raise ValueError(_no_form(name, safe, info.caps.mutual_trust))
     s0, s1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ch = SetupChannel(s0)
     try:

@@ -85,6 +85,11 @@ _POLLOUT = select.POLLOUT
 _POLLERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
+def _asize(n: int) -> int:
+    """The bytes an allocation of ``n`` takes (Extents rounds up to ALIGN, at least ALIGN)."""
+    return (n + ALIGN - 1) & ~(ALIGN - 1) or ALIGN
+
+
 class Extents:
     """The writer's allocator over an area of ``capacity`` bytes (see the module docstring).
 
@@ -108,7 +113,7 @@ class Extents:
         self._by_end: dict[int, int] = {}  # end -> start
 
     def alloc(self, n: int) -> int | None:
-        n = (n + ALIGN - 1) & ~(ALIGN - 1) or ALIGN
+        n = _asize(n)
         if self.count >= self.max_outstanding:
             return None
         start = self.cur
@@ -141,15 +146,18 @@ class Extents:
 
     def shrink(self, start: int, n: int, used: int) -> int:
         """Give back the tail of an allocation of ``n`` bytes beyond ``used``; the new size."""
-        keep = (used + ALIGN - 1) & ~(ALIGN - 1) or ALIGN
+        keep = _asize(used)
         if keep < n:
-            self.count += 1  # free() below counts the tail as an extent coming back
-            self.free(start + keep, n - keep)
+            self._give(start + keep, n - keep)
         return keep
 
     def free(self, start: int, n: int) -> None:
-        end = start + n
         self.count -= 1
+        self._give(start, n)
+
+    def _give(self, start: int, n: int) -> None:
+        """``n`` bytes at ``start`` are free again: merge them with their free neighbours."""
+        end = start + n
         self.free_bytes += n
         if end == self.cur:
             self.cur = self._by_end.pop(start, start)
@@ -180,11 +188,6 @@ class Extents:
         else:
             self._by_start[start] = end
             self._by_end[end] = start
-
-
-def _asize(n: int) -> int:
-    """The bytes an allocation of ``n`` takes (Extents rounds up to ALIGN, at least ALIGN)."""
-    return (n + ALIGN - 1) & ~(ALIGN - 1) or ALIGN
 
 
 class _Claim(Claim):
@@ -340,7 +343,7 @@ class ShmemPipePath(MessagePath):
                     raise self._fail(
                         ProtocolError(f"the peer returned extent ({off}, {n}), never described")
                     )
-                self._extents.free(off, (n + ALIGN - 1) & ~(ALIGN - 1))  # n > 0: as _asize
+                self._extents.free(off, _asize(n))
                 got += 1
             if len(data) < 65536:
                 return got
@@ -501,7 +504,8 @@ class ShmemPipePath(MessagePath):
                     self._put(m, deadline, time_left(deadline, timeout))
                     count += 1
                     continue
-                # Extents.alloc inlined for the common case: a bump of the current extent
+                # Extents.alloc inlined for the common case, a bump of the current extent (and
+                # _asize, for n > 0); then _describe inlined
                 size = (n + ALIGN - 1) & ~(ALIGN - 1)
                 off = ext.cur
                 if ext.cur_end - off >= size and ext.count < ext.max_outstanding:
