@@ -395,15 +395,8 @@ class RingPath(MessagePath):
         return out
 
     def release(self, buf: Buffer) -> None:
-        view = buf._data
-        token = buf._take(self)
-        self._held -= 1
-        if view is not None:
-            try:
-                view.release()  # a saved reference stops working too
-            except BufferError:
-                pass
-        if token is not None:
+        token = self._take_read(buf)
+        if isinstance(token, tuple):
             self._pinned -= token[1]
             if not self._closed:
                 self._rx.release(token[0])

@@ -303,6 +303,19 @@ class MessagePath(DataPath):
             self._state_changed()
         return out
 
+    def _take_read(self, buf: Buffer) -> object:
+        """Release's half: the read buffer is dead and its view released (a reference the
+        application saved stops working too); returns the buffer's token."""
+        view = buf._data
+        token = buf._take(self)
+        self._held -= 1
+        if view is not None:
+            try:
+                view.release()
+            except BufferError:
+                pass  # the application made views of the view: they keep the memory
+        return token
+
     def _count_in(self, more: bool, n: int) -> None:
         """One read buffer handed out."""
         self._held += 1

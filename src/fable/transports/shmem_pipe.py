@@ -696,21 +696,12 @@ class ShmemPipePath(MessagePath):
         return out
 
     def release(self, buf: Buffer) -> None:
-        view = buf._data
-        token = buf._take(self)
-        self._held -= 1
-        if view is not None:
-            try:
-                view.release()
-            except BufferError:
-                pass
-        if token is not None:
+        token = self._take_read(buf)
+        if isinstance(token, tuple):
             off, n = token
             self._pinned -= n
             if not self._closed:
-                self._give_back(off, n)
-                if self._dpos == self._dend:
-                    self._return_now()  # caught up: the writer may be waiting for this
+                self._give_back(off, n)  # at once if the writer said it waits (F_NEED)
 
     # ================================================================= the rest
     def poll_prepare(self) -> bool:

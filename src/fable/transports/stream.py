@@ -602,8 +602,7 @@ class StreamPath(MessagePath):
         return out
 
     def release(self, buf: Buffer) -> None:
-        pin = buf._take(self)
-        self._held -= 1
+        pin = self._take_read(buf)
         if isinstance(pin, list):
             pin[0] -= 1
 
