@@ -1,147 +1,216 @@
-"""One measurement point: two pinned processes, one transport, one size, one mode.
+"""One measurement point: two pinned processes, one link, one size, one mode.
 
 Method (docs/bench.md says the same for users):
-- The driver forks worker A, which pins itself to CPU ``a``, makes the connection with
-  ``open_pair`` and forks worker B (pinned to CPU ``b``) with the other end. The driver holds no
-  connection; it only waits for A's JSON result, with a timeout, and kills both on expiry.
-- Every message carries its sequence number in its first 8 bytes (all of it below 8 B); the
-  receiver checks it, and with ``verify="full"`` compares every byte with what was sent.
-- The writer builds every message anew (sequence + body), so it writes every byte it sends.
-- latency: ping-pong round trips; A timestamps each one into a preallocated array
-  (``time.perf_counter_ns``), so percentiles come from every sample, after a warm-up.
+- The driver forks worker A, which pins itself to CPU ``a``, sets the link up (``Link.setup``:
+  ``open_pair`` for a REGISTRY transport, a rendezvous for a peer library) and forks worker B,
+  pinned to CPU ``b``, which opens the other end. The driver holds no connection; it waits for
+  A's JSON result with a timeout and kills both (their process group) on expiry, so a stuck
+  transport or peer becomes a record with ``verified: false`` and an ``error``, never a hung run.
+- Message ``n`` is ``_native.message(n, size)``: ``n`` in its first 8 bytes, every other byte a
+  function of ``n`` and its offset (layout: bench/native.c). The writer builds every message anew
+  in C, so it writes every byte it sends. The receiver checks every sequence number (a lost,
+  duplicated or reordered message fails the point); ``verify="full"`` checks every byte, in C.
+- latency: ping-pong round trips; A stamps each one into a preallocated array, so percentiles come
+  from every sample, after a warm-up.
 - throughput: A writes ``n`` messages with ``send_many`` in batches; B reads them with ``recv``
-  and reports when the last arrived; rate = n / (last arrival - first send). Both clocks are the
-  system's monotonic clock, shared by all processes.
-- The iteration count grows from a short trial until one repeat lasts about ``target_s``.
+  and reports when the last arrived; rate = n / (last arrival - first send), both on the
+  system's monotonic clock.
+- The iteration count grows from a short trial (the warm-up) until one repeat lasts about
+  ``target_s``.
+- ``floor`` is not a transport: one cache line bounced between the two CPUs in C
+  (``_native.floor``), the lower bound of any round trip between them (latency only).
 """
 
 from __future__ import annotations
 
 import array
 import json
+import mmap
 import os
 import select
 import signal
 import statistics
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
-from fable.connection import Connection
-from fable.transports.setup import open_pair
+from fable.bench import _native
 
-__all__ = ["Point", "run_point"]
+__all__ = [
+    "FLOOR",
+    "SCHEMA_VERSION",
+    "Channel",
+    "Link",
+    "Point",
+    "VerifyError",
+    "link_for",
+    "machine_info",
+    "run_point",
+]
 
 SCHEMA_VERSION = 1
-_ns = time.perf_counter_ns
+FLOOR = "floor"
+FLOOR_SIZE = 64  # one cache line moves per hop
+_ns = time.perf_counter_ns  # CLOCK_MONOTONIC, shared by all processes (and by _native.floor)
 
 
 @dataclass(frozen=True)
 class Point:
-    transport: str
+    transport: str  # a REGISTRY name, "floor" or "peer:NAME"
     safe: bool
     mode: str  # "latency" | "throughput"
     size: int
     cpus: tuple[int, int]
 
 
-def _message(seq: int, body: bytes) -> bytes:
-    if len(body) >= 8:
-        return seq.to_bytes(8, "little") + body[8:]
-    return (seq & ((1 << (8 * len(body))) - 1)).to_bytes(len(body), "little")
+class Channel(Protocol):
+    """What the measuring loops use of a connection (a fable ``Connection`` is one)."""
+
+    def send(self, data: bytes, /) -> None: ...
+    def send_many(self, msgs: Sequence[bytes], /) -> Any: ...
+    def recv(self) -> bytes: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Link(Protocol):
+    """How the two processes of a point get connected. The driver makes the link; ``setup``
+    runs in worker A before B is forked; then ``end(0)`` runs in A and ``end(1)`` in B, each
+    returning its side's channel. ``cleanup`` runs in the driver once both processes are gone
+    (killed or not): it removes what a library leaves behind its processes."""
+
+    def setup(self, point: Point) -> None: ...
+    def end(self, side: int) -> Channel: ...
+    def cleanup(self) -> None: ...
+
+
+class FableLink:
+    """A REGISTRY transport, connected by ``open_pair`` (no daemon)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def setup(self, point: Point) -> None:
+        from fable.transports.setup import open_pair
+
+        self._conn, self._pending = open_pair(self.name, safe=point.safe)
+
+    def end(self, side: int) -> Channel:
+        if side == 0:
+            self._pending.close()
+            return cast(Channel, self._conn)
+        return cast(Channel, self._pending.open())
+
+    def cleanup(self) -> None:
+        pass  # fable's memory and fds go with the processes
+
+
+def link_for(transport: str) -> Link:
+    """The link of a record's ``transport`` name (REGISTRY name or ``peer:NAME``)."""
+    if transport.startswith("peer:"):
+        from fable.bench.peers import peer_link
+
+        return cast(Link, peer_link(transport[5:]))
+    from fable.transports import REGISTRY
+
+    if transport not in REGISTRY:
+        raise ValueError(f"unknown transport {transport!r}; known: {', '.join(REGISTRY)}")
+    return FableLink(transport)
+
+
+# ------------------------------------------------------------------------------ verification
+class VerifyError(AssertionError):
+    pass
 
 
 def _mask(size: int) -> int:
     return (1 << (8 * min(size, 8))) - 1
 
 
-def _body(size: int) -> bytes:
-    return bytes((i * 7 + 3) & 0xFF for i in range(size))
-
-
-class VerifyError(AssertionError):
-    pass
-
-
-def _check(msg: bytes, seq: int, size: int, body: bytes, full: bool) -> None:
+def verify(msg: bytes, seq: int, size: int, full: bool) -> None:
+    """Raise ``VerifyError`` saying what is wrong unless ``msg`` is bench message ``seq``."""
     if len(msg) != size:
         raise VerifyError(f"message {seq}: {len(msg)} B instead of {size} B")
     got = int.from_bytes(msg[:8], "little")
     if got != seq & _mask(size):
-        raise VerifyError(f"message {seq}: sequence {got} (lost, duplicated or reordered)")
-    if full and msg[8:] != body[8:]:
-        raise VerifyError(f"message {seq}: payload corrupted")
+        raise VerifyError(
+            f"message {seq}: got sequence {got} instead (lost, duplicated or reordered)"
+        )
+    if full:
+        bad = _native.check(msg, seq)
+        if bad >= 0:
+            raise VerifyError(f"message {seq}: payload corrupted at byte {bad}")
 
 
 # ---------------------------------------------------------------------------------- worker B
-def _peer(conn: Connection, size: int, full: bool) -> None:
-    body = _body(size)
+def _peer(ch: Channel, size: int, full: bool) -> None:
+    check, mask = _native.check, _mask(size)
     while True:
-        cmd = json.loads(conn.recv())
+        cmd = json.loads(ch.recv())
         op, n = cmd["op"], cmd.get("n", 0)
         if op == "end":
             return
         first = cmd["first"]
+        recv = ch.recv
         if op == "lat":
-            recv, send = conn.recv, conn.send
+            send = ch.send
             for seq in range(first, first + n):
                 m = recv()
-                _check(m, seq, size, body, full)
+                if (
+                    len(m) != size
+                    or int.from_bytes(m[:8], "little") != seq & mask
+                    or (full and check(m, seq) >= 0)
+                ):
+                    verify(m, seq, size, full)
                 send(m)
         elif op == "thr":
-            recv = conn.recv
-            m = recv()
-            _check(m, first, size, body, full)
-            for seq in range(first + 1, first + n):
+            for seq in range(first, first + n):
                 m = recv()
-                if len(m) != size or int.from_bytes(m[:8], "little") != seq & _mask(size):
-                    _check(m, seq, size, body, full)
-                if full and m[8:] != body[8:]:
-                    _check(m, seq, size, body, full)
+                if (
+                    len(m) != size
+                    or int.from_bytes(m[:8], "little") != seq & mask
+                    or (full and check(m, seq) >= 0)
+                ):
+                    verify(m, seq, size, full)
             last = _ns()
-            conn.send(json.dumps({"last_ns": last}).encode())
+            ch.send(json.dumps({"last_ns": last}).encode())
 
 
 # ---------------------------------------------------------------------------------- worker A
-def _latency(conn: Connection, size: int, n: int, first: int, full: bool) -> array.array[int]:
-    body = _body(size)
+def _latency(ch: Channel, size: int, n: int, first: int, full: bool) -> array.array[int]:
+    message, check, mask = _native.message, _native.check, _mask(size)
     stamps = array.array("q", bytes(8 * (n + 1)))
-    conn.send(json.dumps({"op": "lat", "n": n, "first": first}).encode())
-    send, recv = conn.send, conn.recv
+    ch.send(json.dumps({"op": "lat", "n": n, "first": first}).encode())
+    send, recv = ch.send, ch.recv
     stamps[0] = _ns()
     for i in range(n):
         seq = first + i
-        send(_message(seq, body))
+        send(message(seq, size))
         m = recv()
         stamps[i + 1] = _ns()
-        if len(m) != size or int.from_bytes(m[:8], "little") != seq & _mask(size):
-            _check(m, seq, size, body, full)
-        if full and m[8:] != body[8:]:
-            _check(m, seq, size, body, full)
+        if (
+            len(m) != size
+            or int.from_bytes(m[:8], "little") != seq & mask
+            or (full and check(m, seq) >= 0)
+        ):
+            verify(m, seq, size, full)
     return stamps
 
 
-def _throughput(conn: Connection, size: int, n: int, first: int, batch: int) -> float:
-    body = _body(size)
-    tail = body[8:]
-    conn.send(json.dumps({"op": "thr", "n": n, "first": first}).encode())
-    send_many = conn.send_many
+def _throughput(ch: Channel, size: int, n: int, first: int, batch: int) -> float:
+    message = _native.message
+    ch.send(json.dumps({"op": "thr", "n": n, "first": first}).encode())
+    send_many = ch.send_many
     t0 = _ns()
-    seq = first
-    end = first + n
-    if size >= 8:
-        while seq < end:
-            k = min(batch, end - seq)
-            send_many([s.to_bytes(8, "little") + tail for s in range(seq, seq + k)])
-            seq += k
-    else:
-        while seq < end:
-            k = min(batch, end - seq)
-            send_many([_message(s, body) for s in range(seq, seq + k)])
-            seq += k
-    conn.flush()
-    last = int(json.loads(conn.recv())["last_ns"])
+    seq, end = first, first + n
+    while seq < end:
+        k = min(batch, end - seq)
+        send_many([message(s, size) for s in range(seq, seq + k)])
+        seq += k
+    ch.flush()
+    last = int(json.loads(ch.recv())["last_ns"])
     return n / ((last - t0) / 1e9)
 
 
@@ -149,91 +218,179 @@ def _batch_for(size: int) -> int:
     return max(1, min(256, (256 * 1024) // max(size, 1)))
 
 
-def _worker_a(point: Point, opts: dict[str, Any], out_fd: int) -> None:
-    os.sched_setaffinity(0, {point.cpus[0]})
-    conn, pending = open_pair(point.transport, safe=point.safe)
+def _grow(run: Callable[[int], float], n: int, opts: dict[str, Any]) -> int:
+    """Run ``run(n)`` (which returns seconds) with a growing n until a run lasts a quarter of the
+    target; return the count for one repeat of about the target. The trial is the warm-up."""
+    target: float = opts["target_s"]
+    cap: int = opts["max_iters"]
+    while True:
+        took = run(n)
+        if took >= target / 4 or n >= cap:
+            break
+        n = min(cap, max(n * 2, int(n * target / max(took, 1e-6) / 2)))
+    return min(cap, max(n, int(n * target / max(took, 1e-6))))
+
+
+def _latency_result(samples: list[int], n: int) -> dict[str, Any]:
+    samples.sort()
+    return {
+        "p50_ns": samples[len(samples) // 2],
+        "p99_ns": samples[min(len(samples) - 1, (len(samples) * 99) // 100)],
+        "min_ns": samples[0],
+        "max_ns": samples[-1],
+        "mean_ns": int(statistics.fmean(samples)),
+        "samples": len(samples),
+        "iterations": n,
+    }
+
+
+def _measure(ch: Channel, point: Point, opts: dict[str, Any]) -> dict[str, Any]:
+    full = opts["verify"] == "full"
+    size, repeats = point.size, opts["repeats"]
+    first = 0
+
+    if point.mode == "latency":
+
+        def trial(n: int) -> float:
+            nonlocal first
+            t = _latency(ch, size, n, first, full)
+            first += n
+            return (t[n] - t[0]) / 1e9
+
+        n = _grow(trial, 50, opts)
+        samples: list[int] = []
+        for _ in range(repeats):
+            t = _latency(ch, size, n, first, full)
+            first += n
+            samples.extend(t[i + 1] - t[i] for i in range(n))
+        return _latency_result(samples, n)
+
+    batch = _batch_for(size)
+
+    def trial_thr(n: int) -> float:
+        nonlocal first
+        t0 = time.perf_counter()
+        _throughput(ch, size, n, first, batch)
+        first += n
+        return time.perf_counter() - t0
+
+    n = _grow(trial_thr, batch * 4, opts)
+    rates = []
+    for _ in range(repeats):
+        rates.append(_throughput(ch, size, n, first, batch))
+        first += n
+    rate = statistics.median(rates)
+    return {
+        "msgs_per_s": rate,
+        "bytes_per_s": rate * size,
+        "rates": rates,
+        "iterations": n,
+        "batch": batch,
+    }
+
+
+def _floor(point: Point, opts: dict[str, Any]) -> dict[str, Any]:
+    """The floor row: a cache line ping-pong in C between the two pinned CPUs."""
+    mem = mmap.mmap(-1, mmap.PAGESIZE)  # anonymous and MAP_SHARED: seen by the forked child
+    cmd_r, cmd_w = os.pipe()
+    hop_ns = 2_000_000_000  # a peer that does not answer a hop in 2 s is gone
     pid = os.fork()
-    if pid == 0:  # worker B
+    if pid == 0:  # worker B: the ponger
         code = 0
         try:
+            os.close(cmd_w)
             os.sched_setaffinity(0, {point.cpus[1]})
-            peer = pending.open()
-            _peer(peer, point.size, opts["verify"] == "full")
-            peer.close()
+            base = 0
+            with os.fdopen(cmd_r, "rb") as cmds:
+                for line in cmds:
+                    n = int(line)
+                    if not _native.floor(mem, 1, base, n, None, hop_ns):
+                        raise TimeoutError("the pinger stopped")
+                    base += 2 * n
         except BaseException:
             traceback.print_exc()
             code = 1
         os._exit(code)
-    pending.close()
-    full = opts["verify"] == "full"
-    target = opts["target_s"]
-    repeats = opts["repeats"]
-    result: dict[str, Any] = {}
-    first = 0
+    os.close(cmd_r)
+    base = 0
+
+    def rally(n: int) -> array.array[int]:
+        nonlocal base
+        stamps = array.array("q", bytes(8 * (n + 1)))
+        os.write(cmd_w, b"%d\n" % n)
+        if not _native.floor(mem, 0, base, n, stamps, hop_ns):
+            raise VerifyError("the ponger stopped answering")
+        base += 2 * n
+        return stamps
+
+    def trial(n: int) -> float:
+        t = rally(n)
+        return (t[n] - t[0]) / 1e9
+
     try:
-        if point.mode == "latency":
-            # warm-up and trial, then grow the count until a repeat lasts about `target` s
-            n = 50
-            while True:
-                t = _latency(conn, point.size, n, first, full)
-                first += n
-                took = (t[n] - t[0]) / 1e9
-                if took >= target / 4 or n >= opts["max_iters"]:
-                    break
-                n = min(opts["max_iters"], max(n * 2, int(n * target / max(took, 1e-6) / 2)))
-            n = min(opts["max_iters"], max(n, int(n * target / max(took, 1e-6))))
-            samples: list[int] = []
-            for _ in range(repeats):
-                t = _latency(conn, point.size, n, first, full)
-                first += n
-                samples.extend(t[i + 1] - t[i] for i in range(n))
-            samples.sort()
-            result = {
-                "p50_ns": samples[len(samples) // 2],
-                "p99_ns": samples[min(len(samples) - 1, (len(samples) * 99) // 100)],
-                "min_ns": samples[0],
-                "max_ns": samples[-1],
-                "mean_ns": int(statistics.fmean(samples)),
-                "samples": len(samples),
-                "iterations": n,
-            }
-        else:
-            batch = _batch_for(point.size)
-            n = batch * 4
-            while True:
-                t0 = time.perf_counter()
-                _throughput(conn, point.size, n, first, batch)
-                first += n
-                took = time.perf_counter() - t0
-                if took >= target / 4 or n >= opts["max_iters"]:
-                    break
-                n = min(opts["max_iters"], max(n * 2, int(n * target / max(took, 1e-6) / 2)))
-            n = min(opts["max_iters"], max(n, int(n * target / max(took, 1e-6))))
-            rates = []
-            for _ in range(repeats):
-                rates.append(_throughput(conn, point.size, n, first, batch))
-                first += n
-            rate = statistics.median(rates)
-            result = {
-                "msgs_per_s": rate,
-                "bytes_per_s": rate * point.size,
-                "rates": rates,
-                "iterations": n,
-                "batch": batch,
-            }
-        conn.send(json.dumps({"op": "end"}).encode())
-        conn.close()
+        n = _grow(trial, 1000, opts)
+        samples: list[int] = []
+        for _ in range(opts["repeats"]):
+            t = rally(n)
+            samples.extend(t[i + 1] - t[i] for i in range(n))
+    finally:
+        os.close(cmd_w)
+        _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise VerifyError("the ponger failed (see its traceback above)")
+    return _latency_result(samples, n)
+
+
+def _worker_a(point: Point, link: Link | None, opts: dict[str, Any], out_fd: int) -> None:
+    """Pin, connect, fork B, measure; write the result (JSON) to ``out_fd``."""
+    os.sched_setaffinity(0, {point.cpus[0]})
+    result: dict[str, Any]
+    if point.transport == FLOOR:
+        try:
+            result = {**_floor(point, opts), "verified": True}
+        except BaseException as e:
+            result = {"verified": False, "error": f"{type(e).__name__}: {e}"}
+        os.write(out_fd, json.dumps(result).encode())
+        return
+    assert link is not None
+    err_r, err_w = os.pipe()  # B's error, if it fails, for A's record
+    link.setup(point)
+    pid = os.fork()
+    if pid == 0:  # worker B
+        os.close(err_r)
+        code = 0
+        try:
+            os.sched_setaffinity(0, {point.cpus[1]})
+            ch = link.end(1)
+            _peer(ch, point.size, opts["verify"] == "full")
+            ch.close()
+        except BaseException as e:
+            os.write(err_w, f"{type(e).__name__}: {e}".encode()[:4000])
+            if not isinstance(e, VerifyError):
+                traceback.print_exc()
+            code = 1
+        os._exit(code)
+    os.close(err_w)
+    try:
+        ch = link.end(0)
+        result = _measure(ch, point, opts)
+        ch.send(json.dumps({"op": "end"}).encode())
+        ch.close()
         _, status = os.waitpid(pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
-            raise VerifyError("the peer process failed (see its traceback above)")
+            raise VerifyError("the peer process failed")
         result["verified"] = True
     except BaseException as e:
-        result = {"verified": False, "error": f"{type(e).__name__}: {e}"}
         try:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         except OSError:
             pass
+        error = f"{type(e).__name__}: {e}"
+        peer_error = os.read(err_r, 4096).decode(errors="replace")
+        if peer_error:
+            error = f"peer: {peer_error} (here: {error})"
+        result = {"verified": False, "error": error}
     os.write(out_fd, json.dumps(result).encode())
 
 
@@ -246,12 +403,19 @@ def run_point(
     verify: str = "seq",
     timeout_s: float = 60.0,
     max_iters: int = 2_000_000,
+    link: Link | None = None,
 ) -> dict[str, Any]:
-    """Measure one point in two fresh pinned processes; returns its JSON record (never raises
-    for a failing or stuck transport: the record then has ``verified: false`` and ``error``)."""
+    """Measure one point in two fresh pinned processes; return its JSON record (DESIGN.md §9).
+
+    Never raises for a failing or stuck transport: the record then has ``verified: false`` and
+    ``error``. ``link`` replaces the one ``point.transport`` names (tests inject faulty ones)."""
     if verify not in ("seq", "full"):
         raise ValueError("verify must be 'seq' or 'full'")
+    if point.transport == FLOOR and point.mode != "latency":
+        raise ValueError("the floor row measures latency only")
     opts = {"repeats": repeats, "target_s": target_s, "verify": verify, "max_iters": max_iters}
+    if link is None and point.transport != FLOOR:
+        link = link_for(point.transport)
     record: dict[str, Any] = {
         "transport": point.transport,
         "safe": point.safe,
@@ -269,7 +433,7 @@ def run_point(
         try:
             os.close(rfd)
             os.setpgid(0, 0)
-            _worker_a(point, opts, wfd)
+            _worker_a(point, link, opts, wfd)
         except BaseException:
             traceback.print_exc()
             code = 1
@@ -291,14 +455,15 @@ def run_point(
                 chunks.append(b)
     finally:
         os.close(rfd)
-        if timed_out:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        try:
+            os.killpg(pid, signal.SIGKILL)  # B too, and anything a peer library left running
+        except OSError:
+            pass
         os.waitpid(pid, 0)
+        if link is not None:
+            link.cleanup()
     if timed_out:
-        record.update(verified=False, error=f"timed out after {timeout_s:.0f} s")
+        record.update(verified=False, error=f"timed out after {timeout_s:g} s")
         return record
     try:
         record.update(json.loads(b"".join(chunks)))
