@@ -22,7 +22,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	mkdir -p bench-results
-	$(BIN)/fable bench --json bench-results/run.json
+	$(BIN)/fable bench --quick --plot bench-results/ --json bench-results/run.json
 
 check: lint
 	$(BIN)/pytest -m "not slow" -q

@@ -90,6 +90,8 @@ def test_bench_json_schema(tmp_path: Path) -> None:
         (["--pairs", "0:999"], "not online"),
         (["--safety", "risky"], "--safety"),
         (["--modes", "fast"], "--modes"),
+        (["--transports", "peer:nope"], "unknown peer"),
+        (["--grid", "--pairs", "0:0"], "exclude each other"),
     ],
 )
 def test_bench_bad_arguments(args: list[str], message: str) -> None:
@@ -116,3 +118,83 @@ def test_cli_starts_fast() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_bench_floor_row_notes_and_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The floor row, a missing peer reported as skipped (never measured), --plot's files."""
+    from importlib.util import find_spec as real
+
+    def find_spec(name: str) -> object:
+        return None if name == "zenoh" else real(name)
+
+    monkeypatch.setattr("fable.bench.peers.find_spec", find_spec)
+    out, plots = tmp_path / "run.json", tmp_path / "plots"
+    args = [
+        "bench",
+        "--transports",
+        "floor,pipe,peer:zenoh",
+        "--sizes",
+        "64",
+        "--pairs",
+        "0:0",
+        "--repeats",
+        "1",
+        "--target",
+        "0.01",
+        "--json",
+        str(out),
+        "--plot",
+        str(plots),
+    ]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    kinds = sorted((rec["transport"], rec["mode"]) for rec in doc["records"])
+    assert kinds == [("floor", "latency"), ("pipe", "latency"), ("pipe", "throughput")]
+    assert doc["notes"] == [
+        "peer:zenoh skipped: eclipse-zenoh is not installed (pip install 'fable-ipc[peers]')"
+    ]
+    assert (plots / "report.md").exists() and (plots / "throughput.png").exists()
+    assert "peer:zenoh skipped" in (plots / "report.md").read_text()
+
+
+def test_bench_quick_preset_keeps_what_the_command_line_says() -> None:
+    from fable.cli import QUICK
+
+    assert QUICK == {"target_s": 0.03, "timeout_s": 20.0}
+    r = CliRunner().invoke(main, ["bench", "--help"])
+    assert "--quick" in r.output and "--grid" in r.output and "--peers" in r.output
+    assert "Xen" in r.output  # the help says why the floor is not the paper's IPI
+
+
+def test_bench_compare(tmp_path: Path) -> None:
+    def run(path: Path, p50: int) -> None:
+        rec = {
+            "transport": "pipe",
+            "safe": True,
+            "mode": "latency",
+            "size": 64,
+            "cpus": [0, 1],
+            "placement": "shared-cache",
+            "repeats": 1,
+            "verify": "seq",
+            "verified": True,
+            "p50_ns": p50,
+            "p99_ns": p50,
+            "min_ns": p50,
+            "max_ns": p50,
+        }
+        path.write_text(json.dumps({"schema_version": 1, "machine": {}, "records": [rec]}))
+
+    run(tmp_path / "a.json", 10_000)
+    run(tmp_path / "b.json", 5_000)
+    r = CliRunner().invoke(
+        main, ["bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    )
+    assert r.exit_code == 0, r.output
+    assert "2.00x" in r.output and "pipe safe" in r.output
+    (tmp_path / "c.json").write_text("{}")
+    r = CliRunner().invoke(
+        main, ["bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")]
+    )
+    assert r.exit_code == 2 and "not a fable bench JSON file" in r.output

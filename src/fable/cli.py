@@ -1,7 +1,8 @@
 """The ``fable`` command line. Start-up stays fast: heavy modules are imported inside commands.
 
-fable doctor     settings in force and what this kernel offers
-fable bench      measure the transports between pinned processes (DESIGN.md §9)
+fable doctor          settings in force and what this kernel offers
+fable bench           measure the transports between pinned processes (DESIGN.md §9)
+fable bench compare   two runs' JSON side by side
 """
 
 from __future__ import annotations
@@ -89,15 +90,48 @@ def _pairs(text: str, online: tuple[int, ...]) -> list[tuple[int, int]]:
     return out
 
 
-@main.command()
+def _split_transports(text: str, peers: bool) -> tuple[list[str], list[str], bool]:
+    """--transports (and --peers) -> (REGISTRY names, peer names, floor row wanted)."""
+    from fable.bench.peers import PEERS
+    from fable.transports import REGISTRY
+
+    names = [*REGISTRY, "floor"] if text == "all" else _csv(text)
+    fable_names, peer_names, floor = [], [], False
+    for n in names:
+        if n == "floor":
+            floor = True
+        elif n.startswith("peer:"):
+            if n[5:] not in PEERS:
+                raise click.BadParameter(f"unknown peer {n!r}; known: {', '.join(PEERS)}")
+            peer_names.append(n[5:])
+        elif n in REGISTRY:
+            fable_names.append(n)
+        else:
+            raise click.BadParameter(
+                f"unknown transport {n!r}; known: {', '.join(REGISTRY)}, floor, "
+                + ", ".join(f"peer:{p}" for p in PEERS)
+            )
+    if peers:
+        peer_names += [p for p in PEERS if p not in peer_names]
+    return fable_names, peer_names, floor
+
+
+QUICK = {"target_s": 0.03, "timeout_s": 20.0}
+
+
+@main.group(invoke_without_command=True)
 @click.option(
-    "--transports", default="all", show_default=True, help="comma-separated REGISTRY names"
+    "--transports",
+    default="all",
+    show_default=True,
+    help="comma-separated REGISTRY names, 'floor', 'peer:NAME' (all: every transport + floor)",
 )
 @click.option("--safety", default="safe,unsafe", show_default=True, help="safe, unsafe or both")
 @click.option(
     "--sizes", default="64,4096,65536", show_default=True, help="message sizes (4K, 64KiB...)"
 )
 @click.option("--pairs", default=None, help="CPU pairs a:b (default: one pair per placement class)")
+@click.option("--grid", is_flag=True, help="every ordered pair of CPUs (the paper's Figure 3)")
 @click.option(
     "--modes", default="latency,throughput", show_default=True, help="latency, throughput or both"
 )
@@ -115,7 +149,7 @@ def _pairs(text: str, online: tuple[int, ...]) -> list[tuple[int, int]]:
     type=click.Choice(["seq", "full"]),
     default="seq",
     show_default=True,
-    help="seq: check every sequence number; full: also every byte",
+    help="seq: check every sequence number; full: also every byte (in C)",
 )
 @click.option(
     "--timeout",
@@ -126,35 +160,79 @@ def _pairs(text: str, online: tuple[int, ...]) -> list[tuple[int, int]]:
     help="seconds before a stuck point is recorded as failed",
 )
 @click.option(
+    "--quick",
+    is_flag=True,
+    help="the preset of `make bench`: short repeats (--target 0.03), --timeout 20; about a "
+    "minute on 2 cores with the default transports and pairs",
+)
+@click.option(
+    "--peers",
+    is_flag=True,
+    help="also measure other IPC libraries (pyzmq, multiprocessing, zenoh, iceoryx2) as "
+    "peer:NAME rows; a peer that is not installed is skipped with a note",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False),
     default=None,
     help="write the records here (schema: DESIGN.md §9)",
 )
+@click.option(
+    "--plot",
+    "plot_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="write figures (PNG heatmaps and bars) and report.md into this directory",
+)
+@click.pass_context
 def bench(
+    ctx: click.Context,
     transports: str,
     safety: str,
     sizes: str,
     pairs: str | None,
+    grid: bool,
     modes: str,
     repeats: int,
     target_s: float,
     verify: str,
     timeout_s: float,
+    quick: bool,
+    peers: bool,
     json_path: str | None,
+    plot_dir: str | None,
 ) -> None:
     """Measure latency (round trip) and throughput (one way) of every transport between two
-    pinned processes, verified message by message."""
-    from fable.bench.harness import SCHEMA_VERSION, Point, machine_info, run_point
-    from fable.bench.report import table
+    pinned processes, verified message by message.
+
+    The `floor` row is a cache line bounced between the two CPUs in C: the lower bound of a
+    round trip between them. (The paper measured hardware inter-processor interrupts under Xen
+    for its lower bound; user space cannot send those.)
+
+    `fable bench compare A.json B.json` compares two runs."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fable.bench.harness import (
+        FLOOR,
+        FLOOR_SIZE,
+        SCHEMA_VERSION,
+        Point,
+        machine_info,
+        run_point,
+    )
+    from fable.bench.peers import missing
+    from fable.bench.report import results_table
     from fable.bench.topology import Topology
     from fable.transports import REGISTRY
 
-    names = list(REGISTRY) if transports == "all" else _csv(transports)
-    for n in names:
-        if n not in REGISTRY:
-            raise click.BadParameter(f"unknown transport {n!r}; known: {', '.join(REGISTRY)}")
+    if quick:  # the preset's values, where the command line did not set its own
+        target_s = target_s if _given(ctx, "target_s") else QUICK["target_s"]
+        timeout_s = timeout_s if _given(ctx, "timeout_s") else QUICK["timeout_s"]
+    fable_names, peer_names, floor = _split_transports(transports, peers)
     wanted_safety = _csv(safety)
     for s in wanted_safety:
         if s not in ("safe", "unsafe"):
@@ -164,50 +242,125 @@ def bench(
         if m not in ("latency", "throughput"):
             raise click.BadParameter(f"--modes takes latency and/or throughput, not {m!r}")
     size_list = [_size(s) for s in _csv(sizes)]
+    if grid and pairs:
+        raise click.BadParameter("--grid and --pairs exclude each other")
     topo = Topology.read()
-    allowed = tuple(sorted(os.sched_getaffinity(0)))
-    pair_list = (
-        _pairs(pairs, allowed)
-        if pairs
-        else [p for p in topo.default_pairs() if p[0] in allowed and p[1] in allowed]
-    )
+    allowed = tuple(c for c in topo.cpus if c in os.sched_getaffinity(0))
+    if grid:
+        pair_list = [(a, b) for a in allowed for b in allowed]
+    elif pairs:
+        pair_list = _pairs(pairs, allowed)
+    else:
+        pair_list = [p for p in topo.default_pairs() if p[0] in allowed and p[1] in allowed]
+    notes: list[str] = []
+    runnable_peers = []
+    for peer in peer_names:
+        why = missing(peer)
+        if why:
+            notes.append(f"peer:{peer} skipped: {why}")
+        else:
+            runnable_peers.append(peer)
     points = []
-    for name in names:
-        for safe in REGISTRY[name].caps.forms:
-            if ("safe" if safe else "unsafe") not in wanted_safety:
-                continue
+    for cpus in pair_list:
+        if floor and "latency" in mode_list:
+            points.append(Point(FLOOR, True, "latency", FLOOR_SIZE, cpus))
+        rows = [(n, safe) for n in fable_names for safe in REGISTRY[n].caps.forms]
+        rows = [(n, safe) for n, safe in rows if ("safe" if safe else "unsafe") in wanted_safety]
+        rows += [(f"peer:{peer}", True) for peer in runnable_peers]
+        for name, safe in rows:
             for size in size_list:
-                for cpus in pair_list:
-                    for mode in mode_list:
-                        points.append(Point(name, safe, mode, size, cpus))
+                for mode in mode_list:
+                    points.append(Point(name, safe, mode, size, cpus))
+    err = Console(stderr=True)
+    for n in notes:
+        err.print(f"[yellow]note:[/] {n}")
     records: list[dict[str, Any]] = []
-    for i, p in enumerate(points, 1):
-        click.echo(
-            f"\r[{i}/{len(points)}] {p.transport} {'safe' if p.safe else 'unsafe'} {p.mode} "
-            f"{p.size} B cpus {p.cpus[0]}:{p.cpus[1]}".ljust(70),
-            nl=False,
-            err=True,
-        )
-        records.append(
-            run_point(
-                p,
-                placement=topo.placement(*p.cpus),
-                repeats=repeats,
-                target_s=target_s,
-                verify=verify,
-                timeout_s=timeout_s,
+    progress = Progress(
+        TextColumn("{task.description:<44}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("bench", total=len(points))
+        for p in points:
+            progress.update(
+                task,
+                description=f"{p.transport} {'safe' if p.safe else 'unsafe'} {p.mode[:3]} "
+                f"{p.size} B {p.cpus[0]}:{p.cpus[1]}",
             )
-        )
-    click.echo("", err=True)
-    click.echo(table(records))
+            records.append(
+                run_point(
+                    p,
+                    placement=topo.placement(*p.cpus),
+                    repeats=repeats,
+                    target_s=target_s,
+                    verify=verify,
+                    timeout_s=timeout_s,
+                )
+            )
+            progress.advance(task)
+    out = Console(soft_wrap=False, width=max(100, Console().width))
+    for part in results_table(records):
+        out.print(part)
+    machine = machine_info()
     if json_path:
-        doc = {"schema_version": SCHEMA_VERSION, "machine": machine_info(), "records": records}
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "machine": machine,
+            "records": records,
+            "notes": notes,
+        }
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
             json.dump(doc, f, indent=1)
         click.echo(f"wrote {len(records)} records to {json_path}")
+    if plot_dir:
+        from fable.bench.plot import write_all
+
+        written = write_all(records, machine, notes, plot_dir)
+        click.echo(
+            f"wrote {len(written)} files to {plot_dir}: "
+            + ", ".join(os.path.basename(w) for w in written)
+        )
     if not all(r.get("verified") for r in records):
         sys.exit(1)
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+
+def _load_run(path: str) -> list[dict[str, Any]]:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(f"{path}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("schema_version") != 1:
+        raise click.BadParameter(f"{path}: not a fable bench JSON file (schema_version 1)")
+    records = doc.get("records")
+    if not isinstance(records, list):
+        raise click.BadParameter(f"{path}: no records")
+    return records
+
+
+@bench.command()
+@click.argument("a", type=click.Path(exists=True, dir_okay=False))
+@click.argument("b", type=click.Path(exists=True, dir_okay=False))
+def compare(a: str, b: str) -> None:
+    """Compare two runs (--json files) point by point: a ratio above 1 means B is better
+    (shorter round trip, higher rate)."""
+    from rich.console import Console
+
+    from fable.bench.report import compare_table
+
+    table, n = compare_table(_load_run(a), _load_run(b))
+    if n == 0:
+        raise click.ClickException("the two runs have no verified point in common")
+    Console().print(table)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,75 +1,296 @@
-"""Tables of bench records (plain text, one row per transport, safety, size and CPU pair)."""
+"""What the bench prints and writes from its records: the table, the Markdown report, compare.
+
+The table is grouped like the paper's Figure 4: one section per placement, one row per
+transport and safety, for each size the median round trip (latency) and the one-way rate
+(throughput). Where several CPU pairs share a placement (``--grid``), a cell is the median over
+those pairs. Records are the JSON records of DESIGN.md §9.
+"""
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["table"]
+from rich.table import Table
+
+from fable.bench.topology import PLACEMENTS
+
+__all__ = ["Summary", "compare_table", "markdown", "results_table", "summarize"]
+
+Record = dict[str, Any]
 
 
-def _us(ns: float | None) -> str:
-    return "-" if ns is None else f"{ns / 1000:.2f}"
+def row_name(r: Record) -> str:
+    t = str(r["transport"])
+    if t == "floor" or t.startswith("peer:"):
+        return t
+    return f"{t} {'safe' if r['safe'] else 'unsafe'}"
 
 
-def _rate(r: dict[str, Any] | None) -> tuple[str, str]:
-    if r is None or "msgs_per_s" not in r:
-        return "-", "-"
-    return f"{r['msgs_per_s'] / 1e6:.3f}", f"{r['bytes_per_s'] / 1e9:.3f}"
+def row_order(name: str) -> tuple[int, str]:
+    # floor first, fable's transports in REGISTRY order, then the peers
+    from fable.transports import REGISTRY
+
+    if name == "floor":
+        return (0, "")
+    if name.startswith("peer:"):
+        return (2, name)
+    t, _, safety = name.partition(" ")
+    order = list(REGISTRY)
+    return (1, f"{order.index(t) if t in order else 99:02d}{safety == 'unsafe':d}")
 
 
-def table(records: list[dict[str, Any]]) -> str:
-    """Latency and throughput of the same point side by side; failures listed under the table."""
-    rows: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
-    for r in records:
-        key = (r["transport"], r["safe"], r["size"], tuple(r["cpus"]), r["placement"])
-        rows.setdefault(key, {})[r["mode"]] = r
-    head = (
-        "transport",
-        "safety",
-        "size",
-        "cpus",
-        "placement",
-        "rtt p50 us",
-        "rtt p99 us",
-        "Mmsg/s",
-        "GB/s",
-        "verified",
+def size_label(size: int) -> str:
+    if size >= 1024 and size % 1024 == 0:
+        return f"{size // 1024} KiB"
+    return f"{size} B"
+
+
+class Summary:
+    """Verified records reduced to one value per (placement, row, size, mode): the median of
+    p50 round trips (ns) or of rates (msgs/s) over the CPU pairs of that placement."""
+
+    def __init__(self, records: Iterable[Record]) -> None:
+        cells: dict[tuple[str, str, int, str], list[float]] = {}
+        self.pairs: dict[str, set[tuple[int, int]]] = {}
+        self.failed: list[Record] = []
+        for r in records:
+            if not r.get("verified"):
+                self.failed.append(r)
+                continue
+            value = r["p50_ns"] if r["mode"] == "latency" else r["msgs_per_s"]
+            key = (r["placement"], row_name(r), r["size"], r["mode"])
+            cells.setdefault(key, []).append(float(value))
+            a, b = r["cpus"]
+            self.pairs.setdefault(r["placement"], set()).add((a, b))
+        self.cells = {k: statistics.median(v) for k, v in cells.items()}
+        self.placements = [p for p in PLACEMENTS if p in self.pairs]
+        self.sizes = sorted({k[2] for k in self.cells if k[1] != "floor"}) or sorted(
+            {k[2] for k in self.cells}
+        )
+        self.rows = sorted({k[1] for k in self.cells}, key=row_order)
+
+    def get(self, placement: str, row: str, size: int, mode: str) -> float | None:
+        return self.cells.get((placement, row, size, mode))
+
+    def best(
+        self, placement: str, size: int, mode: str, rows: Iterable[str] | None = None
+    ) -> tuple[str, float] | None:
+        """The best row (lowest round trip, highest rate) at a placement and size; the floor
+        never counts, it is not a transport."""
+        found = [
+            (row, v)
+            for row in (rows if rows is not None else self.rows)
+            if row != "floor" and (v := self.get(placement, row, size, mode)) is not None
+        ]
+        if not found:
+            return None
+        pick = min if mode == "latency" else max
+        return pick(found, key=lambda rv: rv[1])
+
+    def worst(self, placement: str, size: int, mode: str) -> tuple[str, float] | None:
+        found = [
+            (row, v)
+            for row in self.rows
+            if row != "floor" and (v := self.get(placement, row, size, mode)) is not None
+        ]
+        if not found:
+            return None
+        pick = max if mode == "latency" else min
+        return pick(found, key=lambda rv: rv[1])
+
+
+def summarize(records: Iterable[Record]) -> Summary:
+    return Summary(records)
+
+
+def _us(ns: float) -> str:
+    us = ns / 1000
+    return f"{us:.2f}" if us < 100 else f"{us:.0f}"
+
+
+def _mbps(msgs_per_s: float, size: int) -> str:
+    return (
+        f"{msgs_per_s * size / 1e6:,.0f}"
+        if msgs_per_s * size >= 1e7
+        else (f"{msgs_per_s * size / 1e6:.1f}")
     )
-    lines = [head]
-    errors = []
-    for (name, safe, size, cpus, placement), modes in rows.items():
-        lat, thr = modes.get("latency"), modes.get("throughput")
-        ok = all(m.get("verified") for m in modes.values())
-        for m in modes.values():
-            if not m.get("verified"):
-                errors.append(f"{name} {m['mode']} {size} B cpus {cpus}: {m.get('error')}")
-        mps, gbs = _rate(thr)
-        lines.append(
-            (
-                name,
-                "safe" if safe else "unsafe",
-                str(size),
-                f"{cpus[0]}:{cpus[1]}",
-                placement,
-                _us(lat.get("p50_ns") if lat else None),
-                _us(lat.get("p99_ns") if lat else None),
-                mps,
-                gbs,
-                "yes" if ok else "NO",
-            )
+
+
+def results_table(records: list[Record]) -> list[Any]:
+    """Renderables for the terminal: one table per placement (Figure 4's panels), then the
+    failures. Bold marks the best transport of a column (the floor is not one)."""
+    s = summarize(records)
+    out: list[Any] = []
+    for placement in s.placements:
+        pairs = sorted(s.pairs[placement])
+        where = (
+            f"cpus {pairs[0][0]}:{pairs[0][1]}"
+            if len(pairs) == 1
+            else f"median of {len(pairs)} CPU pairs"
         )
-    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
-    out = []
-    for j, row in enumerate(lines):
-        out.append(
-            "  ".join(
-                str(c).rjust(w) if i in (2, 5, 6, 7, 8) else str(c).ljust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        t = Table(title=f"{placement} ({where})", title_justify="left", header_style="bold")
+        t.add_column("transport")
+        for size in s.sizes:
+            t.add_column(f"{size_label(size)}\nrtt p50 us", justify="right")
+            t.add_column(f"{size_label(size)}\nMB/s", justify="right")
+        best = {
+            (size, mode): s.best(placement, size, mode)
+            for size in s.sizes
+            for mode in ("latency", "throughput")
+        }
+        for row in s.rows:
+            cells = [row]
+            seen = False
+            for size in s.sizes:
+                lat = s.get(placement, row, size, "latency")
+                thr = s.get(placement, row, size, "throughput")
+                if row == "floor" and lat is None:
+                    # the floor moves one cache line whatever the size: show it once
+                    lat = s.get(placement, row, 64, "latency") if size == s.sizes[0] else None
+                seen = seen or lat is not None or thr is not None
+                for mode, v, text in (
+                    ("latency", lat, _us(lat) if lat is not None else "-"),
+                    ("throughput", thr, _mbps(thr, size) if thr is not None else "-"),
+                ):
+                    b = best[(size, mode)]
+                    if v is not None and b is not None and b[0] == row:
+                        text = f"[bold green]{text}[/]"
+                    cells.append(text)
+            if seen:
+                t.add_row(*cells, style="italic" if row == "floor" else None)
+        out.append(t)
+    if s.failed:
+        lines = ["[bold red]FAILED[/] (verified: false):"]
+        for r in s.failed:
+            lines.append(
+                f"  {row_name(r)} {r['mode']} {size_label(r['size'])} "
+                f"cpus {r['cpus'][0]}:{r['cpus'][1]}: {r.get('error')}"
             )
+        out.append("\n".join(lines))
+    return out
+
+
+def _cell(rv: tuple[str, float], mode: str, size: int) -> str:
+    if mode == "latency":
+        return f"{rv[0]} {_us(rv[1])} us"
+    return f"{rv[0]} {_mbps(rv[1], size)} MB/s"
+
+
+def markdown(records: list[Record], machine: dict[str, Any], notes: list[str]) -> str:
+    """The report ``--plot`` writes: best transport per placement and size, and the spread
+    between best and worst (the paper's "4-15x"), fable against its peers."""
+    s = summarize(records)
+    lines = [
+        "# fable bench report",
+        "",
+        f"Machine: {machine.get('cpu_model') or 'unknown CPU'}, {machine.get('cpus')} CPUs, "
+        f"{machine.get('packages')} package(s), {machine.get('numa_nodes')} NUMA node(s), "
+        f"kernel {machine.get('kernel')}, Python {machine.get('python')}, "
+        f"fable {machine.get('fable')}.",
+        "",
+        "Round trips are medians (p50) of ping-pongs; rates are one way. `spread` is best / "
+        "worst (rate) or worst / best (round trip) among the transports measured; the floor is a "
+        "cache line bounced in C, the lower bound of any round trip, and never the best.",
+        "",
+    ]
+    fable_rows = [r for r in s.rows if r != "floor" and not r.startswith("peer:")]
+    peer_rows = [r for r in s.rows if r.startswith("peer:")]
+    for mode, title in (("latency", "Round trip (p50)"), ("throughput", "Throughput")):
+        lines += [f"## {title}", ""]
+        head = "| placement | size | best | worst | spread |"
+        if peer_rows:
+            head += " best fable | best peer | fable vs peer |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for placement in s.placements:
+            for size in s.sizes:
+                b, w = s.best(placement, size, mode), s.worst(placement, size, mode)
+                if b is None or w is None:
+                    continue
+
+                spread = w[1] / b[1] if mode == "latency" else b[1] / w[1]
+                row = (
+                    f"| {placement} | {size_label(size)} | {_cell(b, mode, size)} | "
+                    f"{_cell(w, mode, size)} | {spread:.1f}x |"
+                )
+                if peer_rows:
+                    bf = s.best(placement, size, mode, fable_rows)
+                    bp = s.best(placement, size, mode, peer_rows)
+                    if bf and bp:
+                        ratio = bp[1] / bf[1] if mode == "latency" else bf[1] / bp[1]
+                        row += (
+                            f" {_cell(bf, mode, size)} | {_cell(bp, mode, size)} | {ratio:.2f}x |"
+                        )
+                    else:
+                        row += " - | - | - |"
+                lines.append(row)
+        lines.append("")
+    floor = [
+        f"{p}: {_us(v)} us"
+        for p in s.placements
+        if (v := s.get(p, "floor", 64, "latency")) is not None
+    ]
+    if floor:
+        lines += ["Floor (cache-line round trip): " + ", ".join(floor) + ".", ""]
+    if peer_rows:
+        lines += [
+            "`fable vs peer` > 1 means fable's best transport beat the best peer by that factor.",
+            "",
+        ]
+    if s.failed:
+        lines += ["## Failed points", ""]
+        for r in s.failed:
+            lines.append(
+                f"- {row_name(r)} {r['mode']} {size_label(r['size'])} cpus "
+                f"{r['cpus'][0]}:{r['cpus'][1]}: {r.get('error')}"
+            )
+        lines.append("")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def _key(r: Record) -> tuple[Any, ...]:
+    return (r["transport"], r["safe"], r["mode"], r["size"], tuple(r["cpus"]))
+
+
+def compare_table(a: list[Record], b: list[Record]) -> tuple[Table, int]:
+    """Points measured in both runs, with B / A for rates and A / B for round trips, so that a
+    ratio above 1 always means B is better. Returns the table and the number of points."""
+    t = Table(header_style="bold")
+    for col, just in (
+        ("transport", "left"),
+        ("mode", "left"),
+        ("size", "right"),
+        ("cpus", "left"),
+        ("A", "right"),
+        ("B", "right"),
+        ("B better by", "right"),
+    ):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    index = {_key(r): r for r in a if r.get("verified")}
+    n = 0
+    for r in sorted(
+        (r for r in b if r.get("verified") and _key(r) in index),
+        key=lambda r: (row_order(row_name(r)), r["mode"], r["size"], r["cpus"]),
+    ):
+        ra = index[_key(r)]
+        if r["mode"] == "latency":
+            va, vb, unit = ra["p50_ns"] / 1000, r["p50_ns"] / 1000, "us"
+            ratio = va / vb
+        else:
+            va, vb, unit = ra["bytes_per_s"] / 1e6, r["bytes_per_s"] / 1e6, "MB/s"
+            ratio = vb / va if va else float("inf")
+        style = "green" if ratio >= 1.1 else "red" if ratio <= 1 / 1.1 else ""
+        t.add_row(
+            row_name(r),
+            r["mode"],
+            size_label(r["size"]),
+            f"{r['cpus'][0]}:{r['cpus'][1]}",
+            f"{va:,.2f} {unit}",
+            f"{vb:,.2f} {unit}",
+            f"[{style}]{ratio:.2f}x[/]" if style else f"{ratio:.2f}x",
         )
-        if j == 0:
-            out.append("  ".join("-" * w for w in widths))
-    if errors:
-        out.append("")
-        out.extend("FAILED " + e for e in errors)
-    return "\n".join(out)
+        n += 1
+    return t, n
