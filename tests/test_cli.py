@@ -198,3 +198,28 @@ def test_bench_compare(tmp_path: Path) -> None:
         main, ["bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")]
     )
     assert r.exit_code == 2 and "not a fable bench JSON file" in r.output
+
+
+def test_bench_grid_measures_every_ordered_pair(tmp_path: Path) -> None:
+    import os
+
+    out = tmp_path / "grid.json"
+    args = [
+        "bench",
+        "--grid",
+        "--transports",
+        "floor",
+        "--modes",
+        "latency",
+        "--repeats",
+        "1",
+        "--target",
+        "0.01",
+        "--json",
+        str(out),
+    ]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    cpus = sorted(os.sched_getaffinity(0))
+    got = sorted(tuple(rec["cpus"]) for rec in json.loads(out.read_text())["records"])
+    assert got == [(a, b) for a in cpus for b in cpus]

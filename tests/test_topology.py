@@ -108,3 +108,34 @@ def test_offline_cpu(vm2: Topology) -> None:
 def test_this_machine() -> None:
     t = Topology.read()
     assert t.cpus and all(t.placement(c, c) == "same-core" for c in t.cpus)
+
+
+@pytest.fixture
+def two_socket(tmp_path: Path) -> Topology:
+    """A 2-socket server: 2 packages x 4 cores x 2 threads, one NUMA node and one L3 per socket.
+    Linux numbers threads socket by socket, siblings last: cpu c and c+8 share a core."""
+    for c in range(16):
+        core = c % 8
+        pkg = core // 4
+        sib = f"{core},{core + 8}"
+        l3 = f"{4 * pkg}-{4 * pkg + 3},{4 * pkg + 8}-{4 * pkg + 11}"
+        _cpu(tmp_path, c, sib, pkg, {1: sib, 2: sib, 3: l3})
+    _online(tmp_path, "0-15")
+    _nodes(tmp_path, {0: "0-3,8-11", 1: "4-7,12-15"})
+    return Topology.read(tmp_path)
+
+
+def test_two_socket_numa_server(two_socket: Topology) -> None:
+    t = two_socket
+    assert t.placement(3, 11) == "smt-sibling"
+    assert t.placement(0, 3) == "shared-cache"
+    assert t.placement(0, 11) == "shared-cache"
+    assert t.placement(0, 4) == "other-node"
+    assert t.placement(12, 1) == "other-node"
+    assert [t.placement(*p) for p in t.default_pairs()] == [
+        "smt-sibling",
+        "shared-cache",
+        "other-node",
+        "same-core",
+    ]
+    assert t.describe() == {"cpus": 16, "packages": 2, "numa_nodes": 2, "smt": True}

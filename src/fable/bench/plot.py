@@ -56,10 +56,11 @@ def heatmaps(records: list[Record], out_dir: str) -> list[str]:
         cpus = sorted({c for r in recs for c in r["cpus"]})
         sizes = sorted({r["size"] for r in recs})
         idx = {c: i for i, c in enumerate(cpus)}
+        scale = 1.0 if len(cpus) <= 8 else 1.4
         fig, axes = plt.subplots(
             1,
             len(sizes),
-            figsize=(1.2 + 4.0 * len(sizes), 3.8),
+            figsize=(1.2 + 4.0 * len(sizes) * scale, 3.8 * scale),
             squeeze=False,
             layout="constrained",
         )
@@ -79,8 +80,9 @@ def heatmaps(records: list[Record], out_dir: str) -> list[str]:
             ax.set_xlabel("CPU of the echoing process")
             ax.set_ylabel("CPU of the pinging process")
             step = max(1, len(cpus) // 16)
-            ax.set_xticks(range(0, len(cpus), step), [str(c) for c in cpus[::step]])
-            ax.set_yticks(range(0, len(cpus), step), [str(c) for c in cpus[::step]])
+            small = {"fontsize": 7} if len(cpus) > 8 else {}
+            ax.set_xticks(range(0, len(cpus), step), [str(c) for c in cpus[::step]], **small)
+            ax.set_yticks(range(0, len(cpus), step), [str(c) for c in cpus[::step]], **small)
             if len(cpus) <= 8:
                 for i in range(len(cpus)):
                     for j in range(len(cpus)):

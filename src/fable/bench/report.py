@@ -198,6 +198,8 @@ def markdown(records: list[Record], machine: dict[str, Any], notes: list[str]) -
     fable_rows = [r for r in s.rows if r != "floor" and not r.startswith("peer:")]
     peer_rows = [r for r in s.rows if r.startswith("peer:")]
     for mode, title in (("latency", "Round trip (p50)"), ("throughput", "Throughput")):
+        if not any(k[3] == mode and k[1] != "floor" for k in s.cells):
+            continue
         lines += [f"## {title}", ""]
         head = "| placement | size | best | worst | spread |"
         if peer_rows:
