@@ -30,7 +30,7 @@ from typing import Any
 from fable.errors import FableError, ProtocolError, Timeout
 from fable.transports.base import EndSpec
 
-__all__ = ["SETUP_VERSION", "PendingEnd", "SetupChannel", "attach", "open_pair"]
+__all__ = ["SETUP_VERSION", "PendingEnd", "SetupChannel", "attach", "initiate", "open_pair"]
 
 SETUP_VERSION = 1
 MAX_RECORD = 64 * 1024
@@ -244,15 +244,7 @@ def attach(fd: int, timeout: float | None = 10.0) -> Any:
     return PendingEnd(socket.socket(fileno=fd)).open(timeout)
 
 
-def open_pair(
-    name: str, *, safe: bool | None = None, options: dict[str, Any] | None = None
-) -> tuple[Any, PendingEnd]:
-    """A connection over transport ``name``: this side's Connection, and the other end to hand on.
-
-    ``safe``: whether the readers get private copies (default: the transport's safe form when it
-    has one). Raises ValueError for an unknown transport or a form it does not have.
-    """
-    from fable.connection import Connection
+def _check_form(name: str, safe: bool | None) -> tuple[Any, bool]:
     from fable.transports import REGISTRY
 
     info = REGISTRY.get(name)
@@ -263,8 +255,28 @@ def open_pair(
         safe = forms[0]
     if safe not in forms:
         raise ValueError(_no_form(name, safe, info.caps.mutual_trust))
-    s0, s1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    ch = SetupChannel(s0)
+    return info, safe
+
+
+def initiate(
+    sock: socket.socket,
+    name: str,
+    *,
+    safe: bool | None = None,
+    options: dict[str, Any] | None = None,
+) -> Any:
+    """Set transport ``name`` up over the setup channel ``sock`` (this side creates it and sends
+    the peer its share in a hello) and return this side's Connection; the peer opens its end
+    with ``PendingEnd(sock).open()`` or ``attach(fd)``. Takes ``sock`` over, closing it on
+    failure. Raises ValueError for an unknown transport or a form it does not have."""
+    from fable.connection import Connection
+
+    try:
+        info, safe = _check_form(name, safe)
+        ch = SetupChannel(sock)
+    except BaseException:
+        sock.close()
+        raise
     try:
         local, remote = info.create(dict(options or {}))
         try:
@@ -277,6 +289,23 @@ def open_pair(
         path = info.open(local, 0, safe, ch)
     except BaseException:
         ch.close()
+        raise
+    return Connection(path, ch)
+
+
+def open_pair(
+    name: str, *, safe: bool | None = None, options: dict[str, Any] | None = None
+) -> tuple[Any, PendingEnd]:
+    """A connection over transport ``name``: this side's Connection, and the other end to hand on.
+
+    ``safe``: whether the readers get private copies (default: the transport's safe form when it
+    has one). Raises ValueError for an unknown transport or a form it does not have.
+    """
+    _check_form(name, safe)
+    s0, s1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn = initiate(s0, name, safe=safe, options=options)
+    except BaseException:
         s1.close()
         raise
-    return Connection(path, ch), PendingEnd(s1)
+    return conn, PendingEnd(s1)
