@@ -4,8 +4,9 @@ The core is the transport table (``fable.transports.REGISTRY``): each mechanism,
 shared-memory rings driven by the C core ``fable._core``, moves framed messages between two
 processes behind one contract, ``DataPath``. Above it, a ``Connection`` binds its per-message
 methods straight to the transport, and ``xpoll``/asyncio wait on connections and fds together.
-Public: ``Connection``, ``Buffer``, the errors, ``open_pair`` (two processes, no daemon),
-``xpoll`` and ``fable.testing``; the name service and live reconfiguration come later.
+Public: ``register`` (a named endpoint, through the name service ``fabled``: ``Context.listen``,
+``Listener.accept``, ``Context.connect``), ``Connection``, ``Buffer``, the errors, ``open_pair``
+(two processes, no daemon), ``xpoll``, ``fable.xio`` (the paper's names) and ``fable.testing``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ if not sys.platform.startswith("linux"):  # pragma: no cover
 
 from fable.buffer import Buffer
 from fable.connection import Connection
+from fable.endpoint import Context, Listener, PlainStream, register
 from fable.errors import (
     ConnectionClosed,
     DaemonUnavailable,
@@ -59,20 +61,24 @@ __all__ = [
     "Connection",
     "ConnectionClosed",
     "ConnectionStats",
+    "Context",
     "DaemonUnavailable",
     "DeadBuffer",
     "FableError",
     "InvalidName",
+    "Listener",
     "NameInUse",
     "NameNotFound",
     "NoSpace",
     "PeerDied",
     "PermissionDenied",
+    "PlainStream",
     "ProtocolError",
     "Timeout",
     "WouldBlock",
     "__version__",
     "attach",
     "open_pair",
+    "register",
     "xpoll",
 ]

@@ -1,6 +1,8 @@
 """The ``fable`` command line. Start-up stays fast: heavy modules are imported inside commands.
 
 fable doctor          settings in force and what this kernel offers
+fable daemon          run the name service in the foreground (--stop ends a running one)
+fable ls, fable flows the daemon's endpoints and flows (--json)
 fable bench           measure the transports between pinned processes (DESIGN.md §9)
 fable bench compare   two runs' JSON side by side
 """
@@ -13,6 +15,8 @@ import sys
 from typing import Any
 
 import click
+
+from fable.errors import FableError
 
 __all__ = ["main"]
 
@@ -53,6 +57,98 @@ def doctor(as_json: bool) -> None:
     for f in feats:
         mark = "yes" if f.ok else "NO "
         click.echo(f"  {f.name:<{width}}  {mark}  {f.detail}")
+
+
+# ----------------------------------------------------------------------------- name service
+@main.command()
+@click.option("--system", is_flag=True, help="serve every user of this host (/run/fable)")
+@click.option(
+    "--socket",
+    "sock",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="socket path (default: $FABLE_SOCKET, else the per-user socket)",
+)
+@click.option("--stop", is_flag=True, help="stop the daemon that answers on the socket")
+def daemon(system: bool, sock: str | None, stop: bool) -> None:
+    """Run fabled, the name service, in the foreground (the library starts one by itself
+    when none runs)."""
+    from pathlib import Path
+
+    from fable.config import settings
+    from fable.daemon.protocol import SYSTEM_SOCKET, user_socket
+
+    env = settings().socket
+    path = Path(sock) if sock else SYSTEM_SOCKET if system else Path(env) if env else user_socket()
+    if stop:
+        from fable.client import one_shot
+
+        if one_shot("stop", path) is None:
+            click.echo(f"no daemon answers on {path}")
+            sys.exit(1)
+        click.echo(f"stopped the daemon on {path}")
+        return
+    import logging
+
+    from fable.daemon.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s fabled %(message)s")
+    try:
+        serve(path, system=system)
+    except FableError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _ask(op: str) -> list[dict[str, Any]] | None:
+    from fable.client import one_shot
+
+    reply = one_shot(op)
+    return None if reply is None else list(reply["endpoints" if op == "ls" else "flows"])
+
+
+@main.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list")
+def ls_cmd(as_json: bool) -> None:
+    """The registered endpoints."""
+    eps = _ask("ls")
+    if as_json:
+        click.echo(json.dumps(eps or [], indent=1))
+        return
+    if eps is None:
+        click.echo("no daemon is running")
+        return
+    click.echo(f"{'name':<24} {'pid':>7} {'uid':>6} {'listening':<9} {'cpu':>3}  affinity")
+    for e in eps:
+        aff = ",".join(str(c) for c in e["affinity"])
+        click.echo(
+            f"{e['name']:<24} {e['pid']:>7} {e['uid']:>6} "
+            f"{'yes' if e['listening'] else 'no':<9} {e['cpu']:>3}  {aff}"
+        )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list (DESIGN.md §4)")
+def flows(as_json: bool) -> None:
+    """The connections the daemon set up, with their live counters."""
+    fl = _ask("flows")
+    if as_json:
+        click.echo(json.dumps(fl or [], indent=1))
+        return
+    if fl is None:
+        click.echo("no daemon is running")
+        return
+    click.echo(
+        f"{'id':>10}  {'ends':<30} {'transport':<17} {'safe':<11} {'epoch':>5} "
+        f"{'msgs':>10} {'bytes':>12}"
+    )
+    for f in fl:
+        ends = " <-> ".join(f["ends"])
+        safe = "/".join("safe" if x else "unsafe" for x in f["safe"])
+        click.echo(
+            f"{f['id']:>10}  {ends:<30} {f['transport']:<17} {safe:<11} "
+            f"{f['epoch']:>5} {f['msgs']:>10} {f['bytes']:>12}"
+        )
+        click.echo(f"{'':>10}  why: {f['reason']}")
 
 
 # ------------------------------------------------------------------------------------ bench

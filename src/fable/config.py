@@ -85,6 +85,14 @@ class Settings:
         default_factory=_default_state_dir,
         metadata={"env": "FABLE_STATE_DIR", "help": "daemon log, calibration table"},
     )
+    socket: str = field(
+        default="",
+        metadata={
+            "env": "FABLE_SOCKET",
+            "help": "daemon socket (empty: the per-user one if a daemon answers, else the "
+            "system one, else start a per-user daemon)",
+        },
+    )
     log_level: str = field(
         default="WARNING",
         metadata={"env": "FABLE_LOG_LEVEL", "help": "level of the 'fable' logger"},

@@ -1,0 +1,181 @@
+"""What ``fabled`` knows: endpoints (named, owned by a uid) and flows (connections it set up).
+
+Pure state and rules, no I/O: the server calls these methods and turns the exceptions into
+error replies. Ownership rules:
+
+- A name belongs to the uid that registered it, for as long as an endpoint holds it. The same
+  uid registering it again gets ``NameInUse``; another uid (root included) ``PermissionDenied``.
+- ``connect`` to a listener is allowed for the listener's own uid, for the uids the listener
+  named in ``allow_uids``, and for root (uid 0), which may connect to anything but take no
+  other user's name.
+- An endpoint goes with the client connection that registered it: a process that dies loses
+  its endpoints as soon as the kernel closes its socket (well within a second).
+- A flow lives while at least one of its ends' processes reports it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fable.errors import NameInUse, NameNotFound, PermissionDenied
+
+__all__ = ["Endpoint", "Flow", "Registry"]
+
+
+@dataclass
+class Endpoint:
+    name: str
+    pid: int
+    uid: int
+    host: str
+    client: int  # the server's id of the client connection that registered it
+    affinity: list[int] = field(default_factory=list)
+    cpu: int = -1
+    node: int = -1
+    listening: bool = False
+    trusted: bool = False
+    allow_uids: frozenset[int] | None = None
+    since: float = field(default_factory=time.time)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "uid": self.uid,
+            "host": self.host,
+            "affinity": self.affinity,
+            "cpu": self.cpu,
+            "node": self.node,
+            "listening": self.listening,
+            "since": self.since,
+        }
+
+
+@dataclass
+class Flow:
+    id: int
+    ends: tuple[str, str]  # (connecting side, listening side)
+    transport: str
+    safe: tuple[bool, bool]  # each end's reads, in the order of ends
+    reason: str
+    epoch: int = 0
+    msgs: int = 0
+    bytes: int = 0
+    last_switch: dict[str, Any] | None = None
+    clients: set[int] = field(default_factory=set)  # clients that report it
+    counters: dict[int, tuple[int, int]] = field(default_factory=dict)  # client -> (msgs, bytes)
+    since: float = field(default_factory=time.time)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "ends": list(self.ends),
+            "transport": self.transport,
+            "safe": list(self.safe),
+            "epoch": self.epoch,
+            "msgs": self.msgs,
+            "bytes": self.bytes,
+            "reason": self.reason,
+            "last_switch": self.last_switch,
+            "since": self.since,
+        }
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.endpoints: dict[str, Endpoint] = {}
+        self.flows: dict[int, Flow] = {}
+        # flow ids of a new daemon start past those of an earlier one (whose flows the
+        # libraries report again after a restart): seconds since the epoch x 1000
+        self._ids = itertools.count(int(time.time()) % 1_000_000 * 1000 + 1)
+
+    # ---------------------------------------------------------------------------- endpoints
+    def register(self, ep: Endpoint) -> Endpoint:
+        old = self.endpoints.get(ep.name)
+        if old is not None:
+            if old.uid != ep.uid:
+                raise PermissionDenied(f"name {ep.name!r} belongs to another user (uid {old.uid})")
+            raise NameInUse(f"name {ep.name!r} is registered already (pid {old.pid})")
+        self.endpoints[ep.name] = ep
+        return ep
+
+    def owned(self, name: str, client: int) -> Endpoint:
+        ep = self.endpoints.get(name)
+        if ep is None or ep.client != client:
+            raise NameNotFound(f"this process has not registered {name!r}")
+        return ep
+
+    def unregister(self, name: str, client: int) -> None:
+        self.owned(name, client)
+        del self.endpoints[name]
+
+    def listener(self, to: str, uid: int) -> Endpoint | None:
+        """The listening endpoint ``to`` if ``uid`` may connect to it; None if it is registered
+        but not listening (yet); NameNotFound / PermissionDenied otherwise."""
+        ep = self.endpoints.get(to)
+        if ep is None:
+            raise NameNotFound(f"no endpoint is registered as {to!r}")
+        if not ep.listening:
+            return None
+        if uid not in (0, ep.uid) and (ep.allow_uids is None or uid not in ep.allow_uids):
+            raise PermissionDenied(f"{to!r} (uid {ep.uid}) does not allow uid {uid} to connect")
+        return ep
+
+    def client_gone(self, client: int) -> list[str]:
+        """Forget what a closed client connection held; returns the names it had."""
+        names = [n for n, ep in self.endpoints.items() if ep.client == client]
+        for n in names:
+            del self.endpoints[n]
+        for fid in [f.id for f in self.flows.values() if client in f.clients]:
+            flow = self.flows[fid]
+            flow.clients.discard(client)
+            flow.counters.pop(client, None)
+            if not flow.clients:
+                del self.flows[fid]
+        return names
+
+    # -------------------------------------------------------------------------------- flows
+    def new_flow(
+        self,
+        ends: tuple[str, str],
+        transport: str,
+        safe: tuple[bool, bool],
+        reason: str,
+        clients: set[int],
+    ) -> Flow:
+        flow = Flow(next(self._ids), ends, transport, safe, reason, clients=set(clients))
+        self.flows[flow.id] = flow
+        return flow
+
+    def report(self, client: int, flows: list[dict[str, Any]]) -> None:
+        """A client's periodic report: the flows it has open and their counters. A flow it
+        reports that the registry does not know (after a daemon restart) is adopted."""
+        seen = set()
+        for f in flows:
+            fid = f["id"]
+            seen.add(fid)
+            flow = self.flows.get(fid)
+            if flow is None:
+                flow = Flow(
+                    fid,
+                    (f["ends"][0], f["ends"][1]),
+                    f["transport"],
+                    (f["safe"][0], f["safe"][1]),
+                    f["reason"],
+                )
+                self.flows[fid] = flow
+                self._ids = itertools.count(max(fid + 1, next(self._ids)))
+            flow.clients.add(client)
+            flow.transport, flow.epoch = f["transport"], f["epoch"]
+            flow.counters[client] = (f["msgs"], f["bytes"])
+            flow.msgs = sum(m for m, _ in flow.counters.values())
+            flow.bytes = sum(b for _, b in flow.counters.values())
+        for flow in list(self.flows.values()):
+            if client in flow.clients and flow.id not in seen:
+                flow.clients.discard(client)
+                flow.counters.pop(client, None)
+                if not flow.clients:
+                    del self.flows[flow.id]

@@ -1,0 +1,443 @@
+"""``fabled``: the name service, one asyncio loop over an AF_UNIX listening socket.
+
+It registers names, rendezvous a ``connect`` with a listener and hands both a fresh setup channel
+(a socketpair; the daemon keeps no end of it, so it is never on the data path), and keeps the
+flows the libraries report. Every client is read with a size limit and a checked decoder; a
+client that sends garbage gets an error reply or is disconnected, and nobody else notices.
+
+Run it with ``fable daemon`` (foreground) or let ``fable.register`` start it (``client.py``).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+from fable.daemon.protocol import (
+    HEADER,
+    SYSTEM_SOCKET,
+    check_name,
+    decode,
+    encode,
+    frame_length,
+    private_dir,
+    user_socket,
+)
+from fable.daemon.registry import Endpoint, Registry
+from fable.errors import FableError, ProtocolError, Timeout
+
+__all__ = ["Daemon", "host_id", "serve"]
+
+log = logging.getLogger("fable.daemon")
+
+# The transport a rendezvous picks until the policy (fable/policy.py) exists: the fastest
+# pollable shared-memory transport on one host; its safe form unless both ends trust.
+DEFAULT_TRANSPORT = "mempipe-adaptive"
+_SEND_TIMEOUT_S = 5.0
+
+
+def host_id() -> str:
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return socket.gethostname()
+
+
+class _BadRequest(FableError):
+    """A request whose fields are missing or of the wrong type (answered, not fatal)."""
+
+
+def _field(
+    req: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...
+) -> Any:
+    v = req.get(name, default)
+    if v is ...:
+        raise _BadRequest(f"{req.get('op')}: missing field {name!r}")
+    if (v is not default and not isinstance(v, kind)) or (isinstance(v, bool) and kind is int):
+        raise _BadRequest(f"{req.get('op')}: field {name!r} has the wrong type")
+    return v
+
+
+def _int_list(v: Any, what: str) -> list[int]:
+    if (
+        not isinstance(v, list)
+        or len(v) > 4096
+        or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 31 for x in v)
+    ):
+        raise _BadRequest(f"{what} must be a list of small non-negative ints")
+    return v
+
+
+class Client:
+    """One library connection: its socket, credentials, and a lock that keeps frames whole."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.id = next(self._ids)
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        self.pid, self.uid, self.gid = struct.unpack("3i", creds)
+        self.lock = asyncio.Lock()
+        self.closed = False
+
+    async def send(self, obj: dict[str, Any], fd: int | None = None) -> None:
+        """Send one frame (with ``fd`` attached); a client that does not read for
+        _SEND_TIMEOUT_S is disconnected."""
+        data = encode(obj)
+        anc = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+            if fd is not None
+            else []
+        )
+        loop = asyncio.get_running_loop()
+        async with self.lock:
+            deadline = time.monotonic() + _SEND_TIMEOUT_S
+            while data:
+                if self.closed:
+                    raise ConnectionError("client gone")
+                try:
+                    n = self.sock.sendmsg([data], anc, socket.MSG_NOSIGNAL)
+                    data, anc = data[n:], []
+                except BlockingIOError:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ConnectionError("client does not read its replies") from None
+                    fut = loop.create_future()
+                    loop.add_writer(self.sock, fut.set_result, None)
+                    try:
+                        await asyncio.wait_for(fut, left)
+                    except TimeoutError:
+                        pass
+                    finally:
+                        loop.remove_writer(self.sock)
+
+
+class Daemon:
+    def __init__(self, path: Path, *, system: bool = False) -> None:
+        self.path = path
+        self.system = system
+        self.registry = Registry()
+        self.host = host_id()
+        self.clients: dict[int, Client] = {}
+        self.listen_changed = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)  # the loop keeps only weak references
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------------------ serving
+    def bind(self) -> socket.socket:
+        if self.system:
+            self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            os.chmod(self.path.parent, 0o755)
+        else:
+            private_dir(self.path.parent)
+        with contextlib.suppress(FileNotFoundError):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(self.path))
+                raise FableError(f"a daemon already answers on {self.path}")
+            except ConnectionRefusedError:
+                os.unlink(self.path)  # a dead daemon's socket
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.path))
+        os.chmod(self.path, 0o666 if self.system else 0o600)
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+
+    async def serve(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        log.info("fabled %d serving on %s", os.getpid(), self.path)
+        accept = asyncio.ensure_future(self._accept_loop(sock))  # cancelled below
+        await self.stopping.wait()
+        accept.cancel()
+        for c in list(self.clients.values()):
+            c.closed = True
+            c.sock.close()
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        log.info("fabled %d stopped", os.getpid())
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(sock)
+            conn.setblocking(False)
+            client = Client(conn)
+            self.clients[client.id] = client
+            self._spawn(self._client_loop(client))
+
+    async def _read_exact(self, client: Client, n: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        buf = b""
+        while len(buf) < n:
+            chunk = await loop.sock_recv(client.sock, n - len(buf))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        return buf
+
+    async def _client_loop(self, client: Client) -> None:
+        try:
+            first = True
+            while True:
+                body = await self._read_exact(
+                    client, frame_length(await self._read_exact(client, HEADER.size))
+                )
+                req = decode(body)
+                if first and req.get("op") != "hello":
+                    raise ProtocolError("the first control frame must be a hello")
+                first = False
+                await self._dispatch(client, req)
+        except (EOFError, ConnectionError, OSError):
+            pass
+        except ProtocolError as e:
+            # the stream cannot be trusted any more: say why, then hang up
+            with contextlib.suppress(Exception):
+                await client.send({"ok": False, "error": "ProtocolError", "message": str(e)})
+        except Exception:
+            log.exception("client %d (pid %d): internal error", client.id, client.pid)
+        finally:
+            client.closed = True
+            client.sock.close()
+            self.clients.pop(client.id, None)
+            names = self.registry.client_gone(client.id)
+            if names:
+                log.info("pid %d gone: %s", client.pid, ", ".join(names))
+                self._listeners_changed()
+
+    def _listeners_changed(self) -> None:
+        self.listen_changed.set()
+        self.listen_changed = asyncio.Event()
+
+    # ---------------------------------------------------------------------------- requests
+    async def _dispatch(self, client: Client, req: dict[str, Any]) -> None:
+        rid = req.get("id")
+        op = req.get("op")
+        handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
+        try:
+            if not isinstance(rid, int) or isinstance(rid, bool):
+                raise ProtocolError("a request needs an integer id")
+            if handler is None:
+                raise _BadRequest(f"unknown op {op!r}")
+            if op == "connect":
+                # waiting for a listener must not hold up this client's other requests
+                self._spawn(self._answer(client, rid, handler(client, req)))
+                return
+            result = await handler(client, req)
+        except ProtocolError:
+            raise
+        except FableError as e:
+            err = "ProtocolError" if isinstance(e, _BadRequest) else type(e).__name__
+            await client.send({"id": rid, "ok": False, "error": err, "message": str(e)})
+            return
+        reply, fd = result
+        await client.send({"id": rid, "ok": True, **reply}, fd)
+
+    async def _answer(self, client: Client, rid: int, work: Any) -> None:
+        fd = None
+        try:
+            reply, fd = await work
+            await client.send({"id": rid, "ok": True, **reply}, fd)
+        except FableError as e:
+            err = "ProtocolError" if isinstance(e, _BadRequest) else type(e).__name__
+            with contextlib.suppress(ConnectionError, OSError):
+                await client.send({"id": rid, "ok": False, "error": err, "message": str(e)})
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    async def _op_hello(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
+        return {"daemon": os.getpid(), "host": self.host, "system": self.system}, None
+
+    async def _op_register(
+        self, client: Client, req: dict[str, Any]
+    ) -> tuple[dict[str, Any], None]:
+        name = check_name(_field(req, "name", str))
+        ep = Endpoint(
+            name,
+            client.pid,
+            client.uid,
+            self.host,
+            client.id,
+            affinity=_int_list(req.get("affinity", []), "affinity"),
+            cpu=_field(req, "cpu", int, -1),
+            node=_field(req, "node", int, -1),
+        )
+        self.registry.register(ep)
+        log.info("registered %s (pid %d, uid %d)", name, client.pid, client.uid)
+        self._listeners_changed()
+        return {"endpoint": ep.public()}, None
+
+    async def _op_unregister(
+        self, client: Client, req: dict[str, Any]
+    ) -> tuple[dict[str, Any], None]:
+        self.registry.unregister(check_name(_field(req, "name", str)), client.id)
+        self._listeners_changed()
+        return {}, None
+
+    async def _op_listen(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
+        ep = self.registry.owned(check_name(_field(req, "name", str)), client.id)
+        allow = req.get("allow_uids")
+        ep.allow_uids = None if allow is None else frozenset(_int_list(allow, "allow_uids"))
+        ep.trusted = _field(req, "trusted", bool, False)
+        ep.listening = True
+        self._listeners_changed()
+        return {}, None
+
+    async def _op_connect(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        me = self.registry.owned(check_name(_field(req, "name", str)), client.id)
+        to = check_name(_field(req, "to", str))
+        trusted = _field(req, "trusted", bool, False)
+        transport = _field(req, "transport", (str, type(None)), None)
+        timeout = _field(req, "timeout", (int, float, type(None)), None)
+        from fable.transports import REGISTRY
+
+        if transport is not None and transport not in REGISTRY:
+            raise _BadRequest(f"unknown transport {transport!r}")
+        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
+        while True:
+            listener = self.registry.listener(to, client.uid)
+            if listener is not None:
+                owner = self.clients.get(listener.client)
+                if owner is not None:
+                    break
+            changed = self.listen_changed
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise Timeout(f"{to!r} is registered but did not listen in time")
+            try:
+                await asyncio.wait_for(changed.wait(), left)
+            except TimeoutError:
+                pass
+        both_trust = trusted and listener.trusted
+        name = transport or DEFAULT_TRANSPORT
+        safe = not both_trust
+        info = REGISTRY[name]
+        if safe not in info.caps.forms:
+            from fable.transports.setup import _no_form
+
+            raise FableError(
+                _no_form(name, safe, info.caps.mutual_trust) + " (both ends must pass trusted=True)"
+            )
+        reason = (
+            f"asked for by {me.name}"
+            if transport
+            else f"{name}: the fastest pollable shared-memory transport on one host (fixed order "
+            "until the policy exists)"
+        ) + ("; both ends trust: zero-copy reads" if both_trust else "; safe: private copies")
+        flow = self.registry.new_flow(
+            (me.name, listener.name), name, (safe, safe), reason, {client.id, listener.client}
+        )
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await owner.send(
+                {
+                    "op": "incoming",
+                    "listener": listener.name,
+                    "flow": flow.public(),
+                    "options": {"transport": name, "safe": safe},
+                },
+                b.fileno(),
+            )
+        except (ConnectionError, OSError):
+            a.close()
+            self.registry.flows.pop(flow.id, None)
+            raise Timeout(f"{to!r} went away during the rendezvous") from None
+        finally:
+            b.close()
+        log.info("flow %d: %s -> %s over %s", flow.id, me.name, listener.name, name)
+        return {"flow": flow.public(), "options": {"transport": name, "safe": safe}}, a.detach()
+
+    async def _op_report(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
+        flows = req.get("flows", [])
+        if not isinstance(flows, list) or len(flows) > 65536:
+            raise _BadRequest("report: flows must be a list")
+        checked = []
+        for f in flows:
+            if not isinstance(f, dict):
+                raise _BadRequest("report: a flow is an object")
+            ends, safe = f.get("ends"), f.get("safe")
+            if not (
+                isinstance(ends, list)
+                and len(ends) == 2
+                and isinstance(safe, list)
+                and len(safe) == 2
+                and all(isinstance(s, bool) for s in safe)
+            ):
+                raise _BadRequest("report: malformed flow")
+            checked.append(
+                {
+                    "id": _field(f, "id", int),
+                    "ends": [check_name(e) for e in ends],
+                    "transport": _field(f, "transport", str),
+                    "safe": safe,
+                    "epoch": _field(f, "epoch", int, 0),
+                    "msgs": _field(f, "msgs", int, 0),
+                    "bytes": _field(f, "bytes", int, 0),
+                    "reason": _field(f, "reason", str, ""),
+                }
+            )
+        for e in req.get("endpoints", []) if isinstance(req.get("endpoints"), list) else []:
+            if isinstance(e, dict) and isinstance(e.get("name"), str):
+                ep = self.registry.endpoints.get(e["name"])
+                if ep is not None and ep.client == client.id:
+                    ep.affinity = _int_list(e.get("affinity", ep.affinity), "affinity")
+                    ep.cpu = _field(e, "cpu", int, ep.cpu)
+                    ep.node = _field(e, "node", int, ep.node)
+        self.registry.report(client.id, checked)
+        return {}, None
+
+    async def _op_ls(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
+        return {"endpoints": [ep.public() for ep in self.registry.endpoints.values()]}, None
+
+    async def _op_flows(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
+        return {"flows": [f.public() for f in self.registry.flows.values()]}, None
+
+    async def _op_stop(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
+        if client.uid not in (0, os.getuid()):
+            from fable.errors import PermissionDenied
+
+            raise PermissionDenied("only the daemon's user or root may stop it")
+        asyncio.get_running_loop().call_later(0.05, self.stopping.set)
+        return {}, None
+
+
+def serve(path: Path | None = None, *, system: bool = False) -> None:
+    """Run a daemon in this process until SIGTERM/SIGINT or a ``stop`` request."""
+    if path is None:
+        path = SYSTEM_SOCKET if system else user_socket()
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))  # all CPUs, whatever we inherited
+
+    async def main() -> None:
+        d = Daemon(path, system=system)
+        await d.serve(d.bind())
+
+    asyncio.run(main())

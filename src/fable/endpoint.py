@@ -1,0 +1,243 @@
+"""Named endpoints: ``fable.register(name)`` -> Context; ``listen`` / ``accept``; ``connect``.
+
+The daemon rendezvous the two ends and hands each a setup channel; the connecting side creates
+the transport the daemon named and sends the listener its share (``transports.setup.initiate``),
+exactly as ``open_pair`` does between a parent and a child. After that the daemon is not on the
+data path: it only hears each process's counters, once a second.
+
+Trust is per reading side (DESIGN.md §2): a side reads "unsafe" (zero-copy views) only if it
+passed ``trusted=True``. Until transports can have one form per direction, a connection is
+unsafe only when both sides trusted, and safe otherwise.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from fable.client import endpoint_facts, link
+from fable.connection import Connection
+from fable.daemon.protocol import check_name
+from fable.errors import ConnectionClosed, FableError, PeerDied, Timeout, WouldBlock
+from fable.transports.setup import PendingEnd, initiate
+
+__all__ = ["Context", "Listener", "PlainStream", "register"]
+
+
+def register(name: str, *, timeout: float | None = 10.0) -> Context:
+    """Register ``name`` with the daemon (starting one if none runs) and return its Context.
+
+    Raises ``InvalidName``, ``NameInUse`` (registered already), ``PermissionDenied`` (another
+    user's name), ``DaemonUnavailable``. The name is released by ``Context.close()`` or when
+    this process exits."""
+    bare = check_name(name)
+    lk = link()
+    entry = lk.add_name(bare)
+    try:
+        lk.request("register", wait=timeout, name=bare, **endpoint_facts())
+    except BaseException:
+        lk.drop_name(bare)
+        raise
+    entry.registered = True
+    return Context(bare)
+
+
+class Context:
+    """A registered name. Several per process are fine; one thread per call at a time."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._closed = False
+
+    def listen(self, *, trusted: bool = False, allow_uids: list[int] | None = None) -> Listener:
+        """Accept connections to this name. ``trusted``: this side may read peers' memory in
+        place (zero-copy) when they trust too. ``allow_uids``: other users that may connect
+        (this user and root always may)."""
+        self._check()
+        lk = link()
+        entry = lk.names[self.name]
+        allow = None if allow_uids is None else sorted({int(u) for u in allow_uids})
+        lk.request("listen", name=self.name, trusted=bool(trusted), allow_uids=allow)
+        entry.listening, entry.trusted, entry.allow_uids = True, bool(trusted), allow
+        return Listener(self)
+
+    def connect(
+        self,
+        to: str,
+        *,
+        trusted: bool = False,
+        transport: str | None = None,
+        timeout: float | None = 5.0,
+        pollable: bool = False,
+        msg_size: int | None = None,
+        mode: str | None = None,
+    ) -> Connection | PlainStream:
+        """Connect to the endpoint named ``to`` (``"xio://bob"`` or ``"bob"``), or to a program
+        outside fable (``"tcp://host:port"``, ``"unix:///path"``: a :class:`PlainStream`).
+
+        Waits up to ``timeout`` for ``to`` to listen (``Timeout``); ``NameNotFound`` if nobody
+        registered it, ``PermissionDenied`` if its owner does not allow this user. ``transport``
+        forces one (a REGISTRY name); ``pollable``, ``msg_size`` and ``mode`` ("latency" or
+        "throughput") are hints for the daemon's choice."""
+        self._check()
+        if to.startswith(("tcp://", "unix://")):
+            return PlainStream.open(to, timeout)
+        target = check_name(to)
+        if mode not in (None, "latency", "throughput"):
+            raise ValueError("mode is 'latency', 'throughput' or None")
+        wait = None if timeout is None else timeout + 5.0
+        reply, fd = link().request(
+            "connect",
+            wait=wait,
+            name=self.name,
+            to=target,
+            trusted=bool(trusted),
+            transport=transport,
+            timeout=timeout,
+            pollable=bool(pollable),
+            msg_size=msg_size,
+            mode=mode,
+        )
+        if fd is None:
+            raise FableError("the daemon answered connect without a setup channel")
+        sock = socket.socket(fileno=fd)
+        opts = reply["options"]
+        conn: Connection = initiate(sock, opts["transport"], safe=opts["safe"])
+        link().add_flow(reply["flow"], 0, conn)
+        return conn
+
+    def close(self) -> None:
+        """Unregister the name (connections made through it stay open)."""
+        if self._closed:
+            return
+        self._closed = True
+        lk = link()
+        lk.drop_name(self.name)
+        try:
+            lk.request("unregister", name=self.name)
+        except FableError:
+            pass  # the daemon is gone or forgot us: the name is not registered either way
+
+    def _check(self) -> None:
+        if self._closed:
+            raise FableError(f"context {self.name!r} is closed")
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<fable.Context {self.name!r}{' closed' if self._closed else ''}>"
+
+
+class Listener:
+    """Connections to a Context's name, in arrival order."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def accept(self, timeout: float | None = None) -> Connection:
+        """The next connection (``timeout=None`` waits forever, ``0`` raises ``WouldBlock``,
+        else ``Timeout``). Survives a daemon restart: the name is registered again and the
+        wait goes on."""
+        import queue
+
+        entry = link().names.get(self.ctx.name)
+        if entry is None:
+            raise FableError(f"context {self.ctx.name!r} is closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                if left is not None and left <= 0:
+                    msg, sock = entry.incoming.get_nowait()
+                else:
+                    msg, sock = entry.incoming.get(timeout=left)
+            except queue.Empty:
+                if timeout == 0:
+                    raise WouldBlock("no connection is waiting") from None
+                raise Timeout(f"no connection to {self.ctx.name!r} in {timeout:g} s") from None
+            try:
+                conn: Connection = PendingEnd(sock).open(timeout=10.0)
+            except FableError:
+                continue  # the connecting process died during the setup: wait for the next
+            link().add_flow(msg["flow"], 1, conn)
+            return conn
+
+
+class PlainStream:
+    """A raw byte stream to a program outside fable (``tcp://host:port``, ``unix:///path``):
+    no message boundaries, no framing, no reconfiguration; ``Context.connect`` returns one.
+    ``recv`` returns what has arrived (at most ``max_bytes``); the peer's close is
+    ``ConnectionClosed``, a reset ``PeerDied``."""
+
+    def __init__(self, sock: socket.socket, url: str) -> None:
+        self._sock = sock
+        self.url = url
+        self.transport = url.split(":", 1)[0]
+
+    @classmethod
+    def open(cls, url: str, timeout: float | None) -> PlainStream:
+        if url.startswith("unix://"):
+            path = url[len("unix://") :]
+            if not path.startswith("/"):
+                raise ValueError(f"{url!r}: a unix:// URL names an absolute path (unix:///run/x)")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            target: Any = path
+        else:
+            rest = url[len("tcp://") :]
+            host, sep, port = rest.rpartition(":")
+            if not sep or not port.isdigit() or not host or int(port) > 65535:
+                raise ValueError(f"{url!r}: a tcp:// URL is tcp://host:port")
+            host = host.strip("[]")
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            target = (host, int(port))
+        sock.settimeout(timeout)
+        try:
+            sock.connect(target)
+        except TimeoutError:
+            sock.close()
+            raise Timeout(f"{url}: no answer in {timeout:g} s") from None
+        except OSError as e:
+            sock.close()
+            raise ConnectionClosed(f"{url}: {e.strerror or e}") from None
+        sock.settimeout(None)
+        return cls(sock, url)
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._sock.sendall(data, socket.MSG_NOSIGNAL)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise PeerDied(f"{self.url}: {e.strerror}") from None
+
+    def recv(self, max_bytes: int = 65536, timeout: float | None = None) -> bytes:
+        self._sock.settimeout(timeout)
+        try:
+            data = self._sock.recv(max_bytes)
+        except TimeoutError:
+            raise Timeout(f"{self.url}: nothing arrived in {timeout:g} s") from None
+        except ConnectionResetError as e:
+            raise PeerDied(f"{self.url}: {e.strerror}") from None
+        finally:
+            if self._sock.fileno() >= 0:
+                self._sock.settimeout(None)
+        if not data:
+            raise ConnectionClosed(f"{self.url}: the peer closed the stream")
+        return data
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> PlainStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,658 @@
+"""The name service: rendezvous, names, ownership, dead endpoints, racing auto-start, restart
+under live traffic, protocol fuzzing. Every client runs in a forked child (each process has one
+daemon link); the daemon is a real ``python -m fable.daemon`` on a private socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fable
+from fable.cli import main
+from fable.client import one_shot
+from fable.daemon.protocol import PROTOCOL_VERSION, check_name
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# ---------------------------------------------------------------------------------- helpers
+class Child:
+    """A forked process running ``fn``; ``result()`` returns what it returned or raises
+    RuntimeError with its exception's text."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        r, w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(r)
+            try:
+                out: tuple[str, Any] = ("ok", fn())
+            except BaseException as e:
+                out = ("err", f"{type(e).__name__}: {e}")
+            data = pickle.dumps(out)
+            os.write(w, struct.pack("<I", len(data)) + data)
+            os._exit(0)
+        os.close(w)
+        self._r = r
+
+    def result(self, timeout: float = 60) -> Any:
+        deadline = time.monotonic() + timeout
+        buf = b""
+        import select
+
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._r], [], [], left)[0]:
+                self.kill()
+                raise TimeoutError("child did not finish")
+            chunk = os.read(self._r, 1 << 16)
+            if not chunk:
+                break
+            buf += chunk
+        os.close(self._r)
+        os.waitpid(self.pid, 0)
+        if not buf:
+            raise RuntimeError("child died without a result")
+        kind, value = pickle.loads(buf[4:])
+        if kind == "err":
+            raise RuntimeError(value)
+        return value
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def run(fn: Callable[[], Any]) -> Any:
+    return Child(fn).result()
+
+
+def start_daemon(path: Path, *extra: str) -> subprocess.Popen[bytes]:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "fable.daemon", "--socket", str(path), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while one_shot_safe(path) is None:
+        assert time.monotonic() < deadline, "daemon did not start"
+        time.sleep(0.02)
+    return p
+
+
+def one_shot_safe(path: Path, op: str = "ls") -> dict[str, Any] | None:
+    try:
+        return one_shot(op, path)
+    except Exception:
+        return None
+
+
+def stop(p: subprocess.Popen[bytes]) -> None:
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0
+
+
+@pytest.fixture
+def daemon() -> Iterator[Path]:
+    path = Path(os.environ["FABLE_SOCKET"])
+    p = start_daemon(path)
+    yield path
+    stop(p)
+
+
+def ask(op: str, path: Path) -> dict[str, Any]:
+    reply = one_shot(op, path)
+    assert reply is not None, "no daemon answers"
+    return reply
+
+
+def names(path: Path) -> set[str]:
+    return {e["name"] for e in ask("ls", path)["endpoints"]}
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def echo_server(name: str, count: int = 1) -> Callable[[], Any]:
+    def serve() -> Any:
+        ctx = fable.register(name)
+        lst = ctx.listen()
+        for _ in range(count):
+            c = lst.accept(timeout=30)
+            for m in c:
+                c.send(m.upper())
+        return "done"
+
+    return serve
+
+
+# ------------------------------------------------------------------------------- rendezvous
+def test_two_processes_find_each_other_by_name(daemon: Path) -> None:
+    srv = Child(echo_server("bob"))
+    wait_for(lambda: "bob" in names(daemon))
+
+    def client() -> Any:
+        ctx = fable.register("alice")
+        conn = ctx.connect("xio://bob", timeout=10)
+        flows_seen = one_shot("flows", daemon)
+        for i in range(2000):
+            conn.send(b"hi %d" % i)
+            assert conn.recv() == b"HI %d" % i
+        time.sleep(2.2)  # two counter reports
+        flows_later = one_shot("flows", daemon)
+        conn.close()
+        return conn.transport, flows_seen, flows_later
+
+    transport, seen, later = run(client)
+    assert srv.result() == "done"
+    assert transport == "mempipe-adaptive"
+    # the flow is listed before connect returns, then its counters move
+    (f,) = seen["flows"]
+    assert f["ends"] == ["alice", "bob"] and f["transport"] == transport
+    assert f["safe"] == [True, True] and f["epoch"] == 0 and "fastest pollable" in f["reason"]
+    (g,) = later["flows"]
+    assert g["id"] == f["id"] and g["msgs"] == 4000 and g["bytes"] > 4000 * 4
+
+
+def test_fable_ls_and_flows_json(daemon: Path) -> None:
+    srv = Child(echo_server("svc"))
+    wait_for(lambda: "svc" in names(daemon))
+
+    def client() -> Any:
+        conn = fable.register("cli").connect("svc", timeout=10)
+        conn.send(b"x")
+        conn.recv()
+        time.sleep(1.5)
+        r1 = CliRunner().invoke(main, ["ls", "--json"])
+        r2 = CliRunner().invoke(main, ["flows", "--json"])
+        r3 = CliRunner().invoke(main, ["flows"])
+        conn.close()
+        return r1.output, r2.output, r3.output
+
+    ls_out, flows_out, text = run(client)
+    srv.result()
+    eps = {e["name"]: e for e in json.loads(ls_out)}
+    assert eps["svc"]["listening"] is True and eps["cli"]["listening"] is False
+    assert eps["svc"]["uid"] == os.getuid() and eps["svc"]["affinity"]
+    (flow,) = json.loads(flows_out)
+    for key in (
+        "id",
+        "ends",
+        "transport",
+        "safe",
+        "epoch",
+        "msgs",
+        "bytes",
+        "reason",
+        "last_switch",
+    ):
+        assert key in flow
+    assert flow["msgs"] == 2 and flow["last_switch"] is None
+    assert "cli <-> svc" in text and "why:" in text
+
+
+def test_trusted_on_both_sides_reads_in_place(daemon: Path) -> None:
+    def server() -> Any:
+        c = fable.register("t-srv").listen(trusted=True).accept(timeout=30)
+        return c.safe, c.recv()  # c holds the connection while recv runs
+
+    srv = Child(server)
+    wait_for(lambda: "t-srv" in names(daemon))
+
+    def client() -> Any:
+        c = fable.register("t-cli").connect("t-srv", trusted=True, timeout=10)
+        assert isinstance(c, fable.Connection)
+        c.send(b"zero copy")
+        c.close()
+        return c.safe
+
+    assert run(client) is False
+    assert srv.result() == (False, b"zero copy")
+
+
+def test_several_names_per_process_and_forced_transport(daemon: Path) -> None:
+    def both() -> Any:
+        a, b = fable.register("one"), fable.register("two")
+        lst = b.listen()
+        out = []
+        for transport in ("unix", "shmem-pipe", "pipe"):
+            c = a.connect("two", transport=transport, timeout=10)
+            s = lst.accept(timeout=10)
+            c.send(transport.encode())
+            out.append((c.transport, s.transport, s.recv()))
+        return out
+
+    for sent, got, data in run(both):
+        assert sent == got == data.decode()
+
+
+# ------------------------------------------------------------------------------------ names
+@pytest.mark.parametrize(
+    "bad", ["", "/x", "x/", "-x", "a b", "é", "x" * 65, "a/" * 130 + "a", ".hidden", 5]
+)
+def test_invalid_names(bad: Any) -> None:
+    with pytest.raises(fable.InvalidName):
+        check_name(bad)
+
+
+def test_valid_names() -> None:
+    assert check_name("xio://svc/db.primary_1-a") == "svc/db.primary_1-a"
+    assert check_name("a" * 64) == "a" * 64
+
+
+def test_name_errors(daemon: Path) -> None:
+    def scenario() -> Any:
+        out = {}
+        ctx = fable.register("taken")
+        for what, call in (
+            ("invalid", lambda: fable.register("bad name")),
+            ("in use", lambda: fable.register("taken")),
+            ("unknown", lambda: ctx.connect("nobody", timeout=1)),
+            ("not listening", lambda: ctx.connect("taken", timeout=0.3)),
+        ):
+            try:
+                call()
+                out[what] = "no error"
+            except fable.FableError as e:
+                out[what] = type(e).__name__
+        ctx.close()
+        fable.register("taken").close()  # free again once closed
+        return out
+
+    assert run(scenario) == {
+        "invalid": "InvalidName",
+        "in use": "NameInUse",
+        "unknown": "NameNotFound",
+        "not listening": "Timeout",
+    }
+
+
+def test_connect_waits_for_a_late_listener(daemon: Path) -> None:
+    def late() -> Any:
+        ctx = fable.register("late")
+        time.sleep(0.5)
+        conn = ctx.listen().accept(timeout=10)
+        return conn.recv()
+
+    srv = Child(late)
+    wait_for(lambda: "late" in names(daemon))
+
+    def client() -> Any:
+        t0 = time.monotonic()
+        c = fable.register("early").connect("late", timeout=10)
+        c.send(b"waited")
+        c.close()
+        return time.monotonic() - t0
+
+    assert 0.3 < run(client) < 5
+    assert srv.result() == b"waited"
+
+
+def test_dead_process_loses_its_names_within_a_second(daemon: Path) -> None:
+    def holder() -> Any:
+        fable.register("doomed").listen()
+        time.sleep(3600)
+
+    c = Child(holder)
+    wait_for(lambda: "doomed" in names(daemon))
+    t0 = time.monotonic()
+    os.kill(c.pid, signal.SIGKILL)
+    os.waitpid(c.pid, 0)
+    wait_for(lambda: "doomed" not in names(daemon), timeout=1.0)
+    assert time.monotonic() - t0 < 1.0
+
+
+# ------------------------------------------------------------------------------- auto-start
+def test_racing_clients_start_one_daemon() -> None:
+    path = Path(os.environ["FABLE_SOCKET"])
+    assert one_shot_safe(path) is None
+
+    def racer(name: str) -> Callable[[], Any]:
+        def go() -> Any:
+            fable.register(name)
+            from fable.client import link
+
+            return link().hello["daemon"]
+
+        return go
+
+    kids = [Child(racer(f"racer{i}")) for i in range(4)]
+    pids = {k.result() for k in kids}
+    assert len(pids) == 1
+    (pid,) = pids
+    assert psutil.pid_exists(pid)
+    r = CliRunner().invoke(main, ["daemon", "--stop"])
+    assert r.exit_code == 0, r.output
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
+
+
+# ---------------------------------------------------------------------------------- restart
+def test_daemon_restart_under_live_traffic() -> None:
+    path = Path(os.environ["FABLE_SOCKET"])
+    first = start_daemon(path)
+
+    def server() -> Any:
+        ctx = fable.register("survivor")
+        lst = ctx.listen()
+        c = lst.accept(timeout=30)
+        got = 0
+        for m in c:
+            assert m == b"%d" % got
+            got += 1
+            c.send(m)
+        # a pending accept survives the restart: this connection is made after it
+        c2 = lst.accept(timeout=30)
+        return got, c2.recv()
+
+    srv = Child(server)
+    wait_for(lambda: "survivor" in names(path))
+
+    def client() -> Any:
+        ctx = fable.register("streamer")
+        c = ctx.connect("survivor", timeout=10)
+        sent = 0
+        t_end = time.monotonic() + 1.0
+        while time.monotonic() < t_end:  # traffic before the crash
+            c.send(b"%d" % sent)
+            assert c.recv() == b"%d" % sent
+            sent += 1
+        os.kill(first.pid, signal.SIGKILL)  # the daemon dies under live traffic
+        wait_for(lambda: one_shot_safe(path) is None)
+        t_end = time.monotonic() + 1.0
+        while time.monotonic() < t_end:  # the connection does not notice
+            c.send(b"%d" % sent)
+            assert c.recv() == b"%d" % sent
+            sent += 1
+        # the next call that needs a daemon starts one; names and flows come back
+        c2 = fable.register("newcomer").connect("survivor", timeout=10)
+        c2.send(b"after restart")
+        c2.close()
+        time.sleep(1.5)
+        eps = names(path)
+        flows = ask("flows", path)["flows"]
+        c.close()
+        return sent, eps, flows
+
+    sent, eps, flows = run(client)
+    first.wait()
+    got, late = srv.result()
+    assert got == sent and late == b"after restart"
+    assert {"survivor", "streamer", "newcomer"} <= eps
+    assert any(f["ends"] == ["streamer", "survivor"] and f["msgs"] >= 2 * sent for f in flows)
+    one_shot("stop", path)
+
+
+# ---------------------------------------------------------------------------- second user
+UID = 54321  # unused on the machine: tests never add users
+
+
+def test_names_belong_to_their_uid_system_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert os.geteuid() == 0, "this test needs root (setresuid to a second uid)"
+    d = Path(tempfile.mkdtemp(prefix="fable-sys-"))  # 0755 on the way: the second uid enters
+    os.chmod(d, 0o755)
+    path = d / "run" / "fabled.sock"
+    p = start_daemon(path, "--system")
+    monkeypatch.setenv("FABLE_SOCKET", str(path))
+    fable.config.reload()
+    try:
+        assert oct(path.stat().st_mode & 0o777) == "0o666"
+
+        def owner() -> Any:
+            ctx = fable.register("root-svc")
+            closed = fable.register("root-closed").listen()
+            lst = ctx.listen(allow_uids=[UID])
+            c = lst.accept(timeout=30)
+            msg = c.recv()
+            del closed
+            return msg
+
+        srv = Child(owner)
+        wait_for(lambda: {"root-svc", "root-closed"} <= names(path))
+        time.sleep(0.2)
+
+        def other_user() -> Any:
+            os.setresgid(UID, UID, UID)
+            os.setresuid(UID, UID, UID)
+            out: dict[str, Any] = {}
+            ctx = fable.register("user-svc")
+            mine = ctx.listen()  # no allow_uids: only this uid, and root
+            out["uid"] = {e["name"]: e["uid"] for e in ask("ls", path)["endpoints"]}
+            for what, call in (
+                ("take", lambda: fable.register("root-svc")),
+                ("connect-denied", lambda: ctx.connect("root-closed", timeout=2)),
+            ):
+                try:
+                    call()
+                    out[what] = "no error"
+                except fable.FableError as e:
+                    out[what] = type(e).__name__
+            c = ctx.connect("root-svc", timeout=5)  # allowed by allow_uids
+            c.send(b"from uid %d" % os.getuid())
+            c.close()
+            visitor = mine.accept(timeout=20)  # root may connect to anyone
+            out["visitor"] = visitor.recv()
+            return out
+
+        user = Child(other_user)
+        assert srv.result() == b"from uid %d" % UID
+
+        def root_connects_anywhere() -> Any:
+            c = fable.register("nosy").connect("user-svc", timeout=5)
+            c.send(b"root was here")
+            c.close()
+            return "ok"
+
+        assert run(root_connects_anywhere) == "ok"
+        out = user.result()
+        assert out["uid"]["user-svc"] == UID and out["uid"]["root-svc"] == 0
+        assert out["take"] == "PermissionDenied"
+        assert out["connect-denied"] == "PermissionDenied"
+        assert out["visitor"] == b"root was here"
+
+        def stop_as_other() -> Any:
+            os.setresuid(UID, UID, UID)
+            try:
+                one_shot("stop", path)
+            except fable.PermissionDenied:
+                return "denied"
+            return "stopped"
+
+        assert run(stop_as_other) == "denied"
+    finally:
+        stop(p)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------- fuzzing
+def _raw(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(str(path))
+    return s
+
+
+def _frame(obj: Any) -> bytes:
+    body = json.dumps(obj).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def _reply(s: socket.socket) -> dict[str, Any] | None:
+    head = s.recv(4)
+    if len(head) < 4:
+        return None
+    (n,) = struct.unpack(">I", head)
+    body = b""
+    while len(body) < n:
+        chunk = s.recv(n - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    reply: dict[str, Any] = json.loads(body)
+    return reply
+
+
+HELLO = _frame({"v": PROTOCOL_VERSION, "op": "hello", "id": 0})
+
+
+@pytest.mark.parametrize(
+    ("data", "expect"),
+    [
+        (struct.pack(">I", 1 << 30), "closed"),  # oversized
+        (struct.pack(">I", 5) + b"{nope", "closed"),  # not JSON
+        (_frame({"v": 99, "op": "hello", "id": 1}), "closed"),  # wrong version
+        (_frame({"v": 1, "op": "ls", "id": 1}), "closed"),  # no hello first
+        (_frame([1, 2]), "closed"),  # not an object
+        (HELLO + _frame({"v": 1, "op": "explode", "id": 1}), "ProtocolError"),
+        (HELLO + _frame({"v": 1, "op": "register", "id": 1, "name": 7}), "ProtocolError"),
+        (HELLO + _frame({"v": 1, "op": "register", "id": 1, "name": "a b"}), "InvalidName"),
+        (HELLO + _frame({"v": 1, "op": "listen", "id": 1, "name": "x"}), "NameNotFound"),
+        (
+            HELLO + _frame({"v": 1, "op": "register", "id": 1, "name": "x", "affinity": "all"}),
+            "ProtocolError",
+        ),
+        (
+            HELLO + _frame({"v": 1, "op": "report", "id": 1, "flows": [{"id": "x"}]}),
+            "ProtocolError",
+        ),
+        (
+            HELLO + _frame({"v": 1, "op": "connect", "id": 1, "name": "x", "to": "y"}),
+            "NameNotFound",
+        ),
+        (HELLO + struct.pack(">I", 100) + b"{", "closed"),  # truncated, then hang-up
+    ],
+)
+def test_malformed_requests_do_not_hurt_others(daemon: Path, data: bytes, expect: str) -> None:
+    bystander = _raw(daemon)
+    bystander.sendall(HELLO)
+    assert _reply(bystander) is not None
+    s = _raw(daemon)
+    s.sendall(data)
+    if data.endswith(b"{") and expect == "closed":
+        s.shutdown(socket.SHUT_WR)
+    replies = []
+    while (r := _reply(s)) is not None:
+        replies.append(r)
+        if r.get("id") == 1:
+            break
+    if expect == "closed":
+        assert not any(r.get("ok") and r.get("id") == 1 for r in replies)
+        assert s.recv(1) == b""  # the daemon hung up
+    else:
+        assert replies[-1]["ok"] is False and replies[-1]["error"] == expect, replies
+    s.close()
+    bystander.sendall(_frame({"v": 1, "op": "ls", "id": 5}))
+    assert _reply(bystander)["ok"] is True  # type: ignore[index]
+    bystander.close()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(junk=st.binary(max_size=300), after_hello=st.booleans())
+def test_fuzzed_bytes_never_stop_the_daemon(daemon: Path, junk: bytes, after_hello: bool) -> None:
+    s = _raw(daemon)
+    try:
+        s.sendall((HELLO if after_hello else b"") + junk)
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        s.close()
+    assert one_shot("ls", daemon) is not None
+
+
+# ------------------------------------------------------------------------------ plain peers
+def test_plain_tcp_and_unix_peers(tmp_path: Path) -> None:
+    import threading
+
+    def echo_once(srv: socket.socket) -> None:
+        c, _ = srv.accept()
+        with c:
+            while data := c.recv(4096):
+                c.sendall(data[::-1])
+
+    tcp = socket.create_server(("127.0.0.1", 0))
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(tmp_path / "plain.sock"))
+    unix.listen()
+    threads = [threading.Thread(target=echo_once, args=(s,)) for s in (tcp, unix)]
+    for t in threads:
+        t.start()
+
+    def client() -> Any:
+        ctx = fable.register("plain-client")
+        out = []
+        for url in (f"tcp://127.0.0.1:{tcp.getsockname()[1]}", f"unix://{tmp_path}/plain.sock"):
+            s = ctx.connect(url, timeout=5)
+            assert isinstance(s, fable.PlainStream)
+            s.send(b"stream")
+            out.append(s.recv())
+            s.close()
+        for bad in ("tcp://nohost", "unix://relative", "tcp://127.0.0.1:1"):
+            try:
+                ctx.connect(bad, timeout=2)
+                out.append(b"no error")
+            except (ValueError, fable.FableError) as e:
+                out.append(type(e).__name__.encode())
+        return out
+
+    try:
+        assert run(client) == [
+            b"maerts",
+            b"maerts",
+            b"ValueError",
+            b"ValueError",
+            b"ConnectionClosed",
+        ]
+    finally:
+        for t in threads:
+            t.join(5)
+        tcp.close()
+        unix.close()
+
+
+def test_endpoint_placement_is_reported(daemon: Path) -> None:
+    """The daemon learns the I/O thread's affinity and CPU (for the policy and triggers)."""
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def pinned() -> Any:
+        fable.register("placed")
+        os.sched_setaffinity(0, {cpus[-1]})  # moved after registering
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            (ep,) = [e for e in ask("ls", daemon)["endpoints"] if e["name"] == "placed"]
+            if ep["affinity"] == [cpus[-1]]:
+                return ep
+            time.sleep(0.1)
+        return ep
+
+    ep = run(pinned)
+    assert ep["affinity"] == [cpus[-1]] and ep["cpu"] == cpus[-1]
+    assert ep["pid"] != os.getpid() and ep["node"] in (-1, 0)
