@@ -656,3 +656,28 @@ def test_endpoint_placement_is_reported(daemon: Path) -> None:
     ep = run(pinned)
     assert ep["affinity"] == [cpus[-1]] and ep["cpu"] == cpus[-1]
     assert ep["pid"] != os.getpid() and ep["node"] in (-1, 0)
+
+
+def test_connector_dying_while_waiting_leaves_no_flow(daemon: Path) -> None:
+    def late() -> Any:
+        ctx = fable.register("not-yet")  # registered, not listening: connects wait
+        time.sleep(2.0)
+        lst = ctx.listen()
+        try:
+            lst.accept(timeout=1.5)
+            return "accepted a dead connection"
+        except fable.Timeout:
+            return "timeout"
+
+    srv = Child(late)
+    wait_for(lambda: "not-yet" in names(daemon))
+
+    def waiter() -> Any:
+        fable.register("impatient").connect("not-yet", timeout=60)
+
+    w = Child(waiter)
+    wait_for(lambda: "impatient" in names(daemon))
+    time.sleep(0.3)  # its connect is waiting in the daemon
+    w.kill()
+    assert srv.result() == "timeout"
+    assert ask("flows", daemon)["flows"] == []

@@ -260,15 +260,20 @@ class Daemon:
 
     async def _answer(self, client: Client, rid: int, work: Any) -> None:
         fd = None
+        reply: dict[str, Any] = {}
         try:
             reply, fd = await work
+            if client.closed:
+                raise ConnectionError("the connecting process went away")
             await client.send({"id": rid, "ok": True, **reply}, fd)
         except FableError as e:
             err = "ProtocolError" if isinstance(e, _BadRequest) else type(e).__name__
             with contextlib.suppress(ConnectionError, OSError):
                 await client.send({"id": rid, "ok": False, "error": err, "message": str(e)})
         except (ConnectionError, OSError):
-            pass
+            # the connector is gone: its flow never started (the listener's accept skips it)
+            if "flow" in reply:
+                self.registry.flows.pop(reply["flow"]["id"], None)
         finally:
             if fd is not None:
                 os.close(fd)
@@ -336,6 +341,8 @@ class Daemon:
                 await asyncio.wait_for(changed.wait(), left)
             except TimeoutError:
                 pass
+        if client.closed:  # the connector died while it waited: do not bother the listener
+            raise ConnectionError("the connecting process went away")
         both_trust = trusted and listener.trusted
         name = transport or DEFAULT_TRANSPORT
         safe = not both_trust
