@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,16 @@ def _private_daemon_socket(
             one_shot("stop", sock)
         except Exception:
             pass
+
+
+@pytest.fixture
+def daemon() -> Iterator[Path]:
+    """A daemon on this test's private socket (FABLE_SOCKET), stopped afterwards."""
+    import os
+
+    from helpers import start_daemon, stop
+
+    path = Path(os.environ["FABLE_SOCKET"])
+    p = start_daemon(path)
+    yield path
+    stop(p)

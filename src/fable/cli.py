@@ -3,6 +3,8 @@
 fable doctor          settings in force and what this kernel offers
 fable daemon          run the name service in the foreground (--stop ends a running one)
 fable ls, fable flows the daemon's endpoints and flows (--json)
+fable explain A B     the policy's ranking of transports for a connection from A to B
+fable calibrate       measure this machine for the policy (about a minute)
 fable bench           measure the transports between pinned processes (DESIGN.md §9)
 fable bench compare   two runs' JSON side by side
 """
@@ -151,6 +153,97 @@ def flows(as_json: bool) -> None:
         click.echo(f"{'':>10}  why: {f['reason']}")
 
 
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--trusted", is_flag=True, help="as if both ends passed trusted=True")
+@click.option("--pollable", is_flag=True, help="as if a pollable fd was asked for")
+@click.option("--size", "msg_size", default=None, help="message size hint (64, 4K...)")
+@click.option("--mode", type=click.Choice(["latency", "throughput"]), default=None)
+@click.option("--json", "as_json", is_flag=True, help="print the ranking as JSON")
+def explain(
+    a: str,
+    b: str,
+    trusted: bool,
+    pollable: bool,
+    msg_size: str | None,
+    mode: str | None,
+    as_json: bool,
+) -> None:
+    """How the daemon would rank the transports for a connection from A to B (two registered
+    names), best first, with the facts and numbers behind each score."""
+    from fable.client import one_shot
+
+    fields: dict[str, Any] = {
+        "a": a,
+        "b": b,
+        "trusted": trusted,
+        "pollable": pollable,
+        "mode": mode,
+        "msg_size": _size(msg_size) if msg_size else None,
+    }
+    try:
+        reply = one_shot("explain", **fields)
+    except FableError as e:
+        raise click.ClickException(str(e)) from None
+    if reply is None:
+        raise click.ClickException("no daemon is running")
+    if as_json:
+        click.echo(json.dumps(reply["ranking"], indent=1))
+        return
+    click.echo(f"{a} -> {b}, numbers from {reply['source']}:")
+    for i, c in enumerate(reply["ranking"], 1):
+        mark = "  -" if c["excluded"] else f"{i:>3}"
+        click.echo(f"{mark} {c['reason']}")
+
+
+@main.command()
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100))
+@click.option(
+    "--target",
+    "target_s",
+    default=0.03,
+    show_default=True,
+    type=click.FloatRange(0.001),
+    help="seconds one repeat should last",
+)
+def calibrate(repeats: int, target_s: float) -> None:
+    """Measure every transport at this machine's placements (about a minute) and store the
+    table the daemon's policy ranks transports with ($FABLE_STATE_DIR/calibration.json; a
+    running daemon picks it up at its next connect)."""
+    from fable.bench.harness import SCHEMA_VERSION, Point, machine_info
+    from fable.bench.topology import Topology
+    from fable.daemon.protocol import private_dir
+    from fable.policy import SIZES, calibration_path
+    from fable.transports import REGISTRY
+
+    topo = Topology.read()
+    allowed = tuple(c for c in topo.cpus if c in os.sched_getaffinity(0))
+    pairs = [p for p in topo.default_pairs() if p[0] in allowed and p[1] in allowed]
+    points = [
+        Point(name, safe, mode, size, cpus)
+        for cpus in pairs
+        for name, info in REGISTRY.items()
+        for safe in info.caps.forms
+        for size in SIZES
+        for mode in ("latency", "throughput")
+    ]
+    records = _run_points(points, topo, repeats=repeats, target_s=target_s, timeout_s=20.0)
+    path = calibration_path()
+    private_dir(path.parent)
+    doc = {"schema_version": SCHEMA_VERSION, "machine": machine_info(), "records": records}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=0))
+    os.replace(tmp, path)  # a daemon never reads half a file
+    bad = [r for r in records if not r.get("verified")]
+    click.echo(
+        f"wrote {len(records)} points ({len(pairs)} placements: "
+        + ", ".join(topo.placement(*p) for p in pairs)
+        + f") to {path}"
+        + (f"; {len(bad)} failed and are left out" if bad else "")
+    )
+
+
 # ------------------------------------------------------------------------------------ bench
 def _csv(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
@@ -187,15 +280,17 @@ def _pairs(text: str, online: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 def _split_transports(text: str, peers: bool) -> tuple[list[str], list[str], bool]:
-    """--transports (and --peers) -> (REGISTRY names, peer names, floor row wanted)."""
+    """--transports (and --peers) -> (REGISTRY names and auto, peer names, floor row wanted)."""
     from fable.bench.peers import PEERS
     from fable.transports import REGISTRY
 
-    names = [*REGISTRY, "floor"] if text == "all" else _csv(text)
+    names = [*REGISTRY, "auto", "floor"] if text == "all" else _csv(text)
     fable_names, peer_names, floor = [], [], False
     for n in names:
         if n == "floor":
             floor = True
+        elif n == "auto":
+            fable_names.append(n)
         elif n.startswith("peer:"):
             if n[5:] not in PEERS:
                 raise click.BadParameter(f"unknown peer {n!r}; known: {', '.join(PEERS)}")
@@ -204,7 +299,7 @@ def _split_transports(text: str, peers: bool) -> tuple[list[str], list[str], boo
             fable_names.append(n)
         else:
             raise click.BadParameter(
-                f"unknown transport {n!r}; known: {', '.join(REGISTRY)}, floor, "
+                f"unknown transport {n!r}; known: {', '.join(REGISTRY)}, auto, floor, "
                 + ", ".join(f"peer:{p}" for p in PEERS)
             )
     if peers:
@@ -213,6 +308,47 @@ def _split_transports(text: str, peers: bool) -> tuple[list[str], list[str], boo
 
 
 QUICK = {"target_s": 0.03, "timeout_s": 20.0}
+
+
+def _run_points(points: list[Any], topo: Any, rounds: int = 1, **opts: Any) -> list[dict[str, Any]]:
+    """Measure every point (``rounds`` times, interleaved: the whole list, then again) under a
+    live progress bar; a daemon of our own serves the ``auto`` row while it runs."""
+    import contextlib
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from fable.bench.harness import AUTO, merge_rounds, run_point
+    from fable.client import private_daemon
+
+    records: list[dict[str, Any]] = []
+    progress = Progress(
+        TextColumn("{task.description:<44}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    need_daemon = any(p.transport == AUTO for p in points)
+    with private_daemon() if need_daemon else contextlib.nullcontext(), progress:
+        task = progress.add_task("bench", total=len(points) * rounds)
+        for _ in range(rounds):
+            for p in points:
+                progress.update(
+                    task,
+                    description=f"{p.transport} {'safe' if p.safe else 'unsafe'} {p.mode[:3]} "
+                    f"{p.size} B {p.cpus[0]}:{p.cpus[1]}",
+                )
+                records.append(run_point(p, placement=topo.placement(*p.cpus), **opts))
+                progress.advance(task)
+    return merge_rounds(records) if rounds > 1 else records
 
 
 @main.group(invoke_without_command=True)
@@ -232,6 +368,13 @@ QUICK = {"target_s": 0.03, "timeout_s": 20.0}
     "--modes", default="latency,throughput", show_default=True, help="latency, throughput or both"
 )
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100))
+@click.option(
+    "--rounds",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="measure the whole list this many times, interleaved, and keep each point's median",
+)
 @click.option(
     "--target",
     "target_s",
@@ -291,6 +434,7 @@ def bench(
     grid: bool,
     modes: str,
     repeats: int,
+    rounds: int,
     target_s: float,
     verify: str,
     timeout_s: float,
@@ -302,15 +446,16 @@ def bench(
     """Measure latency (round trip) and throughput (one way) of every transport between two
     pinned processes, verified message by message.
 
-    The `floor` row is a cache line bounced between the two CPUs in C: the lower bound of a
-    round trip between them. (The paper measured hardware inter-processor interrupts under Xen
-    for its lower bound; user space cannot send those.)
+    The `auto` row lets the daemon's policy pick: both processes are pinned, then register and
+    connect through a daemon of the bench's own. The `floor` row is a cache line bounced between
+    the two CPUs in C: the lower bound of a round trip between them. (The paper measured
+    hardware inter-processor interrupts under Xen for its lower bound; user space cannot send
+    those.)
 
     `fable bench compare A.json B.json` compares two runs."""
     if ctx.invoked_subcommand is not None:
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fable.bench.harness import (
         FLOOR,
@@ -318,7 +463,6 @@ def bench(
         SCHEMA_VERSION,
         Point,
         machine_info,
-        run_point,
     )
     from fable.bench.peers import missing
     from fable.bench.report import results_table
@@ -360,7 +504,11 @@ def bench(
     for cpus in pair_list:
         if floor and "latency" in mode_list:
             points.append(Point(FLOOR, True, "latency", FLOOR_SIZE, cpus))
-        rows = [(n, safe) for n in fable_names for safe in REGISTRY[n].caps.forms]
+        rows = [
+            (n, safe)
+            for n in fable_names
+            for safe in (REGISTRY[n].caps.forms if n in REGISTRY else (True, False))
+        ]
         rows = [(n, safe) for n, safe in rows if ("safe" if safe else "unsafe") in wanted_safety]
         rows += [(f"peer:{peer}", True) for peer in runnable_peers]
         for name, safe in rows:
@@ -370,34 +518,15 @@ def bench(
     err = Console(stderr=True)
     for n in notes:
         err.print(f"[yellow]note:[/] {n}")
-    records: list[dict[str, Any]] = []
-    progress = Progress(
-        TextColumn("{task.description:<44}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
+    records = _run_points(
+        points,
+        topo,
+        rounds=rounds,
+        repeats=repeats,
+        target_s=target_s,
+        verify=verify,
+        timeout_s=timeout_s,
     )
-    with progress:
-        task = progress.add_task("bench", total=len(points))
-        for p in points:
-            progress.update(
-                task,
-                description=f"{p.transport} {'safe' if p.safe else 'unsafe'} {p.mode[:3]} "
-                f"{p.size} B {p.cpus[0]}:{p.cpus[1]}",
-            )
-            records.append(
-                run_point(
-                    p,
-                    placement=topo.placement(*p.cpus),
-                    repeats=repeats,
-                    target_s=target_s,
-                    verify=verify,
-                    timeout_s=timeout_s,
-                )
-            )
-            progress.advance(task)
     out = Console(soft_wrap=False, width=max(100, Console().width))
     for part in results_table(records):
         out.print(part)

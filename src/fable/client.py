@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -474,3 +475,35 @@ def one_shot(op: str, path: Path | None = None, **fields: Any) -> dict[str, Any]
         return reply
     finally:
         s.close()
+
+
+@contextlib.contextmanager
+def private_daemon() -> Iterator[Path]:
+    """A daemon of our own on a fresh socket, for this process and its children (the bench's
+    ``auto`` row): ``FABLE_SOCKET`` points at it inside the block; it is stopped afterwards."""
+    import tempfile
+
+    from fable import config
+
+    d = Path(tempfile.mkdtemp(prefix="fable-bench-"))
+    path = d / "fabled.sock"
+    old = os.environ.get("FABLE_SOCKET")
+    os.environ["FABLE_SOCKET"] = str(path)
+    config.reload()
+    try:
+        start_daemon(path)
+        yield path
+    finally:
+        with contextlib.suppress(Exception):
+            one_shot("stop", path)
+        deadline = time.monotonic() + 5
+        while _answers(path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if old is None:
+            os.environ.pop("FABLE_SOCKET", None)
+        else:
+            os.environ["FABLE_SOCKET"] = old
+        config.reload()
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)

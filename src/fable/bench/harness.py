@@ -39,6 +39,7 @@ from typing import Any, Protocol, cast
 from fable.bench import _native
 
 __all__ = [
+    "AUTO",
     "FLOOR",
     "SCHEMA_VERSION",
     "Channel",
@@ -52,6 +53,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 FLOOR = "floor"
+AUTO = "auto"
 FLOOR_SIZE = 64  # one cache line moves per hop
 _ns = time.perf_counter_ns  # CLOCK_MONOTONIC, shared by all processes (and by _native.floor)
 
@@ -107,8 +109,39 @@ class FableLink:
         pass  # fable's memory and fds go with the processes
 
 
+class AutoLink:
+    """The ``auto`` row: both processes are pinned first, then register with the daemon
+    (``FABLE_SOCKET``) and connect through it; the daemon's policy picks the transport, told the
+    point's size and mode. A listens (in ``setup``), B connects."""
+
+    def setup(self, point: Point) -> None:
+        import fable
+
+        self.point = point
+        self.ctx = fable.register(f"bench/{os.getpid()}/a")
+        self.listener = self.ctx.listen(trusted=not point.safe)
+
+    def end(self, side: int) -> Channel:
+        import fable
+
+        if side == 0:
+            return cast(Channel, self.listener.accept(timeout=30))
+        a = os.getppid()  # B is A's child
+        ctx = fable.register(f"bench/{a}/b")
+        p = self.point
+        conn = ctx.connect(
+            f"bench/{a}/a", trusted=not p.safe, msg_size=p.size, mode=p.mode, timeout=30
+        )
+        return cast(Channel, conn)
+
+    def cleanup(self) -> None:
+        pass  # the names go with the processes
+
+
 def link_for(transport: str) -> Link:
-    """The link of a record's ``transport`` name (REGISTRY name or ``peer:NAME``)."""
+    """The link of a record's ``transport`` name (REGISTRY name, ``auto`` or ``peer:NAME``)."""
+    if transport == AUTO:
+        return AutoLink()
     if transport.startswith("peer:"):
         from fable.bench.peers import peer_link
 
@@ -373,7 +406,10 @@ def _worker_a(point: Point, link: Link | None, opts: dict[str, Any], out_fd: int
     os.close(err_w)
     try:
         ch = link.end(0)
+        chosen = (getattr(ch, "transport", None), getattr(ch, "safe", None))
         result = _measure(ch, point, opts)
+        if point.transport == AUTO:
+            result["chosen"], result["chosen_safe"] = chosen
         ch.send(json.dumps({"op": "end"}).encode())
         ch.close()
         _, status = os.waitpid(pid, 0)
@@ -495,3 +531,27 @@ def machine_info() -> dict[str, Any]:
         "fable": __version__,
         **Topology.read().describe(),
     }
+
+
+def merge_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records of the same point from several interleaved rounds -> one record per point: the
+    round with the median p50 (latency) or rate (throughput); ``rounds`` says how many, and a
+    point fails if any round failed."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in records:
+        key = (r["transport"], r["safe"], r["mode"], r["size"], tuple(r["cpus"]))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for rs in groups.values():
+        bad = [r for r in rs if not r.get("verified")]
+        if bad:
+            pick = dict(bad[0])
+        else:
+            metric = "p50_ns" if rs[0]["mode"] == "latency" else "msgs_per_s"
+            pick = dict(sorted(rs, key=lambda r: r[metric])[len(rs) // 2])
+            pick["round_values"] = [r[metric] for r in rs]
+            if rs[0]["transport"] == AUTO:
+                pick["chosen_rounds"] = [r.get("chosen") for r in rs]
+        pick["rounds"] = len(rs)
+        out.append(pick)
+    return out

@@ -28,14 +28,19 @@ def row_name(r: Record) -> str:
     return f"{t} {'safe' if r['safe'] else 'unsafe'}"
 
 
+NOT_A_TRANSPORT = ("floor", "auto safe", "auto unsafe")  # never "the best transport"
+
+
 def row_order(name: str) -> tuple[int, str]:
-    # floor first, fable's transports in REGISTRY order, then the peers
+    # floor first, fable's transports in REGISTRY order, auto, then the peers
     from fable.transports import REGISTRY
 
     if name == "floor":
         return (0, "")
-    if name.startswith("peer:"):
+    if name.startswith("auto"):
         return (2, name)
+    if name.startswith("peer:"):
+        return (3, name)
     t, _, safety = name.partition(" ")
     order = list(REGISTRY)
     return (1, f"{order.index(t) if t in order else 99:02d}{safety == 'unsafe':d}")
@@ -78,11 +83,12 @@ class Summary:
         self, placement: str, size: int, mode: str, rows: Iterable[str] | None = None
     ) -> tuple[str, float] | None:
         """The best row (lowest round trip, highest rate) at a placement and size; the floor
-        never counts, it is not a transport."""
+        and auto never count: one is not a transport, the other is one of the others."""
         found = [
             (row, v)
             for row in (rows if rows is not None else self.rows)
-            if row != "floor" and (v := self.get(placement, row, size, mode)) is not None
+            if row not in NOT_A_TRANSPORT
+            and (v := self.get(placement, row, size, mode)) is not None
         ]
         if not found:
             return None
@@ -93,7 +99,8 @@ class Summary:
         found = [
             (row, v)
             for row in self.rows
-            if row != "floor" and (v := self.get(placement, row, size, mode)) is not None
+            if row not in NOT_A_TRANSPORT
+            and (v := self.get(placement, row, size, mode)) is not None
         ]
         if not found:
             return None
@@ -195,7 +202,7 @@ def markdown(records: list[Record], machine: dict[str, Any], notes: list[str]) -
         "cache line bounced in C, the lower bound of any round trip, and never the best.",
         "",
     ]
-    fable_rows = [r for r in s.rows if r != "floor" and not r.startswith("peer:")]
+    fable_rows = [r for r in s.rows if r not in NOT_A_TRANSPORT and not r.startswith("peer:")]
     peer_rows = [r for r in s.rows if r.startswith("peer:")]
     for mode, title in (("latency", "Round trip (p50)"), ("throughput", "Throughput")):
         if not any(k[3] == mode and k[1] != "floor" for k in s.cells):
@@ -228,6 +235,7 @@ def markdown(records: list[Record], machine: dict[str, Any], notes: list[str]) -
                         row += " - | - | - |"
                 lines.append(row)
         lines.append("")
+    lines += auto_lines(records, s)
     floor = [
         f"{p}: {_us(v)} us"
         for p in s.placements
@@ -251,6 +259,51 @@ def markdown(records: list[Record], machine: dict[str, Any], notes: list[str]) -
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def auto_lines(records: list[Record], s: Summary) -> list[str]:
+    """Markdown: what the policy chose at each point of the ``auto`` row, against the best
+    transport it was allowed to pick, measured in the same run (safe rows: safe forms only;
+    unsafe rows, where both ends trust: any form)."""
+    autos = [r for r in records if r["transport"] == "auto" and r.get("verified")]
+    if not autos:
+        return []
+    lines = [
+        "## auto: the policy's choice against the best",
+        "",
+        "| placement | size | mode | safety | chosen | auto | best allowed | auto / best |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(autos, key=lambda r: (r["placement"], r["size"], r["mode"], r["safe"])):
+        safety = "safe" if r["safe"] else "unsafe"
+        # a trusting pair may use either form; an untrusting one only safe forms
+        rows = [
+            x
+            for x in s.rows
+            if x not in NOT_A_TRANSPORT
+            and not x.startswith("peer:")
+            and (x.endswith(" safe") or not r["safe"])
+        ]
+        b = s.best(r["placement"], r["size"], r["mode"], rows)
+        v = s.get(r["placement"], f"auto {safety}", r["size"], r["mode"])
+        if b is None or v is None:
+            continue
+        ratio = b[1] / v if r["mode"] == "latency" else v / b[1]
+        chosen = r.get("chosen")
+        if r.get("chosen_rounds"):
+            chosen = "/".join(sorted({str(c) for c in r["chosen_rounds"]}))
+        lines.append(
+            f"| {r['placement']} | {size_label(r['size'])} | {r['mode']} | {safety} | {chosen} | "
+            f"{_cell(('', v), r['mode'], r['size']).strip()} | "
+            f"{_cell(b, r['mode'], r['size'])} | {ratio:.2f} |"
+        )
+    lines += [
+        "",
+        "`auto / best` is 1.00 when the policy picked the best transport, lower when "
+        "the pick was slower (round trips: best / auto; rates: auto / best).",
+        "",
+    ]
+    return lines
 
 
 def _key(r: Record) -> tuple[Any, ...]:

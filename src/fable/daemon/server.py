@@ -40,9 +40,6 @@ __all__ = ["Daemon", "host_id", "serve"]
 
 log = logging.getLogger("fable.daemon")
 
-# The transport a rendezvous picks until the policy (fable/policy.py) exists: the fastest
-# pollable shared-memory transport on one host; its safe form unless both ends trust.
-DEFAULT_TRANSPORT = "mempipe-adaptive"
 _SEND_TIMEOUT_S = 5.0
 
 
@@ -137,6 +134,9 @@ class Daemon:
         self.listen_changed = asyncio.Event()
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._table: Any = None
+        self._table_stamp = -1
+        self._topo: Any = None
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -322,6 +322,10 @@ class Daemon:
         trusted = _field(req, "trusted", bool, False)
         transport = _field(req, "transport", (str, type(None)), None)
         timeout = _field(req, "timeout", (int, float, type(None)), None)
+        _field(req, "pollable", bool, False)
+        _field(req, "msg_size", (int, type(None)), None)
+        if req.get("mode") not in (None, "latency", "throughput"):
+            raise _BadRequest("connect: mode is 'latency', 'throughput' or null")
         from fable.transports import REGISTRY
 
         if transport is not None and transport not in REGISTRY:
@@ -344,21 +348,23 @@ class Daemon:
         if client.closed:  # the connector died while it waited: do not bother the listener
             raise ConnectionError("the connecting process went away")
         both_trust = trusted and listener.trusted
-        name = transport or DEFAULT_TRANSPORT
         safe = not both_trust
-        info = REGISTRY[name]
-        if safe not in info.caps.forms:
-            from fable.transports.setup import _no_form
+        if transport is not None:
+            name = transport
+            info = REGISTRY[name]
+            if safe not in info.caps.forms:
+                from fable.transports.setup import _no_form
 
-            raise FableError(
-                _no_form(name, safe, info.caps.mutual_trust) + " (both ends must pass trusted=True)"
+                raise FableError(
+                    _no_form(name, safe, info.caps.mutual_trust)
+                    + " (both ends must pass trusted=True)"
+                )
+            reason = f"{name}: asked for by {me.name} with transport={name!r}" + (
+                "; both ends trust: zero-copy reads" if both_trust else "; safe: private copies"
             )
-        reason = (
-            f"asked for by {me.name}"
-            if transport
-            else f"{name}: the fastest pollable shared-memory transport on one host (fixed order "
-            "until the policy exists)"
-        ) + ("; both ends trust: zero-copy reads" if both_trust else "; safe: private copies")
+        else:
+            choice = self._choose(me, listener, trusted, req)
+            name, reason, safe = choice.transport, choice.reason, choice.safe
         flow = self.registry.new_flow(
             (me.name, listener.name), name, (safe, safe), reason, {client.id, listener.client}
         )
@@ -381,6 +387,77 @@ class Daemon:
             b.close()
         log.info("flow %d: %s -> %s over %s", flow.id, me.name, listener.name, name)
         return {"flow": flow.public(), "options": {"transport": name, "safe": safe}}, a.detach()
+
+    def table(self) -> Any:
+        """The calibration table, reloaded when ``fable calibrate`` rewrote it."""
+        from fable.policy import calibration_path, load_table
+
+        path = calibration_path()
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            stamp = 0
+        if self._table is None or stamp != self._table_stamp:
+            self._table, self._table_stamp = load_table(path), stamp
+            log.info("transport choices from %s", self._table.source)
+        return self._table
+
+    def _ranking(
+        self, a: Endpoint, b: Endpoint, trusted_a: bool, trusted_b: bool, req: dict[str, Any]
+    ) -> list[Any]:
+        from fable.policy import facts_for, rank
+
+        size = req.get("msg_size")
+        mode = req.get("mode")
+        facts = facts_for(
+            a.public(),
+            b.public(),
+            trusted_a=trusted_a,
+            trusted_b=trusted_b,
+            pollable=bool(req.get("pollable", False)),
+            msg_size=size
+            if isinstance(size, int) and not isinstance(size, bool) and size > 0
+            else None,
+            mode=mode if mode in ("latency", "throughput") else None,
+        )
+        if self._topo is None:
+            from fable.bench.topology import Topology
+
+            self._topo = Topology.read()
+        return rank(facts, self.table(), self._topo)
+
+    def _choose(self, a: Endpoint, b: Endpoint, trusted_a: bool, req: dict[str, Any]) -> Any:
+        ranking = self._ranking(a, b, trusted_a, b.trusted, req)
+        if not ranking or ranking[0].excluded:
+            raise FableError("no transport fits these two endpoints")
+        return ranking[0]
+
+    async def _op_explain(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
+        """The ranking a connect from ``a`` to ``b`` would use now (``fable explain``)."""
+        from fable.errors import NameNotFound
+
+        eps = []
+        for key in ("a", "b"):
+            name = check_name(_field(req, key, str))
+            ep = self.registry.endpoints.get(name)
+            if ep is None:
+                raise NameNotFound(f"no endpoint is registered as {name!r}")
+            eps.append(ep)
+        trusted = _field(req, "trusted", bool, False)
+        ranking = self._ranking(eps[0], eps[1], trusted, trusted or eps[1].trusted, req)
+        return {
+            "source": self.table().source,
+            "ranking": [
+                {
+                    "transport": c.transport,
+                    "safe": c.safe,
+                    "score": round(c.score, 4),
+                    "excluded": c.excluded,
+                    "reason": c.reason,
+                }
+                for c in ranking
+            ],
+        }, None
 
     async def _op_report(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
         flows = req.get("flows", [])

@@ -1,0 +1,256 @@
+"""The policy: which transport a new flow gets, and why.
+
+``rank(facts, table)`` scores every REGISTRY transport for two endpoints in two steps:
+
+1. **Rules** read capabilities (never names) and exclude what cannot or must not be used:
+   another host -> only ``cross_host`` transports; ends that could share a core (their CPU
+   affinities overlap) -> nothing that ``spins``; a pollable fd asked for -> only ``pollable``;
+   the reading sides' trust decides ``safe`` (unsafe only when both trust; no safe form, e.g.
+   ``mutual_trust`` transports, excludes the transport for untrusting ends).
+2. **Numbers** from a calibration table (bench records: ``fable calibrate``, else the built-in
+   table) score the rest: for each placement the two ends may be in, each size and each mode
+   asked for, a transport scores ``best / its own`` (1.0 = the best there; round trips lower is
+   better, rates higher). Sizes and modes combine by geometric mean; placements by the minimum,
+   so a transport must be good wherever the scheduler may put the ends. Unmeasured -> 0.
+
+The reason of the choice names the facts and the numbers used. The built-in table
+(``policy_builtin.json``) is a quick bench of a 2-vCPU x86-64 KVM guest, the common case of a
+small cloud VM: cross-core, spinning shared memory wins latency and throughput; on one core,
+pipes win round trips and futex-waiting shared memory wins throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fable.bench.topology import Topology
+from fable.transports import REGISTRY
+
+__all__ = [
+    "SIZES",
+    "Choice",
+    "Facts",
+    "Table",
+    "calibration_path",
+    "load_table",
+    "rank",
+]
+
+SIZES = (64, 4096, 65536)
+MODES = ("latency", "throughput")
+_BUILTIN = Path(__file__).with_name("policy_builtin.json")
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the policy knows about a would-be flow."""
+
+    same_host: bool = True
+    affinity_a: frozenset[int] = frozenset()  # CPUs each end's I/O thread may run on
+    affinity_b: frozenset[int] = frozenset()
+    trusted_a: bool = False  # each reading side's trust
+    trusted_b: bool = False
+    pollable: bool = False
+    msg_size: int | None = None
+    mode: str | None = None  # "latency" | "throughput" | None (both)
+
+    @property
+    def apart(self) -> bool:
+        """Can the two ends only ever run on different CPUs (disjoint affinities)?"""
+        return (
+            bool(self.affinity_a)
+            and bool(self.affinity_b)
+            and not (self.affinity_a & self.affinity_b)
+        )
+
+    @property
+    def safe(self) -> bool:
+        return not (self.trusted_a and self.trusted_b)
+
+
+@dataclass
+class Table:
+    """Calibration: (placement, transport, safe, mode, size) -> p50 round trip ns or msgs/s."""
+
+    values: dict[tuple[str, str, bool, str, int], float] = field(default_factory=dict)
+    source: str = "empty"
+
+    @classmethod
+    def from_records(cls, records: list[dict[str, Any]], source: str) -> Table:
+        cells: dict[tuple[str, str, bool, str, int], list[float]] = {}
+        for r in records:
+            if not r.get("verified") or r.get("transport") not in REGISTRY:
+                continue
+            v = r["p50_ns"] if r["mode"] == "latency" else r["msgs_per_s"]
+            key = (r["placement"], r["transport"], bool(r["safe"]), r["mode"], int(r["size"]))
+            cells.setdefault(key, []).append(float(v))
+        return cls({k: sorted(v)[len(v) // 2] for k, v in cells.items()}, source)
+
+    def placements(self) -> set[str]:
+        return {k[0] for k in self.values}
+
+
+def calibration_path() -> Path:
+    from fable.config import settings
+
+    return settings().state_dir / "calibration.json"
+
+
+def load_table(path: Path | None = None) -> Table:
+    """This machine's calibration (``fable calibrate``) if there is a readable one made on a
+    machine like this one (same CPU model and count), else the built-in table."""
+    path = calibration_path() if path is None else path
+    for p, label, mine in (
+        (path, f"calibration {path}", True),
+        (_BUILTIN, "the built-in table (a 2-vCPU VM)", False),
+    ):
+        try:
+            doc = json.loads(p.read_text())
+            if doc.get("schema_version") != 1 or not isinstance(doc.get("records"), list):
+                continue
+            if mine and not machine_matches(doc):
+                continue  # made on another machine (a copied state dir): not ours
+            t = Table.from_records(doc["records"], label)
+            if t.values:
+                return t
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return Table()
+
+
+def plausible_placements(facts: Facts, topo: Topology | None = None) -> list[str]:
+    """The placement classes the two ends may be in, given their affinities."""
+    topo = topo or Topology.read()
+    a = sorted(facts.affinity_a & set(topo.cpus)) or list(topo.cpus)
+    b = sorted(facts.affinity_b & set(topo.cpus)) or list(topo.cpus)
+    found: set[str] = set()
+    for i, x in enumerate(a):
+        for y in b[:64] if i < 64 else b[:1]:
+            found.add(topo.placement(x, y))
+    from fable.bench.topology import PLACEMENTS
+
+    return [p for p in PLACEMENTS if p in found]
+
+
+@dataclass(frozen=True)
+class Choice:
+    transport: str
+    safe: bool
+    score: float  # 0..1, 1 = the best wherever the ends may be
+    reason: str
+    excluded: bool = False
+
+
+def _forms(name: str, facts: Facts) -> list[bool]:
+    """The forms the ends may use: safe only if either end does not trust; any the transport
+    has if both trust (a safe copy is always fine for a trusting reader)."""
+    forms = REGISTRY[name].caps.forms
+    return [True] if facts.safe and True in forms else [] if facts.safe else list(forms)
+
+
+def _exclusion(name: str, facts: Facts) -> str | None:
+    caps = REGISTRY[name].caps
+    if not facts.same_host and not caps.cross_host:
+        return "the ends are on different hosts"
+    if caps.spins and not facts.apart:
+        return "it spins, and the ends could share a core (their CPU affinities overlap)"
+    if facts.pollable and not caps.pollable:
+        return "a pollable fd was asked for"
+    if not _forms(name, facts):
+        return "both ends must trust each other" if caps.mutual_trust else "it has no safe form"
+    return None
+
+
+def _fmt(mode: str, v: float) -> str:
+    return f"{v / 1000:.1f} us" if mode == "latency" else f"{v / 1e6:.2f} M msg/s"
+
+
+def rank(facts: Facts, table: Table, topo: Topology | None = None) -> list[Choice]:
+    """Every REGISTRY transport (in its best allowed form), best first; excluded ones last,
+    with ``excluded=True``."""
+    places = plausible_placements(facts, topo) if facts.same_host else ["other-host"]
+    if facts.msg_size is None:
+        sizes = list(SIZES)
+    else:  # the calibrated size nearest on a log scale
+        sizes = [min(SIZES, key=lambda s: abs(math.log2(max(facts.msg_size or 1, 1) / s)))]
+    modes = [facts.mode] if facts.mode in MODES else list(MODES)
+    where = (
+        f"ends pinned apart ({', '.join(places)})"
+        if facts.apart
+        else f"ends may share a core ({', '.join(places)})"
+    )
+    ok = [(n, form) for n in REGISTRY if _exclusion(n, facts) is None for form in _forms(n, facts)]
+    # the best value among the allowed transports and forms, per cell
+    best: dict[tuple[str, str, int], float] = {}
+    for p in places:
+        for m in modes:
+            for s in sizes:
+                vals = [v for n, f in ok if (v := table.values.get((p, n, f, m, s))) is not None]
+                if vals:
+                    best[(p, m, s)] = min(vals) if m == "latency" else max(vals)
+
+    def score(name: str, form: bool) -> tuple[float, list[str]]:
+        per_place, notes = [], []
+        for p in places:
+            logs = []
+            for m in modes:
+                for s in sizes:
+                    v = table.values.get((p, name, form, m, s))
+                    b = best.get((p, m, s))
+                    if v is None or b is None or v <= 0:
+                        logs.append(math.log(1e-3))  # unmeasured: as good as 1/1000 of the best
+                        continue
+                    r = b / v if m == "latency" else v / b
+                    logs.append(math.log(r))
+                    notes.append(f"{p} {s} B {m} {_fmt(m, v)} ({r:.2f} of best)")
+            per_place.append(math.exp(sum(logs) / len(logs)) if logs else 0.0)
+        return (min(per_place) if per_place else 0.0), notes
+
+    out = []
+    for name in REGISTRY:
+        why_not = _exclusion(name, facts)
+        if why_not:
+            out.append(Choice(name, facts.safe, 0.0, f"{name}: excluded: {why_not}", True))
+            continue
+        (sc, notes), form = max((score(name, f), f) for f in _forms(name, facts))
+        reads = (
+            "unsafe (zero-copy) reads"
+            if not form
+            else (
+                "safe reads (private copies)" + ("" if facts.safe else ", though both ends trust")
+            )
+        )
+        shown = "; ".join(notes[:4]) + (" ..." if len(notes) > 4 else "")
+        out.append(
+            Choice(
+                name,
+                form,
+                sc,
+                f"{name}: score {sc:.2f} from {table.source}; {where}; {reads}"
+                + (f"; {shown}" if shown else "; no calibration numbers"),
+            )
+        )
+    out.sort(key=lambda c: (c.excluded, -c.score))
+    return out
+
+
+def facts_for(a: dict[str, Any], b: dict[str, Any], **hints: Any) -> Facts:
+    """Facts from two endpoints as the daemon knows them (``Endpoint.public()``)."""
+    return Facts(
+        same_host=a.get("host") == b.get("host"),
+        affinity_a=frozenset(a.get("affinity") or ()),
+        affinity_b=frozenset(b.get("affinity") or ()),
+        **hints,
+    )
+
+
+def machine_matches(doc: dict[str, Any]) -> bool:
+    """Whether a calibration file describes this machine (CPU count and model)."""
+    from fable.bench.harness import machine_info
+
+    here, there = machine_info(), doc.get("machine") or {}
+    return all(here.get(k) == there.get(k) for k in ("cpus", "cpu_model"))
