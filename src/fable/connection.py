@@ -59,12 +59,20 @@ def _raiser(exc: Callable[[], BaseException]) -> Callable[..., NoReturn]:
 class Connection:
     """One side of a connection. Use it from one sending and one receiving thread at a time."""
 
-    def __init__(self, path: DataPath, setup: SetupChannel) -> None:
-        self._path = path
+    def __init__(self, path: DataPath, setup: SetupChannel, role: int = 0) -> None:
+        from fable import reconfig
+
         self._setup = setup
         self._state = "open"
+        self._switcher = reconfig.Switcher(self, path, setup, role)
         self._bind(path)
         _live.add(self)
+        reconfig.watch(self)
+
+    @property
+    def _path(self) -> DataPath:
+        """The path being read now (the one the peer's messages arrive on first)."""
+        return self._switcher.rx[0]
 
     def _bind(self, path: DataPath) -> None:
         d = self.__dict__
@@ -81,23 +89,51 @@ class Connection:
     @property
     def transport(self) -> str:
         """Canonical name of the transport carrying the connection now (REGISTRY key)."""
-        return self._path.transport
+        return self._switcher.newest.transport
 
     @property
     def safe(self) -> bool:
         """True when this side's reads are private copies; False when they are views into
         memory the peer can write (only if this side said ``trusted=True``)."""
-        return self._path.safe
+        return self._switcher.newest.safe
 
     @property
     def epoch(self) -> int:
         """Transport generation: 0 at first, +1 at each reconfiguration."""
-        return self._path.epoch
+        return self._switcher.epoch
 
     @property
     def max_write(self) -> int:
         """The largest ``size`` one ``getwritebuf`` accepts."""
-        return self._path.max_write
+        return self._switcher.tx.max_write
+
+    @property
+    def last_switch(self) -> dict[str, Any] | None:
+        """The latest reconfiguration: ``{"at", "from", "to", "reason"}``, or None."""
+        return self._switcher.last_switch
+
+    # ----------------------------------------------------------------- reconfiguration
+    def reconfigure(
+        self,
+        transport: str,
+        safe: bool | None = None,
+        *,
+        reason: str = "asked for by the application",
+        wait: bool = True,
+        timeout: float | None = 10.0,
+    ) -> None:
+        """Move this connection to ``transport`` (a REGISTRY name) without losing a message
+        (``fable/reconfig.py`` draws the protocol). ``safe=None`` keeps this side's form where
+        the transport has it. ``wait``: return once the peer accepted (``FableError`` if it
+        refused: the connection stays as it was); the switch then completes as both sides go
+        on reading and writing. ``PermissionDenied`` for unsafe reads without trust."""
+        self._check_open()
+        self._switcher.reconfigure(transport, safe, reason, wait, timeout)
+
+    def reconfig_fileno(self) -> int:
+        """An fd that is readable while a reconfiguration is in progress."""
+        self._check_open()
+        return self._switcher.fileno()
 
     @property
     def closed(self) -> bool:
@@ -172,7 +208,7 @@ class Connection:
         return self._path.poll_prepare()
 
     def _write_fileno(self) -> int | None:
-        return self._path.write_fileno() if self._state == "open" else None
+        return self._switcher.tx.write_fileno() if self._state == "open" else None
 
     async def arecv(self) -> bytes:
         """The next message, for asyncio (waits on ``fileno()`` with the running loop)."""
@@ -193,8 +229,8 @@ class Connection:
         return aiter_messages(self)
 
     def stats(self) -> ConnectionStats:
-        """A frozen snapshot of this side's counters."""
-        return self._path.stats()
+        """A frozen snapshot of this side's counters (over every epoch)."""
+        return self._switcher.stats()
 
     def close(self) -> None:
         """Flush (up to FABLE_CLOSE_LINGER s), send the close frame, free everything.
@@ -204,8 +240,11 @@ class Connection:
         self._state = "closed"
         self._unbind(lambda: ConnectionClosed("connection is closed"))
         _live.discard(self)
+        from fable import reconfig
+
+        reconfig.unwatch(self)
         try:
-            self._path.close(settings().close_linger_s)
+            self._switcher.close(settings().close_linger_s)
         finally:
             self._setup.close()
 
@@ -217,7 +256,7 @@ class Connection:
         self._unbind(
             lambda: FableError("this connection was inherited across fork(); it is the parent's")
         )
-        self._path.forget()
+        self._switcher.forget()
 
     def _check_open(self) -> None:
         if self._state == "closed":
@@ -252,7 +291,7 @@ class Connection:
         if getattr(self, "_state", None) == "open":
             try:
                 self._state = "closed"
-                self._path.close(0.0)
+                self._switcher.close(0.0)
                 self._setup.close()
             except Exception:
                 pass

@@ -332,6 +332,8 @@ class Daemon:
             raise _BadRequest(f"unknown transport {transport!r}")
         deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
         while True:
+            if client.closed:  # do not wait forever for a process that is gone
+                raise ConnectionError("the connecting process went away")
             listener = self.registry.listener(to, client.uid)
             if listener is not None:
                 owner = self.clients.get(listener.client)
@@ -341,8 +343,8 @@ class Daemon:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise Timeout(f"{to!r} is registered but did not listen in time")
-            try:
-                await asyncio.wait_for(changed.wait(), left)
+            try:  # woken by any listen/register change; at least once a second for liveness
+                await asyncio.wait_for(changed.wait(), 1.0 if left is None else min(left, 1.0))
             except TimeoutError:
                 pass
         if client.closed:  # the connector died while it waited: do not bother the listener

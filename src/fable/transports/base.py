@@ -71,15 +71,17 @@ class TransportInfo:
     """One row of REGISTRY.
 
     ``create(options)`` runs on the initiating side and returns the two ends (the second is sent
-    to the peer over the setup channel); ``open(spec, role, safe, setup)`` turns an end into a
-    DataPath on its own side. ``role`` is 0 on the initiating side, 1 on the other.
+    to the peer over the setup channel); ``open(spec, role, safe, setup, epoch)`` turns an end
+    into a DataPath on its own side. ``role`` is 0 on the initiating side, 1 on the other;
+    ``epoch`` is the connection's transport generation (0, then +1 per reconfiguration), which
+    every frame or record of the path carries.
     """
 
     name: str
     caps: Capabilities
     summary: str
     create: Callable[[dict[str, Any]], tuple[EndSpec, EndSpec]]
-    open: Callable[[EndSpec, int, bool, SetupChannel], DataPath]
+    open: Callable[[EndSpec, int, bool, SetupChannel, int], DataPath]
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,14 @@ class RingPath(MessagePath):
     """A DataPath over two rings in shared memory (see the module docstring)."""
 
     def __init__(
-        self, name: str, mode: int, spec: EndSpec, role: int, safe: bool, setup: SetupChannel
+        self,
+        name: str,
+        mode: int,
+        spec: EndSpec,
+        role: int,
+        safe: bool,
+        setup: SetupChannel,
+        epoch: int = 0,
     ) -> None:
         try:
             mm, capacity, fd, own_ev, peer_ev = _checked_memory(spec)
@@ -125,7 +132,7 @@ class RingPath(MessagePath):
             raise
         os.close(fd)  # the mapping keeps the memory
         cfg = settings()
-        self._init_messages(name, safe, 0, cfg, setup)
+        self._init_messages(name, safe, epoch, cfg, setup)
         self._mode = mode
         self._slice = SLICE_NS[mode]
         self._spin = cfg.spin_budget_ns
@@ -139,8 +146,8 @@ class RingPath(MessagePath):
         self._own_ev, self._peer_ev = own_ev, peer_ev
         try:
             ring = _ring_class(cfg.backend)
-            self._tx = ring(self._tx_mem, True, eventfd=peer_ev)
-            self._rx = ring(self._rx_mem, False)
+            self._tx = ring(self._tx_mem, True, epoch=epoch, eventfd=peer_ev)
+            self._rx = ring(self._rx_mem, False, epoch=epoch)
         except BaseException:
             self._free_memory()
             _close_all([own_ev, peer_ev])
@@ -378,6 +385,9 @@ class RingPath(MessagePath):
             self._count_in(more, length)
         if not out:
             if self._peer_closed:
+                nxt = self._successor()
+                if nxt is not None:
+                    return nxt.getreadbuf()
                 raise ConnectionClosed("the peer closed the connection")
             if self._pinned >= self._pin_limit:
                 # Unsafe buffers pin the ring: the writer may need that space to go on.
@@ -477,8 +487,10 @@ def _ring_class(backend: str) -> type[PyRing] | type[_core.Ring]:
 
 
 def _opener(name: str, mode: int) -> Any:
-    def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> DataPath:
-        return RingPath(name, mode, spec, role, safe, setup)
+    def _open(
+        spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int = 0
+    ) -> DataPath:
+        return RingPath(name, mode, spec, role, safe, setup, epoch)
 
     return _open
 

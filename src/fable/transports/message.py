@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fable.buffer import Buffer
@@ -126,6 +126,11 @@ class MessagePath(DataPath):
     def _say_goodbye(self, linger: float) -> None:
         """Hand what is committed to the transport and write the in-band close after it,
         waiting at most ``linger`` seconds (close, on a healthy connection)."""
+
+    def _end_writes(self, linger: float) -> None:
+        """The end of this path's epoch (live reconfiguration): like ``_say_goodbye``, but the
+        reading half goes on, possibly in another thread: touch only writing state."""
+        self._say_goodbye(linger)
 
     @abc.abstractmethod
     def _free(self, clean: bool) -> None:
@@ -257,10 +262,27 @@ class MessagePath(DataPath):
                 "(its last fragment has more=False) before recv()"
             )
 
+    # ------------------------------------------------------------------ end of an epoch
+    # Set by the Connection: called on the reading thread once the peer's in-band end has been
+    # read on this path; returns the path the peer's messages continue on (a live
+    # reconfiguration, fable/reconfig.py) or None (the peer closed).
+    _on_end: Callable[[DataPath], DataPath | None] | None = None
+
+    def _successor(self) -> DataPath | None:
+        if self._on_end is None or not self._peer_closed or self._stash:
+            return None
+        return self._on_end(self)
+
     def _recv_slow(self, timeout: float | None = None) -> bytes:
         self._check()
         self._not_mid_message()
-        self._gather(timeout)
+        try:
+            self._gather(timeout)
+        except ConnectionClosed:
+            nxt = self._successor()
+            if nxt is None:
+                raise
+            return nxt.recv(timeout)
         parts, self._stash = self._stash, []
         self._state_changed()
         data = parts[0][0] if len(parts) == 1 else b"".join(p for p, _ in parts)
@@ -271,7 +293,13 @@ class MessagePath(DataPath):
     def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
         self._check()
         self._not_mid_message()
-        self._gather(timeout)
+        try:
+            self._gather(timeout)
+        except ConnectionClosed:
+            nxt = self._successor()
+            if nxt is None:
+                raise
+            return nxt.recv_into(buf, timeout)
         total = sum(len(p) for p, _ in self._stash)
         out = memoryview(buf).cast("B")
         if total > len(out):

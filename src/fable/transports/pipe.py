@@ -67,7 +67,7 @@ def ignore_sigpipe() -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
 
-def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> DataPath:
+def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int = 0) -> DataPath:
     if len(spec.fds) != 2:
         _close_all(spec.fds)
         raise ProtocolError(f"expected 2 fds for the pipe transport, got {len(spec.fds)}")
@@ -79,7 +79,7 @@ def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> DataPath
         _close_all(spec.fds)
         raise
     ignore_sigpipe()
-    return StreamPath("pipe", setup, rfd=rfd, wfd=wfd)
+    return StreamPath("pipe", setup, rfd=rfd, wfd=wfd, epoch=epoch)
 
 
 INFO = TransportInfo(

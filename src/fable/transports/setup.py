@@ -145,6 +145,33 @@ class SetupChannel:
             pos += _LEN.size + length
         return False
 
+    def peek_op(self) -> str | None:
+        """The op of the first record waiting (consumes nothing): "" when no whole record is
+        there yet, None when the peer is gone (end of stream)."""
+        if self._sock is None:
+            return None
+        try:
+            data = self._sock.recv(MAX_RECORD + _LEN.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return ""
+        except OSError:
+            return None
+        if not data:
+            return None
+        if len(data) < _LEN.size:
+            return ""
+        (length,) = _LEN.unpack_from(data, 0)
+        if length > MAX_RECORD:
+            return "?"  # recv() will fail it with a ProtocolError
+        body = data[_LEN.size : _LEN.size + length]
+        if len(body) < length:
+            return ""
+        try:
+            op = json.loads(body).get("op")
+        except (ValueError, AttributeError):
+            return "?"
+        return op if isinstance(op, str) else "?"
+
     def fileno(self) -> int:
         return self.sock.fileno()
 
@@ -198,8 +225,8 @@ def _open_end(ch: SetupChannel, timeout: float | None) -> Any:
     except BaseException:
         _close_all(fds)
         raise
-    path = info.open(EndSpec(fds, params), 1, safe, ch)
-    return Connection(path, ch)
+    path = info.open(EndSpec(fds, params), 1, safe, ch, 0)
+    return Connection(path, ch, role=1)
 
 
 class PendingEnd:
@@ -286,11 +313,11 @@ def initiate(
             )
         finally:
             _close_all(remote.fds)
-        path = info.open(local, 0, safe, ch)
+        path = info.open(local, 0, safe, ch, 0)
     except BaseException:
         ch.close()
         raise
-    return Connection(path, ch)
+    return Connection(path, ch, role=0)
 
 
 def open_pair(

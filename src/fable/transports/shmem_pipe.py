@@ -235,7 +235,9 @@ def _create(options: dict[str, Any]) -> tuple[EndSpec, EndSpec]:
 class ShmemPipePath(MessagePath):
     """A DataPath over a shared area per direction and descriptor/return pipes."""
 
-    def __init__(self, spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> None:
+    def __init__(
+        self, spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int = 0
+    ) -> None:
         capacity = spec.params.get("capacity")
         try:
             if len(spec.fds) != 5:
@@ -256,7 +258,7 @@ class ShmemPipePath(MessagePath):
         os.close(fd)
         ignore_sigpipe()
         cfg = settings()
-        self._init_messages("shmem-pipe", safe, 0, cfg, setup)
+        self._init_messages("shmem-pipe", safe, epoch, cfg, setup)
         self._cap = capacity
         self._mm = mm
         self._mv = memoryview(mm)
@@ -688,6 +690,9 @@ class ShmemPipePath(MessagePath):
             return out
         self._return_now()
         if self._peer_closed:
+            nxt = self._successor()
+            if nxt is not None:
+                return nxt.getreadbuf()
             raise ConnectionClosed("the peer closed the connection")
         if self._eof:
             raise self._gone_on_read()
@@ -723,6 +728,9 @@ class ShmemPipePath(MessagePath):
 
     def _say_goodbye(self, linger: float) -> None:
         self._return_now()
+        self._end_writes(linger)
+
+    def _end_writes(self, linger: float) -> None:
         self._claims = deque(c for c in self._claims if c.committed)
         self._advance()
         self._describe(0, 0, F_CLOSE)
@@ -733,8 +741,8 @@ class ShmemPipePath(MessagePath):
         unmap(self._mm, self._mv)
 
 
-def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> DataPath:
-    return ShmemPipePath(spec, role, safe, setup)
+def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int = 0) -> DataPath:
+    return ShmemPipePath(spec, role, safe, setup, epoch)
 
 
 INFO = TransportInfo(

@@ -596,6 +596,9 @@ class StreamPath(MessagePath):
             self._pin[0] += 1
             self._count_in(more, e - s)
         if not out and (self._peer_closed or self._eof):
+            nxt = self._successor()
+            if nxt is not None:
+                return nxt.getreadbuf()
             raise self._gone_on_read()
         if out:
             self._mid = out[-1].more

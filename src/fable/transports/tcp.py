@@ -26,10 +26,12 @@ def _create(options: dict[str, Any]) -> tuple[EndSpec, EndSpec]:
 
 
 def _opener(name: str, nodelay: bool) -> Any:
-    def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> DataPath:
+    def _open(
+        spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int = 0
+    ) -> DataPath:
         sock = adopt_socket(spec, socket.AF_INET)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
-        return StreamPath(name, setup, sock=sock)
+        return StreamPath(name, setup, sock=sock, epoch=epoch)
 
     return _open
 

@@ -32,8 +32,8 @@ def _create(options: dict[str, Any]) -> tuple[EndSpec, EndSpec]:
     return EndSpec([a.detach()], {}), EndSpec([b.detach()], {})
 
 
-def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> DataPath:
-    return StreamPath("unix", setup, sock=adopt_socket(spec, socket.AF_UNIX))
+def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int = 0) -> DataPath:
+    return StreamPath("unix", setup, sock=adopt_socket(spec, socket.AF_UNIX), epoch=epoch)
 
 
 INFO = TransportInfo(

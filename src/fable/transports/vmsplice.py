@@ -80,8 +80,10 @@ def _create(options: dict[str, object]) -> tuple[EndSpec, EndSpec]:
 class VmsplicePath(StreamPath):
     """A StreamPath whose frames live in an arena and enter the pipe by vmsplice."""
 
-    def __init__(self, setup: SetupChannel, rfd: int, wfd: int, tin: int, tout: int) -> None:
-        super().__init__("vmsplice-coop", setup, rfd=rfd, wfd=wfd)
+    def __init__(
+        self, setup: SetupChannel, rfd: int, wfd: int, tin: int, tout: int, epoch: int = 0
+    ) -> None:
+        super().__init__("vmsplice-coop", setup, rfd=rfd, wfd=wfd, epoch=epoch)
         self.safe = False
         self._tin, self._tout = tin, tout
         os.set_blocking(tin, False)
@@ -328,7 +330,7 @@ class VmsplicePath(StreamPath):
         unmap(self._arena, self._amv)  # write buffers still held keep the arena alive
 
 
-def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> DataPath:
+def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int = 0) -> DataPath:
     try:
         if len(spec.fds) != 4:
             raise ProtocolError(f"expected 4 fds for vmsplice-coop, got {len(spec.fds)}")
@@ -341,7 +343,7 @@ def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel) -> DataPath
         _close_all(spec.fds)
         raise
     ignore_sigpipe()
-    return VmsplicePath(setup, rfd, wfd, tin, tout)
+    return VmsplicePath(setup, rfd, wfd, tin, tout, epoch)
 
 
 INFO = TransportInfo(

@@ -1,0 +1,567 @@
+"""Live reconfiguration: move a connection to another transport without losing a message.
+
+    X (asks: conn.reconfigure)                  Y
+    ------------------------------------------  ------------------------------------------
+    create epoch e+1, open X's end
+    setup: PROPOSE(e+1, transport, safe,  ──►   noticed by the watcher thread, or by any call
+           params) + fds                        that reads the setup channel; Y opens its end
+    (X keeps writing on epoch e)          ◄──   setup: ACCEPT(e+1)    (or REFUSE(e+1, why): the
+                                                 connection stays on epoch e)
+                                                Y's next write: END(e) in band on e, then every
+    X's next write after ACCEPT: END(e) in      write goes to e+1
+    band on e, then every write goes to e+1
+    each reader: reads e up to the peer's END(e), then e+1 (a message never straddles epochs:
+    END is written between whole messages, after every write buffer of e is committed)
+    each side, once it wrote END(e) and read the peer's: setup: DONE(e)
+    each side frees its end of e once it sent DONE(e) and got the peer's
+
+- END(e) is the transport's in-band close record: it follows every message of epoch e, so it
+  can never overtake data. A reader tells END from a real close by the ACCEPT or PROPOSE that
+  preceded it on the setup channel.
+- Both sides ask at once: the proposal of the side that set the connection up (role 0) wins;
+  the other side drops its own and accepts.
+- Write buffers of epoch e that the application holds keep the write switch waiting (writes
+  go on in epoch e meanwhile, in order); when they are still held after the grace period
+  (``FABLE_GRACE_PERIOD``), the connection fails with an error naming them. Read buffers of
+  epoch e stay valid: release them any time.
+- Until the first reconfiguration a connection's hot methods are bound straight to its
+  transport; the switch rebinds them (writes through a wrapper until the write switch is done).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import select
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fable.config import settings
+from fable.errors import DeadBuffer, FableError, PermissionDenied, ProtocolError, Timeout
+from fable.transports.base import ConnectionStats, DataPath, EndSpec
+
+if TYPE_CHECKING:
+    from fable.connection import Connection
+    from fable.transports.setup import SetupChannel
+
+__all__ = ["CONTROL_OPS", "Switcher"]
+
+PROPOSE, ACCEPT, REFUSE, DONE = "reconfig", "reconfig-accept", "reconfig-refuse", "reconfig-done"
+CONTROL_OPS = frozenset({PROPOSE, ACCEPT, REFUSE, DONE})
+WRITE_NAMES = ("getwritebuf", "commit", "abort", "flush", "send", "send_many")
+READ_NAMES = ("getreadbuf", "recv", "recv_into")
+
+
+@dataclass
+class _Proposal:
+    epoch: int
+    path: DataPath
+    reason: str
+    started: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+
+
+class Switcher:
+    """One connection's transports across epochs, and the switch protocol (module docstring).
+
+    ``tx`` takes writes; ``rx`` (oldest first) are the paths being read: the first until the
+    peer's END on it. ``lock`` guards everything here; the write switch runs on the writing
+    thread, the read switch on the reading thread, control records wherever they are seen."""
+
+    def __init__(self, conn: Connection, path: DataPath, setup: SetupChannel, role: int) -> None:
+        self._conn = weakref.ref(conn)
+        self.ch = setup
+        self.role = role
+        self.lock = threading.RLock()
+        self.epoch = path.epoch  # newest epoch both sides agreed on
+        self.tx: DataPath = path
+        self.tx_pending: list[DataPath] = []  # agreed; writes move there at the next write
+        self.rx: list[DataPath] = [path]
+        self.proposal: _Proposal | None = None
+        self.ends: dict[int, set[str]] = {}  # epoch -> {"tx", "rx", "sent", "peer"}
+        self.by_epoch: dict[int, DataPath] = {path.epoch: path}  # paths not yet freed
+        self.owned: weakref.WeakSet[DataPath] = weakref.WeakSet([path])  # every path, ever
+        self.grace_deadline = 0.0
+        self.carried = [0, 0, 0, 0]  # counters of freed paths: msgs/bytes out, msgs/bytes in
+        self.last_switch: dict[str, Any] | None = None
+        self.reason = ""
+        self.trusted = not path.safe
+        self.switches = 0
+        self._fd_r = self._fd_w = -1  # reconfig_fileno, made on first use
+        _hook(path, self)
+
+    # ------------------------------------------------------------------ asking
+    def reconfigure(
+        self, transport: str, safe: bool | None, reason: str, wait: bool, timeout: float | None
+    ) -> None:
+        from fable.transports import REGISTRY
+        from fable.transports.setup import _close_all, _no_form
+
+        info = REGISTRY.get(transport)
+        if info is None:
+            raise ValueError(f"unknown transport {transport!r}; known: {', '.join(REGISTRY)}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:  # one request at a time: wait for the peer's answer to the previous one
+            with self.lock:
+                self.pump()
+                if self.proposal is None:
+                    break
+            if not wait or (deadline is not None and time.monotonic() > deadline):
+                raise FableError("a reconfiguration of this connection is in progress")
+            with contextlib.suppress(OSError, ValueError):
+                select.select([self.ch.sock], [], [], 0.01)
+        with self.lock:
+            if self.proposal is not None:
+                raise FableError("a reconfiguration of this connection is in progress")
+            if safe is None:
+                safe = self.newest.safe if self.newest.safe in info.caps.forms else True
+            if safe not in info.caps.forms:
+                raise ValueError(_no_form(transport, safe, info.caps.mutual_trust))
+            if not safe and not self.trusted:
+                raise PermissionDenied(
+                    "unsafe (zero-copy) reads need this side's trust (trusted=True)"
+                )
+            epoch = self.epoch + 1
+            local, remote = info.create({})
+            try:
+                path = info.open(local, 0, safe, self.ch, epoch)
+            except BaseException:
+                _close_all(remote.fds)
+                raise
+            try:
+                self.ch.send(
+                    {
+                        "op": PROPOSE,
+                        "epoch": epoch,
+                        "transport": transport,
+                        "safe": safe,
+                        "params": remote.params,
+                        "reason": reason[:500],
+                    },
+                    remote.fds,
+                )
+            except BaseException:
+                _teardown(path)
+                raise
+            finally:
+                _close_all(remote.fds)
+            self.proposal = _Proposal(epoch, path, reason)
+            self._signal(True)
+        if wait:
+            self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def wait(self, timeout: float | None) -> None:
+        """Wait until the peer accepted or refused our proposal (``FableError`` if refused)."""
+        prop = self.proposal
+        if prop is None:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not prop.done.is_set():
+            self.pump()
+            if prop.done.is_set():
+                break
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise Timeout("the peer did not answer the reconfiguration in time")
+            with contextlib.suppress(OSError, ValueError):
+                select.select([self.ch.sock], [], [], min(0.05, left) if left else 0.05)
+        if prop.error is not None:
+            raise FableError(f"the peer refused to switch: {prop.error}")
+
+    @property
+    def busy(self) -> bool:
+        return self.proposal is not None or bool(self.tx_pending) or len(self.rx) > 1
+
+    @property
+    def newest(self) -> DataPath:
+        if self.tx_pending:
+            return self.tx_pending[-1]
+        return self.by_epoch.get(self.epoch) or self.tx
+
+    # ------------------------------------------------------------------ control records
+    def pump(self) -> None:
+        """Handle every control record waiting on the setup channel (never blocks long)."""
+        with self.lock:
+            while True:
+                op = self.ch.peek_op()
+                if op not in CONTROL_OPS:
+                    return
+                record, fds = self.ch.recv(1.0)
+                try:
+                    self._handle(record, fds)
+                except ProtocolError as e:
+                    self._fail(e)
+                    raise
+
+    def _handle(self, rec: dict[str, Any], fds: list[int]) -> None:
+        from fable.transports.setup import _close_all
+
+        op, epoch = rec.get("op"), rec.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            _close_all(fds)
+            raise ProtocolError(f"reconfiguration record without a valid epoch: {rec!r:.200}")
+        if op != PROPOSE:
+            _close_all(fds)
+        if op == PROPOSE:
+            self._on_propose(rec, epoch, fds)
+        elif op in (ACCEPT, REFUSE):
+            prop = self.proposal
+            if prop is None or prop.epoch != epoch:
+                return  # an answer to a proposal we dropped (both asked at once): ignore
+            self.proposal = None
+            if op == ACCEPT:
+                self._agree(prop.path, epoch, prop.reason, prop.started)
+            else:
+                prop.error = str(rec.get("why", "refused"))[:500]
+                _teardown(prop.path)
+                self._signal(self.busy)
+            prop.done.set()
+        elif op == DONE:
+            self.ends.setdefault(epoch, set()).add("peer")
+            self._maybe_free(epoch)
+
+    def _on_propose(self, rec: dict[str, Any], epoch: int, fds: list[int]) -> None:
+        from fable.transports import REGISTRY
+        from fable.transports.setup import _close_all
+
+        mine = self.proposal
+        if mine is not None and mine.epoch == epoch:
+            if self.role == 0:
+                _close_all(fds)  # both asked at once: ours wins, the peer will accept it
+                return
+            self.proposal = None  # theirs wins: drop ours
+            mine.error = "the peer asked for another switch at the same time (its request won)"
+            _teardown(mine.path)
+            mine.done.set()
+        if epoch != self.epoch + 1:
+            _close_all(fds)
+            raise ProtocolError(f"reconfiguration to epoch {epoch} while at epoch {self.epoch}")
+        name, safe, params = rec.get("transport"), rec.get("safe"), rec.get("params")
+        info = REGISTRY.get(name) if isinstance(name, str) else None
+        why = None
+        if info is None or not isinstance(safe, bool) or not isinstance(params, dict):
+            why = f"unknown transport or malformed request ({name!r})"
+        elif safe not in info.caps.forms:
+            why = f"{name} has no {'safe' if safe else 'unsafe'} form"
+        elif not safe and not self.trusted:
+            why = "this side does not trust its peer: no unsafe (zero-copy) reads"
+        path = None
+        if why is None:
+            assert info is not None and isinstance(safe, bool) and isinstance(params, dict)
+            try:
+                path = info.open(EndSpec(fds, params), 1, safe, self.ch, epoch)
+            except Exception as e:  # the peer's resources did not check out: stay on epoch e
+                why = f"{type(e).__name__}: {e}"
+        else:
+            _close_all(fds)
+        if path is None:
+            self.ch.send({"op": REFUSE, "epoch": epoch, "why": why})
+            return
+        self.ch.send({"op": ACCEPT, "epoch": epoch})
+        self._agree(path, epoch, str(rec.get("reason", "asked for by the peer"))[:500], None)
+
+    def _agree(self, path: DataPath, epoch: int, reason: str, started: float | None) -> None:
+        old = self.by_epoch[self.epoch]
+        self.epoch = epoch
+        self.by_epoch[epoch] = path
+        self.owned.add(path)
+        self.tx_pending.append(path)
+        self.rx.append(path)
+        _hook(path, self)
+        self.grace_deadline = time.monotonic() + settings().grace_period_s
+        self.switches += 1
+        self.reason = reason
+        self.last_switch = {
+            "at": time.time(),
+            "from": old.transport,
+            "to": path.transport,
+            "reason": reason,
+        }
+        conn = self._conn()
+        if conn is not None:
+            d = conn.__dict__
+            for name in WRITE_NAMES:  # the next write switches first
+                d[name] = functools.partial(self._write, name)
+            d["release"] = self.release
+        self._signal(True)
+
+    # ------------------------------------------------------------------ the write switch
+    def _write(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self.tx_pending:
+            self.switch_writes()
+        return getattr(self.tx, name)(*args, **kwargs)
+
+    def switch_writes(self, force: bool = False) -> None:
+        """END(e) on the old path and writes to the next one (through every agreed epoch),
+        unless write buffers of the old path are still held (then later; past the grace
+        period the connection fails)."""
+        with self.lock:
+            while self.tx_pending:
+                if not self._switch_one(force):
+                    return
+
+    def _switch_one(self, force: bool) -> bool:
+        old = self.tx
+        if not force and _write_buffers_held(old):
+            if time.monotonic() > self.grace_deadline:
+                raise self._fail(
+                    FableError(
+                        f"write buffers of epoch {old.epoch} ({old.transport}) were held past "
+                        f"the grace period ({settings().grace_period_s:g} s, "
+                        "FABLE_GRACE_PERIOD) of a reconfiguration: commit or abort them"
+                    )
+                )
+            return False
+        old._end_writes(settings().close_linger_s)  # type: ignore[attr-defined]
+        nxt = self.tx = self.tx_pending.pop(0)
+        if not self.tx_pending:  # the next write goes straight to the new path
+            conn = self._conn()
+            if conn is not None:
+                d = conn.__dict__
+                for name in WRITE_NAMES:
+                    d[name] = getattr(nxt, name)
+        self.ends.setdefault(old.epoch, set()).add("tx")
+        self._maybe_free(old.epoch)
+        return True
+
+    # ------------------------------------------------------------------ the read switch
+    def on_end(self, path: DataPath) -> DataPath | None:
+        """Called by ``path`` on the reading thread after it read the peer's in-band end:
+        the next path (a switch), or None (the peer closed)."""
+        with self.lock:
+            with contextlib.suppress(OSError, FableError):
+                self.pump()  # the ACCEPT or PROPOSE that came before this END
+            if len(self.rx) < 2 or self.rx[0] is not path:
+                return None
+            self.rx.pop(0)
+            nxt = self.rx[0]
+            conn = self._conn()
+            if conn is not None:  # the next read goes straight to the new head
+                d = conn.__dict__
+                for name in READ_NAMES:
+                    d[name] = getattr(nxt, name)
+            self.ends.setdefault(path.epoch, set()).add("rx")
+            self._maybe_free(path.epoch)
+            return nxt
+
+    def release(self, buf: Any) -> None:
+        """Read buffers go back to the path (epoch) they came from."""
+        owner: Any = getattr(buf, "_owner", None)
+        if owner is None or owner not in self.owned:
+            raise DeadBuffer("buffer belongs to another connection")
+        if owner._closed:  # freed after the switch: the buffer just dies
+            owner._take_read(buf)
+            return
+        owner.release(buf)
+
+    # ------------------------------------------------------------------ freeing
+    def _maybe_free(self, epoch: int) -> None:
+        ends = self.ends.setdefault(epoch, set())
+        if {"tx", "rx"} <= ends and "sent" not in ends:
+            with contextlib.suppress(OSError, FableError):
+                self.ch.send({"op": DONE, "epoch": epoch})
+            ends.add("sent")
+        if {"sent", "peer"} <= ends:
+            path = self.by_epoch.pop(epoch, None)
+            del self.ends[epoch]
+            if path is not None:
+                st = path.stats()
+                for i, v in enumerate(
+                    (st.msgs_sent, st.bytes_sent, st.msgs_received, st.bytes_received)
+                ):
+                    self.carried[i] += v
+                _teardown(path)
+            self._signal(self.busy)
+
+    def paths(self) -> list[DataPath]:
+        return list(self.by_epoch.values())
+
+    def stats(self) -> ConnectionStats:
+        live = [p.stats() for p in self.by_epoch.values()]
+        cur = self.newest.stats()
+        c = self.carried
+        return ConnectionStats(
+            transport=cur.transport,
+            safe=cur.safe,
+            epoch=self.epoch,
+            msgs_sent=c[0] + sum(s.msgs_sent for s in live),
+            bytes_sent=c[1] + sum(s.bytes_sent for s in live),
+            msgs_received=c[2] + sum(s.msgs_received for s in live),
+            bytes_received=c[3] + sum(s.bytes_received for s in live),
+            read_buffers_held=sum(s.read_buffers_held for s in live),
+            write_buffers_held=sum(s.write_buffers_held for s in live),
+            pending_bytes=sum(s.pending_bytes for s in live),
+        )
+
+    # ------------------------------------------------------------------ closing
+    def close(self, linger: float) -> None:
+        """Close: the pending write switch first (so END and close are in order), wait up to
+        ``linger`` for the peer to finish reading old epochs, close the writing path, free
+        the rest."""
+        deadline = time.monotonic() + linger
+        with self.lock:
+            if self.tx_pending:
+                with contextlib.suppress(FableError, OSError):
+                    self.switch_writes(force=True)
+            prop, self.proposal = self.proposal, None
+            if prop is not None:
+                _teardown(prop.path)
+        while any("tx" in e and "peer" not in e for e in self.ends.values()):
+            if time.monotonic() > deadline:
+                break
+            with contextlib.suppress(OSError, FableError):
+                self.pump()
+                select.select([self.ch.sock], [], [], 0.02)
+        with self.lock:
+            tx = self.tx
+            try:
+                tx.close(max(0.0, deadline - time.monotonic()))
+            finally:
+                for p in self.by_epoch.values():
+                    if p is not tx:
+                        _teardown(p)
+                self._close_fd()
+
+    def forget(self) -> None:
+        for p in list(self.by_epoch.values()):
+            with contextlib.suppress(Exception):
+                p.forget()
+        if self.proposal is not None:
+            _teardown(self.proposal.path)
+        self._close_fd()
+
+    def _fail(self, exc: BaseException) -> BaseException:
+        for p in self.by_epoch.values():
+            fail = getattr(p, "_fail", None)
+            if fail is not None:
+                fail(exc)
+        return exc
+
+    # ------------------------------------------------------------------ reconfig_fileno
+    def fileno(self) -> int:
+        with self.lock:
+            if self._fd_r < 0:
+                self._fd_r, self._fd_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                self._signal(self.busy)
+            return self._fd_r
+
+    def _signal(self, busy: bool) -> None:
+        """Make reconfig_fileno readable while a switch is in progress, empty otherwise."""
+        if self._fd_r < 0:
+            return
+        try:
+            if busy:
+                os.write(self._fd_w, b"x")
+            else:
+                while os.read(self._fd_r, 64):
+                    pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _close_fd(self) -> None:
+        for fd in (self._fd_r, self._fd_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fd_r = self._fd_w = -1
+
+
+def _hook(path: DataPath, sw: Switcher) -> None:
+    path._on_end = sw.on_end  # type: ignore[attr-defined]
+
+
+def _teardown(path: DataPath) -> None:
+    """Free a path of a finished (or abandoned) epoch: no close notice, the connection goes on."""
+    teardown: Callable[[bool], None] | None = getattr(path, "_teardown", None)
+    with contextlib.suppress(Exception):
+        if teardown is not None and not getattr(path, "_closed", False):
+            teardown(True)
+
+
+def _write_buffers_held(path: DataPath) -> int:
+    held: Callable[[], int] | None = getattr(path, "_write_buffers_held", None)
+    return held() if held is not None else 0
+
+
+# ---------------------------------------------------------------------- the watcher thread
+class _Watcher:
+    """One thread per process: notices reconfiguration requests on the setup channels of live
+    connections whose application is not reading or writing. It holds weak references only,
+    and a strong one just while it handles a record, so a dropped connection goes at once."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.watched: dict[int, weakref.ref[Connection]] = {}  # setup fd -> connection
+        self.thread = threading.Thread(target=self._run, name="fable-reconfig", daemon=True)
+        self.thread.start()
+
+    def add(self, fd: int, conn: Connection) -> None:
+        with self.lock:
+            self.watched[fd] = weakref.ref(conn)
+
+    def remove(self, fd: int) -> None:
+        with self.lock:
+            self.watched.pop(fd, None)
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                fds = [fd for fd, ref in self.watched.items() if ref() is not None]
+            if not fds:
+                time.sleep(0.2)
+                continue
+            try:
+                ready = select.select(fds, [], [], 0.2)[0]
+            except (OSError, ValueError):  # an fd closed meanwhile: rebuild the list
+                time.sleep(0.01)
+                continue
+            for fd in ready:
+                self._handle(fd)
+
+    def _handle(self, fd: int) -> None:
+        with self.lock:
+            ref = self.watched.get(fd)
+        conn = ref() if ref is not None else None
+        if conn is None or conn.closed:
+            self.remove(fd)
+            return
+        sw = conn._switcher
+        try:
+            op = sw.ch.peek_op()
+            if op in CONTROL_OPS:
+                sw.pump()
+            elif op is None or op == "close":
+                self.remove(fd)  # the peer is gone or closing: nothing more to watch
+        except Exception:
+            self.remove(fd)
+
+
+_watcher: _Watcher | None = None
+_watcher_lock = threading.Lock()
+
+
+def watch(conn: Connection) -> None:
+    """Start watching ``conn``'s setup channel for reconfiguration requests."""
+    global _watcher
+    with _watcher_lock:
+        if _watcher is None or _watcher.pid != os.getpid():
+            _watcher = _Watcher()
+        w = _watcher
+    sock = conn._switcher.ch._sock
+    if sock is not None:
+        w.add(sock.fileno(), conn)
+
+
+def unwatch(conn: Connection) -> None:
+    """Stop watching ``conn`` (it is closing: its setup fd is about to be reused)."""
+    w = _watcher
+    sock = conn._switcher.ch._sock
+    if w is not None and w.pid == os.getpid() and sock is not None:
+        w.remove(sock.fileno())
