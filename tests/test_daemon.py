@@ -583,3 +583,42 @@ def test_connector_dying_while_waiting_leaves_no_flow(daemon: Path) -> None:
     w.kill()
     assert srv.result() == "timeout"
     assert ask("flows", daemon)["flows"] == []
+
+
+def test_fable_reconfigure_switches_a_live_flow(daemon: Path) -> None:
+    srv = Child(echo_server("switchee"))
+    wait_for(lambda: "switchee" in names(daemon))
+
+    def client() -> Any:
+        c = fable.register("switcher").connect("switchee", timeout=10)
+        assert isinstance(c, fable.Connection)
+        first = c.transport
+        (flow,) = ask("flows", daemon)["flows"]
+        target = "unix" if first != "unix" else "pipe"
+        out: dict[str, Any] = {}
+
+        def operator() -> None:
+            r = CliRunner().invoke(main, ["reconfigure", str(flow["id"]), target])
+            out["cli"] = (r.exit_code, r.output)
+
+        import threading
+
+        t = threading.Thread(target=operator)
+        t.start()
+        i = 0
+        while t.is_alive() and i < 200_000:  # traffic goes on while the operator switches
+            c.send(b"%d" % i)
+            assert c.recv(timeout=10) == b"%d" % i
+            i += 1
+        t.join()
+        time.sleep(1.2)
+        (after,) = ask("flows", daemon)["flows"]
+        c.close()
+        return first, target, c.transport, out["cli"], after
+
+    first, target, now, (code, output), after = run(client)
+    srv.result()
+    assert code == 0 and f"{target} (epoch 1)" in output, output
+    assert now == target and after["transport"] == target and after["epoch"] == 1
+    last = after["last_switch"]
+    assert last["from"] == first and last["to"] == target and "operator" in last["reason"]

@@ -5,6 +5,7 @@ fable daemon          run the name service in the foreground (--stop ends a runn
 fable ls, fable flows the daemon's endpoints and flows (--json)
 fable explain A B     the policy's ranking of transports for a connection from A to B
 fable calibrate       measure this machine for the policy (about a minute)
+fable reconfigure     switch a live flow to another transport
 fable bench           measure the transports between pinned processes (DESIGN.md §9)
 fable bench compare   two runs' JSON side by side
 """
@@ -151,6 +152,41 @@ def flows(as_json: bool) -> None:
             f"{f['epoch']:>5} {f['msgs']:>10} {f['bytes']:>12}"
         )
         click.echo(f"{'':>10}  why: {f['reason']}")
+
+
+@main.command()
+@click.argument("flow_id", type=int)
+@click.argument("transport")
+@click.option("--safe/--unsafe", "safe", default=None, help="the form (default: keep)")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0))
+def reconfigure(flow_id: int, transport: str, safe: bool | None, timeout: float) -> None:
+    """Switch a live flow (see `fable flows`) to TRANSPORT, without losing a message. Waits
+    until the flow's epoch moves (the ends switch as they go on reading and writing)."""
+    import time
+
+    from fable.client import one_shot
+
+    try:
+        reply = one_shot("reconfigure", flow=flow_id, transport=transport, safe=safe)
+    except FableError as e:
+        raise click.ClickException(str(e)) from None
+    if reply is None:
+        raise click.ClickException("no daemon is running")
+    before = reply["flow"]["epoch"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = one_shot("flows") or {"flows": []}
+        flow = next((f for f in now["flows"] if f["id"] == flow_id), None)
+        if flow is None:
+            raise click.ClickException(f"flow {flow_id} is gone")
+        if flow["epoch"] > before:
+            click.echo(f"flow {flow_id}: {flow['transport']} (epoch {flow['epoch']})")
+            return
+    raise click.ClickException(
+        f"flow {flow_id} did not switch in {timeout:g} s (its ends report once a second; "
+        "an end that refused, e.g. without trust for unsafe reads, keeps the flow as it is)"
+    )
 
 
 @main.command()

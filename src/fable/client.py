@@ -226,7 +226,8 @@ class DaemonLink:
                     "epoch": st.epoch,
                     "msgs": st.msgs_sent,
                     "bytes": st.bytes_sent,
-                    "reason": info.get("reason", ""),
+                    "reason": conn._switcher.reason or info.get("reason", ""),
+                    "last_switch": conn.last_switch,
                 }
             )
         return out
@@ -339,6 +340,19 @@ class DaemonLink:
             slot.done.set()
 
     def _push(self, msg: dict[str, Any], fd: int | None) -> None:
+        if msg.get("op") == "reconfigure":  # from `fable reconfigure`
+            conn = self._flows.get(msg.get("flow"))  # type: ignore[arg-type]
+            if conn is not None and not conn.closed:
+                try:
+                    conn.reconfigure(
+                        str(msg.get("transport")),
+                        msg.get("safe"),
+                        reason=str(msg.get("reason", "asked for by the operator")),
+                        wait=False,
+                    )
+                except (FableError, ValueError, OSError):
+                    pass  # refused here (busy, no trust...): the flow stays as it is
+            return
         if msg.get("op") == "incoming" and fd is not None:
             entry = self.names.get(str(msg.get("listener")))
             if entry is not None:

@@ -170,6 +170,11 @@ class Registry:
                 self._ids = itertools.count(max(fid + 1, next(self._ids)))
             flow.clients.add(client)
             flow.transport, flow.epoch = f["transport"], f["epoch"]
+            last = f.get("last_switch")
+            if isinstance(last, dict) and (
+                flow.last_switch is None or last.get("at", 0) >= flow.last_switch.get("at", 0)
+            ):
+                flow.last_switch = last
             flow.counters[client] = (f["msgs"], f["bytes"])
             flow.msgs = sum(m for m, _ in flow.counters.values())
             flow.bytes = sum(b for _, b in flow.counters.values())

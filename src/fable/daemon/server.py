@@ -79,6 +79,22 @@ def _int_list(v: Any, what: str) -> list[int]:
     return v
 
 
+def _last_switch(v: Any) -> dict[str, Any] | None:
+    """A reported last_switch, checked: {at: number, from/to/reason: str} or None."""
+    if not isinstance(v, dict):
+        return None
+    at = v.get("at")
+    fields = [v.get(k) for k in ("from", "to", "reason")]
+    if not isinstance(at, (int, float)) or not all(isinstance(x, str) for x in fields):
+        raise _BadRequest("report: malformed last_switch")
+    return {
+        "at": float(at),
+        "from": str(fields[0])[:64],
+        "to": str(fields[1])[:64],
+        "reason": str(fields[2])[:500],
+    }
+
+
 class Client:
     """One library connection: its socket, credentials, and a lock that keeps frames whole."""
 
@@ -488,6 +504,7 @@ class Daemon:
                     "msgs": _field(f, "msgs", int, 0),
                     "bytes": _field(f, "bytes", int, 0),
                     "reason": _field(f, "reason", str, ""),
+                    "last_switch": _last_switch(f.get("last_switch")),
                 }
             )
         for e in req.get("endpoints", []) if isinstance(req.get("endpoints"), list) else []:
@@ -505,6 +522,42 @@ class Daemon:
 
     async def _op_flows(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
         return {"flows": [f.public() for f in self.registry.flows.values()]}, None
+
+    async def _op_reconfigure(
+        self, client: Client, req: dict[str, Any]
+    ) -> tuple[dict[str, Any], None]:
+        """``fable reconfigure``: ask one end of a flow to switch it (the switch itself runs
+        between the two processes; the flow's epoch and last_switch show when it is done)."""
+        from fable.errors import NameNotFound, PermissionDenied
+        from fable.transports import REGISTRY
+
+        fid = _field(req, "flow", int)
+        transport = _field(req, "transport", str)
+        safe = _field(req, "safe", (bool, type(None)), None)
+        if transport not in REGISTRY:
+            raise _BadRequest(f"unknown transport {transport!r}; known: {', '.join(REGISTRY)}")
+        flow = self.registry.flows.get(fid)
+        if flow is None:
+            raise NameNotFound(f"no flow {fid}")
+        owners = {self.clients[c].uid for c in flow.clients if c in self.clients}
+        if client.uid != 0 and client.uid not in owners:
+            raise PermissionDenied("only the users of a flow's ends, or root, may switch it")
+        for cid in sorted(flow.clients):
+            end = self.clients.get(cid)
+            if end is None:
+                continue
+            reason = f"asked for by the operator (uid {client.uid}, pid {client.pid})"
+            await end.send(
+                {
+                    "op": "reconfigure",
+                    "flow": fid,
+                    "transport": transport,
+                    "safe": safe,
+                    "reason": reason,
+                }
+            )
+            return {"flow": flow.public()}, None
+        raise NameNotFound(f"flow {fid} has no live end")
 
     async def _op_stop(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
         if client.uid not in (0, os.getuid()):
