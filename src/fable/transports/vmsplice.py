@@ -17,7 +17,9 @@ queued, its end in the stream; a token frees every allocation whose stream end i
 
 No deadlock without a token: the arena holds the connection's queue limit, a full pipe, one
 token interval and the largest frame, so a writer short of space always has unread bytes in
-the pipe or a token coming. The writer polls the data pipe (room) and the token pipe (tokens)
+the pipe or a token coming; and a reader about to block (the pipe drained) reports how far it
+read even inside a token interval, so a writer that writes nothing more (an end of epoch, a
+close) is not left waiting. The writer polls the data pipe (room) and the token pipe (tokens)
 together; the reader never blocks on the token pipe (a token that does not fit is sent later).
 
 Trust: the writer relies on the reader's tokens (a lying reader makes the writer overwrite
@@ -317,9 +319,16 @@ class VmsplicePath(StreamPath):
         self._reported = self._consumed
 
     def _wait_readable(self, deadline: float | None, timeout: float | None) -> None:
-        if self._consumed - self._reported >= TOKEN_EVERY:
-            self._report()  # one deferred by a full token pipe
+        if self._consumed > self._reported:
+            self._report()  # about to wait: the writer may be waiting for this token
         super()._wait_readable(deadline, timeout)
+
+    def _fill(self, block: bool) -> int:
+        if block and self._consumed > self._reported:
+            # A reader that blocks has drained the pipe: say so, or a writer whose arena is
+            # full (at an end of epoch it writes nothing more) would wait for a token forever.
+            self._report()
+        return super()._fill(block)
 
     # ================================================================= the rest
     def _free(self, clean: bool) -> None:
