@@ -4,7 +4,7 @@ fable doctor          settings in force and what this kernel offers
 fable daemon          run the name service in the foreground (--stop ends a running one)
 fable ls, fable flows the daemon's endpoints and flows (--json)
 fable explain A B     the policy's ranking of transports for a connection from A to B
-fable calibrate       measure this machine for the policy (about a minute)
+fable calibrate       measure this machine for the policy (about 30 s on 2 vCPUs)
 fable reconfigure     switch a live flow to another transport
 fable bench           measure the transports between pinned processes (DESIGN.md §9)
 fable bench compare   two runs' JSON side by side
@@ -244,7 +244,7 @@ def explain(
     help="seconds one repeat should last",
 )
 def calibrate(repeats: int, target_s: float) -> None:
-    """Measure every transport at this machine's placements (about a minute) and store the
+    """Measure every transport at this machine's placements (about 30 s on 2 vCPUs) and store the
     table the daemon's policy ranks transports with ($FABLE_STATE_DIR/calibration.json; a
     running daemon picks it up at its next connect)."""
     from fable.bench.harness import SCHEMA_VERSION, Point, machine_info

@@ -251,14 +251,7 @@ class DaemonLink:
         ids = itertools.count(-1, -1)
 
         def call(obj: dict[str, Any]) -> dict[str, Any]:
-            rid = next(ids)
-            s.sendall(encode({**obj, "id": rid}), socket.MSG_NOSIGNAL)
-            while True:
-                reply, fd = _read_frame(s)
-                if fd is not None:
-                    os.close(fd)
-                if reply.get("id") == rid:
-                    return reply
+            return _call(s, next(ids), obj)
 
         self.hello = call({"op": "hello", "pid": os.getpid(), "lib": _lib_version()})
         if not self.hello.get("ok"):  # e.g. a daemon of another fable version
@@ -366,6 +359,18 @@ class DaemonLink:
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 os.close(self._sock.detach())
+
+
+def _call(s: socket.socket, rid: int, obj: dict[str, Any]) -> dict[str, Any]:
+    """Send one request on a socket nobody else reads and return its reply (frames with other
+    ids, and any fd that comes with them, are dropped)."""
+    s.sendall(encode({**obj, "id": rid}), socket.MSG_NOSIGNAL)
+    while True:
+        reply, fd = _read_frame(s)
+        if fd is not None:
+            os.close(fd)
+        if reply.get("id") == rid:
+            return reply
 
 
 def _read_frame(s: socket.socket) -> tuple[dict[str, Any], int | None]:
@@ -477,13 +482,7 @@ def one_shot(op: str, path: Path | None = None, **fields: Any) -> dict[str, Any]
             (1, {"op": "hello", "pid": os.getpid(), "lib": _lib_version()}),
             (2, {"op": op, **fields}),
         ):
-            s.sendall(encode({**obj, "id": rid}), socket.MSG_NOSIGNAL)
-            while True:
-                reply, fd = _read_frame(s)
-                if fd is not None:
-                    os.close(fd)
-                if reply.get("id") == rid:
-                    break
+            reply = _call(s, rid, obj)
             if not reply.get("ok"):
                 raise error_class(reply.get("error"))(str(reply.get("message")))
         return reply

@@ -92,7 +92,6 @@ class Switcher:
         self.last_switch: dict[str, Any] | None = None
         self.reason = ""
         self.trusted = not path.safe
-        self.switches = 0
         self._fd_r = self._fd_w = -1  # reconfig_fileno, made on first use
         _hook(path, self)
 
@@ -275,7 +274,6 @@ class Switcher:
         self.rx.append(path)
         _hook(path, self)
         self.grace_deadline = time.monotonic() + settings().grace_period_s
-        self.switches += 1
         self.reason = reason
         self.last_switch = {
             "at": time.time(),
@@ -378,9 +376,6 @@ class Switcher:
                     self.carried[i] += v
                 _teardown(path)
             self._signal(self.busy)
-
-    def paths(self) -> list[DataPath]:
-        return list(self.by_epoch.values())
 
     def stats(self) -> ConnectionStats:
         live = [p.stats() for p in self.by_epoch.values()]

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from fable.bench.topology import PLACEMENTS
 
-__all__ = ["Summary", "compare_table", "markdown", "results_table", "summarize"]
+__all__ = ["Summary", "compare_table", "markdown", "results_table"]
 
 Record = dict[str, Any]
 
@@ -108,10 +108,6 @@ class Summary:
         return pick(found, key=lambda rv: rv[1])
 
 
-def summarize(records: Iterable[Record]) -> Summary:
-    return Summary(records)
-
-
 def _us(ns: float) -> str:
     us = ns / 1000
     return f"{us:.2f}" if us < 100 else f"{us:.0f}"
@@ -128,7 +124,7 @@ def _mbps(msgs_per_s: float, size: int) -> str:
 def results_table(records: list[Record]) -> list[Any]:
     """Renderables for the terminal: one table per placement (Figure 4's panels), then the
     failures. Bold marks the best transport of a column (the floor is not one)."""
-    s = summarize(records)
+    s = Summary(records)
     out: list[Any] = []
     for placement in s.placements:
         pairs = sorted(s.pairs[placement])
@@ -188,7 +184,7 @@ def _cell(rv: tuple[str, float], mode: str, size: int) -> str:
 def markdown(records: list[Record], machine: dict[str, Any], notes: list[str]) -> str:
     """The report ``--plot`` writes: best transport per placement and size, and the spread
     between best and worst (the paper's "4-15x"), fable against its peers."""
-    s = summarize(records)
+    s = Summary(records)
     lines = [
         "# fable bench report",
         "",
