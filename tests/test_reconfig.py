@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import select
+import selectors
 import threading
 import time
 import traceback
@@ -250,3 +251,196 @@ def test_peer_dying_mid_switch() -> None:
             conn.recv(timeout=3)
     finally:
         conn.close()
+
+
+def _select_recv(sel: selectors.BaseSelector, conn: Any, n: int) -> list[bytes]:
+    """n whole messages read the edge-style way: wait on the selector, getreadbuf until []."""
+    out: list[bytes] = []
+    parts: list[bytes] = []
+    deadline = time.monotonic() + 20
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"only {len(out)} of {n} messages came"
+        sel.select(1.0)
+        while bufs := conn.getreadbuf():
+            for b in bufs:
+                parts.append(bytes(b.data))
+                more = b.more
+                conn.release(b)
+                if not more:
+                    out.append(b"".join(parts))
+                    parts = []
+    return out
+
+
+def test_fileno_stays_the_same_across_switches() -> None:
+    conn, pending = fable.open_pair("pipe")
+    conn._switcher.trusted = True
+    pid = _echo_child(pending, 7 * 20)
+    sel = selectors.DefaultSelector()
+    try:
+        fd = conn.fileno()
+        sel.register(fd, selectors.EVENT_READ)  # once, for the connection's life
+        i = 0
+        for tr in ["unix", "mempipe-futex", "shmem-pipe", "tcp", "vmsplice-coop", "pipe", None]:
+            if tr is not None:
+                conn.reconfigure(tr, safe=_form(tr))
+            # one message in several fragments in each batch, small enough for the echo not to
+            # fill both directions while the parent is still sending
+            msgs = [
+                b"%d" % k + b"." * (70000 if k % 20 == 7 else k % 5 * 100) for k in range(i, i + 20)
+            ]
+            for m in msgs:
+                conn.send(m)
+            assert _select_recv(sel, conn, 20) == msgs
+            assert conn.fileno() == fd
+            i += 20
+        assert conn.epoch == 6
+        # the fd is out: no switch to a transport that no fd can see
+        with pytest.raises(fable.FableError, match="spins"):
+            conn.reconfigure("mempipe-spin")
+        assert conn.transport == "pipe"
+    finally:
+        sel.close()
+        conn.close()
+        os.waitpid(pid, 0)
+
+
+def test_a_peer_cannot_move_a_polled_connection_to_a_spinning_transport() -> None:
+    conn, pending = fable.open_pair("unix")
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            os.close(go_w)
+            peer = pending.open()
+            os.read(go_r, 1)
+            try:
+                peer.reconfigure("mempipe-spin", timeout=10)
+                code = 5
+            except fable.FableError as e:
+                code = 0 if "fileno() was handed out" in str(e) else 4
+            peer.send(b"after")
+            peer.recv(timeout=10)
+        except fable.ConnectionClosed:
+            pass
+        except BaseException:
+            traceback.print_exc()
+        os._exit(code)
+    pending.close()
+    os.close(go_r)
+    try:
+        conn.fileno()
+        os.write(go_w, b"g")
+        assert conn.recv(timeout=10) == b"after"
+        assert conn.transport == "unix" and conn.epoch == 0
+    finally:
+        conn.close()
+        os.close(go_w)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_transport_that_cannot_be_set_up_leaves_the_old_one_working(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataclasses
+
+    from fable import transports
+
+    def no_memory(*args: Any) -> Any:
+        raise OSError(12, "Cannot allocate memory")
+
+    conn, pending = fable.open_pair("unix")
+    pid = os.fork()
+    if pid == 0:  # this side cannot map shmem-pipe's ring
+        code = 3
+        try:
+            info = transports.REGISTRY["shmem-pipe"]
+            transports.REGISTRY["shmem-pipe"] = dataclasses.replace(info, open=no_memory)
+            peer = pending.open()
+            for m in peer:
+                peer.send(m)
+        except fable.ConnectionClosed:
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        else:
+            code = 0
+        os._exit(code)
+    pending.close()
+    try:
+        with pytest.raises(fable.FableError, match="Cannot allocate memory"):
+            conn.reconfigure("shmem-pipe", timeout=10)  # the peer's end failed
+        info = transports.REGISTRY["mempipe-futex"]
+        monkeypatch.setitem(
+            transports.REGISTRY, "mempipe-futex", dataclasses.replace(info, create=no_memory)
+        )
+        with pytest.raises(OSError, match="Cannot allocate memory"):
+            conn.reconfigure("mempipe-futex", timeout=10)  # this side's end failed
+        for i in range(20):
+            conn.send(b"%d" % i)
+            assert conn.recv(timeout=10) == b"%d" % i
+        assert conn.transport == "unix" and conn.epoch == 0
+        conn.reconfigure("pipe", timeout=10)  # and a later switch still works
+        conn.send(b"on pipe")
+        assert conn.recv(timeout=10) == b"on pipe"
+        assert conn.transport == "pipe" and conn.epoch == 1
+    finally:
+        conn.close()
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_side_that_does_not_write_still_ends_its_epoch() -> None:
+    """The child only reads: its control thread writes its END, so the parent's reader moves
+    on and both ends free the old transport without the child ever writing again."""
+    conn, pending = fable.open_pair("mempipe-futex")
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            peer = pending.open()
+            for m in peer:  # never writes
+                if m != b"x":
+                    raise AssertionError(m)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        os._exit(code)
+    pending.close()
+    try:
+        sw = conn._switcher
+        conn.reconfigure("unix", timeout=10)
+        conn.send(b"x")  # this side's END, then x on unix
+        deadline = time.monotonic() + 10
+        while set(sw.by_epoch) != {1}:
+            assert time.monotonic() < deadline, f"epochs still held: {sorted(sw.by_epoch)}"
+            assert conn.getreadbuf() == []  # reads the child's END: the read switch
+            time.sleep(0.01)
+        assert conn.transport == "unix" and not sw.busy
+    finally:
+        conn.close()
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("a", ["mempipe-futex", "shmem-pipe", "unix"])
+def test_a_write_method_looked_up_before_a_switch_still_delivers(a: str) -> None:
+    conn, pending = fable.open_pair(a)
+    pid = _echo_child(pending, 4)
+    try:
+        send, getwritebuf, commit = conn.send, conn.getwritebuf, conn.commit
+        send(b"0")
+        assert conn.recv(timeout=10) == b"0"
+        conn.reconfigure("pipe", timeout=10)
+        conn.send(b"1")  # the switch: the path looked up above has ended its writes
+        send(b"2")  # forwarded to the pipe, after 1
+        bufs = getwritebuf(1)
+        bufs[0].data[:1] = b"3"
+        commit(bufs, 1)
+        assert [conn.recv(timeout=10) for _ in range(3)] == [b"1", b"2", b"3"]
+        assert conn.transport == "pipe"
+    finally:
+        conn.close()
+        os.waitpid(pid, 0)

@@ -198,9 +198,12 @@ class Connection:
     # ----------------------------------------------------------------- the rest
     def fileno(self) -> int:
         """Edge-style readiness fd: when it signals, read until ``getreadbuf()`` returns ``[]``
-        (or ``recv(timeout=0)`` raises WouldBlock). Spurious wake-ups are possible."""
+        (or ``recv(timeout=0)`` raises WouldBlock). Spurious wake-ups are possible. The same fd
+        for the connection's life, across reconfigurations; once it was handed out the
+        connection never moves to a spinning transport. ``io.UnsupportedOperation`` while the
+        connection spins (mempipe-spin has no fd)."""
         self._check_open()
-        return self._path.fileno()
+        return self._switcher.read_fileno()
 
     def _poll_prepare(self) -> bool:
         if self._state != "open":

@@ -34,8 +34,10 @@ import contextlib
 import functools
 import os
 import select
+import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
     from fable.transports.setup import SetupChannel
 
 __all__ = ["CONTROL_OPS", "Switcher"]
+
+IDLE_TICK = 0.005  # seconds between the control thread's looks at a pending write switch
 
 PROPOSE, ACCEPT, REFUSE, DONE = "reconfig", "reconfig-accept", "reconfig-refuse", "reconfig-done"
 CONTROL_OPS = frozenset({PROPOSE, ACCEPT, REFUSE, DONE})
@@ -71,14 +75,16 @@ class Switcher:
     """One connection's transports across epochs, and the switch protocol (module docstring).
 
     ``tx`` takes writes; ``rx`` (oldest first) are the paths being read: the first until the
-    peer's END on it. ``lock`` guards everything here; the write switch runs on the writing
-    thread, the read switch on the reading thread, control records wherever they are seen."""
+    peer's END on it. ``lock`` guards everything here and is never held while waiting for the
+    peer; the write switch runs on the writing thread, the read switch on the reading thread,
+    control records wherever they are seen."""
 
     def __init__(self, conn: Connection, path: DataPath, setup: SetupChannel, role: int) -> None:
         self._conn = weakref.ref(conn)
         self.ch = setup
         self.role = role
         self.lock = threading.RLock()
+        self.wlock = threading.RLock()  # writes while a switch is pending (see switch_writes)
         self.epoch = path.epoch  # newest epoch both sides agreed on
         self.tx: DataPath = path
         self.tx_pending: list[DataPath] = []  # agreed; writes move there at the next write
@@ -93,6 +99,8 @@ class Switcher:
         self.reason = ""
         self.trusted = not path.safe
         self._fd_r = self._fd_w = -1  # reconfig_fileno, made on first use
+        self._ep: select.epoll | None = None  # fileno(): follows the path being read
+        self._ep_src = -1  # the fd registered in _ep (the read head's own fileno)
         _hook(path, self)
 
     # ------------------------------------------------------------------ asking
@@ -122,6 +130,11 @@ class Switcher:
                 safe = self.newest.safe if self.newest.safe in info.caps.forms else True
             if safe not in info.caps.forms:
                 raise ValueError(_no_form(transport, safe, info.caps.mutual_trust))
+            if self._ep is not None and info.caps.spins:
+                raise FableError(
+                    f"fileno() of this connection was handed out: {transport} spins and has "
+                    "no readiness fd"
+                )
             if not safe and not self.trusted:
                 raise PermissionDenied(
                     "unsafe (zero-copy) reads need this side's trust (trusted=True)"
@@ -250,6 +263,8 @@ class Switcher:
             why = f"{name} has no {'safe' if safe else 'unsafe'} form"
         elif not safe and not self.trusted:
             why = "this side does not trust its peer: no unsafe (zero-copy) reads"
+        elif self._ep is not None and info.caps.spins:
+            why = f"fileno() was handed out on this side: {name} spins and has no readiness fd"
         path = None
         if why is None:
             assert info is not None and isinstance(safe, bool) and isinstance(params, dict)
@@ -291,42 +306,69 @@ class Switcher:
 
     # ------------------------------------------------------------------ the write switch
     def _write(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        if self.tx_pending:
-            self.switch_writes()
-        return getattr(self.tx, name)(*args, **kwargs)
+        """A write while a switch is pending (or one that reached a path after its END):
+        switch first where possible, then write, holding ``wlock`` so that the control
+        thread does not end the path under it (``idle_switch``)."""
+        with self.wlock:
+            if self.tx_pending:
+                self.switch_writes()
+            return getattr(self.tx, name)(*args, **kwargs)
 
-    def switch_writes(self, force: bool = False) -> None:
+    forward = _write  # where a path sends writes that reach it after its END
+
+    def idle_switch(self) -> None:
+        """From the control thread: finish a pending write switch the application does not
+        do because it is not writing (a quiet side would otherwise keep the peer reading the
+        old path, spinning, and both ends' resources, until its next write). Only when no
+        write is under way: ``wlock`` free, no write buffer held, no thread inside a write
+        method of the old path (a write that looked the method up before the switch and
+        calls it later is forwarded by the path, after its END, to the next one)."""
+        if not self.tx_pending or not self.wlock.acquire(blocking=False):
+            return
+        try:
+            old = self.tx
+            if self.tx_pending and not _write_buffers_held(old) and not _writing_on(old):
+                self.switch_writes()
+        finally:
+            self.wlock.release()
+
+    def switch_writes(self, force: bool = False, linger: float | None = None) -> None:
         """END(e) on the old path and writes to the next one (through every agreed epoch),
         unless write buffers of the old path are still held (then later; past the grace
-        period the connection fails)."""
-        with self.lock:
-            while self.tx_pending:
-                if not self._switch_one(force):
-                    return
+        period the connection fails).
 
-    def _switch_one(self, force: bool) -> bool:
-        old = self.tx
-        if not force and _write_buffers_held(old):
-            if time.monotonic() > self.grace_deadline:
-                raise self._fail(
-                    FableError(
-                        f"write buffers of epoch {old.epoch} ({old.transport}) were held past "
-                        f"the grace period ({settings().grace_period_s:g} s, "
-                        "FABLE_GRACE_PERIOD) of a reconfiguration: commit or abort them"
-                    )
-                )
-            return False
-        old._end_writes(settings().close_linger_s)  # type: ignore[attr-defined]
-        nxt = self.tx = self.tx_pending.pop(0)
-        if not self.tx_pending:  # the next write goes straight to the new path
-            conn = self._conn()
-            if conn is not None:
-                d = conn.__dict__
-                for name in WRITE_NAMES:
-                    d[name] = getattr(nxt, name)
-        self.ends.setdefault(old.epoch, set()).add("tx")
-        self._maybe_free(old.epoch)
-        return True
+        Writing END may wait for the peer's reader (a full ring or pipe), and the peer's reader
+        may need this side's ``lock`` to move on to the epoch the peer's own END is stuck in:
+        END is written holding only ``wlock`` (one write switch at a time), never ``lock``."""
+        with self.wlock:
+            while True:
+                with self.lock:
+                    if not self.tx_pending:
+                        return
+                    old = self.tx
+                    if not force and _write_buffers_held(old):
+                        if time.monotonic() > self.grace_deadline:
+                            raise self._fail(
+                                FableError(
+                                    f"write buffers of epoch {old.epoch} ({old.transport}) were "
+                                    "held past the grace period "
+                                    f"({settings().grace_period_s:g} s, FABLE_GRACE_PERIOD) of a "
+                                    "reconfiguration: commit or abort them"
+                                )
+                            )
+                        return
+                # waits for room like a write without a timeout (the peer reads, or dies)
+                old._end_writes(linger)  # type: ignore[attr-defined]
+                with self.lock:
+                    nxt = self.tx = self.tx_pending.pop(0)
+                    if not self.tx_pending:  # the next write goes straight to the new path
+                        conn = self._conn()
+                        if conn is not None:
+                            d = conn.__dict__
+                            for name in WRITE_NAMES:
+                                d[name] = getattr(nxt, name)
+                    self.ends.setdefault(old.epoch, set()).add("tx")
+                    self._maybe_free(old.epoch)
 
     # ------------------------------------------------------------------ the read switch
     def on_end(self, path: DataPath) -> DataPath | None:
@@ -339,6 +381,7 @@ class Switcher:
                 return None
             self.rx.pop(0)
             nxt = self.rx[0]
+            self._repoint(nxt)
             conn = self._conn()
             if conn is not None:  # the next read goes straight to the new head
                 d = conn.__dict__
@@ -400,10 +443,10 @@ class Switcher:
         ``linger`` for the peer to finish reading old epochs, close the writing path, free
         the rest."""
         deadline = time.monotonic() + linger
+        if self.tx_pending:
+            with contextlib.suppress(FableError, OSError):
+                self.switch_writes(force=True, linger=linger)
         with self.lock:
-            if self.tx_pending:
-                with contextlib.suppress(FableError, OSError):
-                    self.switch_writes(force=True)
             prop, self.proposal = self.proposal, None
             if prop is not None:
                 _teardown(prop.path)
@@ -438,6 +481,32 @@ class Switcher:
                 fail(exc)
         return exc
 
+    # ------------------------------------------------------------------ fileno
+    def read_fileno(self) -> int:
+        """The connection's readiness fd: an epoll fd, made on first use, that watches the
+        path being read and is re-pointed at the next one at each read switch, so the number
+        the application registered stays valid. ``io.UnsupportedOperation`` while the path
+        being read spins (no fd can see it); once handed out, no switch goes to a spinning
+        transport (``reconfigure`` raises, a peer's request is refused)."""
+        with self.lock:
+            if self._ep is None:
+                fd = self.rx[0].fileno()  # arms the path's readiness
+                ep = select.epoll()
+                ep.register(fd, select.EPOLLIN)
+                self._ep, self._ep_src = ep, fd
+            return self._ep.fileno()
+
+    def _repoint(self, nxt: DataPath) -> None:
+        ep = self._ep
+        if ep is None:
+            return
+        with contextlib.suppress(OSError):
+            ep.unregister(self._ep_src)
+        self._ep_src = -1
+        fd = nxt.fileno()  # a spinning path was refused while the fd is out
+        ep.register(fd, select.EPOLLIN)
+        self._ep_src = fd
+
     # ------------------------------------------------------------------ reconfig_fileno
     def fileno(self) -> int:
         with self.lock:
@@ -460,6 +529,9 @@ class Switcher:
             pass
 
     def _close_fd(self) -> None:
+        if self._ep is not None:
+            self._ep.close()
+            self._ep = None
         for fd in (self._fd_r, self._fd_w):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -469,6 +541,33 @@ class Switcher:
 
 def _hook(path: DataPath, sw: Switcher) -> None:
     path._on_end = sw.on_end  # type: ignore[attr-defined]
+    path._forward = sw.forward  # type: ignore[attr-defined]
+
+
+_write_codes: dict[type, frozenset[Any]] = {}
+
+
+def _writing_on(path: DataPath) -> bool:
+    """Whether another thread is inside a write method of ``path`` now (the caller holds the
+    GIL, so no thread enters one meanwhile; the C fast paths hold the GIL throughout)."""
+    cls = type(path)
+    codes = _write_codes.get(cls)
+    if codes is None:
+        found = set()
+        for klass in cls.__mro__:
+            for name in (*WRITE_NAMES, "_send_slow"):
+                fn = klass.__dict__.get(name)
+                if isinstance(fn, types.FunctionType):
+                    found.add(fn.__code__)
+        codes = _write_codes[cls] = frozenset(found)
+    me = threading.get_ident()
+    for tid, frame in sys._current_frames().items():
+        f = frame if tid != me else None
+        while f is not None:
+            if f.f_code in codes and f.f_locals.get("self") is path:
+                return True
+            f = f.f_back
+    return False
 
 
 def _teardown(path: DataPath) -> None:
@@ -506,19 +605,37 @@ class _Watcher:
             self.watched.pop(fd, None)
 
     def _run(self) -> None:
+        pending = False
         while True:
             with self.lock:
                 fds = [fd for fd, ref in self.watched.items() if ref() is not None]
             if not fds:
                 time.sleep(0.2)
                 continue
-            try:
-                ready = select.select(fds, [], [], 0.2)[0]
+            try:  # a pending write switch is looked at again every IDLE_TICK
+                ready = select.select(fds, [], [], IDLE_TICK if pending else 0.2)[0]
             except (OSError, ValueError):  # an fd closed meanwhile: rebuild the list
                 time.sleep(0.01)
                 continue
             for fd in ready:
                 self._handle(fd)
+            pending = self._idle_switches(fds)
+
+    def _idle_switches(self, fds: list[int]) -> bool:
+        """Finish the write switches of sides that are not writing; whether some are left."""
+        left = False
+        for fd in fds:
+            with self.lock:
+                ref = self.watched.get(fd)
+            conn = ref() if ref is not None else None
+            if conn is None or conn.closed or not conn._switcher.tx_pending:
+                continue
+            try:
+                conn._switcher.idle_switch()
+            except Exception:
+                continue  # the connection failed: its application hears of it
+            left = left or bool(conn._switcher.tx_pending)
+        return left
 
     def _handle(self, fd: int) -> None:
         with self.lock:

@@ -55,7 +55,7 @@ from fable.errors import (
 from fable.ring import layout as L
 from fable.ring.pyring import PyRing, format_ring
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
-from fable.transports.message import Claim, MessagePath
+from fable.transports.message import Claim, MessagePath, deadline_of
 from fable.transports.setup import SetupChannel, _close_all
 from fable.transports.shm import check_sealed_memfd, is_eventfd, new_sealed_memfd, unmap
 
@@ -211,6 +211,8 @@ class RingPath(MessagePath):
 
     # ================================================================= writing
     def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
+        if self._wended:
+            return list(self._after_end("getwritebuf", size, timeout))
         self._check()
         if size < 0 or size > self.max_write:
             raise ValueError(
@@ -240,6 +242,9 @@ class RingPath(MessagePath):
     def commit(
         self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
     ) -> None:
+        if self._wended:
+            self._after_end("commit", bufs, nbytes, flush=flush, more=more)
+            return
         claim, sent = self._take_claim(bufs, nbytes)
         # Records that carry nothing become padding; the others are committed in order.
         if len(sent) < len(claim.parts):
@@ -258,6 +263,9 @@ class RingPath(MessagePath):
             self._tx.publish()
 
     def abort(self, bufs: Iterable[Buffer]) -> None:
+        if self._wended:
+            self._after_end("abort", bufs)
+            return
         for claim in self._take_aborted(bufs):
             for pos in claim.parts:
                 self._tx.abort(pos)
@@ -267,6 +275,9 @@ class RingPath(MessagePath):
         """Publish committed records (a ring never waits here), and report a reader that closed
         or died before reading them: writes into a ring succeed while it has room, with no
         system call, so this is where a writer learns that they will not be read."""
+        if self._wended:
+            self._after_end("flush", timeout)
+            return
         self._check()
         self._tx.publish()
         state = self._peer_state()
@@ -281,6 +292,9 @@ class RingPath(MessagePath):
         self, data: bytes | bytearray | memoryview, timeout: float | None = None
     ) -> None:
         """One message of any size: records of at most max_fragment, waiting for room."""
+        if self._wended:
+            self._after_end("send", data, timeout)
+            return
         self._check()
         mv = memoryview(data).cast("B")
         n = len(mv)
@@ -301,6 +315,8 @@ class RingPath(MessagePath):
     def send_many(
         self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
     ) -> int:
+        if self._wended:
+            return int(self._after_end("send_many", msgs, timeout))
         self._check()
         items = msgs if isinstance(msgs, list) else list(msgs)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -452,10 +468,10 @@ class RingPath(MessagePath):
         self._rx.gate = bool(self._stash or self._mid or self._dead)
         self._tx.gate = self._dead
 
-    def _say_goodbye(self, linger: float) -> None:
+    def _say_goodbye(self, linger: float | None) -> None:
         if self._peer_state() is not None:
             return
-        deadline = time.monotonic() + linger
+        deadline = deadline_of(linger)
         self._tx.publish()
         while not self._tx.write(b"", L.F_CLOSE):
             self._wait(self._tx, L.RECORD_HEADER * 2, deadline, linger)

@@ -89,7 +89,8 @@ class MessagePath(DataPath):
         self.epoch = epoch
         self._closed = False
         self._error: BaseException | None = None
-        self._dead = False  # closed or failed: every fast path checks this one flag
+        self._dead = False  # closed, failed or ended: every fast path checks this one flag
+        self._wended = False  # END of this epoch written: writes go to the next (_after_end)
         self._read_limit = cfg.read_buffers
         self._max_message = cfg.max_message
         self._held = 0
@@ -103,7 +104,7 @@ class MessagePath(DataPath):
         if self._closed:
             return
         try:
-            if self._error is None:
+            if self._error is None and not self._wended:
                 self._say_goodbye(linger)
         except (FableError, OSError):
             pass  # the peer is gone or does not read: it sees the end without a close notice
@@ -123,14 +124,30 @@ class MessagePath(DataPath):
         self._free(clean)
 
     @abc.abstractmethod
-    def _say_goodbye(self, linger: float) -> None:
+    def _say_goodbye(self, linger: float | None) -> None:
         """Hand what is committed to the transport and write the in-band close after it,
-        waiting at most ``linger`` seconds (close, on a healthy connection)."""
+        waiting at most ``linger`` seconds (None: as long as a write without a timeout)."""
 
-    def _end_writes(self, linger: float) -> None:
+    def _end_writes(self, linger: float | None) -> None:
         """The end of this path's epoch (live reconfiguration): like ``_say_goodbye``, but the
-        reading half goes on, possibly in another thread: touch only writing state."""
+        reading half goes on, possibly in another thread: touch only writing state. Every
+        later write on this path (a method the application looked up before the switch) goes
+        to the connection's next path (``_after_end``) instead of vanishing after END."""
+        # first, so that a write racing with END (it cannot be one already under way: the
+        # switch checked) falls through to the slow path and from there to the next path
+        self._wended = True
+        self._dead = True
+        self._state_changed()
         self._say_goodbye(linger)
+
+    # set by the reconfiguration: where writes after END go (Switcher.forward)
+    _forward: Callable[..., Any] | None = None
+
+    def _after_end(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        fwd = self._forward
+        if fwd is None:
+            raise ConnectionClosed("this side ended its writes on this transport")
+        return fwd(name, *args, **kwargs)
 
     @abc.abstractmethod
     def _free(self, clean: bool) -> None:

@@ -41,7 +41,6 @@ import os
 import select
 import struct
 import threading
-import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -399,6 +398,8 @@ class ShmemPipePath(MessagePath):
         self._check()
 
     def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
+        if self._wended:
+            return list(self._after_end("getwritebuf", size, timeout))
         self._check()
         if size < 0 or size > self.max_write:
             raise ValueError(
@@ -424,6 +425,9 @@ class ShmemPipePath(MessagePath):
     def commit(
         self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
     ) -> None:
+        if self._wended:
+            self._after_end("commit", bufs, nbytes, flush=flush, more=more)
+            return
         claim, carried = self._take_claim(bufs, nbytes)
         sent = [(*claim.parts[i], n, F_MORE) for i, n in carried]
         sent[-1] = (*sent[-1][:3], F_MORE if more else 0)
@@ -453,6 +457,9 @@ class ShmemPipePath(MessagePath):
                     self._describe(off, used, flags)
 
     def abort(self, bufs: Iterable[Buffer]) -> None:
+        if self._wended:
+            self._after_end("abort", bufs)
+            return
         claims = self._take_aborted(bufs)
         for c in claims:
             self._claims.remove(c)
@@ -462,11 +469,17 @@ class ShmemPipePath(MessagePath):
             self._advance()
 
     def flush(self, timeout: float | None = None) -> None:
+        if self._wended:
+            self._after_end("flush", timeout)
+            return
         self._check()
         self._advance()
         self._flush_out(deadline_of(timeout), timeout)
 
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        if self._wended:
+            self._after_end("send", data, timeout)
+            return
         self._check()
         self._put(data, deadline_of(timeout), timeout)
         self._flush_out(None, None)
@@ -493,6 +506,8 @@ class ShmemPipePath(MessagePath):
     def send_many(
         self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
     ) -> int:
+        if self._wended:
+            return int(self._after_end("send_many", msgs, timeout))
         self._check()
         deadline = deadline_of(timeout)
         count = 0
@@ -726,15 +741,18 @@ class ShmemPipePath(MessagePath):
     def _pending_bytes(self) -> int:
         return len(self._out)
 
-    def _say_goodbye(self, linger: float) -> None:
+    def _say_goodbye(self, linger: float | None) -> None:
         self._return_now()
         self._end_writes(linger)
 
-    def _end_writes(self, linger: float) -> None:
+    def _end_writes(self, linger: float | None) -> None:
+        self._wended = True  # see MessagePath._end_writes
+        self._dead = True
+        self._state_changed()
         self._claims = deque(c for c in self._claims if c.committed)
         self._advance()
         self._describe(0, 0, F_CLOSE)
-        self._flush_out(time.monotonic() + linger, linger)
+        self._flush_out(deadline_of(linger), linger)
 
     def _free(self, clean: bool) -> None:
         _close_all([self._din, self._dout, self._rin, self._rout])

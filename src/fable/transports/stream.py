@@ -275,6 +275,8 @@ class StreamPath(MessagePath):
                 time.sleep(0.001)
 
     def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
+        if self._wended:
+            return list(self._after_end("getwritebuf", size, timeout))
         self._check()
         if size < 0 or size > self.max_write:
             raise ValueError(
@@ -300,6 +302,9 @@ class StreamPath(MessagePath):
     def commit(
         self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
     ) -> None:
+        if self._wended:
+            self._after_end("commit", bufs, nbytes, flush=flush, more=more)
+            return
         claim, sent = self._take_claim(bufs, nbytes)
         frames = [(claim.parts[i], n, F_MORE) for i, n in sent]
         frames[-1] = (frames[-1][0], frames[-1][1], F_MORE if more else 0)
@@ -316,6 +321,9 @@ class StreamPath(MessagePath):
                 self._drain(None)
 
     def abort(self, bufs: Iterable[Buffer]) -> None:
+        if self._wended:
+            self._after_end("abort", bufs)
+            return
         claims = self._take_aborted(bufs)
         for c in claims:
             self._claims.remove(c)
@@ -391,6 +399,9 @@ class StreamPath(MessagePath):
         return True
 
     def flush(self, timeout: float | None = None) -> None:
+        if self._wended:
+            self._after_end("flush", timeout)
+            return
         self._check()
         self._advance()
         self._drain(deadline_of(timeout), timeout)
@@ -416,6 +427,9 @@ class StreamPath(MessagePath):
             or (type(data) is memoryview and data.itemsize != 1)
             or (timeout is not None and not self._kernel_takes(HDR + n))
         ):
+            if self._wended:
+                self._after_end("send", data, timeout)
+                return
             self._send_in_parts(data, timeout)
             return
         seq = self._wseq
@@ -444,6 +458,8 @@ class StreamPath(MessagePath):
     def send_many(
         self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
     ) -> int:
+        if self._wended:
+            return int(self._after_end("send_many", msgs, timeout))
         self._check()
         epoch = self.epoch
         deadline = deadline_of(timeout)
@@ -633,7 +649,7 @@ class StreamPath(MessagePath):
     def _pending_bytes(self) -> int:
         return self._queued
 
-    def _say_goodbye(self, linger: float) -> None:
+    def _say_goodbye(self, linger: float | None) -> None:
         if self._eof:
             return
         self._claims = deque(c for c in self._claims if c.committed)
