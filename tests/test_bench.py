@@ -3,6 +3,7 @@ reordered and corrupted messages, stuck points that time out, the floor row, the
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -332,3 +333,27 @@ def test_plots_and_report_are_written(tmp_path: Path) -> None:
     for w in written:
         if w.endswith(".png"):
             assert Path(w).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_coschedule_scenario(tmp_path: Path) -> None:
+    """`fable bench --scenario coschedule`: with triggers the flow leaves mempipe-spin after the
+    pinning, without them it stays (the numbers themselves are the bench's, not asserted)."""
+    from click.testing import CliRunner
+
+    from fable.cli import main
+
+    out = tmp_path / "cosched.json"
+    r = CliRunner().invoke(
+        main, ["bench", "--scenario", "coschedule", "--duration", "2", "--json", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    assert "timeline" in r.output and "triggers" in r.output
+    on, off = json.loads(out.read_text())["runs"]
+    assert on["triggers"] and not off["triggers"]
+    assert on["switch_ms"] is not None and on["final_transport"] != "mempipe-spin"
+    assert on["last_switch"]["reason"].startswith("placement:")
+    assert on["before_us"] is not None and on["after_us"] is not None
+    assert off["switch_ms"] is None and off["final_transport"] == "mempipe-spin"
+    assert len(on["timeline"]) == len(off["timeline"]) == 24

@@ -426,20 +426,29 @@ def test_a_side_that_does_not_write_still_ends_its_epoch() -> None:
 
 
 @pytest.mark.parametrize("a", ["mempipe-futex", "shmem-pipe", "unix"])
-def test_a_write_method_looked_up_before_a_switch_still_delivers(a: str) -> None:
+def test_methods_looked_up_before_a_switch_still_work(a: str) -> None:
+    """``send = conn.send`` (or ``conn.send(conn.recv())``, which looks ``send`` up before
+    ``recv`` switches) keeps working after the switch, even once the old path is freed."""
     conn, pending = fable.open_pair(a)
-    pid = _echo_child(pending, 4)
+    pid = _echo_child(pending, 5)
     try:
-        send, getwritebuf, commit = conn.send, conn.getwritebuf, conn.commit
+        send, recv = conn.send, conn.recv
+        getwritebuf, commit = conn.getwritebuf, conn.commit
         send(b"0")
-        assert conn.recv(timeout=10) == b"0"
+        assert recv(timeout=10) == b"0"
         conn.reconfigure("pipe", timeout=10)
         conn.send(b"1")  # the switch: the path looked up above has ended its writes
         send(b"2")  # forwarded to the pipe, after 1
         bufs = getwritebuf(1)
         bufs[0].data[:1] = b"3"
         commit(bufs, 1)
-        assert [conn.recv(timeout=10) for _ in range(3)] == [b"1", b"2", b"3"]
+        assert [recv(timeout=10) for _ in range(3)] == [b"1", b"2", b"3"]
+        deadline = time.monotonic() + 10
+        while len(conn._switcher.by_epoch) > 1:  # until the old path is freed
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        send(b"4")
+        assert recv(timeout=10) == b"4"
         assert conn.transport == "pipe"
     finally:
         conn.close()

@@ -155,23 +155,111 @@ def flows(as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1))
+@click.option("--once", is_flag=True, help="print one frame and exit")
+def top(interval: float, once: bool) -> None:
+    """A live view of every flow: ends, transport, safe, epoch, rates, waiting mode, the last
+    switch and why (rates are the daemon's Kalman-smoothed ones, fable/triggers.py)."""
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from fable.client import one_shot
+
+    def frame() -> Any:
+        try:
+            reply = one_shot("flows")
+        except FableError as e:
+            return f"the daemon did not answer: {e}"
+        if reply is None:
+            return "no daemon is running"
+        return top_table(reply["flows"], time.time())
+
+    console = Console()
+    if once:
+        console.print(frame())
+        return
+    with Live(frame(), console=console, refresh_per_second=4, screen=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(frame())
+        except KeyboardInterrupt:
+            pass
+
+
+def _si(v: float, unit: str) -> str:
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= scale:
+            return f"{v / scale:.1f} {prefix}{unit}"
+    return f"{v:.0f} {unit}"
+
+
+def top_table(flows: list[dict[str, Any]], now: float) -> Any:
+    """The `fable top` table for the daemon's flow records."""
+    from rich.table import Table
+
+    from fable.transports import REGISTRY
+
+    t = Table(title=f"fable top: {len(flows)} flow(s)", expand=True)
+    for col in ("id", "ends", "transport", "safe", "epoch", "msgs/s", "bytes/s", "waits"):
+        t.add_column(
+            col, justify="right" if col in ("id", "epoch", "msgs/s", "bytes/s") else "left"
+        )
+    t.add_column("last switch", ratio=1)
+    for f in sorted(flows, key=lambda f: f["id"]):
+        info = REGISTRY.get(f["transport"])
+        waits = info.caps.wait if info is not None else "?"
+        last = f.get("last_switch")
+        if last:
+            ago = max(0.0, now - float(last.get("at", now)))
+            switch = f"{ago:.0f} s ago {last.get('from')} -> {last.get('to')}: {last.get('reason')}"
+        else:
+            switch = "-"
+        if f.get("hold"):
+            switch += " [held by the operator]"
+        t.add_row(
+            str(f["id"]),
+            " <-> ".join(f["ends"]),
+            f["transport"],
+            "/".join("safe" if x else "unsafe" for x in f["safe"]),
+            str(f["epoch"]),
+            _si(float(f.get("msg_rate", 0.0)), ""),
+            _si(float(f.get("byte_rate", 0.0)), "B"),
+            waits,
+            switch,
+        )
+    return t
+
+
+@main.command()
 @click.argument("flow_id", type=int)
-@click.argument("transport")
+@click.argument("transport", required=False)
 @click.option("--safe/--unsafe", "safe", default=None, help="the form (default: keep)")
+@click.option("--auto", is_flag=True, help="hand the flow back to the automatic triggers")
 @click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0))
-def reconfigure(flow_id: int, transport: str, safe: bool | None, timeout: float) -> None:
+def reconfigure(
+    flow_id: int, transport: str | None, safe: bool | None, auto: bool, timeout: float
+) -> None:
     """Switch a live flow (see `fable flows`) to TRANSPORT, without losing a message. Waits
-    until the flow's epoch moves (the ends switch as they go on reading and writing)."""
+    until the flow's epoch moves (the ends switch as they go on reading and writing). The
+    operator's choice holds: no automatic trigger moves the flow until `--auto`."""
     import time
 
     from fable.client import one_shot
 
+    if auto == (transport is not None):
+        raise click.UsageError("name a TRANSPORT, or pass --auto (not both)")
     try:
         reply = one_shot("reconfigure", flow=flow_id, transport=transport, safe=safe)
     except FableError as e:
         raise click.ClickException(str(e)) from None
     if reply is None:
         raise click.ClickException("no daemon is running")
+    if auto:
+        click.echo(f"flow {flow_id}: back under the automatic triggers")
+        return
     before = reply["flow"]["epoch"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -460,6 +548,20 @@ def _run_points(points: list[Any], topo: Any, rounds: int = 1, **opts: Any) -> l
     default=None,
     help="write figures (PNG heatmaps and bars) and report.md into this directory",
 )
+@click.option(
+    "--scenario",
+    type=click.Choice(["coschedule"]),
+    default=None,
+    help="instead of the grid: coschedule = a ping-pong on mempipe-spin whose two processes "
+    "are pinned to one CPU midway, with the daemon's triggers on and then off",
+)
+@click.option(
+    "--duration",
+    default=6.0,
+    show_default=True,
+    type=click.FloatRange(1.0, 600.0),
+    help="seconds of ping-pong per scenario run",
+)
 @click.pass_context
 def bench(
     ctx: click.Context,
@@ -478,6 +580,8 @@ def bench(
     peers: bool,
     json_path: str | None,
     plot_dir: str | None,
+    scenario: str | None,
+    duration: float,
 ) -> None:
     """Measure latency (round trip) and throughput (one way) of every transport between two
     pinned processes, verified message by message.
@@ -490,6 +594,9 @@ def bench(
 
     `fable bench compare A.json B.json` compares two runs."""
     if ctx.invoked_subcommand is not None:
+        return
+    if scenario is not None:
+        _scenario(scenario, pairs, duration, json_path)
         return
     from rich.console import Console
 
@@ -588,6 +695,68 @@ def bench(
         )
     if not all(r.get("verified") for r in records):
         sys.exit(1)
+
+
+def _scenario(name: str, pairs: str | None, duration: float, json_path: str | None) -> None:
+    """``fable bench --scenario coschedule``: the table, the timeline, the JSON."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fable.bench.harness import machine_info
+    from fable.bench.scenario import coschedule
+    from fable.bench.topology import Topology
+
+    topo = Topology.read()
+    chosen = _pairs(pairs, topo.cpus) if pairs else []
+    cpus = chosen[0] if chosen else (topo.cpus[0], topo.cpus[1] if len(topo.cpus) > 1 else -1)
+    if cpus[1] < 0 or cpus[0] == cpus[1]:
+        raise click.ClickException("the coschedule scenario needs two different CPUs (--pairs A:B)")
+    console = Console()
+    console.print(
+        f"coschedule: 64 B ping-pong over mempipe-spin, CPUs {cpus[0]} and {cpus[1]}; both "
+        f"pinned to CPU {cpus[0]} after {duration / 2:g} s ({name}, triggers on, then off)"
+    )
+    runs = coschedule((int(cpus[0]), int(cpus[1])), duration)
+    t = Table(title="round trip p50 (us)")
+    for col in ("triggers", "before", "pinned, before the switch", "after the switch", "switch"):
+        t.add_column(col, justify="right")
+    t.add_column("now on")
+    for r in runs:
+        t.add_row(
+            "on" if r["triggers"] else "off",
+            _fmt_us(r["before_us"]),
+            f"{_fmt_us(r['during_us'])} ({r['during_round_trips']} round trips)",
+            _fmt_us(r["after_us"]),
+            "-" if r["switch_ms"] is None else f"{r['switch_ms']:.1f} ms",
+            r["final_transport"],
+        )
+    console.print(t)
+    tl = Table(title="timeline: round trip p50 (us) per slice, t = 0 at the pinning")
+    tl.add_column("t (s)", justify="right")
+    for r in runs:
+        tl.add_column(f"triggers {'on' if r['triggers'] else 'off'}", justify="right")
+    for k, slot in enumerate(runs[0]["timeline"]):
+        tl.add_row(
+            f"{slot['t_s']:+.2f}",
+            *(
+                f"{_fmt_us(r['timeline'][k]['p50_us'])} ({r['timeline'][k]['round_trips']})"
+                for r in runs
+            ),
+        )
+    console.print(tl)
+    for r in runs:
+        if r["last_switch"]:
+            console.print(f"switch: {r['last_switch']['reason']}")
+    if json_path:
+        doc = {"scenario": name, "machine": machine_info(), "cpus": list(cpus), "runs": runs}
+        with open(json_path, "w") as f:
+            json.dump(doc, f, indent=1)
+
+
+def _fmt_us(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.1f}"
 
 
 def _given(ctx: click.Context, name: str) -> bool:

@@ -51,6 +51,7 @@ from fable.errors import DaemonUnavailable, FableError
 __all__ = ["DaemonLink", "link", "socket_path"]
 
 REPORT_INTERVAL_S = 1.0
+PLACEMENT_INTERVAL_S = 0.02  # how often I/O threads' affinities are looked at (see _serve)
 _START_TIMEOUT_S = 10.0
 _DEFAULT_WAIT_S = 10.0
 
@@ -80,19 +81,25 @@ def socket_path() -> tuple[Path, bool]:
     return mine, True
 
 
-def start_daemon(path: Path) -> None:
-    """Start a detached daemon on ``path`` unless one answers there; safe against races (a
-    lock file next to the socket)."""
+# Daemons this process started: kept so that the Popen objects are not collected while the
+# daemon runs (a ResourceWarning); a daemon outlives us unless stopped (private_daemon waits).
+_spawned: list[subprocess.Popen[bytes]] = []
+
+
+def start_daemon(path: Path) -> subprocess.Popen[bytes] | None:
+    """Start a detached daemon on ``path`` unless one answers there (then None); safe against
+    races (a lock file next to the socket)."""
+    _spawned[:] = [p for p in _spawned if p.poll() is None]
     if path.parent != SYSTEM_SOCKET.parent:
         private_dir(path.parent)
     lock = os.open(str(path) + ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _answers(path):
-            return
+            return None
         state = private_dir(settings().state_dir)
         with open(state / "fabled.log", "ab") as logf:
-            subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "fable.daemon", "--socket", str(path)],
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
@@ -100,6 +107,7 @@ def start_daemon(path: Path) -> None:
                 start_new_session=True,  # detached: not killed with our process group
                 close_fds=True,
             )
+        _spawned.append(proc)
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not _answers(path):
             if time.monotonic() > deadline:
@@ -108,6 +116,7 @@ def start_daemon(path: Path) -> None:
                     f"(see {state / 'fabled.log'})"
                 )
             time.sleep(0.01)
+        return proc
     finally:
         os.close(lock)
 
@@ -299,11 +308,26 @@ class DaemonLink:
             time.sleep(backoff)
             backoff = min(backoff * 2, 0.5)
 
+    def _placement_moved(self) -> bool:
+        """Whether an I/O thread's affinity or NUMA node changed since the last report (an
+        operator's ``taskset``: the daemon's placement trigger wants to know at once)."""
+        moved = False
+        for n, e in list(self.names.items()):
+            f = endpoint_facts(e.tid, self._nodes)
+            key = (tuple(f["affinity"]), f["node"])
+            if self._placed.get(n) != key:
+                self._placed[n] = key
+                moved = True
+        return moved
+
     def _serve(self, s: socket.socket) -> None:
         next_report = time.monotonic() + REPORT_INTERVAL_S
+        self._placed: dict[str, tuple[tuple[int, ...], int]] = {}
         while not self._stop:
-            left = next_report - time.monotonic()
+            left = min(next_report - time.monotonic(), PLACEMENT_INTERVAL_S)
             if left <= 0 or not select.select([s], [], [], left)[0]:
+                if time.monotonic() < next_report and not (self._flows and self._placement_moved()):
+                    continue
                 with self._lock:
                     self._send(
                         {
@@ -503,8 +527,9 @@ def private_daemon() -> Iterator[Path]:
     old = os.environ.get("FABLE_SOCKET")
     os.environ["FABLE_SOCKET"] = str(path)
     config.reload()
+    proc = None
     try:
-        start_daemon(path)
+        proc = start_daemon(path)
         yield path
     finally:
         with contextlib.suppress(Exception):
@@ -512,6 +537,14 @@ def private_daemon() -> Iterator[Path]:
         deadline = time.monotonic() + 5
         while _answers(path) and time.monotonic() < deadline:
             time.sleep(0.02)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            with contextlib.suppress(ValueError):
+                _spawned.remove(proc)
         if old is None:
             os.environ.pop("FABLE_SOCKET", None)
         else:

@@ -79,7 +79,18 @@ class Settings:
     )
     triggers: bool = field(
         default=True,
-        metadata={"env": "FABLE_TRIGGERS", "help": "automatic reconfiguration triggers on/off"},
+        metadata={
+            "env": "FABLE_TRIGGERS",
+            "help": "the daemon's automatic reconfiguration triggers on/off (fable/triggers.py)",
+        },
+    )
+    trigger_dwell_s: float = field(
+        default=3.0,
+        metadata={
+            "env": "FABLE_TRIGGER_DWELL",
+            "help": "seconds a flow keeps its transport before a trigger other than placement "
+            "moves it again (hysteresis)",
+        },
     )
     state_dir: Path = field(
         default_factory=_default_state_dir,
@@ -141,9 +152,10 @@ def _validate(s: Settings) -> None:
         raise ValueError("FABLE_READ_BUFFERS must be >= 1")
     if s.max_message < 1:
         raise ValueError("FABLE_MAX_MESSAGE must be >= 1")
-    if s.spin_budget_ns < 0 or s.grace_period_s < 0 or s.close_linger_s < 0:
+    if min(s.spin_budget_ns, s.grace_period_s, s.close_linger_s, s.trigger_dwell_s) < 0:
         raise ValueError(
-            "FABLE_SPIN_BUDGET_NS, FABLE_GRACE_PERIOD and FABLE_CLOSE_LINGER must be >= 0"
+            "FABLE_SPIN_BUDGET_NS, FABLE_GRACE_PERIOD, FABLE_CLOSE_LINGER and "
+            "FABLE_TRIGGER_DWELL must be >= 0"
         )
     if s.backend not in ("auto", "c", "py"):
         raise ValueError(f"FABLE_BACKEND={s.backend!r} must be auto, c or py")

@@ -316,6 +316,11 @@ class Switcher:
 
     forward = _write  # where a path sends writes that reach it after its END
 
+    def read_forward(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Where a path sends reads that reach it after the peer's END on it (a method the
+        application looked up before the switch): the path being read now."""
+        return getattr(self.rx[0], name)(*args, **kwargs)
+
     def idle_switch(self) -> None:
         """From the control thread: finish a pending write switch the application does not
         do because it is not writing (a quiet side would otherwise keep the peer reading the
@@ -380,6 +385,7 @@ class Switcher:
             if len(self.rx) < 2 or self.rx[0] is not path:
                 return None
             self.rx.pop(0)
+            path._rended = True  # type: ignore[attr-defined]
             nxt = self.rx[0]
             self._repoint(nxt)
             conn = self._conn()
@@ -542,6 +548,7 @@ class Switcher:
 def _hook(path: DataPath, sw: Switcher) -> None:
     path._on_end = sw.on_end  # type: ignore[attr-defined]
     path._forward = sw.forward  # type: ignore[attr-defined]
+    path._read_forward = sw.read_forward  # type: ignore[attr-defined]
 
 
 _write_codes: dict[type, frozenset[Any]] = {}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fable.errors import NameInUse, NameNotFound, PermissionDenied
+from fable.triggers import FlowState
 
 __all__ = ["Endpoint", "Flow", "Registry"]
 
@@ -68,6 +69,9 @@ class Flow:
     clients: set[int] = field(default_factory=set)  # clients that report it
     counters: dict[int, tuple[int, int]] = field(default_factory=dict)  # client -> (msgs, bytes)
     since: float = field(default_factory=time.time)
+    trusted: tuple[bool, bool] | None = None  # each end's trust (None: adopted, see safe)
+    hints: dict[str, Any] = field(default_factory=dict)  # pollable, msg_size, mode of connect
+    trig: FlowState = field(default_factory=FlowState)  # rates, home, hold (fable.triggers)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -81,6 +85,10 @@ class Flow:
             "reason": self.reason,
             "last_switch": self.last_switch,
             "since": self.since,
+            "msg_rate": round(self.trig.msgs.rate, 1),
+            "byte_rate": round(self.trig.bytes.rate, 1),
+            "hold": self.trig.hold,
+            "home": self.trig.home[0] if self.trig.home else None,
         }
 
 

@@ -386,6 +386,8 @@ class Daemon:
         flow = self.registry.new_flow(
             (me.name, listener.name), name, (safe, safe), reason, {client.id, listener.client}
         )
+        flow.trusted = (trusted, listener.trusted)
+        flow.hints = {k: req.get(k) for k in ("pollable", "msg_size", "mode")}
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             await owner.send(
@@ -515,7 +517,66 @@ class Daemon:
                     ep.cpu = _field(e, "cpu", int, ep.cpu)
                     ep.node = _field(e, "node", int, ep.node)
         self.registry.report(client.id, checked)
+        now = time.monotonic()
+        mine = {ep.name for ep in self.registry.endpoints.values() if ep.client == client.id}
+        for f in checked:
+            flow = self.registry.flows.get(f["id"])
+            if flow is not None:
+                flow.trig.counted(client.id, f["msgs"], f["bytes"], now)
+                last = flow.last_switch or {}
+                flow.trig.switched(flow.epoch, str(last.get("reason", "")), now)
+        for flow in list(self.registry.flows.values()):
+            if client.id in flow.clients or mine & set(flow.ends):
+                await self._trigger(flow, now)
         return {}, None
+
+    async def _trigger(self, flow: Any, now: float) -> None:
+        """Ask one end of ``flow`` for the switch the triggers want now, if any."""
+        from fable.config import settings
+        from fable.triggers import FlowFacts, decide, note_asked
+
+        cfg = settings()
+        if not cfg.triggers or flow.trig.hold:
+            return
+        a = self.registry.endpoints.get(flow.ends[0])
+        b = self.registry.endpoints.get(flow.ends[1])
+        if a is None or b is None:
+            return  # an end unregistered its name: where it runs is not known any more
+        trusted = flow.trusted or (not flow.safe[0], not flow.safe[1])
+        try:
+            ranking = self._ranking(a, b, trusted[0], trusted[1], flow.hints)
+        except Exception:  # no topology or table: no trigger, the flow goes on as it is
+            log.exception("flow %d: no ranking for the triggers", flow.id)
+            return
+        assert self._topo is not None
+        facts = FlowFacts(
+            transport=flow.transport,
+            safe=flow.safe[0],
+            epoch=flow.epoch,
+            nodes=(a.node, b.node),
+            numa_nodes=len(set(self._topo.node.values())) or 1,
+            ranking=ranking,
+        )
+        d = decide(flow.trig, facts, now, dwell=cfg.trigger_dwell_s)
+        if d is None:
+            return
+        for cid in sorted(flow.clients):
+            end = self.clients.get(cid)
+            if end is None or end.closed:
+                continue
+            log.info("flow %d: %s -> %s (%s)", flow.id, flow.transport, d.transport, d.reason)
+            note_asked(flow.trig, flow.epoch, now)
+            with contextlib.suppress(ConnectionError, OSError):
+                await end.send(
+                    {
+                        "op": "reconfigure",
+                        "flow": flow.id,
+                        "transport": d.transport,
+                        "safe": d.safe,
+                        "reason": d.reason,
+                    }
+                )
+            return
 
     async def _op_ls(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
         return {"endpoints": [ep.public() for ep in self.registry.endpoints.values()]}, None
@@ -532,9 +593,9 @@ class Daemon:
         from fable.transports import REGISTRY
 
         fid = _field(req, "flow", int)
-        transport = _field(req, "transport", str)
+        transport = _field(req, "transport", (str, type(None)), None)
         safe = _field(req, "safe", (bool, type(None)), None)
-        if transport not in REGISTRY:
+        if transport is not None and transport not in REGISTRY:
             raise _BadRequest(f"unknown transport {transport!r}; known: {', '.join(REGISTRY)}")
         flow = self.registry.flows.get(fid)
         if flow is None:
@@ -542,6 +603,11 @@ class Daemon:
         owners = {self.clients[c].uid for c in flow.clients if c in self.clients}
         if client.uid != 0 and client.uid not in owners:
             raise PermissionDenied("only the users of a flow's ends, or root, may switch it")
+        if transport is None:  # --auto: hand the flow back to the triggers
+            flow.trig.hold = False
+            await self._trigger(flow, time.monotonic())
+            return {"flow": flow.public()}, None
+        flow.trig.hold = True  # the operator's choice holds until the operator changes it
         for cid in sorted(flow.clients):
             end = self.clients.get(cid)
             if end is None:

@@ -28,6 +28,7 @@ the shared memory, which stop working once released.
 
 from __future__ import annotations
 
+import functools
 import io
 import mmap
 import os
@@ -366,6 +367,8 @@ class RingPath(MessagePath):
             self._wait(self._rx, 0, deadline, timeout)
 
     def getreadbuf(self) -> list[Buffer]:
+        if self._rended:
+            return list(self._after_end("getreadbuf"))
         out = self._start_getreadbuf()
         if self._armed:
             self._armed = False
@@ -477,9 +480,14 @@ class RingPath(MessagePath):
             self._wait(self._tx, L.RECORD_HEADER * 2, deadline, linger)
 
     def _free(self, clean: bool) -> None:
-        for ring in (self._tx, self._rx):
+        for ring, ended, fwd, name in (
+            (self._tx, self._wended, self._forward, "send"),
+            (self._rx, self._rended, self._read_forward, "recv"),
+        ):
             ring.gate = True
-            ring.hot(None)  # drops the slow paths: no reference cycle outlives the connection
+            # drops the slow paths (no reference cycle outlives the connection); after a live
+            # reconfiguration, a send or recv looked up before it goes on to the next path
+            ring.hot(functools.partial(fwd, name) if ended and fwd is not None else None)
             ring.close()
         if self._epoll is not None:
             self._epoll.close()

@@ -91,6 +91,7 @@ class MessagePath(DataPath):
         self._error: BaseException | None = None
         self._dead = False  # closed, failed or ended: every fast path checks this one flag
         self._wended = False  # END of this epoch written: writes go to the next (_after_end)
+        self._rended = False  # the peer's END read: reads go to the next path (_after_end)
         self._read_limit = cfg.read_buffers
         self._max_message = cfg.max_message
         self._held = 0
@@ -140,13 +141,16 @@ class MessagePath(DataPath):
         self._state_changed()
         self._say_goodbye(linger)
 
-    # set by the reconfiguration: where writes after END go (Switcher.forward)
+    # set by the reconfiguration: where writes after END go, and reads after the peer's END
+    # (Switcher.forward, Switcher.read_forward)
     _forward: Callable[..., Any] | None = None
+    _read_forward: Callable[..., Any] | None = None
 
     def _after_end(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        fwd = self._forward
+        reading = name in ("recv", "recv_into", "getreadbuf")
+        fwd = self._read_forward if reading else self._forward
         if fwd is None:
-            raise ConnectionClosed("this side ended its writes on this transport")
+            raise ConnectionClosed("this epoch of the connection is over")
         return fwd(name, *args, **kwargs)
 
     @abc.abstractmethod
@@ -291,6 +295,8 @@ class MessagePath(DataPath):
         return self._on_end(self)
 
     def _recv_slow(self, timeout: float | None = None) -> bytes:
+        if self._rended:  # a recv looked up before a switch: the connection reads elsewhere
+            return bytes(self._after_end("recv", timeout))
         self._check()
         self._not_mid_message()
         try:
@@ -308,6 +314,8 @@ class MessagePath(DataPath):
         return data
 
     def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
+        if self._rended:
+            return int(self._after_end("recv_into", buf, timeout))
         self._check()
         self._not_mid_message()
         try:

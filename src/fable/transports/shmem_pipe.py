@@ -680,6 +680,8 @@ class ShmemPipePath(MessagePath):
         return self._recv_slow(timeout)
 
     def getreadbuf(self) -> list[Buffer]:
+        if self._rended:
+            return list(self._after_end("getreadbuf"))
         out = self._start_getreadbuf()
         while self._held < self._read_limit:
             d = None if self._peer_closed else self._next()

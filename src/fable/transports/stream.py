@@ -593,6 +593,8 @@ class StreamPath(MessagePath):
         return self._recv_slow(timeout)
 
     def getreadbuf(self) -> list[Buffer]:
+        if self._rended:
+            return list(self._after_end("getreadbuf"))
         out = self._start_getreadbuf()
         if self._queue:
             self._try_push()
