@@ -153,6 +153,24 @@ def test_several_names_per_process_and_forced_transport(daemon: Path) -> None:
         assert sent == got == data.decode()
 
 
+def test_both_ends_know_whether_the_application_named_the_transport(daemon: Path) -> None:
+    """A transport named in connect() is the application's (fileno() will not move it off a
+    spinning one); one the policy picked is the library's, on both ends."""
+
+    def both() -> Any:
+        a, b = fable.register("one"), fable.register("two")
+        lst = b.listen()
+        out = []
+        for transport in ("unix", None):
+            c = a.connect("two", transport=transport, timeout=10)
+            s = lst.accept(timeout=10)
+            assert isinstance(c, fable.Connection)
+            out.append((c._switcher.forced, s._switcher.forced))
+        return out
+
+    assert run(both) == [(True, True), (False, False)]
+
+
 # ------------------------------------------------------------------------------------ names
 @pytest.mark.parametrize(
     "bad", ["", "/x", "x/", "-x", "a b", "é", "x" * 65, "a/" * 130 + "a", ".hidden", 5]

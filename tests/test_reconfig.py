@@ -4,6 +4,7 @@ mid-switch. The echo peer runs in a forked child; the parent checks every messag
 
 from __future__ import annotations
 
+import io
 import os
 import select
 import selectors
@@ -453,3 +454,49 @@ def test_methods_looked_up_before_a_switch_still_work(a: str) -> None:
     finally:
         conn.close()
         os.waitpid(pid, 0)
+
+
+def test_fileno_on_a_spinning_connection_moves_it_to_a_sleeping_transport() -> None:
+    """A connection on mempipe-spin the library chose (not the application) moves to
+    mempipe-adaptive when fileno() is asked for; the fd works across that switch at once."""
+    cpus = sorted(os.sched_getaffinity(0))
+    conn, pending = fable.open_pair("mempipe-spin")
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus[0]})
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            os.sched_setaffinity(0, {cpus[1]})  # the two spinning ends apart
+            peer = pending.open()
+            for m in peer:
+                peer.send(m)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        os._exit(code)
+    pending.close()
+    sel = selectors.DefaultSelector()
+    try:
+        conn.send(b"before")  # in flight on mempipe-spin when fileno() is asked for
+        with pytest.raises(io.UnsupportedOperation, match="named by the application"):
+            conn.fileno()  # open_pair names its transport: no move
+        assert conn.transport == "mempipe-spin"
+        conn._switcher.forced = False  # as if the daemon's policy had picked it
+        fd = conn.fileno()
+        assert conn.transport == "mempipe-adaptive"
+        assert conn.last_switch is not None and "fileno()" in conn.last_switch["reason"]
+        sel.register(fd, selectors.EVENT_READ)
+        assert _select_recv(sel, conn, 1) == [b"before"]
+        for i in range(20):
+            conn.send(b"%d" % i)
+            assert _select_recv(sel, conn, 1) == [b"%d" % i]
+        assert conn.fileno() == fd and conn._switcher._kick == -1
+        with pytest.raises(fable.FableError, match="spins"):
+            conn.reconfigure("mempipe-spin")
+    finally:
+        sel.close()
+        conn.close()
+        os.sched_setaffinity(0, old)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

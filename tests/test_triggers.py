@@ -1,4 +1,4 @@
-"""The reconfiguration triggers (fable/triggers.py) with fixture inputs: the Kalman rate filter,
+"""The reconfiguration triggers (fable/daemon/triggers.py) with fixture inputs: the Kalman filter,
 the placement, rate and NUMA rules, hysteresis and dwell, the operator's hold, the off switch."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from fable.bench.topology import Topology
-from fable.policy import Facts, rank
-from fable.triggers import (
+from fable.daemon.triggers import (
     BUSY_RATE,
     PENDING_S,
     QUIET_RATE,
@@ -22,6 +21,7 @@ from fable.triggers import (
     decide,
     note_asked,
 )
+from fable.policy import Facts, rank
 from test_policy import A0, A1, BOTH, TWO, _table
 
 pytestmark = pytest.mark.timeout(60)

@@ -159,7 +159,7 @@ def flows(as_json: bool) -> None:
 @click.option("--once", is_flag=True, help="print one frame and exit")
 def top(interval: float, once: bool) -> None:
     """A live view of every flow: ends, transport, safe, epoch, rates, waiting mode, the last
-    switch and why (rates are the daemon's Kalman-smoothed ones, fable/triggers.py)."""
+    switch and why (rates are the daemon's Kalman-smoothed ones, fable/daemon/triggers.py)."""
     import time
 
     from rich.console import Console

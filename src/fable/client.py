@@ -237,6 +237,7 @@ class DaemonLink:
                     "bytes": st.bytes_sent,
                     "reason": conn._switcher.reason or info.get("reason", ""),
                     "last_switch": conn.last_switch,
+                    "pollable": conn._switcher.fd_out,
                 }
             )
         return out

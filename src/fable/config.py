@@ -81,7 +81,7 @@ class Settings:
         default=True,
         metadata={
             "env": "FABLE_TRIGGERS",
-            "help": "the daemon's automatic reconfiguration triggers on/off (fable/triggers.py)",
+            "help": "the daemon's automatic reconfiguration triggers on/off (daemon/triggers.py)",
         },
     )
     trigger_dwell_s: float = field(

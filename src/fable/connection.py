@@ -20,6 +20,7 @@ peer's application, or that a ``PeerDied`` peer read anything it was sent.
 
 from __future__ import annotations
 
+import io
 import os
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -28,6 +29,7 @@ from typing import Any, NoReturn
 from fable.buffer import Buffer
 from fable.config import settings
 from fable.errors import ConnectionClosed, FableError
+from fable.transports import REGISTRY
 from fable.transports.base import ConnectionStats, DataPath
 from fable.transports.setup import SetupChannel
 
@@ -200,10 +202,23 @@ class Connection:
         """Edge-style readiness fd: when it signals, read until ``getreadbuf()`` returns ``[]``
         (or ``recv(timeout=0)`` raises WouldBlock). Spurious wake-ups are possible. The same fd
         for the connection's life, across reconfigurations; once it was handed out the
-        connection never moves to a spinning transport. ``io.UnsupportedOperation`` while the
-        connection spins (mempipe-spin has no fd)."""
+        connection never moves to a spinning transport. Asked for on a connection that spins
+        (mempipe-spin has no fd), it first moves the connection to mempipe-adaptive, unless the
+        application named the spinning transport itself (``open_pair``,
+        ``connect(transport=...)``): then ``io.UnsupportedOperation``."""
         self._check_open()
-        return self._switcher.read_fileno()
+        sw = self._switcher
+        if not sw.fd_out and REGISTRY[sw.newest.transport].caps.spins:
+            if sw.forced:
+                raise io.UnsupportedOperation(
+                    f"{sw.newest.transport} spins and has no readiness fd (it was named by the "
+                    "application; the library would have moved to mempipe-adaptive)"
+                )
+            self.reconfigure(
+                "mempipe-adaptive",
+                reason="fileno() was asked for: a readiness fd needs a transport that sleeps",
+            )
+        return sw.read_fileno()
 
     def _poll_prepare(self) -> bool:
         if self._state != "open":

@@ -104,6 +104,7 @@ class Context:
         sock = socket.socket(fileno=fd)
         opts = reply["options"]
         conn: Connection = initiate(sock, opts["transport"], safe=opts["safe"])
+        conn._switcher.forced = bool(opts.get("forced", True))
         link().add_flow(reply["flow"], 0, conn)
         return conn
 
@@ -164,6 +165,7 @@ class Listener:
                 conn: Connection = PendingEnd(sock).open(timeout=10.0)
             except FableError:
                 continue  # the connecting process died during the setup: wait for the next
+            conn._switcher.forced = bool(msg.get("options", {}).get("forced", True))
             link().add_flow(msg["flow"], 1, conn)
             return conn
 

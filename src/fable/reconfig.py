@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import select
 import sys
@@ -101,6 +102,10 @@ class Switcher:
         self._fd_r = self._fd_w = -1  # reconfig_fileno, made on first use
         self._ep: select.epoll | None = None  # fileno(): follows the path being read
         self._ep_src = -1  # the fd registered in _ep (the read head's own fileno)
+        self._kick = -1  # an always-readable eventfd in _ep while the head spins (see below)
+        # the application named the transport (open_pair, connect(transport=...)): fileno()
+        # on a spinning connection raises instead of moving it (Connection.fileno)
+        self.forced = True
         _hook(path, self)
 
     # ------------------------------------------------------------------ asking
@@ -488,19 +493,46 @@ class Switcher:
         return exc
 
     # ------------------------------------------------------------------ fileno
+    @property
+    def fd_out(self) -> bool:
+        """Whether the application has the connection's fileno()."""
+        return self._ep is not None
+
     def read_fileno(self) -> int:
         """The connection's readiness fd: an epoll fd, made on first use, that watches the
         path being read and is re-pointed at the next one at each read switch, so the number
-        the application registered stays valid. ``io.UnsupportedOperation`` while the path
-        being read spins (no fd can see it); once handed out, no switch goes to a spinning
-        transport (``reconfigure`` raises, a peer's request is refused)."""
+        the application registered stays valid. Once handed out, no switch goes to a spinning
+        transport (``reconfigure`` raises, a peer's request is refused). While the path being
+        read still spins (a switch away from it is agreed but the peer's END not read yet) the
+        fd stays readable: spurious wake-ups until the read switch, never a missed one.
+        ``io.UnsupportedOperation`` if it spins with no such switch agreed."""
         with self.lock:
             if self._ep is None:
-                fd = self.rx[0].fileno()  # arms the path's readiness
+                head = self.rx[0]
+                if _spins(head) and not any(not _spins(p) for p in self.rx):
+                    raise io.UnsupportedOperation(f"{head.transport} spins and has no readiness fd")
                 ep = select.epoll()
-                ep.register(fd, select.EPOLLIN)
-                self._ep, self._ep_src = ep, fd
+                try:
+                    self._ep = ep
+                    self._watch(head)
+                except BaseException:
+                    self._ep = None
+                    ep.close()
+                    raise
             return self._ep.fileno()
+
+    def _watch(self, path: DataPath) -> None:
+        """Point the epoll fd at ``path`` (or at the kick while ``path`` spins)."""
+        ep = self._ep
+        assert ep is not None
+        if _spins(path):
+            if self._kick < 0:
+                self._kick = os.eventfd(1, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            fd = self._kick
+        else:
+            fd = path.fileno()  # arms the path's readiness
+        ep.register(fd, select.EPOLLIN)
+        self._ep_src = fd
 
     def _repoint(self, nxt: DataPath) -> None:
         ep = self._ep
@@ -509,9 +541,10 @@ class Switcher:
         with contextlib.suppress(OSError):
             ep.unregister(self._ep_src)
         self._ep_src = -1
-        fd = nxt.fileno()  # a spinning path was refused while the fd is out
-        ep.register(fd, select.EPOLLIN)
-        self._ep_src = fd
+        self._watch(nxt)
+        if self._kick >= 0 and self._ep_src != self._kick:
+            os.close(self._kick)
+            self._kick = -1
 
     # ------------------------------------------------------------------ reconfig_fileno
     def fileno(self) -> int:
@@ -538,11 +571,22 @@ class Switcher:
         if self._ep is not None:
             self._ep.close()
             self._ep = None
+        if self._kick >= 0:
+            os.close(self._kick)
+            self._kick = -1
         for fd in (self._fd_r, self._fd_w):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._fd_r = self._fd_w = -1
+
+
+def _spins(path: DataPath) -> bool:
+    """Whether ``path``'s transport spins (has no readiness fd)."""
+    from fable.transports import REGISTRY
+
+    info = REGISTRY.get(path.transport)
+    return info is not None and info.caps.spins
 
 
 def _hook(path: DataPath, sw: Switcher) -> None:

@@ -1,4 +1,4 @@
-"""``fable bench --scenario coschedule``: what the placement trigger buys (fable/triggers.py).
+"""``fable bench --scenario coschedule``: what the placement trigger buys (daemon/triggers.py).
 
 Two processes, pinned to two CPUs, register with a daemon of the bench's own and ping-pong
 64 B messages over mempipe-spin (forced at connect: the initial choice, not an operator hold;

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fable.daemon.triggers import FlowState
 from fable.errors import NameInUse, NameNotFound, PermissionDenied
-from fable.triggers import FlowState
 
 __all__ = ["Endpoint", "Flow", "Registry"]
 
@@ -71,7 +71,7 @@ class Flow:
     since: float = field(default_factory=time.time)
     trusted: tuple[bool, bool] | None = None  # each end's trust (None: adopted, see safe)
     hints: dict[str, Any] = field(default_factory=dict)  # pollable, msg_size, mode of connect
-    trig: FlowState = field(default_factory=FlowState)  # rates, home, hold (fable.triggers)
+    trig: FlowState = field(default_factory=FlowState)  # rates, home, hold (fable.daemon.triggers)
 
     def public(self) -> dict[str, Any]:
         return {

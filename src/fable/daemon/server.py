@@ -395,7 +395,7 @@ class Daemon:
                     "op": "incoming",
                     "listener": listener.name,
                     "flow": flow.public(),
-                    "options": {"transport": name, "safe": safe},
+                    "options": {"transport": name, "safe": safe, "forced": transport is not None},
                 },
                 b.fileno(),
             )
@@ -406,7 +406,8 @@ class Daemon:
         finally:
             b.close()
         log.info("flow %d: %s -> %s over %s", flow.id, me.name, listener.name, name)
-        return {"flow": flow.public(), "options": {"transport": name, "safe": safe}}, a.detach()
+        options = {"transport": name, "safe": safe, "forced": transport is not None}
+        return {"flow": flow.public(), "options": options}, a.detach()
 
     def table(self) -> Any:
         """The calibration table, reloaded when ``fable calibrate`` rewrote it."""
@@ -507,6 +508,7 @@ class Daemon:
                     "bytes": _field(f, "bytes", int, 0),
                     "reason": _field(f, "reason", str, ""),
                     "last_switch": _last_switch(f.get("last_switch")),
+                    "pollable": f.get("pollable") is True,
                 }
             )
         for e in req.get("endpoints", []) if isinstance(req.get("endpoints"), list) else []:
@@ -522,6 +524,8 @@ class Daemon:
         for f in checked:
             flow = self.registry.flows.get(f["id"])
             if flow is not None:
+                if f["pollable"]:  # an end handed its fileno() out: no spinning transport
+                    flow.hints["pollable"] = True
                 flow.trig.counted(client.id, f["msgs"], f["bytes"], now)
                 last = flow.last_switch or {}
                 flow.trig.switched(flow.epoch, str(last.get("reason", "")), now)
@@ -533,7 +537,7 @@ class Daemon:
     async def _trigger(self, flow: Any, now: float) -> None:
         """Ask one end of ``flow`` for the switch the triggers want now, if any."""
         from fable.config import settings
-        from fable.triggers import FlowFacts, decide, note_asked
+        from fable.daemon.triggers import FlowFacts, decide, note_asked
 
         cfg = settings()
         if not cfg.triggers or flow.trig.hold:
