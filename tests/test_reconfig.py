@@ -11,6 +11,7 @@ import selectors
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,6 +26,35 @@ NAMES = list(REGISTRY)
 
 def _form(name: str) -> bool:
     return bool(REGISTRY[name].caps.forms[0])  # vmsplice-coop: unsafe only
+
+
+def _fork_peer(pending: Any, body: Callable[[Any], int | None]) -> int:
+    """Fork a child that opens the peer end and runs ``body(peer)``; its exit status is what
+    ``body`` returns (None: 0), 0 as well if the parent closed the connection meanwhile, and 3
+    on any other exception (printed). Returns the pid; the parent's copy of ``pending`` is
+    closed."""
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            code = body(pending.open()) or 0
+        except fable.ConnectionClosed:
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        os._exit(code)
+    pending.close()
+    return pid
+
+
+def _echo(peer: Any) -> None:
+    """Echo every message until the parent closes."""
+    for m in peer:
+        peer.send(m)
+
+
+def _exit_code(pid: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def _echo_child(pending: Any, n: int, ask: list[str] | None = None) -> int:
@@ -89,8 +119,8 @@ def _stream(a: str, switches: list[str], n: int, child_asks: list[str] | None = 
         epoch = conn.epoch
     finally:
         conn.close()
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+        code = _exit_code(pid)
+    assert code == 0
     return st, epoch
 
 
@@ -124,23 +154,12 @@ def test_properties_and_reconfig_fileno() -> None:
         assert last["reason"] == "test"
     finally:
         conn.close()
-        os.waitpid(pid, 0)
+        assert _exit_code(pid) == 0, "the peer process failed"
 
 
 def test_refused_switch_keeps_the_old_transport() -> None:
     conn, pending = fable.open_pair("unix")
-    pid = os.fork()
-    if pid == 0:  # a peer that does not trust: no unsafe reads for it
-        code = 3
-        try:
-            peer = pending.open()
-            for m in peer:
-                peer.send(m)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        os._exit(code)
-    pending.close()
+    pid = _fork_peer(pending, _echo)  # a peer that does not trust: no unsafe reads for it
     try:
         conn._switcher.trusted = True
         with pytest.raises(fable.FableError, match="does not trust"):
@@ -154,7 +173,7 @@ def test_refused_switch_keeps_the_old_transport() -> None:
         assert conn.transport == "unix" and conn.epoch == 0
     finally:
         conn.close()
-        os.waitpid(pid, 0)
+        assert _exit_code(pid) == 0, "the peer process failed"
 
 
 def test_unsafe_needs_this_sides_trust() -> None:
@@ -170,24 +189,16 @@ def test_unsafe_needs_this_sides_trust() -> None:
 def test_both_sides_ask_at_once() -> None:
     conn, pending = fable.open_pair("pipe")
     go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 3
+
+    def peer_asks(peer: Any) -> None:
+        os.read(go_r, 1)
         try:
-            os.close(go_w)
-            peer = pending.open()
-            os.read(go_r, 1)
-            try:
-                peer.reconfigure("unix", timeout=10)  # loses to the parent's (role 0)
-            except fable.FableError:
-                pass
-            for m in peer:
-                peer.send(m)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        os._exit(code)
-    pending.close()
+            peer.reconfigure("unix", timeout=10)  # loses to the parent's (role 0)
+        except fable.FableError:
+            pass
+        _echo(peer)
+
+    pid = _fork_peer(pending, peer_asks)
     os.close(go_r)
     try:
         os.write(go_w, b"g")
@@ -205,7 +216,7 @@ def test_both_sides_ask_at_once() -> None:
     finally:
         conn.close()
         os.close(go_w)
-        os.waitpid(pid, 0)
+        assert _exit_code(pid) == 0, "the peer process failed"
 
 
 def test_held_write_buffers_within_and_past_the_grace_period(
@@ -232,7 +243,7 @@ def test_held_write_buffers_within_and_past_the_grace_period(
             conn.send(b"late")
     finally:
         conn.close()
-        os.waitpid(pid, 0)
+        assert _exit_code(pid) == 0, "the peer process failed"
 
 
 def test_peer_dying_mid_switch() -> None:
@@ -247,7 +258,7 @@ def test_peer_dying_mid_switch() -> None:
         conn.send(b"x")
         with pytest.raises((fable.FableError, fable.PeerDied)):
             conn.reconfigure("mempipe-futex", timeout=3)
-        os.waitpid(pid, 0)
+        assert _exit_code(pid) == 0, "the peer process failed"
         with pytest.raises(fable.PeerDied):
             conn.recv(timeout=3)
     finally:
@@ -303,32 +314,26 @@ def test_fileno_stays_the_same_across_switches() -> None:
     finally:
         sel.close()
         conn.close()
-        os.waitpid(pid, 0)
+        assert _exit_code(pid) == 0, "the peer process failed"
 
 
 def test_a_peer_cannot_move_a_polled_connection_to_a_spinning_transport() -> None:
     conn, pending = fable.open_pair("unix")
     go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 3
+
+    def peer_asks_for_spin(peer: Any) -> int:
+        os.read(go_r, 1)
         try:
-            os.close(go_w)
-            peer = pending.open()
-            os.read(go_r, 1)
-            try:
-                peer.reconfigure("mempipe-spin", timeout=10)
-                code = 5
-            except fable.FableError as e:
-                code = 0 if "fileno() was handed out" in str(e) else 4
-            peer.send(b"after")
-            peer.recv(timeout=10)
-        except fable.ConnectionClosed:
-            pass
-        except BaseException:
-            traceback.print_exc()
-        os._exit(code)
-    pending.close()
+            peer.reconfigure("mempipe-spin", timeout=10)
+            return 5
+        except fable.FableError as e:
+            if "fileno() was handed out" not in str(e):
+                return 4
+        peer.send(b"after")
+        peer.recv(timeout=10)  # until the parent closes
+        return 0
+
+    pid = _fork_peer(pending, peer_asks_for_spin)
     os.close(go_r)
     try:
         conn.fileno()
@@ -338,8 +343,7 @@ def test_a_peer_cannot_move_a_polled_connection_to_a_spinning_transport() -> Non
     finally:
         conn.close()
         os.close(go_w)
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert _exit_code(pid) == 0
 
 
 def test_a_transport_that_cannot_be_set_up_leaves_the_old_one_working(
@@ -353,23 +357,13 @@ def test_a_transport_that_cannot_be_set_up_leaves_the_old_one_working(
         raise OSError(12, "Cannot allocate memory")
 
     conn, pending = fable.open_pair("unix")
-    pid = os.fork()
-    if pid == 0:  # this side cannot map shmem-pipe's ring
-        code = 3
-        try:
-            info = transports.REGISTRY["shmem-pipe"]
-            transports.REGISTRY["shmem-pipe"] = dataclasses.replace(info, open=no_memory)
-            peer = pending.open()
-            for m in peer:
-                peer.send(m)
-        except fable.ConnectionClosed:
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        else:
-            code = 0
-        os._exit(code)
-    pending.close()
+
+    def peer_without_memory(peer: Any) -> None:  # it cannot map shmem-pipe's ring
+        info = transports.REGISTRY["shmem-pipe"]
+        transports.REGISTRY["shmem-pipe"] = dataclasses.replace(info, open=no_memory)
+        _echo(peer)
+
+    pid = _fork_peer(pending, peer_without_memory)
     try:
         with pytest.raises(fable.FableError, match="Cannot allocate memory"):
             conn.reconfigure("shmem-pipe", timeout=10)  # the peer's end failed
@@ -389,27 +383,21 @@ def test_a_transport_that_cannot_be_set_up_leaves_the_old_one_working(
         assert conn.transport == "pipe" and conn.epoch == 1
     finally:
         conn.close()
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+        code = _exit_code(pid)
+    assert code == 0
 
 
 def test_a_side_that_does_not_write_still_ends_its_epoch() -> None:
     """The child only reads: its control thread writes its END, so the parent's reader moves
     on and both ends free the old transport without the child ever writing again."""
     conn, pending = fable.open_pair("mempipe-futex")
-    pid = os.fork()
-    if pid == 0:
-        code = 3
-        try:
-            peer = pending.open()
-            for m in peer:  # never writes
-                if m != b"x":
-                    raise AssertionError(m)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        os._exit(code)
-    pending.close()
+
+    def reader_only(peer: Any) -> None:
+        for m in peer:  # never writes
+            if m != b"x":
+                raise AssertionError(m)
+
+    pid = _fork_peer(pending, reader_only)
     try:
         sw = conn._switcher
         conn.reconfigure("unix", timeout=10)
@@ -422,8 +410,8 @@ def test_a_side_that_does_not_write_still_ends_its_epoch() -> None:
         assert conn.transport == "unix" and not sw.busy
     finally:
         conn.close()
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+        code = _exit_code(pid)
+    assert code == 0
 
 
 @pytest.mark.parametrize("a", ["mempipe-futex", "shmem-pipe", "unix"])
@@ -453,7 +441,7 @@ def test_methods_looked_up_before_a_switch_still_work(a: str) -> None:
         assert conn.transport == "pipe"
     finally:
         conn.close()
-        os.waitpid(pid, 0)
+        assert _exit_code(pid) == 0, "the peer process failed"
 
 
 def test_fileno_on_a_spinning_connection_moves_it_to_a_sleeping_transport() -> None:
@@ -463,19 +451,12 @@ def test_fileno_on_a_spinning_connection_moves_it_to_a_sleeping_transport() -> N
     conn, pending = fable.open_pair("mempipe-spin")
     old = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpus[0]})
-    pid = os.fork()
-    if pid == 0:
-        code = 3
-        try:
-            os.sched_setaffinity(0, {cpus[1]})  # the two spinning ends apart
-            peer = pending.open()
-            for m in peer:
-                peer.send(m)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        os._exit(code)
-    pending.close()
+
+    def echo_on_the_other_cpu(peer: Any) -> None:
+        os.sched_setaffinity(0, {cpus[1]})  # the two spinning ends apart
+        _echo(peer)
+
+    pid = _fork_peer(pending, echo_on_the_other_cpu)
     sel = selectors.DefaultSelector()
     try:
         conn.send(b"before")  # in flight on mempipe-spin when fileno() is asked for
@@ -498,5 +479,5 @@ def test_fileno_on_a_spinning_connection_moves_it_to_a_sleeping_transport() -> N
         sel.close()
         conn.close()
         os.sched_setaffinity(0, old)
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+        code = _exit_code(pid)
+    assert code == 0

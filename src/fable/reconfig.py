@@ -186,8 +186,10 @@ class Switcher:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise Timeout("the peer did not answer the reconfiguration in time")
-            with contextlib.suppress(OSError, ValueError):
-                select.select([self.ch.sock], [], [], min(0.05, left) if left else 0.05)
+            # The control thread watches the setup channel too and may take the answer first
+            # (then it sets ``done``): wait on the event, and look at the channel now and then
+            # in case no control thread does.
+            prop.done.wait(min(0.01, left) if left is not None else 0.01)
         if prop.error is not None:
             raise FableError(f"the peer refused to switch: {prop.error}")
 
