@@ -3,13 +3,14 @@
     X (asks: conn.reconfigure)                  Y
     ------------------------------------------  ------------------------------------------
     create epoch e+1, open X's end
-    setup: PROPOSE(e+1, transport, safe,  ──►   noticed by the watcher thread, or by any call
+    setup: PROPOSE(e+1, transport, safe,  ──►   noticed by the control thread, or by any call
            params) + fds                        that reads the setup channel; Y opens its end
     (X keeps writing on epoch e)          ◄──   setup: ACCEPT(e+1)    (or REFUSE(e+1, why): the
                                                  connection stays on epoch e)
-                                                Y's next write: END(e) in band on e, then every
-    X's next write after ACCEPT: END(e) in      write goes to e+1
-    band on e, then every write goes to e+1
+                                                Y's next write (or its control thread, if Y
+    X's next write after ACCEPT (or X's         is not writing): END(e) in band on e, then
+    control thread): END(e) in band on e,       every write goes to e+1
+    then every write goes to e+1
     each reader: reads e up to the peer's END(e), then e+1 (a message never straddles epochs:
     END is written between whole messages, after every write buffer of e is committed)
     each side, once it wrote END(e) and read the peer's: setup: DONE(e)
@@ -26,6 +27,11 @@
   epoch e stay valid: release them any time.
 - Until the first reconfiguration a connection's hot methods are bound straight to its
   transport; the switch rebinds them (writes through a wrapper until the write switch is done).
+  A method the application looked up before the switch still works: after END (writes) or the
+  peer's END (reads) the old path forwards the call to the connection's current one.
+- ``fileno()`` is an epoll fd of the connection's own that follows the path being read.
+- Lock order: ``wlock`` (one write switch, and writes while one is pending) before ``lock``
+  (the state here); ``lock`` is never held while waiting for the peer.
 """
 
 from __future__ import annotations
