@@ -220,9 +220,21 @@ class _Iceoryx2(_Adapter):
 
     def send(self, data: bytes, /) -> None:
         n = len(data)
-        sample = self._pub.loan_slice_uninit(n)
-        ctypes.memmove(sample.payload().data_ptr, data, n)
-        sample.assume_init().send()
+        deadline = 0.0
+        while True:
+            sample = self._pub.loan_slice_uninit(n)
+            ctypes.memmove(sample.payload().data_ptr, data, n)
+            if sample.assume_init().send():  # how many subscribers it reached
+                return
+            # None: the subscriber's end of the connection was not set up yet when we last
+            # looked (seen now and then right after the start). Nobody has this message, so
+            # sending it again duplicates nothing.
+            if not deadline:
+                deadline = time.monotonic() + _CONNECT_TIMEOUT_S
+            elif time.monotonic() > deadline:
+                raise TimeoutError("iceoryx2: no subscriber receives what we publish")
+            self._pub.update_connections()
+            os.sched_yield()
 
     def recv(self) -> bytes:
         receive, pause = self._sub.receive, os.sched_yield
