@@ -419,10 +419,11 @@ def test_methods_looked_up_before_a_switch_still_work(a: str) -> None:
     """``send = conn.send`` (or ``conn.send(conn.recv())``, which looks ``send`` up before
     ``recv`` switches) keeps working after the switch, even once the old path is freed."""
     conn, pending = fable.open_pair(a)
-    pid = _echo_child(pending, 5)
+    pid = _echo_child(pending, 6)
     try:
         send, recv = conn.send, conn.recv
         getwritebuf, commit = conn.getwritebuf, conn.commit
+        getreadbuf, release = conn.getreadbuf, conn.release
         send(b"0")
         assert recv(timeout=10) == b"0"
         conn.reconfigure("pipe", timeout=10)
@@ -438,6 +439,13 @@ def test_methods_looked_up_before_a_switch_still_work(a: str) -> None:
             time.sleep(0.01)
         send(b"4")
         assert recv(timeout=10) == b"4"
+        send(b"5")
+        got: list[Any] = []
+        while not got:
+            got = getreadbuf()  # forwarded to the pipe
+        assert [bytes(b.data) for b in got] == [b"5"] and got[0].epoch == 1
+        release(got[0])  # forwarded to the pipe's release
+        assert conn.stats().read_buffers_held == 0
         assert conn.transport == "pipe"
     finally:
         conn.close()

@@ -601,6 +601,7 @@ def _hook(path: DataPath, sw: Switcher) -> None:
     path._on_end = sw.on_end  # type: ignore[attr-defined]
     path._forward = sw.forward  # type: ignore[attr-defined]
     path._read_forward = sw.read_forward  # type: ignore[attr-defined]
+    path._release_forward = sw.release  # type: ignore[attr-defined]
 
 
 _write_codes: dict[type, frozenset[Any]] = {}

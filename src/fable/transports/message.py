@@ -145,6 +145,7 @@ class MessagePath(DataPath):
     # (Switcher.forward, Switcher.read_forward)
     _forward: Callable[..., Any] | None = None
     _read_forward: Callable[..., Any] | None = None
+    _release_forward: Callable[[Buffer], None] | None = None  # Switcher.release
 
     def _after_end(self, name: str, *args: Any, **kwargs: Any) -> Any:
         reading = name in ("recv", "recv_into", "getreadbuf")

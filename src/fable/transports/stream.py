@@ -623,6 +623,10 @@ class StreamPath(MessagePath):
         return out
 
     def release(self, buf: Buffer) -> None:
+        if buf._owner is not self and self._release_forward is not None:
+            # a release looked up before a switch, given a buffer of another epoch
+            self._release_forward(buf)
+            return
         pin = self._take_read(buf)
         if isinstance(pin, list):
             pin[0] -= 1
