@@ -489,3 +489,54 @@ def test_fileno_on_a_spinning_connection_moves_it_to_a_sleeping_transport() -> N
         os.sched_setaffinity(0, old)
         code = _exit_code(pid)
     assert code == 0
+
+
+def test_an_end_that_waits_for_a_slow_reader_does_not_hold_up_other_connections() -> None:
+    """Connection 1's peer stops reading with its pipe full, then asks for a switch: this
+    side's END must wait for room, on a thread of its own. Meanwhile connection 2's peer asks
+    for a switch, and this process's control thread must still answer it (this side reads
+    neither connection meanwhile: nothing else would)."""
+    c1, p1 = fable.open_pair("mempipe-futex")
+    c2, p2 = fable.open_pair("unix")
+    go_r, go_w = os.pipe()
+    res_r, res_w = os.pipe()
+
+    def peer(side1: Any) -> int:
+        side2 = p2.open()
+        os.read(go_r, 1)  # the parent filled connection 1
+        side1.reconfigure("unix", timeout=10)  # accepted; the parent's END finds no room
+        try:
+            side2.reconfigure("mempipe-futex", timeout=5)  # must be answered all the same
+        except fable.Timeout:
+            return 5
+        os.write(res_w, b"k")
+        n = 0
+        while side1.recv(timeout=10) != b"last":  # now drain connection 1: its END goes in
+            n += 1
+        return 0 if n > 0 else 6
+
+    pid = _fork_peer(p1, peer)
+    p2.close()
+    try:
+        for size in (65536, 4096, 256, 16, 0):  # the ring full to the last byte
+            while True:
+                try:
+                    c1.send(b"x" * size, timeout=0)
+                except fable.WouldBlock:
+                    break
+        os.write(go_w, b"g")
+        assert select.select([res_r], [], [], 20)[0], "connection 2's switch was not answered"
+        assert os.read(res_r, 1) == b"k"
+        c1.send(b"last")  # after the pending END: on unix once the peer drained the ring
+        assert c2.transport == "mempipe-futex"
+        deadline = time.monotonic() + 20
+        while c1._switcher.tx.transport != "unix":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        for fd in (go_r, go_w, res_r, res_w):
+            os.close(fd)
+        c1.close()
+        c2.close()
+        code = _exit_code(pid)
+    assert code == 0

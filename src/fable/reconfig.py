@@ -109,6 +109,7 @@ class Switcher:
         self._ep: select.epoll | None = None  # fileno(): follows the path being read
         self._ep_src = -1  # the fd registered in _ep (the read head's own fileno)
         self._kick = -1  # an always-readable eventfd in _ep while the head spins (see below)
+        self._ender: threading.Thread | None = None  # idle_switch's thread, while it runs
         # the application named the transport (open_pair, connect(transport=...)): fileno()
         # on a spinning connection raises instead of moving it (Connection.fileno)
         self.forced = True
@@ -340,15 +341,33 @@ class Switcher:
         old path, spinning, and both ends' resources, until its next write). Only when no
         write is under way: ``wlock`` free, no write buffer held, no thread inside a write
         method of the old path (a write that looked the method up before the switch and
-        calls it later is forwarded by the path, after its END, to the next one)."""
-        if not self.tx_pending or not self.wlock.acquire(blocking=False):
+        calls it later is forwarded by the path, after its END, to the next one). END is
+        written on a thread of its own: it may wait for the peer to read, and the control
+        thread serves every connection of the process."""
+        if not self.tx_pending or (self._ender is not None and self._ender.is_alive()):
             return
+        if self._idle() is not None:
+            self._ender = threading.Thread(target=self._end_idle, name="fable-end", daemon=True)
+            self._ender.start()
+
+    def _idle(self) -> DataPath | None:
+        """The path to end if this side is not writing now (the caller holds the GIL)."""
+        if not self.tx_pending or not self.wlock.acquire(blocking=False):
+            return None
         try:
             old = self.tx
-            if self.tx_pending and not _write_buffers_held(old) and not _writing_on(old):
-                self.switch_writes()
+            if not self.tx_pending or _write_buffers_held(old) or _writing_on(old):
+                return None
+            return old
         finally:
             self.wlock.release()
+
+    def _end_idle(self) -> None:
+        with self.wlock:  # the application may have started writing meanwhile: look again
+            if self._idle() is None:
+                return
+            with contextlib.suppress(Exception):  # a failed END fails the path: its
+                self.switch_writes()  # application hears of it at its next call
 
     def switch_writes(self, force: bool = False, linger: float | None = None) -> None:
         """END(e) on the old path and writes to the next one (through every agreed epoch),
