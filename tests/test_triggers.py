@@ -388,6 +388,7 @@ def _check_top(pair: Pair, f: dict[str, Any]) -> None:
         assert text in out, (text, out)
     row = next(line for line in out.splitlines() if str(pair.id) in line)
     assert "mempipe-spin -> " + f["transport"] in row
+    assert row.count("@cpu0 pinned 0") == 2  # both ends, where the operator put them
     from fable.transports import REGISTRY
 
     assert REGISTRY[f["transport"]].caps.wait in row

@@ -174,7 +174,8 @@ def top(interval: float, once: bool) -> None:
             return f"the daemon did not answer: {e}"
         if reply is None:
             return "no daemon is running"
-        return top_table(reply["flows"], time.time())
+        eps = (one_shot("ls") or {}).get("endpoints", [])
+        return top_table(reply["flows"], time.time(), {e["name"]: e for e in eps})
 
     console = Console()
     if once:
@@ -196,8 +197,24 @@ def _si(v: float, unit: str) -> str:
     return f"{v:.0f} {unit}"
 
 
-def top_table(flows: list[dict[str, Any]], now: float) -> Any:
-    """The `fable top` table for the daemon's flow records."""
+def _where(name: str, endpoints: dict[str, dict[str, Any]]) -> str:
+    """``name@cpuN``, the CPU its I/O thread last ran on, and ``pinned N`` (or ``pinned k
+    CPUs``) when its affinity is narrower than the machine."""
+    ep = endpoints.get(name)
+    if ep is None or ep.get("cpu", -1) < 0:
+        return name
+    aff = ep.get("affinity") or []
+    pinned = ""
+    if aff and len(aff) < (os.cpu_count() or 0):
+        pinned = f" pinned {aff[0]}" if len(aff) == 1 else f" pinned {len(aff)} CPUs"
+    return f"{name}@cpu{ep['cpu']}{pinned}"
+
+
+def top_table(
+    flows: list[dict[str, Any]], now: float, endpoints: dict[str, dict[str, Any]] | None = None
+) -> Any:
+    """The `fable top` table for the daemon's flow records (``endpoints``: `fable ls`'s, by
+    name, to show where each end runs)."""
     from rich.table import Table
 
     from fable.transports import REGISTRY
@@ -221,7 +238,7 @@ def top_table(flows: list[dict[str, Any]], now: float) -> Any:
             switch += " [held by the operator]"
         t.add_row(
             str(f["id"]),
-            " <-> ".join(f["ends"]),
+            " <-> ".join(_where(n, endpoints or {}) for n in f["ends"]),
             f["transport"],
             "/".join("safe" if x else "unsafe" for x in f["safe"]),
             str(f["epoch"]),
