@@ -357,3 +357,20 @@ def test_the_coschedule_scenario(tmp_path: Path) -> None:
     assert on["before_us"] is not None and on["after_us"] is not None
     assert off["switch_ms"] is None and off["final_transport"] == "mempipe-spin"
     assert len(on["timeline"]) == len(off["timeline"]) == 24
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_switch_scenario(tmp_path: Path) -> None:
+    """`fable bench --scenario switch`: a time for every ordered pair of transports."""
+    from click.testing import CliRunner
+
+    from fable.cli import main
+    from fable.transports import REGISTRY
+
+    out = tmp_path / "switch.json"
+    r = CliRunner().invoke(main, ["bench", "--scenario", "switch", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())["ms"]
+    assert {(x["from"], x["to"]) for x in rows} == {(a, b) for a in REGISTRY for b in REGISTRY}
+    assert all(0 < x["ms"] < 10_000 for x in rows)

@@ -567,10 +567,11 @@ def _run_points(points: list[Any], topo: Any, rounds: int = 1, **opts: Any) -> l
 )
 @click.option(
     "--scenario",
-    type=click.Choice(["coschedule"]),
+    type=click.Choice(["coschedule", "switch"]),
     default=None,
     help="instead of the grid: coschedule = a ping-pong on mempipe-spin whose two processes "
-    "are pinned to one CPU midway, with the daemon's triggers on and then off",
+    "are pinned to one CPU midway, with the daemon's triggers on and then off; switch = the "
+    "time of a live reconfiguration for every ordered pair of transports",
 )
 @click.option(
     "--duration",
@@ -729,8 +730,11 @@ def _scenario(name: str, pairs: str | None, duration: float, json_path: str | No
     chosen = _pairs(pairs, topo.cpus) if pairs else []
     cpus = chosen[0] if chosen else (topo.cpus[0], topo.cpus[1] if len(topo.cpus) > 1 else -1)
     if cpus[1] < 0 or cpus[0] == cpus[1]:
-        raise click.ClickException("the coschedule scenario needs two different CPUs (--pairs A:B)")
+        raise click.ClickException(f"the {name} scenario needs two different CPUs (--pairs A:B)")
     console = Console()
+    if name == "switch":
+        _switch_scenario(console, (int(cpus[0]), int(cpus[1])), json_path)
+        return
     console.print(
         f"coschedule: 64 B ping-pong over mempipe-spin, CPUs {cpus[0]} and {cpus[1]}; both "
         f"pinned to CPU {cpus[0]} after {duration / 2:g} s ({name}, triggers on, then off)"
@@ -768,6 +772,41 @@ def _scenario(name: str, pairs: str | None, duration: float, json_path: str | No
             console.print(f"switch: {r['last_switch']['reason']}")
     if json_path:
         doc = {"scenario": name, "machine": machine_info(), "cpus": list(cpus), "runs": runs}
+        with open(json_path, "w") as f:
+            json.dump(doc, f, indent=1)
+
+
+def _switch_scenario(console: Any, cpus: tuple[int, int], json_path: str | None) -> None:
+    import json
+    import statistics
+
+    from rich.table import Table
+
+    from fable.bench.harness import machine_info
+    from fable.bench.scenario import switch_times
+    from fable.transports import REGISTRY
+
+    console.print(
+        f"switch: conn.reconfigure(B) to the first message echoed over B, ms (median of 3); "
+        f"this process on CPU {cpus[0]}, the echo on CPU {cpus[1]}"
+    )
+    ms = switch_times(cpus)
+    t = Table(title="from (row) to (column), ms")
+    t.add_column("from \\ to")
+    for b in REGISTRY:
+        t.add_column(b, justify="right")
+    for a in REGISTRY:
+        t.add_row(a, *(f"{ms[(a, b)]:.2f}" for b in REGISTRY))
+    console.print(t)
+    v = sorted(ms.values())
+    console.print(f"median {statistics.median(v):.2f} ms, min {v[0]:.2f}, max {v[-1]:.2f}")
+    if json_path:
+        doc = {
+            "scenario": "switch",
+            "machine": machine_info(),
+            "cpus": list(cpus),
+            "ms": [{"from": a, "to": b, "ms": round(x, 3)} for (a, b), x in ms.items()],
+        }
         with open(json_path, "w") as f:
             json.dump(doc, f, indent=1)
 

@@ -129,12 +129,12 @@ class Switcher:
         while True:  # one request at a time: wait for the peer's answer to the previous one
             with self.lock:
                 self.pump()
-                if self.proposal is None:
+                prev = self.proposal
+                if prev is None:
                     break
             if not wait or (deadline is not None and time.monotonic() > deadline):
                 raise FableError("a reconfiguration of this connection is in progress")
-            with contextlib.suppress(OSError, ValueError):
-                select.select([self.ch.sock], [], [], 0.01)
+            prev.done.wait(0.01)  # set by whoever reads the answer (see wait)
         with self.lock:
             if self.proposal is not None:
                 raise FableError("a reconfiguration of this connection is in progress")
@@ -417,7 +417,7 @@ class Switcher:
             if len(self.rx) < 2 or self.rx[0] is not path:
                 return None
             self.rx.pop(0)
-            path._rended = True  # type: ignore[attr-defined]
+            path._end_reads()  # type: ignore[attr-defined]
             nxt = self.rx[0]
             self._repoint(nxt)
             conn = self._conn()

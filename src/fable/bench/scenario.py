@@ -1,4 +1,5 @@
-"""``fable bench --scenario coschedule``: what the placement trigger buys (daemon/triggers.py).
+"""``fable bench --scenario coschedule``: what the placement trigger buys (daemon/triggers.py);
+``--scenario switch``: how long a live reconfiguration takes, per ordered pair of transports.
 
 Two processes, pinned to two CPUs, register with a daemon of the bench's own and ping-pong
 64 B messages over mempipe-spin (forced at connect: the initial choice, not an operator hold;
@@ -24,7 +25,7 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["coschedule", "pin_process"]
+__all__ = ["coschedule", "pin_process", "switch_times"]
 
 SIZE = 64
 
@@ -206,3 +207,54 @@ def _summarize(
 def coschedule(cpus: tuple[int, int], duration: float = 6.0) -> list[dict[str, Any]]:
     """The scenario with triggers on, then off (module docstring)."""
     return [_run_once(cpus, duration, True), _run_once(cpus, duration, False)]
+
+
+def switch_times(cpus: tuple[int, int], repeats: int = 3) -> dict[tuple[str, str], float]:
+    """Milliseconds from ``conn.reconfigure(b)`` on a connection over ``a`` to the first message
+    echoed back over ``b`` (median of ``repeats``), for every ordered pair of transports; this
+    process on ``cpus[0]``, a forked echo process on ``cpus[1]``, both trusting (every form)."""
+    import fable
+    from fable.transports import REGISTRY
+
+    def form(name: str) -> bool:
+        return REGISTRY[name].caps.forms[0]
+
+    def echo(peer: Any) -> None:
+        os.sched_setaffinity(0, {cpus[1]})
+        peer._switcher.trusted = True
+        with contextlib.suppress(fable.ConnectionClosed):
+            for m in peer:
+                peer.send(m)
+
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus[0]})
+    out: dict[tuple[str, str], float] = {}
+    try:
+        for a in REGISTRY:
+            for b in REGISTRY:
+                conn, pending = fable.open_pair(a, safe=form(a))
+                conn._switcher.trusted = True
+                pid = _child(lambda p=pending: echo(p.open()))
+                pending.close()
+                times = []
+                try:
+                    cur = a
+                    for _ in range(2 * repeats):  # a -> b, then back, so that each is timed
+                        for _ in range(20):
+                            conn.send(b"x")
+                            conn.recv(timeout=10)
+                        nxt = b if cur == a else a
+                        t0 = time.perf_counter()
+                        conn.reconfigure(nxt, safe=form(nxt), timeout=10)
+                        conn.send(b"first")
+                        if conn.recv(timeout=10) != b"first":
+                            raise RuntimeError(f"{a} -> {b}: the echo came back wrong")
+                        times.append(time.perf_counter() - t0)
+                        cur = nxt
+                finally:
+                    conn.close()
+                    os.waitpid(pid, 0)
+                out[(a, b)] = statistics.median(times[0::2]) * 1e3
+    finally:
+        os.sched_setaffinity(0, old)
+    return out

@@ -212,9 +212,8 @@ class RingPath(MessagePath):
 
     # ================================================================= writing
     def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             return list(self._after_end("getwritebuf", size, timeout))
-        self._check()
         if size < 0 or size > self.max_write:
             raise ValueError(
                 f"size must be in 0..{self.max_write} (commit larger messages in parts, more=True)"
@@ -243,7 +242,7 @@ class RingPath(MessagePath):
     def commit(
         self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
     ) -> None:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             self._after_end("commit", bufs, nbytes, flush=flush, more=more)
             return
         claim, sent = self._take_claim(bufs, nbytes)
@@ -264,7 +263,7 @@ class RingPath(MessagePath):
             self._tx.publish()
 
     def abort(self, bufs: Iterable[Buffer]) -> None:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             self._after_end("abort", bufs)
             return
         for claim in self._take_aborted(bufs):
@@ -276,10 +275,9 @@ class RingPath(MessagePath):
         """Publish committed records (a ring never waits here), and report a reader that closed
         or died before reading them: writes into a ring succeed while it has room, with no
         system call, so this is where a writer learns that they will not be read."""
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             self._after_end("flush", timeout)
             return
-        self._check()
         self._tx.publish()
         state = self._peer_state()
         if state is not None and self._tx.free() < self._tx.capacity:
@@ -293,10 +291,9 @@ class RingPath(MessagePath):
         self, data: bytes | bytearray | memoryview, timeout: float | None = None
     ) -> None:
         """One message of any size: records of at most max_fragment, waiting for room."""
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             self._after_end("send", data, timeout)
             return
-        self._check()
         mv = memoryview(data).cast("B")
         n = len(mv)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -316,9 +313,8 @@ class RingPath(MessagePath):
     def send_many(
         self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
     ) -> int:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             return int(self._after_end("send_many", msgs, timeout))
-        self._check()
         items = msgs if isinstance(msgs, list) else list(msgs)
         deadline = None if timeout is None else time.monotonic() + timeout
         count = 0
@@ -367,7 +363,7 @@ class RingPath(MessagePath):
             self._wait(self._rx, 0, deadline, timeout)
 
     def getreadbuf(self) -> list[Buffer]:
-        if self._rended:
+        if self._dead and self._ended(writing=False):
             return list(self._after_end("getreadbuf"))
         out = self._start_getreadbuf()
         if self._armed:
@@ -424,10 +420,6 @@ class RingPath(MessagePath):
         return out
 
     def release(self, buf: Buffer) -> None:
-        if buf._owner is not self and self._release_forward is not None:
-            # a release looked up before a switch, given a buffer of another epoch
-            self._release_forward(buf)
-            return
         token = self._take_read(buf)
         if isinstance(token, tuple):
             self._pinned -= token[1]

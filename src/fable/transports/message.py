@@ -139,13 +139,34 @@ class MessagePath(DataPath):
         self._wended = True
         self._dead = True
         self._state_changed()
+        self._write_close(linger)
+
+    def _write_close(self, linger: float | None) -> None:
+        """The writing half of ``_say_goodbye``: the in-band close after what is committed
+        (a transport whose goodbye also touches reading state overrides this)."""
         self._say_goodbye(linger)
+
+    def _end_reads(self) -> None:
+        """The peer's END of this epoch was read (live reconfiguration): every later read on
+        this path (a method looked up before the switch) goes to the connection's next path."""
+        self._rended = True
+        self._dead = True
+        self._state_changed()
+
+    def _ended(self, writing: bool) -> bool:
+        """The slow half of every public method's ``_dead`` gate: True when this path's writes
+        (``writing``) or reads ended in a live reconfiguration (the caller hands the call to
+        ``_after_end``); otherwise raise as ``_check`` does, or return False."""
+        if self._wended if writing else self._rended:
+            return True
+        self._check()
+        return False
 
     # set by the reconfiguration: where writes after END go, and reads after the peer's END
     # (Switcher.forward, Switcher.read_forward)
     _forward: Callable[..., Any] | None = None
     _read_forward: Callable[..., Any] | None = None
-    _release_forward: Callable[[Buffer], None] | None = None  # Switcher.release
+    _release_forward: Callable[[Buffer], None] | None = None  # Switcher.release, see _take_read
 
     def _after_end(self, name: str, *args: Any, **kwargs: Any) -> Any:
         reading = name in ("recv", "recv_into", "getreadbuf")
@@ -295,10 +316,9 @@ class MessagePath(DataPath):
             return None
         return self._on_end(self)
 
-    def _recv_slow(self, timeout: float | None = None) -> bytes:
-        if self._rended:  # a recv looked up before a switch: the connection reads elsewhere
-            return bytes(self._after_end("recv", timeout))
-        self._check()
+    def _gather_here(self, timeout: float | None) -> DataPath | None:
+        """Gather the next whole message into the stash, or return the path the peer's messages
+        continue on when this one ended (a live reconfiguration)."""
         self._not_mid_message()
         try:
             self._gather(timeout)
@@ -306,6 +326,14 @@ class MessagePath(DataPath):
             nxt = self._successor()
             if nxt is None:
                 raise
+            return nxt
+        return None
+
+    def _recv_slow(self, timeout: float | None = None) -> bytes:
+        if self._dead and self._ended(writing=False):  # a recv looked up before a switch
+            return bytes(self._after_end("recv", timeout))
+        nxt = self._gather_here(timeout)
+        if nxt is not None:
             return nxt.recv(timeout)
         parts, self._stash = self._stash, []
         self._state_changed()
@@ -315,16 +343,10 @@ class MessagePath(DataPath):
         return data
 
     def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
-        if self._rended:
+        if self._dead and self._ended(writing=False):
             return int(self._after_end("recv_into", buf, timeout))
-        self._check()
-        self._not_mid_message()
-        try:
-            self._gather(timeout)
-        except ConnectionClosed:
-            nxt = self._successor()
-            if nxt is None:
-                raise
+        nxt = self._gather_here(timeout)
+        if nxt is not None:
             return nxt.recv_into(buf, timeout)
         total = sum(len(p) for p, _ in self._stash)
         out = memoryview(buf).cast("B")
@@ -361,7 +383,14 @@ class MessagePath(DataPath):
         """Release's half: the read buffer is dead and its view released (a reference the
         application saved stops working too); returns the buffer's token."""
         view = buf._data
-        token = buf._take(self)
+        try:
+            token = buf._take(self)
+        except DeadBuffer:
+            fwd = self._release_forward
+            if buf._owner is self or fwd is None:
+                raise
+            fwd(buf)  # a release looked up before a switch, given a buffer of another epoch
+            return None  # no token: the caller has nothing more to do
         self._held -= 1
         if view is not None:
             try:

@@ -398,9 +398,8 @@ class ShmemPipePath(MessagePath):
         self._check()
 
     def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             return list(self._after_end("getwritebuf", size, timeout))
-        self._check()
         if size < 0 or size > self.max_write:
             raise ValueError(
                 f"size must be in 0..{self.max_write} (commit larger messages in parts, more=True)"
@@ -425,7 +424,7 @@ class ShmemPipePath(MessagePath):
     def commit(
         self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
     ) -> None:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             self._after_end("commit", bufs, nbytes, flush=flush, more=more)
             return
         claim, carried = self._take_claim(bufs, nbytes)
@@ -457,7 +456,7 @@ class ShmemPipePath(MessagePath):
                     self._describe(off, used, flags)
 
     def abort(self, bufs: Iterable[Buffer]) -> None:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             self._after_end("abort", bufs)
             return
         claims = self._take_aborted(bufs)
@@ -469,18 +468,16 @@ class ShmemPipePath(MessagePath):
             self._advance()
 
     def flush(self, timeout: float | None = None) -> None:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             self._after_end("flush", timeout)
             return
-        self._check()
         self._advance()
         self._flush_out(deadline_of(timeout), timeout)
 
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             self._after_end("send", data, timeout)
             return
-        self._check()
         self._put(data, deadline_of(timeout), timeout)
         self._flush_out(None, None)
 
@@ -506,9 +503,8 @@ class ShmemPipePath(MessagePath):
     def send_many(
         self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
     ) -> int:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             return int(self._after_end("send_many", msgs, timeout))
-        self._check()
         deadline = deadline_of(timeout)
         count = 0
         ext = self._extents
@@ -680,7 +676,7 @@ class ShmemPipePath(MessagePath):
         return self._recv_slow(timeout)
 
     def getreadbuf(self) -> list[Buffer]:
-        if self._rended:
+        if self._dead and self._ended(writing=False):
             return list(self._after_end("getreadbuf"))
         out = self._start_getreadbuf()
         while self._held < self._read_limit:
@@ -718,10 +714,6 @@ class ShmemPipePath(MessagePath):
         return out
 
     def release(self, buf: Buffer) -> None:
-        if buf._owner is not self and self._release_forward is not None:
-            # a release looked up before a switch, given a buffer of another epoch
-            self._release_forward(buf)
-            return
         token = self._take_read(buf)
         if isinstance(token, tuple):
             off, n = token
@@ -749,12 +741,9 @@ class ShmemPipePath(MessagePath):
 
     def _say_goodbye(self, linger: float | None) -> None:
         self._return_now()
-        self._end_writes(linger)
+        self._write_close(linger)
 
-    def _end_writes(self, linger: float | None) -> None:
-        self._wended = True  # see MessagePath._end_writes
-        self._dead = True
-        self._state_changed()
+    def _write_close(self, linger: float | None) -> None:
         self._claims = deque(c for c in self._claims if c.committed)
         self._advance()
         self._describe(0, 0, F_CLOSE)

@@ -275,16 +275,14 @@ class StreamPath(MessagePath):
                 time.sleep(0.001)
 
     def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             return list(self._after_end("getwritebuf", size, timeout))
-        self._check()
         if size < 0 or size > self.max_write:
             raise ValueError(
                 f"size must be in 0..{self.max_write} (commit larger messages in parts, more=True)"
             )
         nframes = max(1, -(-size // FRAGMENT))
         need = size + nframes * HDR
-        self._check()
         self._claim(need, deadline_of(timeout), timeout)
         claim = _Claim(need)
         views = []
@@ -302,7 +300,7 @@ class StreamPath(MessagePath):
     def commit(
         self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
     ) -> None:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             self._after_end("commit", bufs, nbytes, flush=flush, more=more)
             return
         claim, sent = self._take_claim(bufs, nbytes)
@@ -321,7 +319,7 @@ class StreamPath(MessagePath):
                 self._drain(None)
 
     def abort(self, bufs: Iterable[Buffer]) -> None:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             self._after_end("abort", bufs)
             return
         claims = self._take_aborted(bufs)
@@ -399,10 +397,9 @@ class StreamPath(MessagePath):
         return True
 
     def flush(self, timeout: float | None = None) -> None:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             self._after_end("flush", timeout)
             return
-        self._check()
         self._advance()
         self._drain(deadline_of(timeout), timeout)
 
@@ -427,7 +424,7 @@ class StreamPath(MessagePath):
             or (type(data) is memoryview and data.itemsize != 1)
             or (timeout is not None and not self._kernel_takes(HDR + n))
         ):
-            if self._wended:
+            if self._dead and self._ended(writing=True):
                 self._after_end("send", data, timeout)
                 return
             self._send_in_parts(data, timeout)
@@ -458,9 +455,8 @@ class StreamPath(MessagePath):
     def send_many(
         self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
     ) -> int:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             return int(self._after_end("send_many", msgs, timeout))
-        self._check()
         epoch = self.epoch
         deadline = deadline_of(timeout)
         count = 0
@@ -593,7 +589,7 @@ class StreamPath(MessagePath):
         return self._recv_slow(timeout)
 
     def getreadbuf(self) -> list[Buffer]:
-        if self._rended:
+        if self._dead and self._ended(writing=False):
             return list(self._after_end("getreadbuf"))
         out = self._start_getreadbuf()
         if self._queue:
@@ -623,10 +619,6 @@ class StreamPath(MessagePath):
         return out
 
     def release(self, buf: Buffer) -> None:
-        if buf._owner is not self and self._release_forward is not None:
-            # a release looked up before a switch, given a buffer of another epoch
-            self._release_forward(buf)
-            return
         pin = self._take_read(buf)
         if isinstance(pin, list):
             pin[0] -= 1

@@ -268,7 +268,7 @@ class VmsplicePath(StreamPath):
             or (timeout is not None and not self._kernel_takes(HDR + n))
             or not self._room(HDR + n)
         ):
-            if self._wended:
+            if self._dead and self._ended(writing=True):
                 self._after_end("send", data, timeout)
                 return
             self._send_in_parts(data, timeout)
@@ -279,9 +279,8 @@ class VmsplicePath(StreamPath):
     def send_many(
         self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
     ) -> int:
-        if self._wended:
+        if self._dead and self._ended(writing=True):
             return int(self._after_end("send_many", msgs, timeout))
-        self._check()
         deadline = deadline_of(timeout)
         count = 0
         try:
