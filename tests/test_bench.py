@@ -13,7 +13,8 @@ import psutil
 import pytest
 
 from fable.bench import _native
-from fable.bench.harness import FableLink, Point, run_point
+from fable.bench.harness import run_point
+from fable.bench.links import FableLink, Point
 from fable.bench.plot import write_all
 from fable.bench.report import Summary, compare_table, markdown, results_table
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fable.bench.harness import Point, run_point
+from fable.bench.harness import run_point
+from fable.bench.links import Point
 from fable.cli import main
 
 

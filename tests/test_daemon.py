@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import fable
 from fable.cli import main
 from fable.client import one_shot
-from fable.daemon.protocol import PROTOCOL_VERSION, check_name
+from fable.nameservice import PROTOCOL_VERSION, check_name
 from helpers import (
     Child,
     ask,

@@ -51,10 +51,10 @@ def _open(
 ) -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     body = json.dumps(
-        {"v": 1, "op": "hello", "transport": transport, "safe": safe, "params": params}
+        {"v": 2, "op": "hello", "transport": transport, "safe": safe, "params": params}
     ).encode()
     a.sendmsg(
-        [struct.pack("<I", len(body)) + body],
+        [struct.pack(">I", len(body)) + body],
         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))],
     )
     for fd in fds:
@@ -219,8 +219,8 @@ def test_truncated_hello(cut: int) -> None:
     """A hello cut short (the peer hangs up mid-record) is refused; its fds are not kept."""
     before = open_fds()
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    body = json.dumps({"v": 1, "op": "hello", "transport": "shmem-pipe", "safe": True}).encode()
-    record = struct.pack("<I", len(body)) + body
+    body = json.dumps({"v": 2, "op": "hello", "transport": "shmem-pipe", "safe": True}).encode()
+    record = struct.pack(">I", len(body)) + body
     fd = _shm()
     a.sendmsg([record[:cut]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
     os.close(fd)

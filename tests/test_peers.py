@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from fable.bench.harness import Point, run_point
+from fable.bench.harness import run_point
+from fable.bench.links import Point
 from fable.bench.peers import PEERS, PeerMissing, missing, peer_link
 
 

@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 
 import fable.config
-from fable.bench.harness import machine_info
-from fable.bench.topology import Topology
 from fable.policy import Facts, Table, load_table, rank
+from fable.topology import Topology, machine_info
 from fable.transports import REGISTRY
 from helpers import Child, ask, names, start_daemon, stop, wait_for
 

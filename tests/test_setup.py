@@ -55,7 +55,7 @@ def _hostile_end(
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     if raw is None:
         raw = json.dumps(record).encode()
-        raw = struct.pack("<I", len(raw)) + raw
+        raw = struct.pack(">I", len(raw)) + raw
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
     a.sendmsg([raw], anc)
     a.close()
@@ -66,12 +66,12 @@ def _hostile_end(
     ("record", "match"),
     [
         ({"v": 99, "op": "hello"}, "version"),
-        ({"v": 1, "op": "bye"}, "expected a hello"),
-        ({"v": 1, "op": "hello", "transport": "nope", "safe": True, "params": {}}, "unknown"),
-        ({"v": 1, "op": "hello", "transport": "unix", "safe": "yes", "params": {}}, "malformed"),
-        ({"v": 1, "op": "hello", "transport": "unix", "safe": False, "params": {}}, "no unsafe"),
-        ({"v": 1, "op": "hello", "transport": "unix", "safe": True, "params": {}}, "expected 1 fd"),
-        ([1, 2, 3], "version"),
+        ({"v": 2, "op": "bye"}, "expected a hello"),
+        ({"v": 2, "op": "hello", "transport": "nope", "safe": True, "params": {}}, "unknown"),
+        ({"v": 2, "op": "hello", "transport": "unix", "safe": "yes", "params": {}}, "malformed"),
+        ({"v": 2, "op": "hello", "transport": "unix", "safe": False, "params": {}}, "no unsafe"),
+        ({"v": 2, "op": "hello", "transport": "unix", "safe": True, "params": {}}, "expected 1 fd"),
+        ([1, 2, 3], "not a JSON object"),
     ],
 )
 def test_hostile_hello(record: object, match: str) -> None:
@@ -83,7 +83,7 @@ def test_hostile_hello(record: object, match: str) -> None:
 
 def test_hostile_fds_are_checked_and_closed() -> None:
     before = open_fds()
-    hello = {"v": 1, "op": "hello", "safe": True, "params": {}}
+    hello = {"v": 2, "op": "hello", "safe": True, "params": {}}
     r, w = os.pipe()
     # a pipe where a socket is expected
     with pytest.raises(ProtocolError, match="not a socket"):
@@ -115,8 +115,8 @@ def test_hostile_fds_are_checked_and_closed() -> None:
     [
         b"",
         b"\x05\x00",
-        struct.pack("<I", 1 << 30),
-        struct.pack("<I", 10) + b"{not json}",
+        struct.pack(">I", 1 << 30),
+        struct.pack(">I", 10) + b"{not json}",
         b"\xff" * 9,
     ],
 )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fable.bench.topology import PLACEMENTS, Topology, parse_cpulist
+from fable.topology import PLACEMENTS, Topology, parse_cpulist
 
 
 def _cpu(root: Path, cpu: int, siblings: str, package: int, caches: dict[int, str]) -> None:

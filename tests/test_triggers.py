@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from fable.bench.topology import Topology
 from fable.daemon.triggers import (
     BUSY_RATE,
     PENDING_S,
@@ -22,6 +21,7 @@ from fable.daemon.triggers import (
     note_asked,
 )
 from fable.policy import Facts, rank
+from fable.topology import Topology
 from test_policy import A0, A1, BOTH, TWO, _table
 
 pytestmark = pytest.mark.timeout(60)
@@ -104,9 +104,15 @@ def test_a_longer_gap_between_reports_trusts_the_new_one_more() -> None:
 
 def test_counters_from_both_ends_add_up() -> None:
     st = FlowState()
+    last: dict[int, tuple[float, int, int]] = {}
+
+    def report(client: int, now: float, msgs: int, nbytes: int) -> None:
+        st.counted(client, last.get(client), (now, msgs, nbytes))
+        last[client] = (now, msgs, nbytes)
+
     for k in range(6):
-        st.counted(1, 1000 * k, 64_000 * k, float(k))  # end 1: 1000 msgs/s
-        st.counted(2, 500 * k, 1_000 * k, k + 0.5)  # end 2: 500 msgs/s
+        report(1, float(k), 1000 * k, 64_000 * k)  # end 1: 1000 msgs/s
+        report(2, k + 0.5, 500 * k, 1_000 * k)  # end 2: 500 msgs/s
     assert 1200 < st.msgs.rate < 1800
     assert st.bytes.rate > 40_000
 

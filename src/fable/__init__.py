@@ -38,8 +38,7 @@ from fable.errors import (
 from fable.poll import xpoll
 from fable.transports import REGISTRY, attach, open_pair
 from fable.transports.base import ConnectionStats
-
-__version__ = "0.1.0"
+from fable.version import __version__
 
 logging.getLogger("fable").addHandler(logging.NullHandler())
 

@@ -79,7 +79,7 @@ def daemon(system: bool, sock: str | None, stop: bool) -> None:
     from pathlib import Path
 
     from fable.config import settings
-    from fable.daemon.protocol import SYSTEM_SOCKET, user_socket
+    from fable.nameservice import SYSTEM_SOCKET, user_socket
 
     env = settings().socket
     path = Path(sock) if sock else SYSTEM_SOCKET if system else Path(env) if env else user_socket()
@@ -352,10 +352,11 @@ def calibrate(repeats: int, target_s: float) -> None:
     """Measure every transport at this machine's placements (about 30 s on 2 vCPUs) and store the
     table the daemon's policy ranks transports with ($FABLE_STATE_DIR/calibration.json; a
     running daemon picks it up at its next connect)."""
-    from fable.bench.harness import SCHEMA_VERSION, Point, machine_info
-    from fable.bench.topology import Topology
-    from fable.daemon.protocol import private_dir
+    from fable.bench.harness import SCHEMA_VERSION
+    from fable.bench.links import Point
+    from fable.nameservice import private_dir
     from fable.policy import SIZES, calibration_path
+    from fable.topology import Topology, machine_info
     from fable.transports import REGISTRY
 
     topo = Topology.read()
@@ -618,16 +619,11 @@ def bench(
         return
     from rich.console import Console
 
-    from fable.bench.harness import (
-        FLOOR,
-        FLOOR_SIZE,
-        SCHEMA_VERSION,
-        Point,
-        machine_info,
-    )
+    from fable.bench.harness import FLOOR, FLOOR_SIZE, SCHEMA_VERSION
+    from fable.bench.links import Point
     from fable.bench.peers import missing
     from fable.bench.report import results_table
-    from fable.bench.topology import Topology
+    from fable.topology import Topology, machine_info
     from fable.transports import REGISTRY
 
     if quick:  # the preset's values, where the command line did not set its own
@@ -722,9 +718,8 @@ def _scenario(name: str, pairs: str | None, duration: float, json_path: str | No
     from rich.console import Console
     from rich.table import Table
 
-    from fable.bench.harness import machine_info
     from fable.bench.scenario import coschedule
-    from fable.bench.topology import Topology
+    from fable.topology import Topology, machine_info
 
     topo = Topology.read()
     chosen = _pairs(pairs, topo.cpus) if pairs else []
@@ -782,8 +777,8 @@ def _switch_scenario(console: Any, cpus: tuple[int, int], json_path: str | None)
 
     from rich.table import Table
 
-    from fable.bench.harness import machine_info
     from fable.bench.scenario import switch_times
+    from fable.topology import machine_info
     from fable.transports import REGISTRY
 
     console.print(

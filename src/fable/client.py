@@ -17,7 +17,6 @@ its socket so that two processes starting at once start one daemon.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import fcntl
 import itertools
@@ -35,18 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fable._wire import FrameReader, close_fds, recv_frame
 from fable.config import settings
-from fable.daemon.protocol import (
-    HEADER,
-    SYSTEM_SOCKET,
-    decode,
-    encode,
-    error_class,
-    frame_length,
-    private_dir,
-    user_socket,
-)
 from fable.errors import DaemonUnavailable, FableError
+from fable.nameservice import CONTROL, SYSTEM_SOCKET, error_class, private_dir, user_socket
+from fable.topology import node_of_cpu, thread_placement
+from fable.version import __version__
 
 __all__ = ["DaemonLink", "link", "socket_path"]
 
@@ -155,7 +148,7 @@ class DaemonLink:
         self.path: Path | None = None
         self.hello: dict[str, Any] = {}
         self.last_error: str = ""  # why the last attempt to reach a daemon failed
-        self._nodes = _node_of_cpu()
+        self._nodes = node_of_cpu()
         self._thread = threading.Thread(target=self._run, name="fable-control", daemon=True)
         self._thread.start()
 
@@ -197,7 +190,7 @@ class DaemonLink:
 
     def _send(self, obj: dict[str, Any]) -> None:
         assert self._sock is not None
-        self._sock.sendall(encode(obj), socket.MSG_NOSIGNAL)
+        self._sock.sendall(CONTROL.encode(obj), socket.MSG_NOSIGNAL)
 
     # ------------------------------------------------------------- state to replay
     def add_name(self, name: str) -> _Name:
@@ -263,13 +256,13 @@ class DaemonLink:
         def call(obj: dict[str, Any]) -> dict[str, Any]:
             return _call(s, next(ids), obj)
 
-        self.hello = call({"op": "hello", "pid": os.getpid(), "lib": _lib_version()})
+        self.hello = call({"op": "hello", "pid": os.getpid(), "lib": __version__})
         if not self.hello.get("ok"):  # e.g. a daemon of another fable version
             raise error_class(self.hello.get("error"))(str(self.hello.get("message")))
         for name, entry in list(self.names.items()):
             if not entry.registered:
                 continue  # its own register request is on its way
-            r = call({"op": "register", "name": name, **endpoint_facts(entry.tid, self._nodes)})
+            r = call({"op": "register", "name": name, **thread_placement(entry.tid, self._nodes)})
             if not r.get("ok"):
                 continue  # taken meanwhile: the name is lost, its listener waits in vain
             if entry.listening:
@@ -314,7 +307,7 @@ class DaemonLink:
         operator's ``taskset``: the daemon's placement trigger wants to know at once)."""
         moved = False
         for n, e in list(self.names.items()):
-            f = endpoint_facts(e.tid, self._nodes)
+            f = thread_placement(e.tid, self._nodes)
             key = (tuple(f["affinity"]), f["node"])
             if self._placed.get(n) != key:
                 self._placed[n] = key
@@ -336,7 +329,7 @@ class DaemonLink:
                             "id": next(self._ids),
                             "flows": self._flow_reports(),
                             "endpoints": [
-                                {"name": n, **endpoint_facts(e.tid, self._nodes)}
+                                {"name": n, **thread_placement(e.tid, self._nodes)}
                                 for n, e in self.names.items()
                             ],
                         }
@@ -389,7 +382,7 @@ class DaemonLink:
 def _call(s: socket.socket, rid: int, obj: dict[str, Any]) -> dict[str, Any]:
     """Send one request on a socket nobody else reads and return its reply (frames with other
     ids, and any fd that comes with them, are dropped)."""
-    s.sendall(encode({**obj, "id": rid}), socket.MSG_NOSIGNAL)
+    s.sendall(CONTROL.encode({**obj, "id": rid}), socket.MSG_NOSIGNAL)
     while True:
         reply, fd = _read_frame(s)
         if fd is not None:
@@ -399,73 +392,10 @@ def _call(s: socket.socket, rid: int, obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_frame(s: socket.socket) -> tuple[dict[str, Any], int | None]:
-    head, fd = _recv(s, HEADER.size, with_fd=True)
-    body, _ = _recv(s, frame_length(head), with_fd=False)
-    return decode(body), fd
-
-
-def _recv(s: socket.socket, n: int, *, with_fd: bool) -> tuple[bytes, int | None]:
-    buf, fd = b"", None
-    while len(buf) < n:
-        if with_fd and not buf:
-            data, anc, _, _ = s.recvmsg(n, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                    for extra in fds[1:]:
-                        os.close(extra)
-                    if fds:
-                        fd = fds[0]
-        else:
-            data = s.recv(n - len(buf))
-        if not data:
-            if fd is not None:
-                os.close(fd)
-            raise EOFError("the daemon closed the connection")
-        buf += data
-    return buf, fd
-
-
-def _node_of_cpu() -> dict[int, int]:
-    """CPU -> NUMA node, from /sys (empty where the kernel has no NUMA information)."""
-    out: dict[int, int] = {}
-    try:
-        from fable.bench.topology import parse_cpulist
-
-        for nd in Path("/sys/devices/system/node").glob("node[0-9]*"):
-            for cpu in parse_cpulist((nd / "cpulist").read_text()):
-                out[cpu] = int(nd.name[4:])
-    except (OSError, ValueError):
-        pass
-    return out
-
-
-def endpoint_facts(tid: int = 0, nodes: dict[int, int] | None = None) -> dict[str, Any]:
-    """What the daemon is told about an endpoint's I/O thread (``tid``; 0: the caller): its
-    CPU affinity, the CPU it runs on now, and that CPU's NUMA node (-1: unknown)."""
-    cpu = _current_cpu(tid)
-    nodes = _node_of_cpu() if nodes is None else nodes
-    try:
-        affinity = sorted(os.sched_getaffinity(tid))
-    except OSError:  # the thread has ended: report the process's
-        affinity = sorted(os.sched_getaffinity(0))
-    return {"affinity": affinity, "cpu": cpu, "node": nodes.get(cpu, -1)}
-
-
-def _current_cpu(tid: int = 0) -> int:
-    path = f"/proc/self/task/{tid}/stat" if tid else "/proc/thread-self/stat"
-    try:
-        with open(path) as f:
-            return int(f.read().rsplit(")", 1)[1].split()[36])
-    except (OSError, ValueError, IndexError):
-        return -1
-
-
-def _lib_version() -> str:
-    from fable import __version__
-
-    return __version__
+    """The next frame from the daemon and the one fd it may carry (extra fds are closed)."""
+    msg, fds = recv_frame(s, FrameReader(CONTROL), None)  # reads this frame and no further
+    close_fds(fds[1:])
+    return msg, (fds[0] if fds else None)
 
 
 _link: DaemonLink | None = None
@@ -504,7 +434,7 @@ def one_shot(op: str, path: Path | None = None, **fields: Any) -> dict[str, Any]
         except OSError:
             return None
         for rid, obj in (
-            (1, {"op": "hello", "pid": os.getpid(), "lib": _lib_version()}),
+            (1, {"op": "hello", "pid": os.getpid(), "lib": __version__}),
             (2, {"op": op, **fields}),
         ):
             reply = _call(s, rid, obj)

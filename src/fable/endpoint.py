@@ -16,10 +16,11 @@ import socket
 import time
 from typing import Any
 
-from fable.client import endpoint_facts, link
+from fable.client import link
 from fable.connection import Connection
-from fable.daemon.protocol import check_name
 from fable.errors import ConnectionClosed, FableError, PeerDied, Timeout, WouldBlock
+from fable.nameservice import check_name
+from fable.topology import thread_placement
 from fable.transports.setup import PendingEnd, initiate
 
 __all__ = ["Context", "Listener", "PlainStream", "register"]
@@ -35,7 +36,7 @@ def register(name: str, *, timeout: float | None = 10.0) -> Context:
     lk = link()
     entry = lk.add_name(bare)
     try:
-        lk.request("register", wait=timeout, name=bare, **endpoint_facts())
+        lk.request("register", wait=timeout, name=bare, **thread_placement())
     except BaseException:
         lk.drop_name(bare)
         raise

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fable.bench.topology import Topology
+from fable.topology import PLACEMENTS, Topology, machine_info
 from fable.transports import REGISTRY
 
 __all__ = [
@@ -131,8 +131,6 @@ def plausible_placements(facts: Facts, topo: Topology | None = None) -> list[str
     for i, x in enumerate(a):
         for y in b[:64] if i < 64 else b[:1]:
             found.add(topo.placement(x, y))
-    from fable.bench.topology import PLACEMENTS
-
     return [p for p in PLACEMENTS if p in found]
 
 
@@ -250,7 +248,5 @@ def facts_for(a: dict[str, Any], b: dict[str, Any], **hints: Any) -> Facts:
 
 def machine_matches(doc: dict[str, Any]) -> bool:
     """Whether a calibration file describes this machine (CPU count and model)."""
-    from fable.bench.harness import machine_info
-
     here, there = machine_info(), doc.get("machine") or {}
     return all(here.get(k) == there.get(k) for k in ("cpus", "cpu_model"))

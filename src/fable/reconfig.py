@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fable._wire import close_fds
 from fable.config import settings
 from fable.errors import DeadBuffer, FableError, PermissionDenied, ProtocolError, Timeout
 from fable.transports.base import ConnectionStats, DataPath, EndSpec
@@ -120,7 +121,6 @@ class Switcher:
         self, transport: str, safe: bool | None, reason: str, wait: bool, timeout: float | None
     ) -> None:
         from fable.transports import REGISTRY
-        from fable.transports.setup import _close_all, _no_form
 
         info = REGISTRY.get(transport)
         if info is None:
@@ -140,8 +140,9 @@ class Switcher:
                 raise FableError("a reconfiguration of this connection is in progress")
             if safe is None:
                 safe = self.newest.safe if self.newest.safe in info.caps.forms else True
-            if safe not in info.caps.forms:
-                raise ValueError(_no_form(transport, safe, info.caps.mutual_trust))
+            why = info.no_form(safe)
+            if why is not None:
+                raise ValueError(why)
             if self._ep is not None and info.caps.spins:
                 raise FableError(
                     f"fileno() of this connection was handed out: {transport} spins and has "
@@ -156,7 +157,7 @@ class Switcher:
             try:
                 path = info.open(local, 0, safe, self.ch, epoch)
             except BaseException:
-                _close_all(remote.fds)
+                close_fds(remote.fds)
                 raise
             try:
                 self.ch.send(
@@ -174,7 +175,7 @@ class Switcher:
                 _teardown(path)
                 raise
             finally:
-                _close_all(remote.fds)
+                close_fds(remote.fds)
             self.proposal = _Proposal(epoch, path, reason)
             self._signal(True)
         if wait:
@@ -226,14 +227,12 @@ class Switcher:
                     raise
 
     def _handle(self, rec: dict[str, Any], fds: list[int]) -> None:
-        from fable.transports.setup import _close_all
-
         op, epoch = rec.get("op"), rec.get("epoch")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            _close_all(fds)
+            close_fds(fds)
             raise ProtocolError(f"reconfiguration record without a valid epoch: {rec!r:.200}")
         if op != PROPOSE:
-            _close_all(fds)
+            close_fds(fds)
         if op == PROPOSE:
             self._on_propose(rec, epoch, fds)
         elif op in (ACCEPT, REFUSE):
@@ -254,19 +253,18 @@ class Switcher:
 
     def _on_propose(self, rec: dict[str, Any], epoch: int, fds: list[int]) -> None:
         from fable.transports import REGISTRY
-        from fable.transports.setup import _close_all
 
         mine = self.proposal
         if mine is not None and mine.epoch == epoch:
             if self.role == 0:
-                _close_all(fds)  # both asked at once: ours wins, the peer will accept it
+                close_fds(fds)  # both asked at once: ours wins, the peer will accept it
                 return
             self.proposal = None  # theirs wins: drop ours
             mine.error = "the peer asked for another switch at the same time (its request won)"
             _teardown(mine.path)
             mine.done.set()
         if epoch != self.epoch + 1:
-            _close_all(fds)
+            close_fds(fds)
             raise ProtocolError(f"reconfiguration to epoch {epoch} while at epoch {self.epoch}")
         name, safe, params = rec.get("transport"), rec.get("safe"), rec.get("params")
         info = REGISTRY.get(name) if isinstance(name, str) else None
@@ -287,7 +285,7 @@ class Switcher:
             except Exception as e:  # the peer's resources did not check out: stay on epoch e
                 why = f"{type(e).__name__}: {e}"
         else:
-            _close_all(fds)
+            close_fds(fds)
         if path is None:
             self.ch.send({"op": REFUSE, "epoch": epoch, "why": why})
             return

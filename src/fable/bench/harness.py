@@ -32,22 +32,20 @@ import signal
 import statistics
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from collections.abc import Callable
+from typing import Any, cast
 
 from fable.bench import _native
+from fable.bench.links import AutoLink, Channel, FableLink, Link, Point
+from fable.bench.peers import peer_link
+from fable.transports import REGISTRY
 
 __all__ = [
     "AUTO",
     "FLOOR",
     "SCHEMA_VERSION",
-    "Channel",
-    "Link",
-    "Point",
     "VerifyError",
     "link_for",
-    "machine_info",
     "run_point",
 ]
 
@@ -58,95 +56,12 @@ FLOOR_SIZE = 64  # one cache line moves per hop
 _ns = time.perf_counter_ns  # CLOCK_MONOTONIC, shared by all processes (and by _native.floor)
 
 
-@dataclass(frozen=True)
-class Point:
-    transport: str  # a REGISTRY name, "floor" or "peer:NAME"
-    safe: bool
-    mode: str  # "latency" | "throughput"
-    size: int
-    cpus: tuple[int, int]
-
-
-class Channel(Protocol):
-    """What the measuring loops use of a connection (a fable ``Connection`` is one)."""
-
-    def send(self, data: bytes, /) -> None: ...
-    def send_many(self, msgs: Sequence[bytes], /) -> Any: ...
-    def recv(self) -> bytes: ...
-    def flush(self) -> None: ...
-    def close(self) -> None: ...
-
-
-class Link(Protocol):
-    """How the two processes of a point get connected. The driver makes the link; ``setup``
-    runs in worker A before B is forked; then ``end(0)`` runs in A and ``end(1)`` in B, each
-    returning its side's channel. ``cleanup`` runs in the driver once both processes are gone
-    (killed or not): it removes what a library leaves behind its processes."""
-
-    def setup(self, point: Point) -> None: ...
-    def end(self, side: int) -> Channel: ...
-    def cleanup(self) -> None: ...
-
-
-class FableLink:
-    """A REGISTRY transport, connected by ``open_pair`` (no daemon)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def setup(self, point: Point) -> None:
-        from fable.transports.setup import open_pair
-
-        self._conn, self._pending = open_pair(self.name, safe=point.safe)
-
-    def end(self, side: int) -> Channel:
-        if side == 0:
-            self._pending.close()
-            return cast(Channel, self._conn)
-        return cast(Channel, self._pending.open())
-
-    def cleanup(self) -> None:
-        pass  # fable's memory and fds go with the processes
-
-
-class AutoLink:
-    """The ``auto`` row: both processes are pinned first, then register with the daemon
-    (``FABLE_SOCKET``) and connect through it; the daemon's policy picks the transport, told the
-    point's size and mode. A listens (in ``setup``), B connects."""
-
-    def setup(self, point: Point) -> None:
-        import fable
-
-        self.point = point
-        self.ctx = fable.register(f"bench/{os.getpid()}/a")
-        self.listener = self.ctx.listen(trusted=not point.safe)
-
-    def end(self, side: int) -> Channel:
-        import fable
-
-        if side == 0:
-            return cast(Channel, self.listener.accept(timeout=30))
-        a = os.getppid()  # B is A's child
-        ctx = fable.register(f"bench/{a}/b")
-        p = self.point
-        conn = ctx.connect(
-            f"bench/{a}/a", trusted=not p.safe, msg_size=p.size, mode=p.mode, timeout=30
-        )
-        return cast(Channel, conn)
-
-    def cleanup(self) -> None:
-        pass  # the names go with the processes
-
-
 def link_for(transport: str) -> Link:
     """The link of a record's ``transport`` name (REGISTRY name, ``auto`` or ``peer:NAME``)."""
     if transport == AUTO:
         return AutoLink()
     if transport.startswith("peer:"):
-        from fable.bench.peers import peer_link
-
         return cast(Link, peer_link(transport[5:]))
-    from fable.transports import REGISTRY
 
     if transport not in REGISTRY:
         raise ValueError(f"unknown transport {transport!r}; known: {', '.join(REGISTRY)}")
@@ -506,31 +421,6 @@ def run_point(
     except ValueError:
         record.update(verified=False, error="the measuring process died without a result")
     return record
-
-
-def machine_info() -> dict[str, Any]:
-    """What the JSON's ``machine`` object says about where the numbers came from."""
-    import platform
-
-    from fable import __version__
-    from fable.bench.topology import Topology
-
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "fable": __version__,
-        **Topology.read().describe(),
-    }
 
 
 def merge_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """The bench's peers: other IPC libraries, measured by the same harness as fable's transports.
 
-Each peer is a :class:`~fable.bench.harness.Link`: the same two pinned processes, sizes, message
+Each peer is a :class:`~fable.bench.links.Link`: the same two pinned processes, sizes, message
 pattern and sequence checks; records are named ``peer:NAME``. A peer whose library is not
 installed is reported as skipped (``missing``), never measured some other way. Install them all
 with ``pip install 'fable-ipc[peers]'``.
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from typing import Any
 
-from fable.bench.harness import Channel, Point
+from fable.bench.links import Channel, Point
 
 __all__ = ["PEERS", "PeerMissing", "missing", "peer_link"]
 

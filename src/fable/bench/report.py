@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fable.bench.topology import PLACEMENTS
+from fable.topology import PLACEMENTS
 
 __all__ = ["Summary", "compare_table", "markdown", "results_table"]
 

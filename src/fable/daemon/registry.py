@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fable.daemon.triggers import FlowState
 from fable.errors import NameInUse, NameNotFound, PermissionDenied
 
 __all__ = ["Endpoint", "Flow", "Registry"]
@@ -67,11 +66,11 @@ class Flow:
     bytes: int = 0
     last_switch: dict[str, Any] | None = None
     clients: set[int] = field(default_factory=set)  # clients that report it
-    counters: dict[int, tuple[int, int]] = field(default_factory=dict)  # client -> (msgs, bytes)
+    # client -> (when, msgs, bytes) of its last report (the triggers' rates come from these)
+    counters: dict[int, tuple[float, int, int]] = field(default_factory=dict)
     since: float = field(default_factory=time.time)
     trusted: tuple[bool, bool] | None = None  # each end's trust (None: adopted, see safe)
     hints: dict[str, Any] = field(default_factory=dict)  # pollable, msg_size, mode of connect
-    trig: FlowState = field(default_factory=FlowState)  # rates, home, hold (fable.daemon.triggers)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -85,10 +84,6 @@ class Flow:
             "reason": self.reason,
             "last_switch": self.last_switch,
             "since": self.since,
-            "msg_rate": round(self.trig.msgs.rate, 1),
-            "byte_rate": round(self.trig.bytes.rate, 1),
-            "hold": self.trig.hold,
-            "home": self.trig.home[0] if self.trig.home else None,
         }
 
 
@@ -158,10 +153,14 @@ class Registry:
         self.flows[flow.id] = flow
         return flow
 
-    def report(self, client: int, flows: list[dict[str, Any]]) -> None:
-        """A client's periodic report: the flows it has open and their counters. A flow it
-        reports that the registry does not know (after a daemon restart) is adopted."""
+    def report(
+        self, client: int, flows: list[dict[str, Any]], now: float
+    ) -> list[tuple[Flow, tuple[float, int, int] | None]]:
+        """A client's periodic report (at monotonic time ``now``): the flows it has open and
+        their counters. A flow it reports that the registry does not know (after a daemon
+        restart) is adopted. Returns each reported flow with the client's counters before."""
         seen = set()
+        out: list[tuple[Flow, tuple[float, int, int] | None]] = []
         for f in flows:
             fid = f["id"]
             seen.add(fid)
@@ -183,12 +182,14 @@ class Registry:
                 flow.last_switch is None or last.get("at", 0) >= flow.last_switch.get("at", 0)
             ):
                 flow.last_switch = last
-            flow.counters[client] = (f["msgs"], f["bytes"])
-            flow.msgs = sum(m for m, _ in flow.counters.values())
-            flow.bytes = sum(b for _, b in flow.counters.values())
+            out.append((flow, flow.counters.get(client)))
+            flow.counters[client] = (now, f["msgs"], f["bytes"])
+            flow.msgs = sum(m for _, m, _ in flow.counters.values())
+            flow.bytes = sum(b for _, _, b in flow.counters.values())
         for flow in list(self.flows.values()):
             if client in flow.clients and flow.id not in seen:
                 flow.clients.discard(client)
                 flow.counters.pop(client, None)
                 if not flow.clients:
                     del self.flows[flow.id]
+        return out

@@ -10,7 +10,6 @@ Run it with ``fable daemon`` (foreground) or let ``fable.register`` start it (``
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import itertools
@@ -23,18 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fable.daemon.protocol import (
-    HEADER,
-    SYSTEM_SOCKET,
-    check_name,
-    decode,
-    encode,
-    frame_length,
-    private_dir,
-    user_socket,
-)
-from fable.daemon.registry import Endpoint, Registry
+from fable._wire import FrameReader, close_fds
+from fable.config import settings
+from fable.daemon.registry import Endpoint, Flow, Registry
+from fable.daemon.triggers import FlowFacts, FlowState, decide, note_asked
 from fable.errors import FableError, ProtocolError, Timeout
+from fable.nameservice import CONTROL, SYSTEM_SOCKET, check_name, private_dir, user_socket
 
 __all__ = ["Daemon", "host_id", "serve"]
 
@@ -107,16 +100,13 @@ class Client:
         self.pid, self.uid, self.gid = struct.unpack("3i", creds)
         self.lock = asyncio.Lock()
         self.closed = False
+        self.reader = FrameReader(CONTROL)
 
     async def send(self, obj: dict[str, Any], fd: int | None = None) -> None:
         """Send one frame (with ``fd`` attached); a client that does not read for
         _SEND_TIMEOUT_S is disconnected."""
-        data = encode(obj)
-        anc = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
-            if fd is not None
-            else []
-        )
+        data = CONTROL.encode(obj)
+        fds = [fd] if fd is not None else []
         loop = asyncio.get_running_loop()
         async with self.lock:
             deadline = time.monotonic() + _SEND_TIMEOUT_S
@@ -124,8 +114,8 @@ class Client:
                 if self.closed:
                     raise ConnectionError("client gone")
                 try:
-                    n = self.sock.sendmsg([data], anc, socket.MSG_NOSIGNAL)
-                    data, anc = data[n:], []
+                    n = socket.send_fds(self.sock, [data], fds, socket.MSG_NOSIGNAL)
+                    data, fds = data[n:], []
                 except BlockingIOError:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -153,6 +143,18 @@ class Daemon:
         self._table: Any = None
         self._table_stamp = -1
         self._topo: Any = None
+        self.trig: dict[int, FlowState] = {}  # flow id -> the triggers' memory of it
+
+    def _trig(self, fid: int) -> FlowState:
+        """What the triggers remember of flow ``fid``."""
+        st = self.trig.get(fid)
+        if st is None:
+            st = self.trig[fid] = FlowState()
+        return st
+
+    def _public(self, flow: Flow) -> dict[str, Any]:
+        """A flow as ``fable flows`` shows it: the registry's record and the triggers' view."""
+        return {**flow.public(), **self._trig(flow.id).public()}
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -207,24 +209,31 @@ class Daemon:
             self.clients[client.id] = client
             self._spawn(self._client_loop(client))
 
-    async def _read_exact(self, client: Client, n: int) -> bytes:
+    async def _next_frame(self, client: Client) -> dict[str, Any]:
+        """The client's next request (fds it attached are closed: the daemon takes none)."""
         loop = asyncio.get_running_loop()
-        buf = b""
-        while len(buf) < n:
-            chunk = await loop.sock_recv(client.sock, n - len(buf))
-            if not chunk:
-                raise EOFError
-            buf += chunk
-        return buf
+        reader = client.reader
+        while True:
+            got = reader.pop()
+            if got is not None:
+                close_fds(got[1])
+                return got[0]
+            try:
+                if reader.read_from(client.sock) == 0:
+                    raise EOFError
+            except BlockingIOError:
+                fut = loop.create_future()
+                loop.add_reader(client.sock, fut.set_result, None)
+                try:
+                    await fut
+                finally:
+                    loop.remove_reader(client.sock)
 
     async def _client_loop(self, client: Client) -> None:
         try:
             first = True
             while True:
-                body = await self._read_exact(
-                    client, frame_length(await self._read_exact(client, HEADER.size))
-                )
-                req = decode(body)
+                req = await self._next_frame(client)
                 if first and req.get("op") != "hello":
                     raise ProtocolError("the first control frame must be a hello")
                 first = False
@@ -239,6 +248,7 @@ class Daemon:
             log.exception("client %d (pid %d): internal error", client.id, client.pid)
         finally:
             client.closed = True
+            client.reader.close()
             client.sock.close()
             self.clients.pop(client.id, None)
             names = self.registry.client_gone(client.id)
@@ -370,13 +380,9 @@ class Daemon:
         if transport is not None:
             name = transport
             info = REGISTRY[name]
-            if safe not in info.caps.forms:
-                from fable.transports.setup import _no_form
-
-                raise FableError(
-                    _no_form(name, safe, info.caps.mutual_trust)
-                    + " (both ends must pass trusted=True)"
-                )
+            why = info.no_form(safe)
+            if why is not None:
+                raise FableError(why + " (both ends must pass trusted=True)")
             reason = f"{name}: asked for by {me.name} with transport={name!r}" + (
                 "; both ends trust: zero-copy reads" if both_trust else "; safe: private copies"
             )
@@ -394,7 +400,7 @@ class Daemon:
                 {
                     "op": "incoming",
                     "listener": listener.name,
-                    "flow": flow.public(),
+                    "flow": self._public(flow),
                     "options": {"transport": name, "safe": safe, "forced": transport is not None},
                 },
                 b.fileno(),
@@ -407,7 +413,7 @@ class Daemon:
             b.close()
         log.info("flow %d: %s -> %s over %s", flow.id, me.name, listener.name, name)
         options = {"transport": name, "safe": safe, "forced": transport is not None}
-        return {"flow": flow.public(), "options": options}, a.detach()
+        return {"flow": self._public(flow), "options": options}, a.detach()
 
     def table(self) -> Any:
         """The calibration table, reloaded when ``fable calibrate`` rewrote it."""
@@ -442,7 +448,7 @@ class Daemon:
             mode=mode if mode in ("latency", "throughput") else None,
         )
         if self._topo is None:
-            from fable.bench.topology import Topology
+            from fable.topology import Topology
 
             self._topo = Topology.read()
         return rank(facts, self.table(), self._topo)
@@ -518,17 +524,19 @@ class Daemon:
                     ep.affinity = _int_list(e.get("affinity", ep.affinity), "affinity")
                     ep.cpu = _field(e, "cpu", int, ep.cpu)
                     ep.node = _field(e, "node", int, ep.node)
-        self.registry.report(client.id, checked)
         now = time.monotonic()
-        mine = {ep.name for ep in self.registry.endpoints.values() if ep.client == client.id}
+        for flow, before in self.registry.report(client.id, checked, now):
+            st = self._trig(flow.id)
+            st.counted(client.id, before, flow.counters[client.id])
+            last = flow.last_switch or {}
+            st.switched(flow.epoch, str(last.get("reason", "")), now)
         for f in checked:
-            flow = self.registry.flows.get(f["id"])
-            if flow is not None:
-                if f["pollable"]:  # an end handed its fileno() out: no spinning transport
-                    flow.hints["pollable"] = True
-                flow.trig.counted(client.id, f["msgs"], f["bytes"], now)
-                last = flow.last_switch or {}
-                flow.trig.switched(flow.epoch, str(last.get("reason", "")), now)
+            known = self.registry.flows.get(f["id"])
+            if known is not None and f["pollable"]:  # an end handed its fileno() out:
+                known.hints["pollable"] = True  # no spinning transport from now on
+        for fid in [fid for fid in self.trig if fid not in self.registry.flows]:
+            del self.trig[fid]
+        mine = {ep.name for ep in self.registry.endpoints.values() if ep.client == client.id}
         for flow in list(self.registry.flows.values()):
             if client.id in flow.clients or mine & set(flow.ends):
                 await self._trigger(flow, now)
@@ -536,11 +544,9 @@ class Daemon:
 
     async def _trigger(self, flow: Any, now: float) -> None:
         """Ask one end of ``flow`` for the switch the triggers want now, if any."""
-        from fable.config import settings
-        from fable.daemon.triggers import FlowFacts, decide, note_asked
-
         cfg = settings()
-        if not cfg.triggers or flow.trig.hold:
+        st = self._trig(flow.id)
+        if not cfg.triggers or st.hold:
             return
         a = self.registry.endpoints.get(flow.ends[0])
         b = self.registry.endpoints.get(flow.ends[1])
@@ -561,7 +567,7 @@ class Daemon:
             numa_nodes=len(set(self._topo.node.values())) or 1,
             ranking=ranking,
         )
-        d = decide(flow.trig, facts, now, dwell=cfg.trigger_dwell_s)
+        d = decide(st, facts, now, dwell=cfg.trigger_dwell_s)
         if d is None:
             return
         for cid in sorted(flow.clients):
@@ -569,7 +575,7 @@ class Daemon:
             if end is None or end.closed:
                 continue
             log.info("flow %d: %s -> %s (%s)", flow.id, flow.transport, d.transport, d.reason)
-            note_asked(flow.trig, flow.epoch, now)
+            note_asked(st, flow.epoch, now)
             with contextlib.suppress(ConnectionError, OSError):
                 await end.send(
                     {
@@ -586,7 +592,7 @@ class Daemon:
         return {"endpoints": [ep.public() for ep in self.registry.endpoints.values()]}, None
 
     async def _op_flows(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
-        return {"flows": [f.public() for f in self.registry.flows.values()]}, None
+        return {"flows": [self._public(f) for f in self.registry.flows.values()]}, None
 
     async def _op_reconfigure(
         self, client: Client, req: dict[str, Any]
@@ -608,10 +614,10 @@ class Daemon:
         if client.uid != 0 and client.uid not in owners:
             raise PermissionDenied("only the users of a flow's ends, or root, may switch it")
         if transport is None:  # --auto: hand the flow back to the triggers
-            flow.trig.hold = False
+            self._trig(flow.id).hold = False
             await self._trigger(flow, time.monotonic())
-            return {"flow": flow.public()}, None
-        flow.trig.hold = True  # the operator's choice holds until the operator changes it
+            return {"flow": self._public(flow)}, None
+        self._trig(flow.id).hold = True  # the operator's choice holds until the operator changes it
         for cid in sorted(flow.clients):
             end = self.clients.get(cid)
             if end is None:
@@ -626,7 +632,7 @@ class Daemon:
                     "reason": reason,
                 }
             )
-            return {"flow": flow.public()}, None
+            return {"flow": self._public(flow)}, None
         raise NameNotFound(f"flow {fid} has no live end")
 
     async def _op_stop(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:

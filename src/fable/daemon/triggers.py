@@ -100,7 +100,6 @@ class FlowState:
 
     msgs: RateFilter = field(default_factory=RateFilter)
     bytes: RateFilter = field(default_factory=RateFilter)
-    counters: dict[int, tuple[float, int, int]] = field(default_factory=dict)  # client -> t, m, b
     client_rates: dict[int, tuple[float, float]] = field(default_factory=dict)  # msgs/s, B/s
     last_filter_t: float = 0.0
     epoch: int = 0
@@ -111,18 +110,20 @@ class FlowState:
     node: int = -1  # the NUMA node the ends were on when this epoch began
     asked: tuple[int, float] | None = None  # (epoch, when) of our last request
 
-    def counted(self, client: int, msgs: int, nbytes: int, now: float) -> None:
-        """One end's report of its counters: updates the flow's rate filters."""
-        prev = self.counters.get(client)
-        self.counters[client] = (now, msgs, nbytes)
-        if prev is None:
+    def counted(
+        self, client: int, before: tuple[float, int, int] | None, after: tuple[float, int, int]
+    ) -> None:
+        """One end's report: its counters ``(when, msgs, bytes)`` before and now (the
+        registry's ``Flow.counters``); updates the flow's rate filters."""
+        if before is None:
             return
-        dt = now - prev[0]
+        now, msgs, nbytes = after
+        dt = now - before[0]
         if dt <= 0.05:
             return
         self.client_rates[client] = (
-            max(msgs - prev[1], 0) / dt,
-            max(nbytes - prev[2], 0) / dt,
+            max(msgs - before[1], 0) / dt,
+            max(nbytes - before[2], 0) / dt,
         )
         total_m = sum(m for m, _ in self.client_rates.values())
         total_b = sum(b for _, b in self.client_rates.values())
@@ -130,6 +131,15 @@ class FlowState:
         self.last_filter_t = now
         self.msgs.update(total_m, step)
         self.bytes.update(total_b, step)
+
+    def public(self) -> dict[str, Any]:
+        """What ``fable flows`` shows of the triggers' view of a flow."""
+        return {
+            "msg_rate": round(self.msgs.rate, 1),
+            "byte_rate": round(self.bytes.rate, 1),
+            "hold": self.hold,
+            "home": self.home[0] if self.home else None,
+        }
 
     def switched(self, epoch: int, reason: str, now: float) -> None:
         """The flow reached ``epoch``: a switch happened (ours or someone else's)."""

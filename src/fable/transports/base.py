@@ -83,6 +83,17 @@ class TransportInfo:
     create: Callable[[dict[str, Any]], tuple[EndSpec, EndSpec]]
     open: Callable[[EndSpec, int, bool, SetupChannel, int], DataPath]
 
+    def no_form(self, safe: bool) -> str | None:
+        """Why this transport cannot be opened with ``safe`` reads (None: it can)."""
+        if safe in self.caps.forms:
+            return None
+        if safe and self.caps.mutual_trust:
+            return (
+                f"transport {self.name} has no safe form: both sides must trust each other; "
+                "open it with safe=False between trusting processes, or pick another transport"
+            )
+        return f"transport {self.name} has no {'safe' if safe else 'unsafe'} form"
+
 
 @dataclass(frozen=True)
 class ConnectionStats:

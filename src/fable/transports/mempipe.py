@@ -42,6 +42,7 @@ try:
     from fable import _core
 except ImportError:  # pragma: no cover - the package warns at import; the reference ring serves
     _core = None  # type: ignore[assignment]
+from fable._wire import close_fds
 from fable.buffer import Buffer
 from fable.config import settings
 from fable.errors import (
@@ -57,7 +58,7 @@ from fable.ring import layout as L
 from fable.ring.pyring import PyRing, format_ring
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
 from fable.transports.message import Claim, MessagePath, deadline_of
-from fable.transports.setup import SetupChannel, _close_all
+from fable.transports.setup import SetupChannel
 from fable.transports.shm import check_sealed_memfd, is_eventfd, new_sealed_memfd, unmap
 
 SPIN, FUTEX, ADAPTIVE = 0, 1, 2
@@ -84,7 +85,7 @@ def _create(options: dict[str, Any]) -> tuple[EndSpec, EndSpec]:
         peer_fd = os.dup(fd)
         peer_evs = [os.dup(e) for e in evs]
     except BaseException:
-        _close_all([fd, *evs])
+        close_fds([fd, *evs])
         raise
     params = {"capacity": capacity, "size": size}
     # each side gets: memfd, its own readiness eventfd, the peer's (to signal)
@@ -129,7 +130,7 @@ class RingPath(MessagePath):
         try:
             mm, capacity, fd, own_ev, peer_ev = _checked_memory(spec)
         except BaseException:
-            _close_all(spec.fds)
+            close_fds(spec.fds)
             raise
         os.close(fd)  # the mapping keeps the memory
         cfg = settings()
@@ -151,7 +152,7 @@ class RingPath(MessagePath):
             self._rx = ring(self._rx_mem, False, epoch=epoch)
         except BaseException:
             self._free_memory()
-            _close_all([own_ev, peer_ev])
+            close_fds([own_ev, peer_ev])
             raise
         self.max_fragment = min(MAX_FRAGMENT, self._tx.max_record)
         # The Connection binds send/recv straight to the rings' native methods: one call per
@@ -488,7 +489,7 @@ class RingPath(MessagePath):
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
-        _close_all([self._own_ev, self._peer_ev])
+        close_fds([self._own_ev, self._peer_ev])
         self._free_memory()
 
     def _free_memory(self) -> None:

@@ -15,9 +15,10 @@ import stat
 import threading
 from typing import Any
 
+from fable._wire import close_fds
 from fable.errors import ProtocolError
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
-from fable.transports.setup import SetupChannel, _close_all
+from fable.transports.setup import SetupChannel
 from fable.transports.stream import StreamPath
 
 PIPE_SIZE = 1 << 20
@@ -69,14 +70,14 @@ def ignore_sigpipe() -> None:
 
 def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int = 0) -> DataPath:
     if len(spec.fds) != 2:
-        _close_all(spec.fds)
+        close_fds(spec.fds)
         raise ProtocolError(f"expected 2 fds for the pipe transport, got {len(spec.fds)}")
     rfd, wfd = spec.fds
     try:
         check_pipe(rfd, os.O_RDONLY)
         check_pipe(wfd, os.O_WRONLY)
     except BaseException:
-        _close_all(spec.fds)
+        close_fds(spec.fds)
         raise
     ignore_sigpipe()
     return StreamPath("pipe", setup, rfd=rfd, wfd=wfd, epoch=epoch)

@@ -1,11 +1,8 @@
 """The setup channel, and ``open_pair``: two processes connected without a daemon.
 
 The setup channel is an already-connected AF_UNIX stream socket between the two sides of a
-connection. It carries length-prefixed JSON records, with fds attached by SCM_RIGHTS:
-
-    +----------------+------------------------------------+
-    | length (u32 LE) | JSON object, "v": SETUP_VERSION   |   (+ fds on its first byte)
-    +----------------+------------------------------------+
+connection. It carries records in the framed codec of ``fable._wire`` (a u32 big-endian length,
+a JSON object with ``"v": SETUP_VERSION``, fds attached by SCM_RIGHTS to its first byte).
 
 It lives as long as the connection: the hello that sets a transport up, and later
 reconfiguration requests and acknowledgements, travel on it; a side that closes cleanly says so
@@ -20,22 +17,29 @@ returned :class:`Connection` and gives the :class:`PendingEnd` to a child, which
 
 from __future__ import annotations
 
-import array
 import json
-import select
 import socket
-import struct
+import time
 from typing import Any
 
+from fable._wire import HEADER, Codec, FrameReader, close_fds, recv_frame, send_frame
 from fable.errors import FableError, ProtocolError, Timeout
 from fable.transports.base import EndSpec
 
-__all__ = ["SETUP_VERSION", "PendingEnd", "SetupChannel", "attach", "initiate", "open_pair"]
+__all__ = [
+    "SETUP",
+    "SETUP_VERSION",
+    "PendingEnd",
+    "SetupChannel",
+    "attach",
+    "initiate",
+    "open_pair",
+]
 
-SETUP_VERSION = 1
-MAX_RECORD = 64 * 1024
-MAX_FDS = 8
-_LEN = struct.Struct("<I")
+SETUP_VERSION = 2
+SETUP = Codec("setup", SETUP_VERSION)
+MAX_RECORD = SETUP.max_frame
+_LEN = HEADER
 
 
 class SetupChannel:
@@ -54,67 +58,19 @@ class SetupChannel:
         return self._sock
 
     def send(self, record: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
-        body = json.dumps({"v": SETUP_VERSION, **record}, separators=(",", ":")).encode()
-        if len(body) > MAX_RECORD:
-            raise ValueError("setup record too large")
-        data = _LEN.pack(len(body)) + body
-        anc = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        )
-        sent = self.sock.sendmsg([data], anc, socket.MSG_NOSIGNAL)
-        if sent < len(data):
-            self.sock.sendall(data[sent:], socket.MSG_NOSIGNAL)
+        send_frame(self.sock, SETUP.encode(record), fds)
 
     def recv(self, timeout: float | None) -> tuple[dict[str, Any], list[int]]:
         """The next record and the fds that came with it (closed for you if this raises)."""
-        sock = self.sock
-        fds: list[int] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        reader = FrameReader(SETUP)
         try:
-            if timeout is not None and not select.select([sock], [], [], timeout)[0]:
-                raise Timeout("the other side of the setup channel did not answer in time")
-            head, anc, flags, _ = sock.recvmsg(
-                _LEN.size, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
-            )
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    a = array.array("i")
-                    a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
-                    fds.extend(a)
-            if flags & socket.MSG_CTRUNC:
-                raise ProtocolError("too many fds on the setup channel")
-            if not head:
-                raise ProtocolError("the setup channel closed before a record arrived")
-            head += self._recv_exact(_LEN.size - len(head), timeout)
-            (length,) = _LEN.unpack(head)
-            if length > MAX_RECORD:
-                raise ProtocolError(f"setup record of {length} B is too large")
-            body = self._recv_exact(length, timeout)
-            try:
-                record = json.loads(body)
-            except ValueError:
-                raise ProtocolError("setup record is not JSON") from None
-            if not isinstance(record, dict) or record.get("v") != SETUP_VERSION:
-                raise ProtocolError(
-                    f"setup protocol version {record.get('v') if isinstance(record, dict) else '?'}"
-                    f" (this side speaks {SETUP_VERSION})"
-                )
-            return record, fds
-        except BaseException:
-            _close_all(fds)
-            raise
-
-    def _recv_exact(self, n: int, timeout: float | None) -> bytes:
-        sock = self.sock
-        chunks = []
-        while n > 0:
-            if timeout is not None and not select.select([sock], [], [], timeout)[0]:
-                raise Timeout("setup record cut short")
-            b = sock.recv(n)
-            if not b:
-                raise ProtocolError("setup record cut short")
-            chunks.append(b)
-            n -= len(b)
-        return b"".join(chunks)
+            return recv_frame(self.sock, reader, deadline)
+        except Timeout:
+            reader.close()
+            raise Timeout("the other side of the setup channel did not answer in time") from None
+        except EOFError:
+            raise ProtocolError("the setup channel closed before a record arrived") from None
 
     def say_close(self) -> None:
         """Tell the peer this side is closing cleanly (best effort)."""
@@ -185,25 +141,6 @@ class SetupChannel:
         self.close()
 
 
-def _close_all(fds: list[int]) -> None:
-    import os
-
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _no_form(name: str, safe: bool, mutual_trust: bool) -> str:
-    if safe and mutual_trust:
-        return (
-            f"transport {name} has no safe form: both sides must trust each other; open it "
-            "with safe=False between trusting processes, or pick another transport"
-        )
-    return f"transport {name} has no {'safe' if safe else 'unsafe'} form"
-
-
 def _open_end(ch: SetupChannel, timeout: float | None) -> Any:
     from fable.connection import Connection
     from fable.transports import REGISTRY
@@ -220,10 +157,11 @@ def _open_end(ch: SetupChannel, timeout: float | None) -> Any:
         params = record.get("params")
         if not isinstance(safe, bool) or not isinstance(params, dict):
             raise ProtocolError("malformed hello on the setup channel")
-        if safe not in info.caps.forms:
-            raise ProtocolError(_no_form(info.name, safe, info.caps.mutual_trust))
+        why = info.no_form(safe)
+        if why is not None:
+            raise ProtocolError(why)
     except BaseException:
-        _close_all(fds)
+        close_fds(fds)
         raise
     path = info.open(EndSpec(fds, params), 1, safe, ch, 0)
     return Connection(path, ch, role=1)
@@ -280,8 +218,9 @@ def _check_form(name: str, safe: bool | None) -> tuple[Any, bool]:
     forms = info.caps.forms
     if safe is None:
         safe = forms[0]
-    if safe not in forms:
-        raise ValueError(_no_form(name, safe, info.caps.mutual_trust))
+    why = info.no_form(safe)
+    if why is not None:
+        raise ValueError(why)
     return info, safe
 
 
@@ -312,7 +251,7 @@ def initiate(
                 remote.fds,
             )
         finally:
-            _close_all(remote.fds)
+            close_fds(remote.fds)
         path = info.open(local, 0, safe, ch, 0)
     except BaseException:
         ch.close()

@@ -45,6 +45,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from fable._wire import close_fds
 from fable.buffer import Buffer
 from fable.config import settings
 from fable.errors import (
@@ -58,7 +59,7 @@ from fable.errors import (
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
 from fable.transports.message import Claim, MessagePath, deadline_of, slice_ms, time_left
 from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
-from fable.transports.setup import SetupChannel, _close_all
+from fable.transports.setup import SetupChannel
 from fable.transports.shm import check_sealed_memfd, new_sealed_memfd, unmap
 
 __all__ = ["DESC", "INFO", "RETURN", "Extents", "ShmemPipePath"]
@@ -220,7 +221,7 @@ def _create(options: dict[str, Any]) -> tuple[EndSpec, EndSpec]:
         d0r, d0w, d1r, d1w, r0r, r0w, r1r, r1w = pipes
         peer_fd = os.dup(fd)
     except BaseException:
-        _close_all([fd, *pipes])
+        close_fds([fd, *pipes])
         raise
     params = {"capacity": capacity}
     # direction 0: initiator writes descriptors into d0, reads returns from r0; direction 1 mirrors
@@ -252,7 +253,7 @@ class ShmemPipePath(MessagePath):
                 check_pipe(wfd, os.O_WRONLY)
             mm = mmap.mmap(fd, 2 * capacity)
         except BaseException:
-            _close_all(spec.fds)
+            close_fds(spec.fds)
             raise
         os.close(fd)
         ignore_sigpipe()
@@ -750,7 +751,7 @@ class ShmemPipePath(MessagePath):
         self._flush_out(deadline_of(linger), linger)
 
     def _free(self, clean: bool) -> None:
-        _close_all([self._din, self._dout, self._rin, self._rout])
+        close_fds([self._din, self._dout, self._rin, self._rout])
         unmap(self._mm, self._mv)
 
 

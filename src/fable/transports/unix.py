@@ -5,21 +5,22 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from fable._wire import close_fds
 from fable.errors import ProtocolError
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
-from fable.transports.setup import SetupChannel, _close_all
+from fable.transports.setup import SetupChannel
 from fable.transports.stream import StreamPath
 
 
 def adopt_socket(spec: EndSpec, family: int) -> socket.socket:
     """Turn the one fd of ``spec`` into a socket of ``family``, or fail with ProtocolError."""
     if len(spec.fds) != 1:
-        _close_all(spec.fds)
+        close_fds(spec.fds)
         raise ProtocolError(f"expected 1 fd for a socket transport, got {len(spec.fds)}")
     try:
         sock = socket.socket(fileno=spec.fds[0])
     except OSError:
-        _close_all(spec.fds)
+        close_fds(spec.fds)
         raise ProtocolError("the fd passed for a socket transport is not a socket") from None
     if sock.family != family or sock.type != socket.SOCK_STREAM:
         sock.close()

@@ -39,11 +39,12 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 from fable import _core
+from fable._wire import close_fds
 from fable.errors import ProtocolError, Timeout, WouldBlock
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
 from fable.transports.message import deadline_of, slice_ms, time_left
 from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
-from fable.transports.setup import SetupChannel, _close_all
+from fable.transports.setup import SetupChannel
 from fable.transports.shm import unmap
 from fable.transports.stream import (
     F_CLOSE,
@@ -72,7 +73,7 @@ def _create(options: dict[str, object]) -> tuple[EndSpec, EndSpec]:
         for _ in range(4):
             fds.extend(new_pipe())
     except BaseException:
-        _close_all(fds)
+        close_fds(fds)
         raise
     d0r, d0w, d1r, d1w, t0r, t0w, t1r, t1w = fds
     # Each side: [data in, data out, tokens in (for its data out), tokens out (for its data in)]
@@ -337,7 +338,7 @@ class VmsplicePath(StreamPath):
     # ================================================================= the rest
     def _free(self, clean: bool) -> None:
         super()._free(clean)
-        _close_all([self._tin, self._tout])
+        close_fds([self._tin, self._tout])
         self._claims.clear()
         self._by_frame.clear()
         unmap(self._arena, self._amv)  # write buffers still held keep the arena alive
@@ -353,7 +354,7 @@ def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int 
         check_pipe(wfd, os.O_WRONLY)
         check_pipe(tout, os.O_WRONLY)
     except BaseException:
-        _close_all(spec.fds)
+        close_fds(spec.fds)
         raise
     ignore_sigpipe()
     return VmsplicePath(setup, rfd, wfd, tin, tout, epoch)

@@ -1,4 +1,5 @@
-"""CPU topology from /sys, and the placement class of a pair of CPUs.
+"""Where things run: the CPU topology from /sys, the placement class of a pair of CPUs, the
+machine record of bench results, and a thread's CPU, affinity and NUMA node.
 
 Placement classes (DESIGN.md §9), from closest to farthest; a pair gets the first that fits:
 
@@ -10,14 +11,30 @@ Placement classes (DESIGN.md §9), from closest to farthest; a pair gets the fir
     other-node     different NUMA nodes
 
 ``Topology.read(root)`` takes the directory that stands for ``/sys`` so tests can use fixtures.
+The policy, the daemon, the library's reports and the bench all read placements from here;
+psutil answers where it knows (a thread's current CPU), /sys where only the kernel's files do
+(caches, packages, NUMA nodes).
 """
 
 from __future__ import annotations
 
+import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["PLACEMENTS", "Topology", "parse_cpulist"]
+import psutil
+
+__all__ = [
+    "PLACEMENTS",
+    "Topology",
+    "current_cpu",
+    "machine_info",
+    "node_of_cpu",
+    "parse_cpulist",
+    "thread_placement",
+]
 
 PLACEMENTS = (
     "same-core",
@@ -80,12 +97,7 @@ class Topology:
                 if level and lst and int(level) >= 2:
                     shared.append(parse_cpulist(lst))
             caches[cpu] = tuple(shared)
-        nodes_dir = Path(root) / "devices" / "system" / "node"
-        for nd in sorted(nodes_dir.glob("node[0-9]*")):
-            lst = _read(nd / "cpulist")
-            if lst:
-                for cpu in parse_cpulist(lst):
-                    node[cpu] = int(nd.name[4:])
+        node.update(node_of_cpu(root))
         for cpu in cpus:
             node.setdefault(cpu, 0)
         return cls(tuple(cpus), siblings, caches, package, node)
@@ -128,3 +140,68 @@ class Topology:
             "numa_nodes": len(set(self.node.values())),
             "smt": any(len(s) > 1 for s in self.siblings.values()),
         }
+
+
+def node_of_cpu(root: str | Path = "/sys") -> dict[int, int]:
+    """CPU -> NUMA node (empty where the kernel has no NUMA information)."""
+    out: dict[int, int] = {}
+    for nd in (Path(root) / "devices" / "system" / "node").glob("node[0-9]*"):
+        lst = _read(nd / "cpulist")
+        try:
+            for cpu in parse_cpulist(lst or ""):
+                out[cpu] = int(nd.name[4:])
+        except ValueError:
+            continue
+    return out
+
+
+def current_cpu(tid: int = 0) -> int:
+    """The CPU thread ``tid`` (a native thread id; 0: the caller) last ran on, or -1."""
+    try:
+        return int(psutil.Process(tid or _native_tid()).cpu_num())
+    except (psutil.Error, OSError, ValueError):
+        return -1
+
+
+def _native_tid() -> int:
+    import threading
+
+    return threading.get_native_id()
+
+
+def thread_placement(tid: int = 0, nodes: dict[int, int] | None = None) -> dict[str, Any]:
+    """Where thread ``tid`` (0: the caller) may and does run: ``affinity`` (its CPUs, sorted),
+    ``cpu`` (the one it last ran on, -1: unknown), ``node`` (that CPU's NUMA node, -1: unknown).
+    A thread that has ended reports its process's affinity."""
+    cpu = current_cpu(tid)
+    nodes = node_of_cpu() if nodes is None else nodes
+    try:
+        affinity = sorted(os.sched_getaffinity(tid))
+    except OSError:
+        affinity = sorted(os.sched_getaffinity(0))
+    return {"affinity": affinity, "cpu": cpu, "node": nodes.get(cpu, -1)}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:  # psutil does not name the CPU model
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a measurement was made on: CPU model, kernel, Python, fable, and the
+    topology's summary (bench JSON's ``machine``; the policy matches calibrations by it)."""
+    from fable.version import __version__
+
+    return {
+        "cpu_model": _cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "fable": __version__,
+        **Topology.read().describe(),
+    }
