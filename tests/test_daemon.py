@@ -165,7 +165,7 @@ def test_both_ends_know_whether_the_application_named_the_transport(daemon: Path
             c = a.connect("two", transport=transport, timeout=10)
             s = lst.accept(timeout=10)
             assert isinstance(c, fable.Connection)
-            out.append((c._switcher.forced, s._switcher.forced))
+            out.append((c._forced, s._forced))
         return out
 
     assert run(both) == [(True, True), (False, False)]

@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import pytest
 
+from fable.connection import PendingEnd
 from fable.errors import ProtocolError
 from fable.ring import layout as L
 from fable.ring.pyring import format_ring
 from fable.testing import open_fds
-from fable.transports.setup import PendingEnd
 
 CAP = 4096
 SIZE = 2 * (L.HEADER_SIZE + CAP)

@@ -16,7 +16,7 @@ import fable
 from fable import config
 from fable.errors import PeerDied, ProtocolError
 from fable.testing import open_fds
-from fable.transports.setup import SetupChannel
+from fable.transports import SetupChannel
 from fable.transports.stream import F_CLOSE, F_MORE, FRAGMENT, HEADER, MAGIC
 
 # The framed byte stream is the data path of the kernel transports.
@@ -30,7 +30,7 @@ def _victim_and_raw(transport: str) -> tuple[fable.Connection, int, SetupChannel
     assert sock is not None
     pending._sock = None
     ch = SetupChannel(sock)
-    hello, fds = ch.recv(5)
+    hello, fds = ch.next(5)
     assert hello["op"] == "hello"
     if len(fds) > 1:  # pipes: [data in, data out, ...]; the attacker only writes
         for fd in fds[:1] + fds[2:]:

@@ -64,8 +64,7 @@ def _echo_child(pending: Any, n: int, ask: list[str] | None = None) -> int:
     if pid == 0:
         code = 3
         try:
-            peer = pending.open()
-            peer._switcher.trusted = True
+            peer = pending.open(trusted=True)
             every = n // (len(ask) + 1) if ask else 0
             c = 0
             while c < n:
@@ -87,8 +86,7 @@ def _echo_child(pending: Any, n: int, ask: list[str] | None = None) -> int:
 
 def _stream(a: str, switches: list[str], n: int, child_asks: list[str] | None = None) -> Any:
     """Send n messages through an echo child while switching; returns (conn stats, epoch)."""
-    conn, pending = fable.open_pair(a, safe=_form(a))
-    conn._switcher.trusted = True
+    conn, pending = fable.open_pair(a, safe=_form(a), trusted=True)
     pid = _echo_child(pending, n, child_asks)
     got: list[Any] = []
 
@@ -158,10 +156,10 @@ def test_properties_and_reconfig_fileno() -> None:
 
 
 def test_refused_switch_keeps_the_old_transport() -> None:
-    conn, pending = fable.open_pair("unix")
+    conn, pending = fable.open_pair("unix", trusted=True)
     pid = _fork_peer(pending, _echo)  # a peer that does not trust: no unsafe reads for it
     try:
-        conn._switcher.trusted = True
+        conn._epochs.trusted = True
         with pytest.raises(fable.FableError, match="does not trust"):
             conn.reconfigure("mempipe-futex", safe=False)
         with pytest.raises(ValueError, match="no safe form"):
@@ -285,8 +283,7 @@ def _select_recv(sel: selectors.BaseSelector, conn: Any, n: int) -> list[bytes]:
 
 
 def test_fileno_stays_the_same_across_switches() -> None:
-    conn, pending = fable.open_pair("pipe")
-    conn._switcher.trusted = True
+    conn, pending = fable.open_pair("pipe", trusted=True)
     pid = _echo_child(pending, 7 * 20)
     sel = selectors.DefaultSelector()
     try:
@@ -399,12 +396,12 @@ def test_a_side_that_does_not_write_still_ends_its_epoch() -> None:
 
     pid = _fork_peer(pending, reader_only)
     try:
-        sw = conn._switcher
+        sw = conn._epochs
         conn.reconfigure("unix", timeout=10)
         conn.send(b"x")  # this side's END, then x on unix
         deadline = time.monotonic() + 10
-        while set(sw.by_epoch) != {1}:
-            assert time.monotonic() < deadline, f"epochs still held: {sorted(sw.by_epoch)}"
+        while set(sw.live) != {1}:
+            assert time.monotonic() < deadline, f"epochs still held: {sorted(sw.live)}"
             assert conn.getreadbuf() == []  # reads the child's END: the read switch
             time.sleep(0.01)
         assert conn.transport == "unix" and not sw.busy
@@ -434,7 +431,7 @@ def test_methods_looked_up_before_a_switch_still_work(a: str) -> None:
         commit(bufs, 1)
         assert [recv(timeout=10) for _ in range(3)] == [b"1", b"2", b"3"]
         deadline = time.monotonic() + 10
-        while len(conn._switcher.by_epoch) > 1:  # until the old path is freed
+        while len(conn._epochs.live) > 1:  # until the old path is freed
             assert time.monotonic() < deadline
             time.sleep(0.01)
         send(b"4")
@@ -471,7 +468,7 @@ def test_fileno_on_a_spinning_connection_moves_it_to_a_sleeping_transport() -> N
         with pytest.raises(io.UnsupportedOperation, match="named by the application"):
             conn.fileno()  # open_pair names its transport: no move
         assert conn.transport == "mempipe-spin"
-        conn._switcher.forced = False  # as if the daemon's policy had picked it
+        conn._forced = False  # as if the daemon's policy had picked it
         fd = conn.fileno()
         assert conn.transport == "mempipe-adaptive"
         assert conn.last_switch is not None and "fileno()" in conn.last_switch["reason"]
@@ -480,7 +477,7 @@ def test_fileno_on_a_spinning_connection_moves_it_to_a_sleeping_transport() -> N
         for i in range(20):
             conn.send(b"%d" % i)
             assert _select_recv(sel, conn, 1) == [b"%d" % i]
-        assert conn.fileno() == fd and conn._switcher._kick == -1
+        assert conn.fileno() == fd and not conn._fd.kicking
         with pytest.raises(fable.FableError, match="spins"):
             conn.reconfigure("mempipe-spin")
     finally:
@@ -530,7 +527,7 @@ def test_an_end_that_waits_for_a_slow_reader_does_not_hold_up_other_connections(
         c1.send(b"last")  # after the pending END: on unix once the peer drained the ring
         assert c2.transport == "mempipe-futex"
         deadline = time.monotonic() + 20
-        while c1._switcher.tx.transport != "unix":
+        while c1._epochs.tx.transport != "unix":
             assert time.monotonic() < deadline
             time.sleep(0.01)
     finally:

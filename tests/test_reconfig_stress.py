@@ -166,14 +166,13 @@ def test_a_million_messages_through_a_thousand_switches() -> None:
     rng = random.Random(7)
     fds0, maps0 = open_fds(), fable_mappings()
     first = NAMES[0]
-    conn, pending = fable.open_pair(first, safe=_form(first, rng))
+    conn, pending = fable.open_pair(first, safe=_form(first, rng), trusted=True)
     pid = os.fork()
     if pid == 0:
         code = 3
         try:
             os.sched_setaffinity(0, {cpus[1]})
-            peer = pending.open()
-            peer._switcher.trusted = True
+            peer = pending.open(trusted=True)
             done = threading.Event()
             pump = Pump(peer, MESSAGES_EACH_WAY, 2, 0, lambda: not done.is_set())
             pump.peer_done.wait(600)  # the parent's end mark: it is done switching
@@ -192,7 +191,6 @@ def test_a_million_messages_through_a_thousand_switches() -> None:
         os._exit(code)
     pending.close()
     os.sched_setaffinity(0, {cpus[0]})
-    conn._switcher.trusted = True
     switching = threading.Event()
     switching.set()
     t0 = time.monotonic()

@@ -13,9 +13,10 @@ import textwrap
 import pytest
 
 import fable
+from fable.connection import PendingEnd, attach
 from fable.errors import FableError, ProtocolError, Timeout
 from fable.testing import open_fds
-from fable.transports.setup import PendingEnd, SetupChannel, attach
+from fable.transports import SetupChannel
 
 CHILD = textwrap.dedent(
     """

@@ -18,7 +18,7 @@ if not sys.platform.startswith("linux"):  # pragma: no cover
     raise ImportError("fable needs Linux (memfd, futex, SCM_RIGHTS, /proc)")
 
 from fable.buffer import Buffer
-from fable.connection import Connection
+from fable.connection import Connection, PendingEnd, attach, open_pair
 from fable.endpoint import Context, Listener, PlainStream, register
 from fable.errors import (
     ConnectionClosed,
@@ -36,7 +36,7 @@ from fable.errors import (
     WouldBlock,
 )
 from fable.poll import xpoll
-from fable.transports import REGISTRY, attach, open_pair
+from fable.transports import REGISTRY
 from fable.transports.base import ConnectionStats
 from fable.version import __version__
 
@@ -70,6 +70,7 @@ __all__ = [
     "NameNotFound",
     "NoSpace",
     "PeerDied",
+    "PendingEnd",
     "PermissionDenied",
     "PlainStream",
     "ProtocolError",

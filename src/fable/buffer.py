@@ -36,6 +36,11 @@ class Buffer:
         self.writable = writable
 
     @property
+    def owner(self) -> object:
+        """The data path that handed the buffer out (one epoch of one connection)."""
+        return self._owner
+
+    @property
     def data(self) -> memoryview:
         """The buffer's memory: writable for write buffers, read-only for read buffers."""
         data = self._data

@@ -1,24 +1,30 @@
-"""The library's side of the daemon protocol: one connection to ``fabled`` per process, held by
-one control thread.
+"""The library's side of the name service: this process's link to ``fabled``, served by the
+process's one control thread (``fable/control.py``).
 
 The control thread is the only reader of the daemon socket: it matches replies to requests (any
-thread may send one), queues ``incoming`` connections for listeners, and reports this process's
-flows and counters about once a second. If the daemon dies, existing connections keep working
-(the daemon is not on the data path); the control thread finds a daemon again (starting one if
-needed) and re-registers this process's names, listeners and flows, so a pending ``accept``
-simply goes on waiting. A request that was in flight when the daemon died raises
+thread may send one), queues ``incoming`` connections for listeners, hands operator and trigger
+requests (``reconfigure``) to the connection they name, and reports this process's flows and
+counters about once a second (at once when an I/O thread's CPU affinity changes). If the daemon
+dies, existing connections keep working (the daemon is not on the data path); the control
+thread finds a daemon again (starting one if needed) and registers this process's names,
+listeners and flows again, so a pending ``accept`` simply goes on waiting; if its name was taken
+meanwhile, that ``accept`` raises. A request that was in flight when the daemon died raises
 ``DaemonUnavailable``; a request made while none can be reached waits up to its timeout.
+
+The control thread never blocks here: it connects without waiting, starts a daemon as a detached
+process and looks for its socket on timer ticks, and queues frames the socket cannot take now,
+sending them when it is writable.
 
 Which daemon: ``$FABLE_SOCKET`` if set; else the per-user socket if a daemon answers there;
 else the system socket (``/run/fable/fabled.sock``) if one answers; else a per-user daemon is
-started (a detached ``python -m fable.daemon``, logging to the state dir), under a lock next to
-its socket so that two processes starting at once start one daemon.
+started (a detached ``python -m fable.daemon``, logging to the state dir). Two processes may
+start one at once: a daemon holds a lock next to its socket for its whole life, and one that
+cannot take it exits at once, so one daemon serves the socket.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import os
 import queue
@@ -36,23 +42,35 @@ from typing import Any
 
 from fable._wire import FrameReader, close_fds, recv_frame
 from fable.config import settings
-from fable.errors import DaemonUnavailable, FableError
+from fable.connection import Connection
+from fable.control import control
+from fable.errors import DaemonUnavailable, FableError, ProtocolError
 from fable.nameservice import CONTROL, SYSTEM_SOCKET, error_class, private_dir, user_socket
 from fable.topology import node_of_cpu, thread_placement
 from fable.version import __version__
 
-__all__ = ["DaemonLink", "link", "socket_path"]
+__all__ = [
+    "DaemonLink",
+    "link",
+    "one_shot",
+    "private_daemon",
+    "socket_path",
+    "spawn_daemon",
+    "start_daemon",
+]
 
 REPORT_INTERVAL_S = 1.0
-PLACEMENT_INTERVAL_S = 0.02  # how often I/O threads' affinities are looked at (see _serve)
-_START_TIMEOUT_S = 10.0
-_DEFAULT_WAIT_S = 10.0
+PLACEMENT_INTERVAL_S = 0.02  # how often I/O threads' affinities are looked at
+START_TIMEOUT_S = 10.0  # how long a daemon we started may take to answer
+DEFAULT_WAIT_S = 10.0
+MAX_OUTBOX = 1 << 20  # bytes of frames queued for a daemon that does not read
+_RETRY_FIRST_S, _RETRY_MAX_S = 0.05, 0.5
 
 
 def _answers(path: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """Whether a daemon accepts connections on ``path`` now (a connect that never waits)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        s.settimeout(1.0)
         s.connect(str(path))
         return True
     except OSError:
@@ -79,39 +97,41 @@ def socket_path() -> tuple[Path, bool]:
 _spawned: list[subprocess.Popen[bytes]] = []
 
 
-def start_daemon(path: Path) -> subprocess.Popen[bytes] | None:
-    """Start a detached daemon on ``path`` unless one answers there (then None); safe against
-    races (a lock file next to the socket)."""
+def spawn_daemon(path: Path) -> subprocess.Popen[bytes] | None:
+    """Start a detached daemon on ``path`` unless one answers there (then None), without
+    waiting for it. Safe against races: of two daemons started at once, one serves (the other
+    finds the socket's lock taken and exits)."""
     _spawned[:] = [p for p in _spawned if p.poll() is None]
     if path.parent != SYSTEM_SOCKET.parent:
         private_dir(path.parent)
-    lock = os.open(str(path) + ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _answers(path):
-            return None
-        state = private_dir(settings().state_dir)
-        with open(state / "fabled.log", "ab") as logf:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fable.daemon", "--socket", str(path)],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                start_new_session=True,  # detached: not killed with our process group
-                close_fds=True,
+    if _answers(path):
+        return None
+    state = private_dir(settings().state_dir)
+    with open(state / "fabled.log", "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fable.daemon", "--socket", str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,  # detached: not killed with our process group
+            close_fds=True,
+        )
+    _spawned.append(proc)
+    return proc
+
+
+def start_daemon(path: Path) -> subprocess.Popen[bytes] | None:
+    """``spawn_daemon``, then wait until a daemon answers on ``path`` (the CLI, the bench)."""
+    proc = spawn_daemon(path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not _answers(path):
+        if time.monotonic() > deadline:
+            raise DaemonUnavailable(
+                f"started a daemon on {path} but it did not answer in {START_TIMEOUT_S:g} s "
+                f"(see {settings().state_dir / 'fabled.log'})"
             )
-        _spawned.append(proc)
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while not _answers(path):
-            if time.monotonic() > deadline:
-                raise DaemonUnavailable(
-                    f"started a daemon on {path} but it did not answer in {_START_TIMEOUT_S:g} s "
-                    f"(see {state / 'fabled.log'})"
-                )
-            time.sleep(0.01)
-        return proc
-    finally:
-        os.close(lock)
+        time.sleep(0.01)
+    return proc
 
 
 @dataclass
@@ -129,32 +149,46 @@ class _Name:
     listening: bool = False
     trusted: bool = False
     allow_uids: list[int] | None = None
-    incoming: queue.Queue[tuple[dict[str, Any], socket.socket]] = field(default_factory=queue.Queue)
+    lost: str = ""  # why it could not be registered again after a restart (accept raises)
+    # connections for the listener; None wakes it to look at ``lost``
+    incoming: queue.Queue[tuple[dict[str, Any], socket.socket] | None] = field(
+        default_factory=queue.Queue
+    )
 
 
 class DaemonLink:
-    """This process's daemon connection and control thread (get it with :func:`link`)."""
+    """This process's daemon connection, served by the control thread (get it with
+    :func:`link`). ``_lock`` guards the socket, the outgoing frames and the state below."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # sending, and the state below
+        self._lock = threading.Lock()
+        self._up = threading.Condition(self._lock)  # notified when a daemon is reached
         self._sock: socket.socket | None = None
-        self._up = threading.Condition(self._lock)
-        self._ids = itertools.count(1)
+        self._reader = FrameReader(CONTROL)
+        self._out = bytearray()  # frames the socket has not taken yet
+        self._ids = itertools.count(1)  # requests of the application: positive ids
+        self._replay_ids = itertools.count(-1, -1)  # our own after a (re)connect: negative
+        self._replays: dict[int, tuple[str, str]] = {}  # id -> (op, name)
         self._pending: dict[int, _Pending] = {}
         self.names: dict[str, _Name] = {}
-        self._flows: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self._flows: weakref.WeakValueDictionary[int, Connection] = weakref.WeakValueDictionary()
         self._flow_info: dict[int, dict[str, Any]] = {}
-        self._stop = False
         self.path: Path | None = None
         self.hello: dict[str, Any] = {}
         self.last_error: str = ""  # why the last attempt to reach a daemon failed
         self._nodes = node_of_cpu()
-        self._thread = threading.Thread(target=self._run, name="fable-control", daemon=True)
-        self._thread.start()
+        self._placed: dict[str, tuple[tuple[int, ...], int]] = {}
+        self._next_report = 0.0
+        self._starting: tuple[float, Path] | None = None  # a daemon we started: until when
+        self._retry = _RETRY_FIRST_S
+        self._stopped = False
+        ctl = control()
+        ctl.call_later(0.0, self._connect_tick)
+        ctl.call_later(PLACEMENT_INTERVAL_S, self._report_tick)
 
     # ------------------------------------------------------------------------ requests
     def request(
-        self, op: str, wait: float | None = _DEFAULT_WAIT_S, **fields: Any
+        self, op: str, wait: float | None = DEFAULT_WAIT_S, **fields: Any
     ) -> tuple[dict[str, Any], int | None]:
         """Send a request and wait up to ``wait`` s for its reply (and for a daemon, while
         none is reachable); raises the error class the daemon names."""
@@ -169,10 +203,10 @@ class DaemonLink:
             rid = next(self._ids)
             slot = self._pending[rid] = _Pending()
             try:
-                self._send({"op": op, "id": rid, **fields})
-            except OSError:
+                self._queue({"op": op, "id": rid, **fields})
+            except DaemonUnavailable:
                 del self._pending[rid]
-                raise DaemonUnavailable("the daemon connection broke") from None
+                raise
         if not slot.done.wait(
             None if deadline is None else max(0.0, deadline - time.monotonic()) + 1
         ):
@@ -188,9 +222,27 @@ class DaemonLink:
             raise error_class(slot.reply.get("error"))(str(slot.reply.get("message")))
         return slot.reply, slot.fd
 
-    def _send(self, obj: dict[str, Any]) -> None:
-        assert self._sock is not None
-        self._sock.sendall(CONTROL.encode(obj), socket.MSG_NOSIGNAL)
+    def _queue(self, obj: dict[str, Any]) -> None:
+        """Queue a frame and send what the socket takes now (``_lock`` held; never waits)."""
+        if len(self._out) > MAX_OUTBOX:
+            raise DaemonUnavailable("the daemon does not read its requests")
+        self._out += CONTROL.encode(obj)
+        self._flush()
+
+    def _flush(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            while self._out:
+                n = sock.send(self._out, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                del self._out[:n]
+        except BlockingIOError:
+            pass
+        except OSError:
+            return  # broken: the control thread sees the hang-up and starts over
+        events = select.EPOLLIN | (select.EPOLLOUT if self._out else 0)
+        control().modify(sock.fileno(), events)
 
     # ------------------------------------------------------------- state to replay
     def add_name(self, name: str) -> _Name:
@@ -202,7 +254,7 @@ class DaemonLink:
         with self._lock:
             self.names.pop(name, None)
 
-    def add_flow(self, flow: dict[str, Any], role: int, conn: Any) -> None:
+    def add_flow(self, flow: dict[str, Any], role: int, conn: Connection) -> None:
         info = dict(flow, role=role)
         with self._lock:
             self._flows[flow["id"]] = conn
@@ -228,79 +280,193 @@ class DaemonLink:
                     "epoch": st.epoch,
                     "msgs": st.msgs_sent,
                     "bytes": st.bytes_sent,
-                    "reason": conn._switcher.reason or info.get("reason", ""),
+                    "reason": (conn.last_switch or {}).get("reason") or info.get("reason", ""),
                     "last_switch": conn.last_switch,
-                    "pollable": conn._switcher.fd_out,
+                    "pollable": conn.polled,
                 }
             )
         return out
 
     # ----------------------------------------------------------------- control thread
-    def _connect(self) -> socket.socket:
-        path, may_start = socket_path()
-        if not _answers(path):
-            if not may_start:
-                raise DaemonUnavailable(f"no daemon answers on {path}")
-            start_daemon(path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        s.settimeout(5.0)
-        s.connect(str(path))
-        self.path = path
-        return s
-
-    def _replay(self, s: socket.socket) -> None:
-        """Say hello, then (after a restart) register our names and listeners and report our
-        flows, before anyone else may send."""
-        ids = itertools.count(-1, -1)
-
-        def call(obj: dict[str, Any]) -> dict[str, Any]:
-            return _call(s, next(ids), obj)
-
-        self.hello = call({"op": "hello", "pid": os.getpid(), "lib": __version__})
-        if not self.hello.get("ok"):  # e.g. a daemon of another fable version
-            raise error_class(self.hello.get("error"))(str(self.hello.get("message")))
-        for name, entry in list(self.names.items()):
-            if not entry.registered:
-                continue  # its own register request is on its way
-            r = call({"op": "register", "name": name, **thread_placement(entry.tid, self._nodes)})
-            if not r.get("ok"):
-                continue  # taken meanwhile: the name is lost, its listener waits in vain
-            if entry.listening:
-                call(
-                    {
-                        "op": "listen",
-                        "name": name,
-                        "trusted": entry.trusted,
-                        "allow_uids": entry.allow_uids,
-                    }
-                )
-        call({"op": "report", "flows": self._flow_reports()})
-
-    def _run(self) -> None:
-        backoff = 0.05
-        while not self._stop:
+    def _connect_tick(self) -> float | None:
+        """Reach a daemon (starting one if needed) without waiting; the seconds until the
+        next try, or None once connected."""
+        if self._stopped or self._sock is not None:
+            return None
+        now = time.monotonic()
+        try:
+            if self._starting is not None:
+                until, path = self._starting
+                if not _answers(path):
+                    if now < until:
+                        return 0.01
+                    self._starting = None
+                    raise DaemonUnavailable(
+                        f"started a daemon on {path} but it did not answer in "
+                        f"{START_TIMEOUT_S:g} s (see {settings().state_dir / 'fabled.log'})"
+                    )
+                self._starting = None
+            path, may_start = socket_path()
+            if not _answers(path):
+                if not may_start:
+                    raise DaemonUnavailable(f"no daemon answers on {path}")
+                spawn_daemon(path)
+                self._starting = (now + START_TIMEOUT_S, path)
+                return 0.01
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            s.setblocking(False)
             try:
-                s = self._connect()
-                with self._lock:
-                    self._replay(s)
-                    s.settimeout(None)
-                    self._sock = s
-                    self._up.notify_all()
-                backoff = 0.05
-                self.last_error = ""
-                self._serve(s)
-            except (OSError, FableError, EOFError) as e:
-                self.last_error = f"{type(e).__name__}: {e}"
+                s.connect(str(path))
+            except OSError:
+                s.close()
+                raise
+        except (OSError, FableError) as e:
+            self.last_error = f"{type(e).__name__}: {e}"
+            retry, self._retry = self._retry, min(self._retry * 2, _RETRY_MAX_S)
+            return retry
+        self._connected(s, path)
+        return None
+
+    def _connected(self, s: socket.socket, path: Path) -> None:
+        """Say hello and (after a restart) register our names and listeners and report our
+        flows again, before anything the application sends (frames go out in order)."""
+        with self._lock:
+            self._sock, self.path = s, path
+            self._reader = FrameReader(CONTROL)
+            self._out.clear()
+            self._replays.clear()
+            self._placed = {}
+            control().watch(s.fileno(), self._on_ready)
+
+            def replay(obj: dict[str, Any], name: str = "") -> None:
+                rid = next(self._replay_ids)
+                self._replays[rid] = (obj["op"], name)
+                self._queue({**obj, "id": rid})
+
+            replay({"op": "hello", "pid": os.getpid(), "lib": __version__})
+            for name, entry in self.names.items():
+                if not entry.registered:
+                    continue  # its own register request is on its way
+                facts = thread_placement(entry.tid, self._nodes)
+                replay({"op": "register", "name": name, **facts}, name)
+                if entry.listening:
+                    replay(
+                        {
+                            "op": "listen",
+                            "name": name,
+                            "trusted": entry.trusted,
+                            "allow_uids": entry.allow_uids,
+                        },
+                        name,
+                    )
+            replay({"op": "report", "flows": self._flow_reports()})
+            self._retry = _RETRY_FIRST_S
+            self.last_error = ""
+            self._up.notify_all()
+
+    def _on_ready(self, events: int) -> bool:
+        """The daemon socket is readable or writable (the control thread)."""
+        if events & select.EPOLLOUT:
             with self._lock:
-                if self._sock is not None:
-                    self._sock.close()
-                self._sock = None
-                for slot in self._pending.values():
-                    slot.error = DaemonUnavailable("the daemon went away during the request")
-                    slot.done.set()
-                self._pending.clear()
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 0.5)
+                self._flush()
+        if not events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            return True
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            while True:
+                try:
+                    n = self._reader.read_from(sock, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return True
+                while (got := self._reader.pop()) is not None:
+                    self._dispatch(*got)
+                if n == 0:
+                    raise EOFError("the daemon closed the connection")
+        except (OSError, EOFError, FableError) as e:
+            self._lost(f"{type(e).__name__}: {e}")
+            return False
+
+    def _dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
+        close_fds(fds[1:])
+        fd = fds[0] if fds else None
+        rid = msg.get("id")
+        if rid is None:
+            self._push(msg, fd)
+            return
+        if not isinstance(rid, int):
+            if fd is not None:
+                os.close(fd)
+            raise ProtocolError(f"a reply from the daemon with id {rid!r}")
+        if fd is not None and rid < 0:
+            os.close(fd)
+            fd = None
+        with self._lock:
+            slot = self._pending.pop(rid, None)
+            replay = self._replays.pop(rid, None)
+        if replay is not None:
+            self._replayed(replay, msg)
+        if slot is None:  # a report's answer, or our own
+            if fd is not None:
+                os.close(fd)
+            return
+        slot.reply, slot.fd = msg, fd
+        slot.done.set()
+
+    def _replayed(self, what: tuple[str, str], msg: dict[str, Any]) -> None:
+        op, name = what
+        if op == "hello":
+            if not msg.get("ok"):  # e.g. a daemon of another fable version
+                raise error_class(msg.get("error"))(str(msg.get("message")))
+            self.hello = msg
+        elif op == "register" and not msg.get("ok"):
+            entry = self.names.get(name)
+            if entry is not None:  # taken meanwhile: its listener must not wait in vain
+                entry.lost = str(msg.get("message", "taken"))
+                entry.incoming.put(None)
+
+    def _lost(self, why: str) -> None:
+        """The link broke: fail what was in flight, and find a daemon again."""
+        with self._lock:
+            if self._sock is not None:
+                control().unwatch(self._sock.fileno())
+                self._sock.close()
+            self._sock = None
+            self._out.clear()
+            self._reader.close()
+            for slot in self._pending.values():
+                slot.error = DaemonUnavailable(f"the daemon went away during the request ({why})")
+                slot.done.set()
+            self._pending.clear()
+            self.last_error = why
+        control().call_later(self._retry, self._connect_tick)
+
+    def _report_tick(self) -> float | None:
+        """Report counters every REPORT_INTERVAL_S, and at once when an I/O thread moved."""
+        if self._stopped:
+            return None
+        if self._sock is None:
+            return PLACEMENT_INTERVAL_S
+        now = time.monotonic()
+        if now >= self._next_report or (self._flows and self._placement_moved()):
+            with self._lock:
+                try:
+                    self._queue(
+                        {
+                            "op": "report",
+                            "id": next(self._ids),
+                            "flows": self._flow_reports(),
+                            "endpoints": [
+                                {"name": n, **thread_placement(e.tid, self._nodes)}
+                                for n, e in self.names.items()
+                            ],
+                        }
+                    )
+                except DaemonUnavailable:
+                    pass  # the daemon does not read: its hang-up or our next try says more
+            self._next_report = now + REPORT_INTERVAL_S
+        return PLACEMENT_INTERVAL_S
 
     def _placement_moved(self) -> bool:
         """Whether an I/O thread's affinity or NUMA node changed since the last report (an
@@ -314,44 +480,8 @@ class DaemonLink:
                 moved = True
         return moved
 
-    def _serve(self, s: socket.socket) -> None:
-        next_report = time.monotonic() + REPORT_INTERVAL_S
-        self._placed: dict[str, tuple[tuple[int, ...], int]] = {}
-        while not self._stop:
-            left = min(next_report - time.monotonic(), PLACEMENT_INTERVAL_S)
-            if left <= 0 or not select.select([s], [], [], left)[0]:
-                if time.monotonic() < next_report and not (self._flows and self._placement_moved()):
-                    continue
-                with self._lock:
-                    self._send(
-                        {
-                            "op": "report",
-                            "id": next(self._ids),
-                            "flows": self._flow_reports(),
-                            "endpoints": [
-                                {"name": n, **thread_placement(e.tid, self._nodes)}
-                                for n, e in self.names.items()
-                            ],
-                        }
-                    )
-                next_report = time.monotonic() + REPORT_INTERVAL_S
-                continue
-            msg, fd = _read_frame(s)
-            rid = msg.get("id")
-            if rid is None:
-                self._push(msg, fd)
-                continue
-            with self._lock:
-                slot = self._pending.pop(rid, None)
-            if slot is None:  # a report's answer
-                if fd is not None:
-                    os.close(fd)
-                continue
-            slot.reply, slot.fd = msg, fd
-            slot.done.set()
-
     def _push(self, msg: dict[str, Any], fd: int | None) -> None:
-        if msg.get("op") == "reconfigure":  # from `fable reconfigure`
+        if msg.get("op") == "reconfigure":  # from `fable reconfigure` or a trigger
             conn = self._flows.get(msg.get("flow"))  # type: ignore[arg-type]
             if conn is not None and not conn.closed:
                 try:
@@ -373,7 +503,8 @@ class DaemonLink:
             os.close(fd)
 
     def close_after_fork(self) -> None:
-        self._stop = True
+        """In a forked child: drop the parent's link without touching it."""
+        self._stopped = True
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 os.close(self._sock.detach())
@@ -384,18 +515,10 @@ def _call(s: socket.socket, rid: int, obj: dict[str, Any]) -> dict[str, Any]:
     ids, and any fd that comes with them, are dropped)."""
     s.sendall(CONTROL.encode({**obj, "id": rid}), socket.MSG_NOSIGNAL)
     while True:
-        reply, fd = _read_frame(s)
-        if fd is not None:
-            os.close(fd)
+        reply, fds = recv_frame(s, FrameReader(CONTROL), None)  # this frame and no further
+        close_fds(fds)
         if reply.get("id") == rid:
             return reply
-
-
-def _read_frame(s: socket.socket) -> tuple[dict[str, Any], int | None]:
-    """The next frame from the daemon and the one fd it may carry (extra fds are closed)."""
-    msg, fds = recv_frame(s, FrameReader(CONTROL), None)  # reads this frame and no further
-    close_fds(fds[1:])
-    return msg, (fds[0] if fds else None)
 
 
 _link: DaemonLink | None = None
@@ -412,7 +535,8 @@ def link() -> DaemonLink:
 
 
 def _forget_in_child() -> None:
-    global _link
+    global _link, _link_lock
+    _link_lock = threading.Lock()  # the parent's may have been held when it forked
     if _link is not None:
         _link.close_after_fork()
     _link = None

@@ -16,103 +16,142 @@ Guarantees: messages are delivered whole, in commit order, exactly once; once ``
 ``commit(flush=False)`` keeps messages in this process until ``flush()`` (or ``close()``): flush
 before exiting, as with a buffered file. Not guaranteed: that a committed message reached the
 peer's application, or that a ``PeerDied`` peer read anything it was sent.
+
+A connection is made of parts with one job each: the data paths of its epochs and the switch
+between them (``fable/epochs.py``), its stable readiness fds (``fable/readiness.py``), its setup
+channel watched by the process's control thread (``fable/control.py``). The connection owns the
+one place its methods are bound (``bind``). At the bottom of this module: connections between
+two processes without a daemon (``open_pair``, ``attach``, ``PendingEnd``, ``initiate``), made
+by the handshake of ``fable/handshake.py``.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import socket
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, NoReturn
 
+from fable import aio, handshake
 from fable.buffer import Buffer
 from fable.config import settings
-from fable.errors import ConnectionClosed, FableError
-from fable.transports import REGISTRY
-from fable.transports.base import ConnectionStats, DataPath
-from fable.transports.setup import SetupChannel
+from fable.control import control
+from fable.epochs import GROUPS, Epochs
+from fable.errors import ConnectionClosed, FableError, PeerDied
+from fable.readiness import BusyFd, StableFd
+from fable.transports import REGISTRY, ConnectionStats, DataPath, SetupChannel
 
-__all__ = ["Connection"]
-
-_HOT = (
-    "getwritebuf",
-    "commit",
-    "abort",
-    "flush",
-    "send",
-    "send_many",
-    "getreadbuf",
-    "release",
-    "recv",
-    "recv_into",
-)
+__all__ = ["Connection", "PendingEnd", "attach", "initiate", "open_pair"]
 
 _live: weakref.WeakSet[Connection] = weakref.WeakSet()
 
 
-def _raiser(exc: Callable[[], BaseException]) -> Callable[..., NoReturn]:
-    def dead(*args: Any, **kwargs: Any) -> NoReturn:
-        raise exc()
+class _Refuse:
+    """What a closed or invalid connection's data methods are bound to: each raises."""
 
-    return dead
+    def __init__(self, exc: Callable[[], BaseException]) -> None:
+        self._exc = exc
+
+    def __getattr__(self, name: str) -> Callable[..., NoReturn]:
+        exc = self._exc
+
+        def refuse(*args: Any, **kwargs: Any) -> NoReturn:
+            raise exc()
+
+        return refuse
+
+
+def _on_channel(ref: weakref.ref[Epochs], events: int) -> bool:
+    """The control thread's callback for a connection's setup channel."""
+    epochs = ref()
+    return epochs is not None and epochs.on_channel()
+
+
+def _first_records(ref: weakref.ref[Epochs]) -> None:
+    """Once, on the control thread: records that came with the first offer (read with it, so
+    no event on the channel announces them)."""
+    _on_channel(ref, 0)
 
 
 class Connection:
     """One side of a connection. Use it from one sending and one receiving thread at a time."""
 
-    def __init__(self, path: DataPath, setup: SetupChannel, role: int = 0) -> None:
-        from fable import reconfig
-
+    def __init__(
+        self,
+        path: DataPath,
+        setup: SetupChannel,
+        role: int = 0,
+        *,
+        trusted: bool | None = None,
+        forced: bool = True,
+    ) -> None:
+        """``path``: this side's first data path; ``setup``: the setup channel; ``role``: 0 on
+        the side that set the connection up. ``trusted``: whether this side may read in place
+        in later epochs (None: as the first path reads). ``forced``: the application named the
+        transport (``fileno()`` on a spinning one raises instead of moving it)."""
         self._setup = setup
         self._state = "open"
-        self._switcher = reconfig.Switcher(self, path, setup, role)
-        self._bind(path)
+        self._forced = forced
+        self._fd = StableFd()
+        self._busy = BusyFd()
+        self._epochs = Epochs(
+            path,
+            setup,
+            role,
+            trusted=(not path.safe) if trusted is None else trusted,
+            bind=self._bind,
+            fd=self._fd,
+            busy=self._busy,
+        )
+        self._bind("all", path)
         _live.add(self)
-        reconfig.watch(self)
+        ref = weakref.ref(self._epochs)
+        ctl = control()
+        ctl.watch(setup.fileno(), lambda ev: _on_channel(ref, ev))
+        # records that came with the first offer (already read, so no event announces them)
+        ctl.call_later(0.0, lambda: _first_records(ref))
 
     @property
     def _path(self) -> DataPath:
         """The path being read now (the one the peer's messages arrive on first)."""
-        return self._switcher.rx[0]
+        return self._epochs.rx[0]
 
-    def _bind(self, path: DataPath) -> None:
+    def _bind(self, group: str, target: object) -> None:
+        """The one place the data methods are bound: each name of ``GROUPS[group]`` to that
+        attribute of ``target`` (a path, the switch's write relay, or a refusal), so that a
+        call is one call into the transport."""
         d = self.__dict__
-        for name in _HOT:
-            d[name] = getattr(path, name)
-
-    def _unbind(self, exc: Callable[[], BaseException]) -> None:
-        dead = _raiser(exc)
-        d = self.__dict__
-        for name in _HOT:
-            d[name] = dead
+        for name in GROUPS[group]:
+            d[name] = getattr(target, name)
 
     # ----------------------------------------------------------------- identity
     @property
     def transport(self) -> str:
         """Canonical name of the transport carrying the connection now (REGISTRY key)."""
-        return self._switcher.newest.transport
+        return self._epochs.newest.transport
 
     @property
     def safe(self) -> bool:
         """True when this side's reads are private copies; False when they are views into
         memory the peer can write (only if this side said ``trusted=True``)."""
-        return self._switcher.newest.safe
+        return self._epochs.newest.safe
 
     @property
     def epoch(self) -> int:
         """Transport generation: 0 at first, +1 at each reconfiguration."""
-        return self._switcher.epoch
+        return self._epochs.epoch
 
     @property
     def max_write(self) -> int:
         """The largest ``size`` one ``getwritebuf`` accepts."""
-        return self._switcher.tx.max_write
+        return self._epochs.tx.max_write
 
     @property
     def last_switch(self) -> dict[str, Any] | None:
         """The latest reconfiguration: ``{"at", "from", "to", "reason"}``, or None."""
-        return self._switcher.last_switch
+        return self._epochs.last_switch
 
     # ----------------------------------------------------------------- reconfiguration
     def reconfigure(
@@ -125,17 +164,20 @@ class Connection:
         timeout: float | None = 10.0,
     ) -> None:
         """Move this connection to ``transport`` (a REGISTRY name) without losing a message
-        (``fable/reconfig.py`` draws the protocol). ``safe=None`` keeps this side's form where
-        the transport has it. ``wait``: return once the peer accepted (``FableError`` if it
-        refused: the connection stays as it was); the switch then completes as both sides go
-        on reading and writing. ``PermissionDenied`` for unsafe reads without trust."""
+        (``fable/epochs.py`` draws the protocol). ``safe=None`` keeps this side's form where
+        the transport has it, else takes the transport's one form. ``wait``: return once the
+        peer accepted (``FableError`` if it refused: the connection stays as it was); the
+        switch then completes as both sides go on reading and writing. ``PermissionDenied``
+        for unsafe reads without trust."""
         self._check_open()
-        self._switcher.reconfigure(transport, safe, reason, wait, timeout)
+        self._epochs.reconfigure(transport, safe, reason, wait, timeout)
 
     def reconfig_fileno(self) -> int:
         """An fd that is readable while a reconfiguration is in progress."""
         self._check_open()
-        return self._switcher.fileno()
+        with self._epochs.lock:
+            self._busy.set(self._epochs.busy)
+            return self._busy.fileno()
 
     @property
     def closed(self) -> bool:
@@ -207,48 +249,55 @@ class Connection:
         application named the spinning transport itself (``open_pair``,
         ``connect(transport=...)``): then ``io.UnsupportedOperation``."""
         self._check_open()
-        sw = self._switcher
-        if not sw.fd_out and REGISTRY[sw.newest.transport].caps.spins:
-            if sw.forced:
+        ep = self._epochs
+        newest = ep.newest.transport
+        if not self._fd.handed_out and REGISTRY[newest].caps.spins:
+            if self._forced:
                 raise io.UnsupportedOperation(
-                    f"{sw.newest.transport} spins and has no readiness fd (it was named by the "
+                    f"{newest} spins and has no readiness fd (it was named by the "
                     "application; the library would have moved to mempipe-adaptive)"
                 )
             self.reconfigure(
                 "mempipe-adaptive",
                 reason="fileno() was asked for: a readiness fd needs a transport that sleeps",
             )
-        return sw.read_fileno()
+        with ep.lock:
+            return self._fd.fileno(ep.rx)
 
-    def _poll_prepare(self) -> bool:
+    @property
+    def polled(self) -> bool:
+        """Whether ``fileno()`` was handed out (the connection never moves to a spinning
+        transport from then on)."""
+        return self._fd.handed_out
+
+    def poll_prepare(self) -> bool:
+        """For event loops: True when a read would not wait now (a message, the peer's close
+        or death, an error); otherwise make sure ``fileno()`` signals when that changes (re-arm
+        it) and return False. Call it before waiting on ``fileno()``."""
         if self._state != "open":
             return True  # reading raises: the caller should find out
         return self._path.poll_prepare()
 
-    def _write_fileno(self) -> int | None:
-        return self._switcher.tx.write_fileno() if self._state == "open" else None
+    def write_fileno(self) -> int | None:
+        """For event loops: an fd that polls writable when a blocked writer may go on, or None
+        (the rings have none: retry)."""
+        return self._epochs.tx.write_fileno() if self._state == "open" else None
 
     async def arecv(self) -> bytes:
         """The next message, for asyncio (waits on ``fileno()`` with the running loop)."""
-        from fable.poll import arecv
-
-        return await arecv(self)
+        return await aio.arecv(self)
 
     async def asend(self, data: bytes | bytearray | memoryview) -> None:
         """Send one message, for asyncio: waits for room without blocking the loop."""
-        from fable.poll import asend
-
-        await asend(self, data)
+        await aio.asend(self, data)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         """``async for msg in conn``: messages until the peer closes."""
-        from fable.poll import aiter_messages
-
-        return aiter_messages(self)
+        return aio.aiter_messages(self)
 
     def stats(self) -> ConnectionStats:
         """A frozen snapshot of this side's counters (over every epoch)."""
-        return self._switcher.stats()
+        return self._epochs.stats()
 
     def close(self) -> None:
         """Flush (up to FABLE_CLOSE_LINGER s), send the close frame, free everything.
@@ -256,25 +305,39 @@ class Connection:
         if self._state != "open":
             return
         self._state = "closed"
-        self._unbind(lambda: ConnectionClosed("connection is closed"))
+        self._bind("all", _Refuse(lambda: ConnectionClosed("connection is closed")))
         _live.discard(self)
-        from fable import reconfig
-
-        reconfig.unwatch(self)
         try:
-            self._switcher.close(settings().close_linger_s)
+            self._epochs.close(settings().close_linger_s)
         finally:
-            self._setup.close()
+            self._release_fds()
+
+    def _release_fds(self) -> None:
+        try:
+            control().unwatch(self._setup.fileno())  # before its number can be reused
+        except FableError:
+            pass  # the setup channel is closed already
+        self._fd.close()
+        self._busy.close()
+        self._setup.close()
 
     def _forked(self) -> None:
         """In a forked child: drop the inherited handles silently and refuse every call."""
         if self._state != "open":
             return
         self._state = "invalid"
-        self._unbind(
-            lambda: FableError("this connection was inherited across fork(); it is the parent's")
+        self._bind(
+            "all",
+            _Refuse(
+                lambda: FableError(
+                    "this connection was inherited across fork(); it is the parent's"
+                )
+            ),
         )
-        self._switcher.forget()
+        self._epochs.forget()
+        self._fd.close()
+        self._busy.close()
+        self._setup.forget()
 
     def _check_open(self) -> None:
         if self._state == "closed":
@@ -290,8 +353,6 @@ class Connection:
 
     def __iter__(self) -> Iterator[bytes]:
         """Messages until the peer closes (ConnectionClosed ends the loop; PeerDied raises)."""
-        from fable.errors import PeerDied
-
         while True:
             try:
                 yield self.recv()
@@ -309,8 +370,8 @@ class Connection:
         if getattr(self, "_state", None) == "open":
             try:
                 self._state = "closed"
-                self._switcher.close(0.0)
-                self._setup.close()
+                self._epochs.close(0.0)
+                self._release_fds()
             except Exception:
                 pass
 
@@ -322,3 +383,105 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ------------------------------------------------------------------ pairs without a daemon
+class PendingEnd:
+    """The not-yet-opened other end of an ``open_pair`` connection (hand it to a child)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock: socket.socket | None = sock
+
+    def fileno(self) -> int:
+        """The setup channel fd, to pass to a spawned child (``pass_fds``), then ``attach(fd)``."""
+        if self._sock is None:
+            raise FableError("this PendingEnd was already opened or closed")
+        return self._sock.fileno()
+
+    def open(
+        self, timeout: float | None = 10.0, *, trusted: bool | None = None, forced: bool = True
+    ) -> Connection:
+        """Open this end (in the child) and return its :class:`Connection`. ``trusted``: may
+        this side read in place? False refuses an offer of unsafe reads (``ProtocolError``);
+        None takes the form the other side chose. ``forced``: the transport was named by the
+        application (see ``Connection.fileno``)."""
+        if self._sock is None:
+            raise FableError("this PendingEnd was already opened or closed")
+        sock, self._sock = self._sock, None
+        ch = SetupChannel(sock)
+        try:
+            path, _ = handshake.first_offer(ch, handshake.Stance(trusted=trusted), timeout)
+        except BaseException:
+            ch.close()
+            raise
+        return Connection(path, ch, 1, trusted=trusted, forced=forced)
+
+    def close(self) -> None:
+        """Drop this process's copy (the parent, once the child has its own)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> PendingEnd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attach(fd: int, timeout: float | None = 10.0, *, trusted: bool | None = None) -> Connection:
+    """Open the end of an ``open_pair`` connection whose setup channel fd this process
+    inherited (``PendingEnd.fileno()`` passed to a spawned child)."""
+    return PendingEnd(socket.socket(fileno=fd)).open(timeout, trusted=trusted)
+
+
+def initiate(
+    sock: socket.socket,
+    transport: str,
+    *,
+    safe: bool | None = None,
+    options: dict[str, Any] | None = None,
+    trusted: bool | None = None,
+    forced: bool = True,
+) -> Connection:
+    """Set ``transport`` up over the setup channel ``sock`` (this side creates it and sends the
+    peer its share in the first offer) and return this side's Connection; the peer opens its
+    end with ``PendingEnd(sock).open()`` or ``attach(fd)``. Takes ``sock`` over, closing it on
+    failure. Raises ValueError for an unknown transport or a form it does not have."""
+    try:
+        info = handshake.transport_info(transport)
+        safe = handshake.choose_form(info, safe)
+        ch = SetupChannel(sock)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        path = handshake.make_offer(
+            ch, info, safe=safe, epoch=0, op=handshake.HELLO, options=options
+        )
+    except BaseException:
+        ch.close()
+        raise
+    return Connection(path, ch, 0, trusted=trusted, forced=forced)
+
+
+def open_pair(
+    transport: str,
+    *,
+    safe: bool | None = None,
+    options: dict[str, Any] | None = None,
+    trusted: bool | None = None,
+) -> tuple[Connection, PendingEnd]:
+    """A connection over ``transport``: this side's Connection, and the other end to hand on.
+
+    ``safe``: whether the readers get private copies (default: the transport's safe form when
+    it has one). ``trusted``: whether this side may read in place in later epochs (None: as it
+    reads now). Raises ValueError for an unknown transport or a form it does not have."""
+    handshake.choose_form(handshake.transport_info(transport), safe)
+    s0, s1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn = initiate(s0, transport, safe=safe, options=options, trusted=trusted)
+    except BaseException:
+        s1.close()
+        raise
+    return conn, PendingEnd(s1)

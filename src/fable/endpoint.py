@@ -1,7 +1,7 @@
 """Named endpoints: ``fable.register(name)`` -> Context; ``listen`` / ``accept``; ``connect``.
 
 The daemon rendezvous the two ends and hands each a setup channel; the connecting side creates
-the transport the daemon named and sends the listener its share (``transports.setup.initiate``),
+the transport the daemon named and sends the listener its share (``connection.initiate``),
 exactly as ``open_pair`` does between a parent and a child. After that the daemon is not on the
 data path: it only hears each process's counters, once a second.
 
@@ -17,11 +17,10 @@ import time
 from typing import Any
 
 from fable.client import link
-from fable.connection import Connection
+from fable.connection import Connection, PendingEnd, initiate
 from fable.errors import ConnectionClosed, FableError, PeerDied, Timeout, WouldBlock
 from fable.nameservice import check_name
 from fable.topology import thread_placement
-from fable.transports.setup import PendingEnd, initiate
 
 __all__ = ["Context", "Listener", "PlainStream", "register"]
 
@@ -104,8 +103,13 @@ class Context:
             raise FableError("the daemon answered connect without a setup channel")
         sock = socket.socket(fileno=fd)
         opts = reply["options"]
-        conn: Connection = initiate(sock, opts["transport"], safe=opts["safe"])
-        conn._switcher.forced = bool(opts.get("forced", True))
+        conn = initiate(
+            sock,
+            opts["transport"],
+            safe=opts["safe"],
+            trusted=bool(trusted),
+            forced=bool(opts.get("forced", True)),
+        )
         link().add_flow(reply["flow"], 0, conn)
         return conn
 
@@ -152,21 +156,30 @@ class Listener:
             raise FableError(f"context {self.ctx.name!r} is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if entry.lost:
+                raise FableError(
+                    f"{self.ctx.name!r} could not be registered again after the daemon "
+                    f"restarted: {entry.lost}"
+                )
             left = None if deadline is None else deadline - time.monotonic()
             try:
                 if left is not None and left <= 0:
-                    msg, sock = entry.incoming.get_nowait()
+                    item = entry.incoming.get_nowait()
                 else:
-                    msg, sock = entry.incoming.get(timeout=left)
+                    item = entry.incoming.get(timeout=left)
             except queue.Empty:
                 if timeout == 0:
                     raise WouldBlock("no connection is waiting") from None
                 raise Timeout(f"no connection to {self.ctx.name!r} in {timeout:g} s") from None
+            if item is None:
+                continue  # look at entry.lost
+            msg, sock = item
+            forced = bool(msg.get("options", {}).get("forced", True))
             try:
-                conn: Connection = PendingEnd(sock).open(timeout=10.0)
+                conn = PendingEnd(sock).open(timeout=10.0, trusted=entry.trusted, forced=forced)
             except FableError:
-                continue  # the connecting process died during the setup: wait for the next
-            conn._switcher.forced = bool(msg.get("options", {}).get("forced", True))
+                continue  # the connecting process died during the setup, or offered what
+                # this side does not accept: wait for the next
             link().add_flow(msg["flow"], 1, conn)
             return conn
 

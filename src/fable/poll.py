@@ -10,27 +10,23 @@ millisecond instead, so xpoll never spins a core.
 A Connection also works with ``selectors`` directly (it has ``fileno()``), under the edge-style
 contract: after it fires, read until ``getreadbuf()`` returns ``[]``.
 
-asyncio: ``Connection.arecv()``, ``asend()`` and ``async for`` wait on the same fds with
-``loop.add_reader``/``add_writer``; rings, which have no write fd, retry writes every 0.5 ms.
+asyncio: ``Connection.arecv()``, ``asend()`` and ``async for`` wait on the same fds
+(``fable/aio.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
 import select
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
-from fable.errors import ConnectionClosed, PeerDied, WouldBlock
+from fable.aio import NO_FD_SLICE
+from fable.connection import Connection
+from fable.errors import ConnectionClosed
 
-if TYPE_CHECKING:
-    from fable.connection import Connection
-
-__all__ = ["aiter_messages", "arecv", "asend", "xpoll"]
-
-_NO_FD_SLICE = 0.001  # how often connections without a readiness fd are re-checked
+__all__ = ["xpoll"]
 
 
 class _HasFileno(Protocol):
@@ -73,7 +69,7 @@ def xpoll(
         conn_fds.setdefault(fd, []).append(c)
         poller.register(fd, select.POLLIN)
     while True:
-        ready_conns = [c for c in conn_list if c._poll_prepare()]
+        ready_conns = [c for c in conn_list if c.poll_prepare()]
         if ready_conns:
             return _ready_fds(by_fd), ready_conns
         wait_ms: int | None
@@ -82,11 +78,11 @@ def xpoll(
         else:
             wait_ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
         if unpollable:
-            wait_ms = 1 if wait_ms is None else min(wait_ms, int(_NO_FD_SLICE * 1000))
+            wait_ms = 1 if wait_ms is None else min(wait_ms, int(NO_FD_SLICE * 1000))
         events = poller.poll(wait_ms)
         ready = [obj for fd, _ in events for obj in by_fd.get(fd, [])]
         if ready:
-            return ready, [c for c in conn_list if c._poll_prepare()]
+            return ready, [c for c in conn_list if c.poll_prepare()]
         if deadline is not None and time.monotonic() >= deadline:
             return [], []
 
@@ -98,74 +94,3 @@ def _ready_fds(by_fd: dict[int, list[int | _HasFileno]]) -> list[int | _HasFilen
     for fd in by_fd:
         p.register(fd, select.POLLIN)
     return [obj for fd, _ in p.poll(0) for obj in by_fd[fd]]
-
-
-def _waker(fut: asyncio.Future[None]) -> Callable[[], None]:
-    def wake() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    return wake
-
-
-async def _readable(conn: Connection) -> None:
-    """Return once ``conn`` may have something to read."""
-    if conn._poll_prepare():
-        return
-    try:
-        fd = conn.fileno()
-    except io.UnsupportedOperation:
-        await asyncio.sleep(_NO_FD_SLICE)
-        return
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, _waker(fut))
-    try:
-        if conn._poll_prepare():  # it may have changed while we registered
-            return
-        await fut
-    finally:
-        loop.remove_reader(fd)
-
-
-async def arecv(conn: Connection) -> bytes:
-    """The next message, waiting without blocking the event loop."""
-    while True:
-        try:
-            return conn.recv(timeout=0)
-        except WouldBlock:
-            await _readable(conn)
-
-
-async def asend(conn: Connection, data: bytes | bytearray | memoryview) -> None:
-    """Send one message, waiting for room without blocking the event loop."""
-    while True:
-        try:
-            conn.send(data, timeout=0)
-            return
-        except WouldBlock:
-            fd = conn._write_fileno()
-            if fd is None:
-                await asyncio.sleep(0.0005)
-                continue
-            loop = asyncio.get_running_loop()
-            fut: asyncio.Future[None] = loop.create_future()
-            wake = _waker(fut)
-            loop.add_writer(fd, wake)
-            try:
-                await asyncio.wait_for(fut, 0.2)  # re-check now and then: room is approximate
-            except TimeoutError:
-                pass
-            finally:
-                loop.remove_writer(fd)
-
-
-async def aiter_messages(conn: Connection) -> AsyncIterator[bytes]:
-    """Messages until the peer closes (PeerDied propagates)."""
-    while True:
-        try:
-            yield await arecv(conn)
-        except PeerDied:
-            raise
-        except ConnectionClosed:
-            return

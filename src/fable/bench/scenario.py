@@ -25,6 +25,8 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
+
 __all__ = ["coschedule", "pin_process", "switch_times"]
 
 SIZE = 64
@@ -32,9 +34,9 @@ SIZE = 64
 
 def pin_process(pid: int, cpus: set[int]) -> None:
     """Pin every thread of ``pid`` to ``cpus`` (``taskset -a -p``)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    for t in psutil.Process(pid).threads():
         with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), cpus)
+            os.sched_setaffinity(t.id, cpus)
 
 
 @contextlib.contextmanager
@@ -221,7 +223,6 @@ def switch_times(cpus: tuple[int, int], repeats: int = 3) -> dict[tuple[str, str
 
     def echo(peer: Any) -> None:
         os.sched_setaffinity(0, {cpus[1]})
-        peer._switcher.trusted = True
         with contextlib.suppress(fable.ConnectionClosed):
             for m in peer:
                 peer.send(m)
@@ -232,9 +233,8 @@ def switch_times(cpus: tuple[int, int], repeats: int = 3) -> dict[tuple[str, str
     try:
         for a in REGISTRY:
             for b in REGISTRY:
-                conn, pending = fable.open_pair(a, safe=form(a))
-                conn._switcher.trusted = True
-                pid = _child(lambda p=pending: echo(p.open()))
+                conn, pending = fable.open_pair(a, safe=form(a), trusted=True)
+                pid = _child(lambda p=pending: echo(p.open(trusted=True)))
                 pending.close()
                 times = []
                 try:

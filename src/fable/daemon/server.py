@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -144,6 +145,7 @@ class Daemon:
         self._table_stamp = -1
         self._topo: Any = None
         self.trig: dict[int, FlowState] = {}  # flow id -> the triggers' memory of it
+        self._lock_fd = -1  # the socket's lock, held while this daemon lives (bind)
 
     def _trig(self, fid: int) -> FlowState:
         """What the triggers remember of flow ``fid``."""
@@ -168,6 +170,15 @@ class Daemon:
             os.chmod(self.path.parent, 0o755)
         else:
             private_dir(self.path.parent)
+        # One daemon per socket: it holds this lock for its whole life (the kernel drops it
+        # when the process ends). Of two started at once, the second stops here.
+        lock = os.open(str(self.path) + ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise FableError(f"another daemon serves {self.path}, or is starting there") from None
+        self._lock_fd = lock
         with contextlib.suppress(FileNotFoundError):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:

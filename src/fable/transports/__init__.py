@@ -24,9 +24,10 @@ from fable.transports.base import (
     ConnectionStats,
     DataPath,
     EndSpec,
+    EpochHooks,
     TransportInfo,
 )
-from fable.transports.setup import PendingEnd, SetupChannel, attach, open_pair
+from fable.transports.channel import SetupChannel
 
 __all__ = [
     "REGISTRY",
@@ -34,11 +35,10 @@ __all__ = [
     "ConnectionStats",
     "DataPath",
     "EndSpec",
-    "PendingEnd",
+    "EpochHooks",
     "SetupChannel",
     "TransportInfo",
-    "attach",
-    "open_pair",
+    "spins",
 ]
 
 REGISTRY: dict[str, TransportInfo] = {
@@ -55,3 +55,9 @@ REGISTRY: dict[str, TransportInfo] = {
         mempipe.INFO_ADAPTIVE,
     )
 }
+
+
+def spins(path: DataPath) -> bool:
+    """Whether ``path``'s transport spins (has no readiness fd)."""
+    info = REGISTRY.get(path.transport)
+    return info is not None and info.caps.spins

@@ -17,6 +17,16 @@ Messages and frames
 - Close is an in-band frame after the last message: the peer reads every message, then gets
   ``ConnectionClosed``. A peer that vanishes without it gives ``PeerDied`` (after every complete
   message it committed has been read).
+
+Epochs (live reconfiguration, ``fable/epochs.py``; verified by ``fable.testing.check_reconfigure``)
+- A path carries one epoch of a connection. The end of its epoch is the same in-band record as a
+  close, told apart by the switch the setup channel agreed first. ``end_writes`` seals the path
+  for writing (no write may be in flight, no write buffer held: it refuses otherwise, changing
+  nothing), after which every write call on it goes to ``epochs.forward``; ``push_end`` puts the
+  END after everything written before it. Once a path's reader has read the peer's END it asks
+  ``epochs.next_path``, calls ``end_reads`` and every later read goes to ``epochs.forward``; a
+  read buffer of an ended path is released through ``epochs.release``. ``teardown`` frees a
+  finished epoch's path without a close notice.
 """
 
 from __future__ import annotations
@@ -24,13 +34,20 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from fable.buffer import Buffer
-    from fable.transports.setup import SetupChannel
+    from fable.transports.channel import SetupChannel
 
-__all__ = ["Capabilities", "ConnectionStats", "DataPath", "EndSpec", "TransportInfo"]
+__all__ = [
+    "Capabilities",
+    "ConnectionStats",
+    "DataPath",
+    "EndSpec",
+    "EpochHooks",
+    "TransportInfo",
+]
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,21 @@ class ConnectionStats:
     read_buffers_held: int
     write_buffers_held: int
     pending_bytes: int  # committed but not yet handed to the transport (batched commits)
+
+
+class EpochHooks(Protocol):
+    """What a path calls when its epoch ends (implemented by the connection's ``Epochs``)."""
+
+    def next_path(self, path: DataPath) -> DataPath | None:
+        """Called on the reading thread once ``path`` read the peer's in-band end: the path the
+        peer's messages go on on (a reconfiguration), or None (the peer closed)."""
+
+    def forward(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Where a call of data method ``name`` goes once the path's epoch ended for it (a
+        method the application looked up before the switch): the connection's current path."""
+
+    def release(self, buf: Buffer) -> None:
+        """Release a read buffer that another epoch's path handed out."""
 
 
 class DataPath(abc.ABC):
@@ -222,3 +254,48 @@ class DataPath(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> ConnectionStats:
         """Counters of this side."""
+
+    # -- the epoch contract (module docstring) -----------------------------------------------
+    epochs: EpochHooks | None = None  # set by the connection that owns the path
+
+    @property
+    @abc.abstractmethod
+    def closed(self) -> bool:
+        """Whether the path was closed, torn down or forgotten (its resources are gone)."""
+
+    @abc.abstractmethod
+    def writes_in_flight(self) -> bool:
+        """Whether a thread is inside a write method of this path now."""
+
+    @abc.abstractmethod
+    def write_buffers_held(self) -> int:
+        """Write buffers handed out and neither committed nor aborted yet."""
+
+    @abc.abstractmethod
+    def end_writes(self, wait: bool, force: bool = False) -> bool:
+        """Seal this path for writing: every later write call goes to ``epochs.forward``, and
+        the in-band END is owed after everything written before (``push_end`` writes it).
+        Returns False, changing nothing, while write buffers are held (unless ``force``: they
+        are dropped) or, with ``wait=False``, while a write is in flight on another thread
+        (``wait=True`` waits for it). True also when the path had ended already."""
+
+    @abc.abstractmethod
+    def push_end(self, timeout: float | None) -> bool:
+        """Write the END that ``end_writes`` left owed, waiting up to ``timeout`` seconds for
+        room (0: not at all, and not while another thread writes; None: as long as a write
+        without a timeout would); True once it is in the transport (or nothing is owed). Safe
+        to call again after False."""
+
+    @abc.abstractmethod
+    def end_reads(self) -> None:
+        """The peer's END was read on this path: every later read goes to ``epochs.forward``."""
+
+    @abc.abstractmethod
+    def teardown(self, wait: bool = True) -> bool:
+        """Free a path whose epoch is over (or that was never used): no close notice is sent,
+        the connection goes on elsewhere. Never under a write in flight on another thread: it
+        waits for it, or with ``wait=False`` returns False and frees nothing. Idempotent."""
+
+    @abc.abstractmethod
+    def fail(self, exc: BaseException) -> BaseException:
+        """Fail the path for good with ``exc`` (returned, for ``raise``)."""

@@ -33,7 +33,6 @@ import io
 import mmap
 import os
 import select
-import socket
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -49,7 +48,6 @@ from fable.errors import (
     ConnectionClosed,
     FableError,
     NoSpace,
-    PeerDied,
     ProtocolError,
     Timeout,
     WouldBlock,
@@ -57,8 +55,8 @@ from fable.errors import (
 from fable.ring import layout as L
 from fable.ring.pyring import PyRing, format_ring
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
+from fable.transports.channel import SetupChannel
 from fable.transports.message import Claim, MessagePath, deadline_of
-from fable.transports.setup import SetupChannel
 from fable.transports.shm import check_sealed_memfd, is_eventfd, new_sealed_memfd, unmap
 
 SPIN, FUTEX, ADAPTIVE = 0, 1, 2
@@ -157,7 +155,7 @@ class RingPath(MessagePath):
         self.max_fragment = min(MAX_FRAGMENT, self._tx.max_record)
         # The Connection binds send/recv straight to the rings' native methods: one call per
         # message; they come back to _send_slow/_recv_slow for everything else.
-        self._tx.hot(self._send_slow, self.max_fragment)
+        self._tx.hot(self._send_gated, self.max_fragment)
         self._rx.hot(self._recv_slow)
         self.__dict__["send"] = self._tx.send
         self.__dict__["recv"] = self._rx.recv
@@ -169,22 +167,6 @@ class RingPath(MessagePath):
         self._pin_limit = capacity // 2
 
     # ================================================================= liveness and waiting
-    def _peer_state(self) -> str | None:
-        """None while the peer lives; "closed" after its close notice; "died" otherwise."""
-        try:
-            data = self._setup.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return "died"
-        if self._setup.peer_said_close():
-            return "closed"
-        return "died" if data == b"" else None
-
-    def _gone(self, state: str) -> BaseException:
-        if state == "closed" or self._peer_closed:
-            return ConnectionClosed("the peer closed the connection")
-        return PeerDied("the peer vanished without closing")
 
     def _wait(self, ring: Any, need: int, deadline: float | None, timeout: float | None) -> None:
         """Wait until ``ring`` is ready (data, or ``need`` free bytes), in slices."""
@@ -203,18 +185,15 @@ class RingPath(MessagePath):
                 slice_ns = min(slice_ns, int(left * 1e9) + 1)
             if ring.wait(need, self._mode, slice_ns, self._spin):
                 return
-            state = self._peer_state()
-            if state is not None:
+            if self._setup.peer_state() is not None:
                 if ring is self._rx and ring.available():
                     return  # read what the peer left first
-                raise self._gone(state)
+                raise self._gone()
             if self._closed:
                 raise ConnectionClosed("connection is closed")
 
     # ================================================================= writing
-    def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
-        if self._dead and self._ended(writing=True):
-            return list(self._after_end("getwritebuf", size, timeout))
+    def _getwritebuf(self, size: int, timeout: float | None) -> list[Buffer]:
         if size < 0 or size > self.max_write:
             raise ValueError(
                 f"size must be in 0..{self.max_write} (commit larger messages in parts, more=True)"
@@ -240,12 +219,7 @@ class RingPath(MessagePath):
         mv, base = self._mv, self._tx_base
         return self._hand_out(claim, [mv[base + off : base + off + room] for _, off, room in got])
 
-    def commit(
-        self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
-    ) -> None:
-        if self._dead and self._ended(writing=True):
-            self._after_end("commit", bufs, nbytes, flush=flush, more=more)
-            return
+    def _commit(self, bufs: Sequence[Buffer], nbytes: int, flush: bool, more: bool) -> None:
         claim, sent = self._take_claim(bufs, nbytes)
         # Records that carry nothing become padding; the others are committed in order.
         if len(sent) < len(claim.parts):
@@ -263,38 +237,24 @@ class RingPath(MessagePath):
         if flush:
             self._tx.publish()
 
-    def abort(self, bufs: Iterable[Buffer]) -> None:
-        if self._dead and self._ended(writing=True):
-            self._after_end("abort", bufs)
-            return
+    def _abort(self, bufs: Iterable[Buffer]) -> None:
         for claim in self._take_aborted(bufs):
             for pos in claim.parts:
                 self._tx.abort(pos)
         self._tx.publish()
 
-    def flush(self, timeout: float | None = None) -> None:
+    def _flush(self, timeout: float | None) -> None:
         """Publish committed records (a ring never waits here), and report a reader that closed
         or died before reading them: writes into a ring succeed while it has room, with no
         system call, so this is where a writer learns that they will not be read."""
-        if self._dead and self._ended(writing=True):
-            self._after_end("flush", timeout)
-            return
         self._tx.publish()
-        state = self._peer_state()
-        if state is not None and self._tx.free() < self._tx.capacity:
-            raise self._gone(state)  # the peer is gone and left messages unread
+        if self._setup.peer_state() is not None and self._tx.free() < self._tx.capacity:
+            raise self._gone()  # the peer is gone and left messages unread
 
-    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
-        # Instances bind send to the C ring (see __init__); this is what it falls back to.
-        self._send_slow(data, timeout)
-
-    def _send_slow(
-        self, data: bytes | bytearray | memoryview, timeout: float | None = None
-    ) -> None:
-        """One message of any size: records of at most max_fragment, waiting for room."""
-        if self._dead and self._ended(writing=True):
-            self._after_end("send", data, timeout)
-            return
+    def _send(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
+        """One message of any size: records of at most max_fragment, waiting for room. (The
+        instance's ``send`` is the C ring's; it comes here through ``_send_gated`` for all but
+        the fast case.)"""
         mv = memoryview(data).cast("B")
         n = len(mv)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -311,11 +271,9 @@ class RingPath(MessagePath):
         self._msgs_out += 1
         self._bytes_out += n
 
-    def send_many(
-        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
+    def _send_many(
+        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None
     ) -> int:
-        if self._dead and self._ended(writing=True):
-            return int(self._after_end("send_many", msgs, timeout))
         items = msgs if isinstance(msgs, list) else list(msgs)
         deadline = None if timeout is None else time.monotonic() + timeout
         count = 0
@@ -328,7 +286,7 @@ class RingPath(MessagePath):
                     break
                 if memoryview(items[count]).nbytes > self.max_fragment:
                     left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    self._send_slow(items[count], left)
+                    self._send(items[count], left)
                     count += 1
                 elif not k:
                     self._wait(self._tx, self._quarter, deadline, timeout)
@@ -338,10 +296,6 @@ class RingPath(MessagePath):
         return count
 
     # ================================================================= reading
-    def recv(self, timeout: float | None = None) -> bytes:
-        # Instances bind recv to the C ring (see __init__); this is what it falls back to.
-        return self._recv_slow(timeout)
-
     def _gather(self, timeout: float | None) -> None:
         if self._stash and not self._stash[-1][1]:
             return
@@ -363,9 +317,7 @@ class RingPath(MessagePath):
                 raise ConnectionClosed("the peer closed the connection")
             self._wait(self._rx, 0, deadline, timeout)
 
-    def getreadbuf(self) -> list[Buffer]:
-        if self._dead and self._ended(writing=False):
-            return list(self._after_end("getreadbuf"))
+    def _getreadbuf(self) -> list[Buffer]:
         out = self._start_getreadbuf()
         if self._armed:
             self._armed = False
@@ -410,9 +362,8 @@ class RingPath(MessagePath):
                 raise NoSpace(
                     f"read buffers hold {self._pinned} B of the ring; copy and release some"
                 )
-            state = self._peer_state()
-            if state is not None and not self._rx.available():
-                raise self._gone(state)
+            if self._setup.peer_state() is not None and not self._rx.available():
+                raise self._gone()
             if self._mode != SPIN:
                 self._armed = True
         else:
@@ -431,7 +382,7 @@ class RingPath(MessagePath):
     def poll_prepare(self) -> bool:
         if self._dead or self._stash or self._peer_closed or self._rx.available():
             return True
-        if self._peer_state() is not None:
+        if self._setup.peer_state() is not None:
             return True
         if self._mode == SPIN:
             return False
@@ -458,7 +409,7 @@ class RingPath(MessagePath):
             self._armed = True
         return self._epoll.fileno()
 
-    def _write_buffers_held(self) -> int:
+    def write_buffers_held(self) -> int:
         return self._tx.pending if not self._closed else 0
 
     def _native_counts(self) -> tuple[int, int, int, int]:
@@ -469,22 +420,28 @@ class RingPath(MessagePath):
         self._tx.gate = self._dead
 
     def _say_goodbye(self, linger: float | None) -> None:
-        if self._peer_state() is not None:
-            return
-        deadline = deadline_of(linger)
+        if self._setup.peer_state() is None:
+            self._write_end(linger)
+
+    def _write_end(self, timeout: float | None) -> bool:
+        deadline = deadline_of(timeout)
         self._tx.publish()
         while not self._tx.write(b"", L.F_CLOSE):
-            self._wait(self._tx, L.RECORD_HEADER * 2, deadline, linger)
+            if timeout == 0:
+                return False
+            self._wait(self._tx, L.RECORD_HEADER * 2, deadline, timeout)
+        return True
 
     def _free(self, clean: bool) -> None:
-        for ring, ended, fwd, name in (
-            (self._tx, self._wended, self._forward, "send"),
-            (self._rx, self._rended, self._read_forward, "recv"),
+        hooks = self.epochs
+        for ring, ended, name in (
+            (self._tx, self._wended, "send"),
+            (self._rx, self._rended, "recv"),
         ):
             ring.gate = True
             # drops the slow paths (no reference cycle outlives the connection); after a live
             # reconfiguration, a send or recv looked up before it goes on to the next path
-            ring.hot(functools.partial(fwd, name) if ended and fwd is not None else None)
+            ring.hot(functools.partial(hooks.forward, name) if ended and hooks else None)
             ring.close()
         if self._epoll is not None:
             self._epoll.close()

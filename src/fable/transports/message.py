@@ -9,8 +9,10 @@ whole message (the last fragment has ``more == False``), or raise.
 from __future__ import annotations
 
 import abc
+import select
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fable.buffer import Buffer
@@ -20,6 +22,7 @@ from fable.errors import (
     DeadBuffer,
     FableError,
     NoSpace,
+    PeerDied,
     ProtocolError,
     Timeout,
     WouldBlock,
@@ -27,11 +30,24 @@ from fable.errors import (
 from fable.transports.base import ConnectionStats, DataPath
 
 if TYPE_CHECKING:
-    from fable.transports.setup import SetupChannel
+    from fable.transports.channel import SetupChannel
 
-__all__ = ["SLICE_MS", "Claim", "MessagePath", "deadline_of", "slice_ms", "time_left"]
+__all__ = [
+    "POLLERRS",
+    "POLLIN",
+    "POLLOUT",
+    "SLICE_MS",
+    "Claim",
+    "MessagePath",
+    "deadline_of",
+    "slice_ms",
+    "time_left",
+]
 
 SLICE_MS = 200  # the longest one wait lasts before it checks the connection again
+# poll(2) events the transports wait for (select.poll: no limit on fd numbers, unlike select)
+POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
+POLLERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL  # the other end is gone
 
 
 def deadline_of(timeout: float | None) -> float | None:
@@ -78,7 +94,14 @@ class Claim:
 
 
 class MessagePath(DataPath):
-    """The transport-independent half of a DataPath."""
+    """The transport-independent half of a DataPath.
+
+    The public data methods are written here once, each behind the one gate every call passes:
+    ``_dead`` (closed, failed, or this epoch ended). Writes also hold ``_writing`` for their
+    whole call, so that ``end_writes`` (from another thread: the control thread ending a quiet
+    side's epoch) never seals the path under a write. A transport provides the bodies:
+    ``_getwritebuf``, ``_commit``, ``_abort``, ``_flush``, ``_send``, ``_send_many``,
+    ``_getreadbuf``, and ``_gather`` (below)."""
 
     def _init_messages(
         self, transport: str, safe: bool, epoch: int, cfg: Settings, setup: SetupChannel
@@ -89,9 +112,11 @@ class MessagePath(DataPath):
         self.epoch = epoch
         self._closed = False
         self._error: BaseException | None = None
-        self._dead = False  # closed, failed or ended: every fast path checks this one flag
-        self._wended = False  # END of this epoch written: writes go to the next (_after_end)
-        self._rended = False  # the peer's END read: reads go to the next path (_after_end)
+        self._dead = False  # closed, failed or ended: every public method checks this one flag
+        self._wended = False  # END of this epoch sealed: writes go to the next path
+        self._rended = False  # the peer's END read: reads go to the next path
+        self._end_owed = False  # sealed, and the END not yet in the transport (push_end)
+        self._writing = threading.RLock()  # held by every write call (see end_writes)
         self._read_limit = cfg.read_buffers
         self._max_message = cfg.max_message
         self._held = 0
@@ -100,7 +125,103 @@ class MessagePath(DataPath):
         self._peer_closed = False
         self._msgs_out = self._bytes_out = self._msgs_in = self._bytes_in = 0
 
+    # ------------------------------------------------------------------ the data methods
+    def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
+        with self._writing:
+            if not (self._dead and self._ended(writing=True)):
+                return self._getwritebuf(size, timeout)
+        return list(self._forward("getwritebuf", size, timeout))
+
+    def commit(
+        self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
+    ) -> None:
+        with self._writing:
+            if not (self._dead and self._ended(writing=True)):
+                self._commit(bufs, nbytes, flush, more)
+                return
+        self._forward("commit", bufs, nbytes, flush=flush, more=more)
+
+    def abort(self, bufs: Iterable[Buffer]) -> None:
+        with self._writing:
+            if not (self._dead and self._ended(writing=True)):
+                self._abort(bufs)
+                return
+        self._forward("abort", bufs)
+
+    def flush(self, timeout: float | None = None) -> None:
+        with self._writing:
+            if not (self._dead and self._ended(writing=True)):
+                self._flush(timeout)
+                return
+        self._forward("flush", timeout)
+
+    def _send_gated(
+        self, data: bytes | bytearray | memoryview, timeout: float | None = None
+    ) -> None:
+        with self._writing:
+            if not (self._dead and self._ended(writing=True)):
+                self._send(data, timeout)
+                return
+        self._forward("send", data, timeout)
+
+    send = _send_gated  # a ring binds send to C and installs _send_gated as its slow path
+
+    def send_many(
+        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
+    ) -> int:
+        with self._writing:
+            if not (self._dead and self._ended(writing=True)):
+                return self._send_many(msgs, timeout)
+        return int(self._forward("send_many", msgs, timeout))
+
+    def getreadbuf(self) -> list[Buffer]:
+        if self._dead and self._ended(writing=False):
+            return list(self._forward("getreadbuf"))
+        return self._getreadbuf()
+
+    @abc.abstractmethod
+    def _getwritebuf(self, size: int, timeout: float | None) -> list[Buffer]: ...
+
+    @abc.abstractmethod
+    def _commit(self, bufs: Sequence[Buffer], nbytes: int, flush: bool, more: bool) -> None: ...
+
+    @abc.abstractmethod
+    def _abort(self, bufs: Iterable[Buffer]) -> None: ...
+
+    @abc.abstractmethod
+    def _flush(self, timeout: float | None) -> None: ...
+
+    @abc.abstractmethod
+    def _send(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None: ...
+
+    @abc.abstractmethod
+    def _send_many(
+        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None
+    ) -> int: ...
+
+    @abc.abstractmethod
+    def _getreadbuf(self) -> list[Buffer]: ...
+
+    def _ended(self, writing: bool) -> bool:
+        """The slow half of the ``_dead`` gate: True when this path's epoch ended for writing
+        (``writing``) or reading (the call goes to ``_forward``); the path's error if it failed
+        or closed; False when only the other direction ended (the call goes on here)."""
+        if self._wended if writing else self._rended:
+            return True
+        self._check()
+        return False
+
+    def _forward(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """A call that reached this path after its epoch ended for it: to the current path."""
+        if self.epochs is None:
+            raise ConnectionClosed("this epoch of the connection is over")
+        return self.epochs.forward(name, *args, **kwargs)
+
     # ------------------------------------------------------------------ closing
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self, linger: float) -> None:
         if self._closed:
             return
@@ -118,6 +239,16 @@ class MessagePath(DataPath):
             self._teardown(clean=False)
         self._setup.forget()
 
+    def teardown(self, wait: bool = True) -> bool:
+        if not self._writing.acquire(blocking=wait):
+            return False  # a write (an END being pushed) is in flight: not under it
+        try:
+            if not self._closed:
+                self._teardown(clean=True)
+            return True
+        finally:
+            self._writing.release()
+
     def _teardown(self, clean: bool) -> None:
         self._closed = True
         self._dead = True
@@ -129,51 +260,53 @@ class MessagePath(DataPath):
         """Hand what is committed to the transport and write the in-band close after it,
         waiting at most ``linger`` seconds (None: as long as a write without a timeout)."""
 
-    def _end_writes(self, linger: float | None) -> None:
-        """The end of this path's epoch (live reconfiguration): like ``_say_goodbye``, but the
-        reading half goes on, possibly in another thread: touch only writing state. Every
-        later write on this path (a method the application looked up before the switch) goes
-        to the connection's next path (``_after_end``) instead of vanishing after END."""
-        # first, so that a write racing with END (it cannot be one already under way: the
-        # switch checked) falls through to the slow path and from there to the next path
-        self._wended = True
-        self._dead = True
-        self._state_changed()
-        self._write_close(linger)
+    @abc.abstractmethod
+    def _write_end(self, timeout: float | None) -> bool:
+        """Put the in-band END (the close record) after everything committed, waiting up to
+        ``timeout`` for room (0: not at all); True once it is in the transport. Called again
+        after False, it goes on where it stopped (the END is queued once)."""
 
-    def _write_close(self, linger: float | None) -> None:
-        """The writing half of ``_say_goodbye``: the in-band close after what is committed
-        (a transport whose goodbye also touches reading state overrides this)."""
-        self._say_goodbye(linger)
+    # ------------------------------------------------------------------ the end of an epoch
+    def writes_in_flight(self) -> bool:
+        if self._writing.acquire(blocking=False):
+            self._writing.release()
+            return False
+        return True
 
-    def _end_reads(self) -> None:
-        """The peer's END of this epoch was read (live reconfiguration): every later read on
-        this path (a method looked up before the switch) goes to the connection's next path."""
+    def end_writes(self, wait: bool, force: bool = False) -> bool:
+        if not self._writing.acquire(blocking=wait):
+            return False  # a write is under way on another thread: later
+        try:
+            if self._wended or self._closed or self._error is not None:
+                return True  # ended already (or there is nothing left to end)
+            if not force and self.write_buffers_held():
+                return False
+            self._wended = self._dead = self._end_owed = True
+            self._state_changed()
+            return True
+        finally:
+            self._writing.release()
+
+    def push_end(self, timeout: float | None) -> bool:
+        if not self._writing.acquire(blocking=timeout != 0):
+            return False
+        try:
+            if not self._end_owed or self._closed:
+                return True
+            try:
+                done = self._write_end(timeout)
+            except (WouldBlock, Timeout):
+                done = False
+            if done:
+                self._end_owed = False
+            return done
+        finally:
+            self._writing.release()
+
+    def end_reads(self) -> None:
         self._rended = True
         self._dead = True
         self._state_changed()
-
-    def _ended(self, writing: bool) -> bool:
-        """The slow half of every public method's ``_dead`` gate: True when this path's writes
-        (``writing``) or reads ended in a live reconfiguration (the caller hands the call to
-        ``_after_end``); otherwise raise as ``_check`` does, or return False."""
-        if self._wended if writing else self._rended:
-            return True
-        self._check()
-        return False
-
-    # set by the reconfiguration: where writes after END go, and reads after the peer's END
-    # (Switcher.forward, Switcher.read_forward)
-    _forward: Callable[..., Any] | None = None
-    _read_forward: Callable[..., Any] | None = None
-    _release_forward: Callable[[Buffer], None] | None = None  # Switcher.release, see _take_read
-
-    def _after_end(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        reading = name in ("recv", "recv_into", "getreadbuf")
-        fwd = self._read_forward if reading else self._forward
-        if fwd is None:
-            raise ConnectionClosed("this epoch of the connection is over")
-        return fwd(name, *args, **kwargs)
 
     @abc.abstractmethod
     def _free(self, clean: bool) -> None:
@@ -186,13 +319,21 @@ class MessagePath(DataPath):
         if self._closed:
             raise ConnectionClosed("connection is closed")
 
-    def _fail(self, exc: BaseException) -> BaseException:
-        """Fail the connection for good with ``exc`` (returned, for ``raise``)."""
+    def fail(self, exc: BaseException) -> BaseException:
         if self._error is None:
             self._error = exc
             self._dead = True
             self._state_changed()
         return exc
+
+    _fail = fail
+
+    def _gone(self) -> BaseException:
+        """The error for a peer that is gone: ``ConnectionClosed`` after its close notice (in
+        band, or on the setup channel), ``PeerDied`` otherwise."""
+        if self._peer_closed or self._setup.peer_state() == "closed":
+            return ConnectionClosed("the peer closed the connection")
+        return PeerDied("the peer vanished without closing")
 
     def _state_changed(self) -> None:
         """Called when the stash, the mid-message flag or the failed state changed (a path
@@ -273,14 +414,14 @@ class MessagePath(DataPath):
         pos = 0
         while True:
             part = min(n - pos, self.max_write)
-            bufs = self.getwritebuf(part, timeout)
+            bufs = self._getwritebuf(part, timeout)
             off = pos
             for b in bufs:
                 d = b.data
                 d[:] = mv[off : off + len(d)]
                 off += len(d)
             pos += part
-            self.commit(bufs, part, more=pos < n)
+            self._commit(bufs, part, True, pos < n)
             if pos >= n:
                 return
             timeout = None
@@ -306,15 +447,12 @@ class MessagePath(DataPath):
             )
 
     # ------------------------------------------------------------------ end of an epoch
-    # Set by the Connection: called on the reading thread once the peer's in-band end has been
-    # read on this path; returns the path the peer's messages continue on (a live
-    # reconfiguration, fable/reconfig.py) or None (the peer closed).
-    _on_end: Callable[[DataPath], DataPath | None] | None = None
-
     def _successor(self) -> DataPath | None:
-        if self._on_end is None or not self._peer_closed or self._stash:
+        """Once the peer's in-band end was read here (and nothing is stashed): the path its
+        messages go on on (a reconfiguration, fable/epochs.py), or None (it closed)."""
+        if self.epochs is None or not self._peer_closed or self._stash:
             return None
-        return self._on_end(self)
+        return self.epochs.next_path(self)
 
     def _gather_here(self, timeout: float | None) -> DataPath | None:
         """Gather the next whole message into the stash, or return the path the peer's messages
@@ -331,7 +469,7 @@ class MessagePath(DataPath):
 
     def _recv_slow(self, timeout: float | None = None) -> bytes:
         if self._dead and self._ended(writing=False):  # a recv looked up before a switch
-            return bytes(self._after_end("recv", timeout))
+            return bytes(self._forward("recv", timeout))
         nxt = self._gather_here(timeout)
         if nxt is not None:
             return nxt.recv(timeout)
@@ -342,9 +480,12 @@ class MessagePath(DataPath):
         self._bytes_in += len(data)
         return data
 
+    def recv(self, timeout: float | None = None) -> bytes:
+        return self._recv_slow(timeout)
+
     def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
         if self._dead and self._ended(writing=False):
-            return int(self._after_end("recv_into", buf, timeout))
+            return int(self._forward("recv_into", buf, timeout))
         nxt = self._gather_here(timeout)
         if nxt is not None:
             return nxt.recv_into(buf, timeout)
@@ -386,10 +527,10 @@ class MessagePath(DataPath):
         try:
             token = buf._take(self)
         except DeadBuffer:
-            fwd = self._release_forward
-            if buf._owner is self or fwd is None:
+            if buf.owner is self or self.epochs is None:
                 raise
-            fwd(buf)  # a release looked up before a switch, given a buffer of another epoch
+            self.epochs.release(buf)  # a release looked up before a switch, given a buffer of
+            # another epoch
             return None  # no token: the caller has nothing more to do
         self._held -= 1
         if view is not None:
@@ -407,7 +548,7 @@ class MessagePath(DataPath):
             self._msgs_in += 1
 
     # ------------------------------------------------------------------ stats
-    def _write_buffers_held(self) -> int:
+    def write_buffers_held(self) -> int:
         return 0
 
     def _pending_bytes(self) -> int:
@@ -428,6 +569,6 @@ class MessagePath(DataPath):
             msgs_received=self._msgs_in + mi,
             bytes_received=self._bytes_in + bi,
             read_buffers_held=self._held,
-            write_buffers_held=self._write_buffers_held(),
+            write_buffers_held=self.write_buffers_held(),
             pending_bytes=self._pending_bytes(),
         )

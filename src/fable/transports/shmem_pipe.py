@@ -57,9 +57,18 @@ from fable.errors import (
     WouldBlock,
 )
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
-from fable.transports.message import Claim, MessagePath, deadline_of, slice_ms, time_left
+from fable.transports.channel import SetupChannel
+from fable.transports.message import (
+    POLLERRS,
+    POLLIN,
+    POLLOUT,
+    Claim,
+    MessagePath,
+    deadline_of,
+    slice_ms,
+    time_left,
+)
 from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
-from fable.transports.setup import SetupChannel
 from fable.transports.shm import check_sealed_memfd, new_sealed_memfd, unmap
 
 __all__ = ["DESC", "INFO", "RETURN", "Extents", "ShmemPipePath"]
@@ -80,9 +89,6 @@ DREAD = DSIZE * 2730  # descriptor bytes one read takes (just under 64 KiB)
 _pack_desc = DESC.pack
 _unpack_desc = DESC.unpack_from
 _pack_ret = RETURN.pack
-_POLLIN = select.POLLIN
-_POLLOUT = select.POLLOUT
-_POLLERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
 def _asize(n: int) -> int:
@@ -274,6 +280,7 @@ class ShmemPipePath(MessagePath):
         self._extents = Extents(capacity, max(16, ret_pipe // (2 * RSIZE)))
         self._wseq = 0
         self._out = bytearray()  # descriptors not yet written
+        self._end_queued = False  # the close descriptor (or END of the epoch) is in _out
         self._wlock = threading.Lock()
         self._claims: deque[_Claim] = deque()
         self._described: dict[int, int] = {}  # outstanding offset -> length described
@@ -290,16 +297,11 @@ class ShmemPipePath(MessagePath):
         self._pinned = 0
         self._pin_limit = capacity // 2
         self._rpoll = select.poll()
-        self._rpoll.register(din, _POLLIN)
+        self._rpoll.register(din, POLLIN)
         self._wpoll = select.poll()
-        self._wpoll.register(rin, _POLLIN)
+        self._wpoll.register(rin, POLLIN)
 
     # ================================================================= writing
-    def _gone(self) -> BaseException:
-        if self._setup.peer_said_close():
-            return ConnectionClosed("the peer closed the connection")
-        return PeerDied("the peer vanished without closing")
-
     def _describe(self, off: int, n: int, flags: int) -> None:
         self._out += _pack_desc(off, n, self._wseq, self.epoch, flags, MAGIC)
         self._wseq += 1
@@ -386,21 +388,19 @@ class ShmemPipePath(MessagePath):
         poll = self._wpoll
         writing = bool(self._out)
         if writing:
-            poll.register(self._dout, _POLLOUT)
+            poll.register(self._dout, POLLOUT)
         try:
             for fd, ev in poll.poll(ms):
                 if fd == self._rin:
                     self._take_returns()  # raises once the reader is gone
-                elif ev & _POLLERRS:
+                elif ev & POLLERRS:
                     raise self._fail(self._gone())
         finally:
             if writing:
                 poll.unregister(self._dout)
         self._check()
 
-    def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
-        if self._dead and self._ended(writing=True):
-            return list(self._after_end("getwritebuf", size, timeout))
+    def _getwritebuf(self, size: int, timeout: float | None) -> list[Buffer]:
         if size < 0 or size > self.max_write:
             raise ValueError(
                 f"size must be in 0..{self.max_write} (commit larger messages in parts, more=True)"
@@ -422,12 +422,7 @@ class ShmemPipePath(MessagePath):
         self._claims.append(claim)
         return self._hand_out(claim, [self._mv[base + o : base + o + n] for o, n in claim.parts])
 
-    def commit(
-        self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
-    ) -> None:
-        if self._dead and self._ended(writing=True):
-            self._after_end("commit", bufs, nbytes, flush=flush, more=more)
-            return
+    def _commit(self, bufs: Sequence[Buffer], nbytes: int, flush: bool, more: bool) -> None:
         claim, carried = self._take_claim(bufs, nbytes)
         sent = [(*claim.parts[i], n, F_MORE) for i, n in carried]
         sent[-1] = (*sent[-1][:3], F_MORE if more else 0)
@@ -456,10 +451,7 @@ class ShmemPipePath(MessagePath):
                     self._extents.shrink(off, _asize(cap), used)
                     self._describe(off, used, flags)
 
-    def abort(self, bufs: Iterable[Buffer]) -> None:
-        if self._dead and self._ended(writing=True):
-            self._after_end("abort", bufs)
-            return
+    def _abort(self, bufs: Iterable[Buffer]) -> None:
         claims = self._take_aborted(bufs)
         for c in claims:
             self._claims.remove(c)
@@ -468,17 +460,11 @@ class ShmemPipePath(MessagePath):
         if claims:
             self._advance()
 
-    def flush(self, timeout: float | None = None) -> None:
-        if self._dead and self._ended(writing=True):
-            self._after_end("flush", timeout)
-            return
+    def _flush(self, timeout: float | None) -> None:
         self._advance()
         self._flush_out(deadline_of(timeout), timeout)
 
-    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
-        if self._dead and self._ended(writing=True):
-            self._after_end("send", data, timeout)
-            return
+    def _send(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
         self._put(data, deadline_of(timeout), timeout)
         self._flush_out(None, None)
 
@@ -501,11 +487,9 @@ class ShmemPipePath(MessagePath):
         self._msgs_out += 1
         self._bytes_out += n
 
-    def send_many(
-        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
+    def _send_many(
+        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None
     ) -> int:
-        if self._dead and self._ended(writing=True):
-            return int(self._after_end("send_many", msgs, timeout))
         deadline = deadline_of(timeout)
         count = 0
         ext = self._extents
@@ -676,9 +660,7 @@ class ShmemPipePath(MessagePath):
                     return data
         return self._recv_slow(timeout)
 
-    def getreadbuf(self) -> list[Buffer]:
-        if self._dead and self._ended(writing=False):
-            return list(self._after_end("getreadbuf"))
+    def _getreadbuf(self) -> list[Buffer]:
         out = self._start_getreadbuf()
         while self._held < self._read_limit:
             d = None if self._peer_closed else self._next()
@@ -734,7 +716,7 @@ class ShmemPipePath(MessagePath):
         self._check()
         return self._din
 
-    def _write_buffers_held(self) -> int:
+    def write_buffers_held(self) -> int:
         return sum(len(c.parts) for c in self._claims if not c.committed)
 
     def _pending_bytes(self) -> int:
@@ -742,13 +724,18 @@ class ShmemPipePath(MessagePath):
 
     def _say_goodbye(self, linger: float | None) -> None:
         self._return_now()
-        self._write_close(linger)
+        self._write_end(linger)
 
-    def _write_close(self, linger: float | None) -> None:
-        self._claims = deque(c for c in self._claims if c.committed)
-        self._advance()
-        self._describe(0, 0, F_CLOSE)
-        self._flush_out(deadline_of(linger), linger)
+    def _write_end(self, timeout: float | None) -> bool:
+        if not self._end_queued:
+            self._claims = deque(c for c in self._claims if c.committed)
+            self._advance()
+            self._describe(0, 0, F_CLOSE)
+            self._end_queued = True
+        if timeout == 0:
+            return self._write_out()
+        self._flush_out(deadline_of(timeout), timeout)
+        return True
 
     def _free(self, clean: bool) -> None:
         close_fds([self._din, self._dout, self._rin, self._rout])

@@ -55,10 +55,19 @@ from fable.errors import (
     Timeout,
     WouldBlock,
 )
-from fable.transports.message import Claim, MessagePath, deadline_of, slice_ms, time_left
+from fable.transports.message import (
+    POLLERRS,
+    POLLIN,
+    POLLOUT,
+    Claim,
+    MessagePath,
+    deadline_of,
+    slice_ms,
+    time_left,
+)
 
 if TYPE_CHECKING:
-    from fable.transports.setup import SetupChannel
+    from fable.transports.channel import SetupChannel
 
 __all__ = ["FRAGMENT", "HEADER", "MAGIC", "WIRE_VERSION", "StreamPath"]
 
@@ -83,9 +92,6 @@ _unpack_from = HEADER.unpack_from
 _monotonic = time.monotonic
 _DONTWAIT = socket.MSG_DONTWAIT
 _SENDFLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
-_POLLIN = select.POLLIN
-_POLLOUT = select.POLLOUT
-_POLLERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL
 _INT = struct.Struct("i")
 _FIONREAD = termios.FIONREAD
 
@@ -148,12 +154,13 @@ class StreamPath(MessagePath):
         self._wlock = threading.Lock()
         self._limit = cfg.ring_size
         self._wseq = 0
+        self._end_queued = False  # the close frame (or END of the epoch) is in the queue
         self._claims: deque[_Claim] = deque()
         self._claimed = 0
         self._queue: list[bytes | bytearray | memoryview] = []
         self._queued = 0
         self._wpoll = select.poll()
-        self._wpoll.register(self._wfd, _POLLOUT)
+        self._wpoll.register(self._wfd, POLLOUT)
         # read side
         self._rbuf = bytearray(CHUNK)
         self._rmv = memoryview(self._rbuf)
@@ -163,13 +170,13 @@ class StreamPath(MessagePath):
         self._rseq = 0
         self._eof = False
         self._rpoll = select.poll()
-        self._rpoll.register(self._rfd, _POLLIN)
+        self._rpoll.register(self._rfd, POLLIN)
         self._rwpoll = select.poll()  # readable, or room to push queued output
         if self._wfd != self._rfd:
-            self._rwpoll.register(self._rfd, _POLLIN)
-            self._rwpoll.register(self._wfd, _POLLOUT)
+            self._rwpoll.register(self._rfd, POLLIN)
+            self._rwpoll.register(self._wfd, POLLOUT)
         else:
-            self._rwpoll.register(self._rfd, _POLLIN | _POLLOUT)
+            self._rwpoll.register(self._rfd, POLLIN | POLLOUT)
 
     # ==================================================================== low-level I/O
     def _write(self, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
@@ -228,9 +235,7 @@ class StreamPath(MessagePath):
 
     # ==================================================================== errors
     def _gone_on_write(self) -> BaseException:
-        if self._peer_closed or self._setup.peer_said_close():
-            return ConnectionClosed("the peer closed the connection")
-        return PeerDied("the peer vanished (its end of the connection is gone)")
+        return self._gone()
 
     def _gone_on_read(self) -> BaseException:
         if self._peer_closed:
@@ -267,16 +272,14 @@ class StreamPath(MessagePath):
                 return
             ms = slice_ms(deadline, timeout, "the connection is full", "no room before the timeout")
             events = self._wpoll.poll(ms)
-            if events and events[0][1] & _POLLERRS:
+            if events and events[0][1] & POLLERRS:
                 raise self._gone_on_write()
             if events and not self._queue:
                 # writable, but not yet enough room for this message: poll cannot wait for
                 # "this much room", so nap briefly instead of spinning
                 time.sleep(0.001)
 
-    def getwritebuf(self, size: int, timeout: float | None = None) -> list[Buffer]:
-        if self._dead and self._ended(writing=True):
-            return list(self._after_end("getwritebuf", size, timeout))
+    def _getwritebuf(self, size: int, timeout: float | None) -> list[Buffer]:
         if size < 0 or size > self.max_write:
             raise ValueError(
                 f"size must be in 0..{self.max_write} (commit larger messages in parts, more=True)"
@@ -297,12 +300,7 @@ class StreamPath(MessagePath):
         self._claimed += need
         return self._hand_out(claim, views)
 
-    def commit(
-        self, bufs: Sequence[Buffer], nbytes: int, *, flush: bool = True, more: bool = False
-    ) -> None:
-        if self._dead and self._ended(writing=True):
-            self._after_end("commit", bufs, nbytes, flush=flush, more=more)
-            return
+    def _commit(self, bufs: Sequence[Buffer], nbytes: int, flush: bool, more: bool) -> None:
         claim, sent = self._take_claim(bufs, nbytes)
         frames = [(claim.parts[i], n, F_MORE) for i, n in sent]
         frames[-1] = (frames[-1][0], frames[-1][1], F_MORE if more else 0)
@@ -318,10 +316,7 @@ class StreamPath(MessagePath):
             if flush:
                 self._drain(None)
 
-    def abort(self, bufs: Iterable[Buffer]) -> None:
-        if self._dead and self._ended(writing=True):
-            self._after_end("abort", bufs)
-            return
+    def _abort(self, bufs: Iterable[Buffer]) -> None:
         claims = self._take_aborted(bufs)
         for c in claims:
             self._claims.remove(c)
@@ -396,10 +391,7 @@ class StreamPath(MessagePath):
             del q[:i]
         return True
 
-    def flush(self, timeout: float | None = None) -> None:
-        if self._dead and self._ended(writing=True):
-            self._after_end("flush", timeout)
-            return
+    def _flush(self, timeout: float | None) -> None:
         self._advance()
         self._drain(deadline_of(timeout), timeout)
 
@@ -414,19 +406,15 @@ class StreamPath(MessagePath):
                 )
             )
 
-    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+    def _send(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
         n = len(data)
         if (
             self._queue
             or self._claims
-            or self._dead
             or n > FRAGMENT
             or (type(data) is memoryview and data.itemsize != 1)
             or (timeout is not None and not self._kernel_takes(HDR + n))
         ):
-            if self._dead and self._ended(writing=True):
-                self._after_end("send", data, timeout)
-                return
             self._send_in_parts(data, timeout)
             return
         seq = self._wseq
@@ -452,11 +440,9 @@ class StreamPath(MessagePath):
                 self._queued += len(rest)
             self._drain(None)
 
-    def send_many(
-        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
+    def _send_many(
+        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None
     ) -> int:
-        if self._dead and self._ended(writing=True):
-            return int(self._after_end("send_many", msgs, timeout))
         epoch = self.epoch
         deadline = deadline_of(timeout)
         count = 0
@@ -522,7 +508,7 @@ class StreamPath(MessagePath):
         ms = slice_ms(deadline, timeout, "no message is ready", "no message before the timeout")
         if self._queue:
             for fd, ev in self._rwpoll.poll(ms):
-                if fd == self._wfd and ev & (_POLLOUT | _POLLERRS) and self._queue:
+                if fd == self._wfd and ev & (POLLOUT | POLLERRS) and self._queue:
                     self._try_push()
         else:
             self._rpoll.poll(ms)
@@ -588,9 +574,7 @@ class StreamPath(MessagePath):
                 self._rpos, self._rend = 0, n
         return self._recv_slow(timeout)
 
-    def getreadbuf(self) -> list[Buffer]:
-        if self._dead and self._ended(writing=False):
-            return list(self._after_end("getreadbuf"))
+    def _getreadbuf(self) -> list[Buffer]:
         out = self._start_getreadbuf()
         if self._queue:
             self._try_push()
@@ -641,19 +625,27 @@ class StreamPath(MessagePath):
         self._check()
         return self._rfd
 
-    def _write_buffers_held(self) -> int:
+    def write_buffers_held(self) -> int:
         return sum(len(c.parts) for c in self._claims if not c.committed)
 
     def _pending_bytes(self) -> int:
         return self._queued
 
     def _say_goodbye(self, linger: float | None) -> None:
-        if self._eof:
-            return
-        self._claims = deque(c for c in self._claims if c.committed)
-        self._advance()
-        self._queue_close(deadline_of(linger), linger)
-        self._drain(deadline_of(linger))
+        if not self._eof:
+            self._write_end(linger)
+
+    def _write_end(self, timeout: float | None) -> bool:
+        deadline = deadline_of(timeout)
+        if not self._end_queued:
+            self._claims = deque(c for c in self._claims if c.committed)
+            self._advance()
+            self._queue_close(deadline, timeout)  # WouldBlock/Timeout: nothing was queued
+            self._end_queued = True
+        if timeout == 0:
+            return self._push()
+        self._drain(deadline, timeout)
+        return True
 
     def _free(self, clean: bool) -> None:
         self._queue.clear()

@@ -11,7 +11,7 @@ import socket
 from typing import Any
 
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
-from fable.transports.setup import SetupChannel
+from fable.transports.channel import SetupChannel
 from fable.transports.stream import StreamPath
 from fable.transports.unix import adopt_socket
 

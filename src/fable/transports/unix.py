@@ -8,7 +8,7 @@ from typing import Any
 from fable._wire import close_fds
 from fable.errors import ProtocolError
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
-from fable.transports.setup import SetupChannel
+from fable.transports.channel import SetupChannel
 from fable.transports.stream import StreamPath
 
 

@@ -42,9 +42,9 @@ from fable import _core
 from fable._wire import close_fds
 from fable.errors import ProtocolError, Timeout, WouldBlock
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
-from fable.transports.message import deadline_of, slice_ms, time_left
+from fable.transports.channel import SetupChannel
+from fable.transports.message import POLLERRS, POLLIN, POLLOUT, deadline_of, slice_ms, time_left
 from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
-from fable.transports.setup import SetupChannel
 from fable.transports.shm import unmap
 from fable.transports.stream import (
     F_CLOSE,
@@ -62,9 +62,6 @@ TOKEN_EVERY = 256 * 1024
 PAGE = mmap.PAGESIZE
 
 _pack_into = struct.Struct("<IHHQI").pack_into
-_POLLIN = select.POLLIN
-_POLLOUT = select.POLLOUT
-_POLLERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
 def _create(options: dict[str, object]) -> tuple[EndSpec, EndSpec]:
@@ -115,7 +112,7 @@ class VmsplicePath(StreamPath):
         self._token = 0  # stream bytes the reader has read (its last token)
         self._tbuf = b""  # a partial token
         self._tpoll = select.poll()
-        self._tpoll.register(tin, _POLLIN)
+        self._tpoll.register(tin, POLLIN)
         # reader
         self._consumed = 0
         self._reported = 0
@@ -210,10 +207,10 @@ class VmsplicePath(StreamPath):
             ms = slice_ms(deadline, timeout, "the connection is full", "no room before the timeout")
             pushing = bool(self._queue)  # then room in the pipe matters too
             if pushing:
-                self._tpoll.register(self._wfd, _POLLOUT)
+                self._tpoll.register(self._wfd, POLLOUT)
             try:
                 for fd, ev in self._tpoll.poll(ms):
-                    if fd == self._wfd and ev & _POLLERRS:
+                    if fd == self._wfd and ev & POLLERRS:
                         raise self._fail(self._gone_on_write())
             finally:
                 if pushing:
@@ -258,30 +255,24 @@ class VmsplicePath(StreamPath):
         with self._wlock:
             self._enqueue(frame, entry)
 
-    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+    def _send(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
         n = len(data)
         if (
             self._queue
             or self._claims
-            or self._dead
             or n > FRAGMENT
             or (type(data) is memoryview and data.itemsize != 1)
             or (timeout is not None and not self._kernel_takes(HDR + n))
             or not self._room(HDR + n)
         ):
-            if self._dead and self._ended(writing=True):
-                self._after_end("send", data, timeout)
-                return
             self._send_in_parts(data, timeout)
             return
         self._put(data, n)
         self._drain(None)
 
-    def send_many(
-        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
+    def _send_many(
+        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None
     ) -> int:
-        if self._dead and self._ended(writing=True):
-            return int(self._after_end("send_many", msgs, timeout))
         deadline = deadline_of(timeout)
         count = 0
         try:
