@@ -69,9 +69,8 @@ def _on_channel(ref: weakref.ref[Epochs], events: int) -> bool:
     return epochs is not None and epochs.on_channel()
 
 
-def _first_records(ref: weakref.ref[Epochs]) -> None:
-    """Once, on the control thread: records that came with the first offer (read with it, so
-    no event on the channel announces them)."""
+def _records_read(ref: weakref.ref[Epochs]) -> None:
+    """On the control thread: handle records already read from the setup channel."""
     _on_channel(ref, 0)
 
 
@@ -110,8 +109,10 @@ class Connection:
         ref = weakref.ref(self._epochs)
         ctl = control()
         ctl.watch(setup.fileno(), lambda ev: _on_channel(ref, ev))
-        # records that came with the first offer (already read, so no event announces them)
-        ctl.call_later(0.0, lambda: _first_records(ref))
+        # records read by someone else (with the first offer, or by a data path looking at its
+        # peer): no event on the channel announces them, so the control thread is told
+        setup.on_records = lambda: ctl.call_later(0.0, lambda: _records_read(ref))
+        setup.on_records()
 
     @property
     def _path(self) -> DataPath:

@@ -178,8 +178,14 @@ class Epochs:
     # ------------------------------------------------------------------ state
     @property
     def busy(self) -> bool:
-        """Whether a reconfiguration is in progress (asked, agreed, or not yet read through)."""
-        return self.proposal is not None or bool(self.pending) or len(self.rx) > 1
+        """Whether a reconfiguration is in progress: asked, agreed, not yet read through, or
+        an old epoch not yet freed by both sides."""
+        return (
+            self.proposal is not None
+            or bool(self.pending)
+            or len(self.rx) > 1
+            or len(self.live) > 1
+        )
 
     @property
     def newest(self) -> DataPath:

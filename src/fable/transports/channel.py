@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from fable._wire import Codec, FrameReader, close_fds, send_frame
@@ -53,6 +54,9 @@ class SetupChannel:
         self._error: ProtocolError | None = None
         self.peer_closed = False  # the peer's close notice was read
         self.ended = False  # the stream ended (the peer's socket is gone)
+        # called (on the reading thread) when ``peer_state`` put records in the inbox: whoever
+        # handles them must hear of it, since the socket will not say so again
+        self.on_records: Callable[[], None] | None = None
 
     @property
     def sock(self) -> socket.socket:
@@ -78,16 +82,17 @@ class SetupChannel:
             pass
 
     # ------------------------------------------------------------------------ reading
-    def poll(self) -> None:
-        """Read whatever has arrived, without waiting: records go to the inbox, a close notice
-        sets ``peer_closed``, the end of the stream ``ended``. ``ProtocolError`` on malformed
-        input (now and at every later call)."""
+    def poll(self) -> int:
+        """Read whatever has arrived, without waiting: records go to the inbox (returns how
+        many), a close notice sets ``peer_closed``, the end of the stream ``ended``.
+        ``ProtocolError`` on malformed input (now and at every later call)."""
+        queued = 0
         with self._read_lock:
             if self._error is not None:
                 raise self._error
             sock = self._sock
             if sock is None or self.ended:
-                return
+                return 0
             try:
                 while True:
                     try:
@@ -102,6 +107,7 @@ class SetupChannel:
                             self.peer_closed = True
                         else:
                             self._inbox.append(rec)
+                            queued += 1
                     if n == 0:
                         self.ended = True
                         break
@@ -109,6 +115,7 @@ class SetupChannel:
                 self._error = e
                 self.ended = True
                 raise
+        return queued
 
     def take(self) -> Record | None:
         """The oldest record read and not yet taken (its fds are now the caller's), or None."""
@@ -138,8 +145,9 @@ class SetupChannel:
 
     def peer_state(self) -> str | None:
         """None while the peer lives; "closed" once its close notice came; "died" when the
-        stream ended without one. Reads what has arrived first."""
-        self.poll()
+        stream ended without one. Reads what has arrived first (and tells ``on_records``)."""
+        if self.poll() and self.on_records is not None:
+            self.on_records()
         if self.peer_closed:
             return "closed"
         return "died" if self.ended else None

@@ -9,7 +9,10 @@ whole message (the last fragment has ``more == False``), or raise.
 from __future__ import annotations
 
 import abc
+import fcntl
 import select
+import struct
+import termios
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -40,6 +43,7 @@ __all__ = [
     "Claim",
     "MessagePath",
     "deadline_of",
+    "pipe_takes",
     "slice_ms",
     "time_left",
 ]
@@ -48,6 +52,16 @@ SLICE_MS = 200  # the longest one wait lasts before it checks the connection aga
 # poll(2) events the transports wait for (select.poll: no limit on fd numbers, unlike select)
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 POLLERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL  # the other end is gone
+_INT = struct.Struct("i")
+
+
+def pipe_takes(wfd: int, capacity: int, size: int) -> bool:
+    """Whether a pipe (write end ``wfd``, ``capacity`` bytes) takes ``size`` more bytes now
+    without blocking. A pipe polls writable with one free page, and a write that does not fit
+    the last page's tail starts a new one, so unread bytes may fill twice their size in pages:
+    count them double, and keep a page of slack."""
+    unread: int = _INT.unpack(fcntl.ioctl(wfd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    return capacity - 2 * unread >= min(size, capacity // 4) + 4096
 
 
 def deadline_of(timeout: float | None) -> float | None:
@@ -116,7 +130,7 @@ class MessagePath(DataPath):
         self._wended = False  # END of this epoch sealed: writes go to the next path
         self._rended = False  # the peer's END read: reads go to the next path
         self._end_owed = False  # sealed, and the END not yet in the transport (push_end)
-        self._writing = threading.RLock()  # held by every write call (see end_writes)
+        self._writing = threading.Lock()  # held by every write call (see end_writes)
         self._read_limit = cfg.read_buffers
         self._max_message = cfg.max_message
         self._held = 0
@@ -191,8 +205,9 @@ class MessagePath(DataPath):
     @abc.abstractmethod
     def _flush(self, timeout: float | None) -> None: ...
 
-    @abc.abstractmethod
-    def _send(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None: ...
+    def _send(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
+        """One message; a transport with a faster way than its write buffers overrides it."""
+        self._send_in_parts(data, timeout)
 
     @abc.abstractmethod
     def _send_many(

@@ -41,6 +41,7 @@ import os
 import select
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -65,6 +66,7 @@ from fable.transports.message import (
     Claim,
     MessagePath,
     deadline_of,
+    pipe_takes,
     slice_ms,
     time_left,
 )
@@ -277,6 +279,7 @@ class ShmemPipePath(MessagePath):
         self.max_write = capacity // 2
         # writer
         ret_pipe = int(fcntl.fcntl(rin, fcntl.F_GETPIPE_SZ))
+        self._dpipe = int(fcntl.fcntl(dout, fcntl.F_GETPIPE_SZ))  # fixed at setup
         self._extents = Extents(capacity, max(16, ret_pipe // (2 * RSIZE)))
         self._wseq = 0
         self._out = bytearray()  # descriptors not yet written
@@ -382,11 +385,26 @@ class ShmemPipePath(MessagePath):
                 )
             )
 
-    def _writer_wait(self, ms: int) -> None:
+    def _describable(self) -> bool:
+        """Whether one more descriptor goes into the pipe now: nothing queued before it, and
+        room for it (``send`` with a timeout checks this before it takes a message, so that a
+        full descriptor pipe gives WouldBlock/Timeout with nothing sent)."""
+        return self._write_out() and pipe_takes(self._dout, self._dpipe, DSIZE)
+
+    def _wait_describable(self, deadline: float | None, timeout: float | None) -> None:
+        while not self._describable():
+            ms = slice_ms(deadline, timeout, "the connection is full", "no room before the timeout")
+            if self._writer_wait(ms, room=True):
+                time.sleep(0.001)  # writable, but not the slack we count on: poll cannot wait
+                # for "this much room", so nap instead of spinning
+
+    def _writer_wait(self, ms: int, room: bool = False) -> bool:
         """Wait up to ``ms`` for returns, or for room in the descriptor pipe while descriptors
-        wait to be written; returns that came are taken."""
+        wait to be written (or ``room`` is asked for); returns that came are taken. True when
+        the pipe polled writable."""
         poll = self._wpoll
-        writing = bool(self._out)
+        writing = bool(self._out) or room
+        writable = False
         if writing:
             poll.register(self._dout, POLLOUT)
         try:
@@ -395,10 +413,13 @@ class ShmemPipePath(MessagePath):
                     self._take_returns()  # raises once the reader is gone
                 elif ev & POLLERRS:
                     raise self._fail(self._gone())
+                else:
+                    writable = True
         finally:
             if writing:
                 poll.unregister(self._dout)
         self._check()
+        return writable
 
     def _getwritebuf(self, size: int, timeout: float | None) -> list[Buffer]:
         if size < 0 or size > self.max_write:
@@ -465,6 +486,8 @@ class ShmemPipePath(MessagePath):
         self._flush_out(deadline_of(timeout), timeout)
 
     def _send(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
+        if timeout is not None:  # nothing is taken unless its descriptor goes out at once
+            self._wait_describable(deadline_of(timeout), timeout)
         self._put(data, deadline_of(timeout), timeout)
         self._flush_out(None, None)
 
@@ -498,6 +521,8 @@ class ShmemPipePath(MessagePath):
         try:
             for m in msgs:
                 n = len(m)
+                if timeout is not None:  # each taken only if its descriptor goes out now
+                    self._wait_describable(deadline, time_left(deadline, timeout))
                 if self._claims or n > frag or not n or (type(m) is memoryview and m.itemsize != 1):
                     self._put(m, deadline, time_left(deadline, timeout))
                     count += 1

@@ -39,7 +39,6 @@ import os
 import select
 import socket
 import struct
-import termios
 import threading
 import time
 from collections import deque
@@ -62,6 +61,7 @@ from fable.transports.message import (
     Claim,
     MessagePath,
     deadline_of,
+    pipe_takes,
     slice_ms,
     time_left,
 )
@@ -92,8 +92,6 @@ _unpack_from = HEADER.unpack_from
 _monotonic = time.monotonic
 _DONTWAIT = socket.MSG_DONTWAIT
 _SENDFLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
-_INT = struct.Struct("i")
-_FIONREAD = termios.FIONREAD
 
 
 class _Claim(Claim):
@@ -251,11 +249,7 @@ class StreamPath(MessagePath):
         writable with one free page, so for a pipe count the unread bytes instead."""
         if self._sock is not None:
             return bool(self._wpoll.poll(0))
-        # A write that does not fit the last page's tail starts a new page, so unread bytes
-        # may fill up to twice their size in pages: count them double.
-        capacity = self._pipe_size
-        unread: int = _INT.unpack(fcntl.ioctl(self._wfd, _FIONREAD, b"\0\0\0\0"))[0]
-        return capacity - 2 * unread >= min(size, capacity // 4) + 4096
+        return pipe_takes(self._wfd, self._pipe_size, size)
 
     def _claim(self, size: int, deadline: float | None, timeout: float | None) -> None:
         """Wait for room for ``size`` more bytes (back-pressure). Room means: queued plus claimed
@@ -406,39 +400,51 @@ class StreamPath(MessagePath):
                 )
             )
 
-    def _send(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
-        n = len(data)
-        if (
-            self._queue
-            or self._claims
-            or n > FRAGMENT
-            or (type(data) is memoryview and data.itemsize != 1)
-            or (timeout is not None and not self._kernel_takes(HDR + n))
-        ):
-            self._send_in_parts(data, timeout)
-            return
-        seq = self._wseq
-        self._wseq = seq + 1
-        if n <= SMALL:
-            frame: bytes | bytearray | memoryview = _pack(n, 0, MAGIC, seq, self.epoch) + data
-        else:
-            frame = bytearray(HDR + n)
-            _pack_into(frame, 0, n, 0, MAGIC, seq, self.epoch)
-            frame[HDR:] = data
-        try:
-            sent = self._write1(frame)
-        except BlockingIOError:
-            sent = 0
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
-            raise self._gone_on_write() from None
-        self._msgs_out += 1
-        self._bytes_out += n
-        if sent < HDR + n:
-            rest = memoryview(frame)[sent:] if isinstance(frame, bytearray) else frame[sent:]
-            with self._wlock:
-                self._queue.append(rest)
-                self._queued += len(rest)
-            self._drain(None)
+    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        """The socket transports' hot method: the gate, the write lock and a one-frame fast
+        path in this one call (``MessagePath.send`` would add a call per message); the rest
+        goes through ``getwritebuf``/``commit`` (``_send_in_parts``)."""
+        with self._writing:
+            if self._dead and self._ended(writing=True):
+                pass  # forwarded below, outside the lock
+            elif (
+                self._queue
+                or self._claims
+                or (n := len(data)) > FRAGMENT
+                or (type(data) is memoryview and data.itemsize != 1)
+                or (timeout is not None and not self._kernel_takes(HDR + n))
+            ):
+                self._send_in_parts(data, timeout)
+                return
+            else:
+                seq = self._wseq
+                self._wseq = seq + 1
+                if n <= SMALL:
+                    frame: bytes | bytearray | memoryview = (
+                        _pack(n, 0, MAGIC, seq, self.epoch) + data
+                    )
+                else:
+                    frame = bytearray(HDR + n)
+                    _pack_into(frame, 0, n, 0, MAGIC, seq, self.epoch)
+                    frame[HDR:] = data
+                try:
+                    sent = self._write1(frame)
+                except BlockingIOError:
+                    sent = 0
+                except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+                    raise self._gone_on_write() from None
+                self._msgs_out += 1
+                self._bytes_out += n
+                if sent < HDR + n:
+                    rest = (
+                        memoryview(frame)[sent:] if isinstance(frame, bytearray) else frame[sent:]
+                    )
+                    with self._wlock:
+                        self._queue.append(rest)
+                        self._queued += len(rest)
+                    self._drain(None)
+                return
+        self._forward("send", data, timeout)
 
     def _send_many(
         self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None

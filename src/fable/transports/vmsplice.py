@@ -43,7 +43,15 @@ from fable._wire import close_fds
 from fable.errors import ProtocolError, Timeout, WouldBlock
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
 from fable.transports.channel import SetupChannel
-from fable.transports.message import POLLERRS, POLLIN, POLLOUT, deadline_of, slice_ms, time_left
+from fable.transports.message import (
+    POLLERRS,
+    POLLIN,
+    POLLOUT,
+    MessagePath,
+    deadline_of,
+    slice_ms,
+    time_left,
+)
 from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
 from fable.transports.shm import unmap
 from fable.transports.stream import (
@@ -254,6 +262,8 @@ class VmsplicePath(StreamPath):
         self._bytes_out += n
         with self._wlock:
             self._enqueue(frame, entry)
+
+    send = MessagePath.send  # not StreamPath's fast path: frames go into the arena (_send)
 
     def _send(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
         n = len(data)
