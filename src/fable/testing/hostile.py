@@ -60,7 +60,7 @@ def run_victim(conn: Connection, bound: float = 5.0, hold: int = 32) -> Outcome:
 
     Holds up to ``hold`` read buffers until the end, so that a safe reader's copies can be
     compared with the snapshot taken when they were delivered."""
-    from fable.testing import wait_readable
+    from fable.testing.harness import wait_readable
 
     t0 = time.monotonic()
     out = Outcome(QUIET)
