@@ -314,8 +314,9 @@ def test_compare_ratios_say_which_run_is_better() -> None:
             else:
                 r["msgs_per_s"] *= 3
                 r["bytes_per_s"] *= 3
-    table, n = compare_table(RECORDS, faster)
-    assert n == len(RECORDS) - 1  # the failed point is not compared
+    table, ratios = compare_table(RECORDS, faster)
+    assert len(ratios) == len(RECORDS) - 1  # the failed point is not compared
+    assert sorted({round(r, 2) for _, r in ratios}) == [1.0, 2.0, 3.0]
     console = Console(width=200, record=True)
     console.print(table)
     text = console.export_text()

@@ -160,7 +160,7 @@ def test_bench_floor_row_notes_and_plots(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_bench_quick_preset_keeps_what_the_command_line_says() -> None:
-    from fable.cli import QUICK
+    from fable.bench.plan import QUICK
 
     assert QUICK == {"target_s": 0.03, "timeout_s": 20.0}
     r = CliRunner().invoke(main, ["bench", "--help"])
@@ -194,6 +194,7 @@ def test_bench_compare(tmp_path: Path) -> None:
     )
     assert r.exit_code == 0, r.output
     assert "2.00x" in r.output and "pipe safe" in r.output
+    assert "1 points: median ratio 2.000, lowest 2.000 (pipe safe latency 64 B 0:1)" in r.output
     (tmp_path / "c.json").write_text("{}")
     r = CliRunner().invoke(
         main, ["bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")]

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -352,32 +354,21 @@ def calibrate(repeats: int, target_s: float) -> None:
     """Measure every transport at this machine's placements (about 30 s on 2 vCPUs) and store the
     table the daemon's policy ranks transports with ($FABLE_STATE_DIR/calibration.json; a
     running daemon picks it up at its next connect)."""
-    from fable.bench.harness import SCHEMA_VERSION
-    from fable.bench.links import Point
+    from fable.bench import plan
     from fable.nameservice import private_dir
-    from fable.policy import SIZES, calibration_path
-    from fable.topology import Topology, machine_info
-    from fable.transports import REGISTRY
+    from fable.policy import calibration_path
+    from fable.topology import Topology
 
     topo = Topology.read()
-    allowed = tuple(c for c in topo.cpus if c in os.sched_getaffinity(0))
-    pairs = [p for p in topo.default_pairs() if p[0] in allowed and p[1] in allowed]
-    points = [
-        Point(name, safe, mode, size, cpus)
-        for cpus in pairs
-        for name, info in REGISTRY.items()
-        for safe in info.caps.forms
-        for size in SIZES
-        for mode in ("latency", "throughput")
-    ]
-    records = _run_points(points, topo, repeats=repeats, target_s=target_s, timeout_s=20.0)
+    todo = plan.calibration_points(topo)
+    records = plan.run_points(
+        todo, topo, _progress_bar(len(todo)), repeats=repeats, target_s=target_s, timeout_s=20.0
+    )
     path = calibration_path()
     private_dir(path.parent)
-    doc = {"schema_version": SCHEMA_VERSION, "machine": machine_info(), "records": records}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=0))
-    os.replace(tmp, path)  # a daemon never reads half a file
+    plan.write_run(path, records)
     bad = [r for r in records if not r.get("verified")]
+    pairs = sorted({p.cpus for p in todo})
     click.echo(
         f"wrote {len(records)} points ({len(pairs)} placements: "
         + ", ".join(topo.placement(*p) for p in pairs)
@@ -392,6 +383,7 @@ def _csv(text: str) -> list[str]:
 
 
 def _size(text: str) -> int:
+    """``64``, ``4K``, ``64KiB``, ``1M`` -> bytes."""
     t = text.strip().upper().removesuffix("B")
     mult = 1
     for suffix, m in (("KI", 1024), ("K", 1024), ("MI", 1 << 20), ("M", 1 << 20)):
@@ -408,6 +400,7 @@ def _size(text: str) -> int:
 
 
 def _pairs(text: str, online: tuple[int, ...]) -> list[tuple[int, int]]:
+    """``0:1,0:0`` -> CPU pairs, each CPU one of ``online``."""
     out = []
     for p in _csv(text):
         try:
@@ -421,42 +414,8 @@ def _pairs(text: str, online: tuple[int, ...]) -> list[tuple[int, int]]:
     return out
 
 
-def _split_transports(text: str, peers: bool) -> tuple[list[str], list[str], bool]:
-    """--transports (and --peers) -> (REGISTRY names and auto, peer names, floor row wanted)."""
-    from fable.bench.peers import PEERS
-    from fable.transports import REGISTRY
-
-    names = [*REGISTRY, "auto", "floor"] if text == "all" else _csv(text)
-    fable_names, peer_names, floor = [], [], False
-    for n in names:
-        if n == "floor":
-            floor = True
-        elif n == "auto":
-            fable_names.append(n)
-        elif n.startswith("peer:"):
-            if n[5:] not in PEERS:
-                raise click.BadParameter(f"unknown peer {n!r}; known: {', '.join(PEERS)}")
-            peer_names.append(n[5:])
-        elif n in REGISTRY:
-            fable_names.append(n)
-        else:
-            raise click.BadParameter(
-                f"unknown transport {n!r}; known: {', '.join(REGISTRY)}, auto, floor, "
-                + ", ".join(f"peer:{p}" for p in PEERS)
-            )
-    if peers:
-        peer_names += [p for p in PEERS if p not in peer_names]
-    return fable_names, peer_names, floor
-
-
-QUICK = {"target_s": 0.03, "timeout_s": 20.0}
-
-
-def _run_points(points: list[Any], topo: Any, rounds: int = 1, **opts: Any) -> list[dict[str, Any]]:
-    """Measure every point (``rounds`` times, interleaved: the whole list, then again) under a
-    live progress bar; a daemon of our own serves the ``auto`` row while it runs."""
-    import contextlib
-
+def _progress_bar(total: int) -> Callable[[Any], None]:
+    """A live progress bar on stderr, fed one point at a time (None: done)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -466,11 +425,7 @@ def _run_points(points: list[Any], topo: Any, rounds: int = 1, **opts: Any) -> l
         TimeElapsedColumn,
     )
 
-    from fable.bench.harness import AUTO, merge_rounds, run_point
-    from fable.client import private_daemon
-
-    records: list[dict[str, Any]] = []
-    progress = Progress(
+    bar = Progress(
         TextColumn("{task.description:<44}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -478,19 +433,34 @@ def _run_points(points: list[Any], topo: Any, rounds: int = 1, **opts: Any) -> l
         console=Console(stderr=True),
         transient=True,
     )
-    need_daemon = any(p.transport == AUTO for p in points)
-    with private_daemon() if need_daemon else contextlib.nullcontext(), progress:
-        task = progress.add_task("bench", total=len(points) * rounds)
-        for _ in range(rounds):
-            for p in points:
-                progress.update(
-                    task,
-                    description=f"{p.transport} {'safe' if p.safe else 'unsafe'} {p.mode[:3]} "
-                    f"{p.size} B {p.cpus[0]}:{p.cpus[1]}",
-                )
-                records.append(run_point(p, placement=topo.placement(*p.cpus), **opts))
-                progress.advance(task)
-    return merge_rounds(records) if rounds > 1 else records
+    task = bar.add_task("bench", total=total)
+    started = False
+
+    def step(p: Any) -> None:
+        nonlocal started
+        if p is None:
+            bar.stop()
+            return
+        if not started:
+            bar.start()
+            started = True
+        else:
+            bar.advance(task)
+        bar.update(
+            task,
+            description=f"{p.transport} {'safe' if p.safe else 'unsafe'} {p.mode[:3]} "
+            f"{p.size} B {p.cpus[0]}:{p.cpus[1]}",
+        )
+
+    return step
+
+
+def _option(convert: Callable[[], Any]) -> Any:
+    """An option's value, its ValueError a usage error."""
+    try:
+        return convert()
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 @main.group(invoke_without_command=True)
@@ -619,65 +589,41 @@ def bench(
         return
     from rich.console import Console
 
-    from fable.bench.harness import FLOOR, FLOOR_SIZE, SCHEMA_VERSION
-    from fable.bench.links import Point
-    from fable.bench.peers import missing
+    from fable.bench import plan
     from fable.bench.report import results_table
     from fable.topology import Topology, machine_info
-    from fable.transports import REGISTRY
 
     if quick:  # the preset's values, where the command line did not set its own
-        target_s = target_s if _given(ctx, "target_s") else QUICK["target_s"]
-        timeout_s = timeout_s if _given(ctx, "timeout_s") else QUICK["timeout_s"]
-    fable_names, peer_names, floor = _split_transports(transports, peers)
+        target_s = target_s if _given(ctx, "target_s") else plan.QUICK["target_s"]
+        timeout_s = timeout_s if _given(ctx, "timeout_s") else plan.QUICK["timeout_s"]
+    sel = _option(lambda: plan.select_transports(transports, peers))
     wanted_safety = _csv(safety)
     for s in wanted_safety:
         if s not in ("safe", "unsafe"):
             raise click.BadParameter(f"--safety takes safe and/or unsafe, not {s!r}")
     mode_list = _csv(modes)
     for m in mode_list:
-        if m not in ("latency", "throughput"):
+        if m not in plan.MODES:
             raise click.BadParameter(f"--modes takes latency and/or throughput, not {m!r}")
     size_list = [_size(s) for s in _csv(sizes)]
     if grid and pairs:
         raise click.BadParameter("--grid and --pairs exclude each other")
     topo = Topology.read()
-    allowed = tuple(c for c in topo.cpus if c in os.sched_getaffinity(0))
+    allowed = plan.allowed_cpus(topo)
     if grid:
         pair_list = [(a, b) for a in allowed for b in allowed]
     elif pairs:
         pair_list = _pairs(pairs, allowed)
     else:
         pair_list = [p for p in topo.default_pairs() if p[0] in allowed and p[1] in allowed]
-    notes: list[str] = []
-    runnable_peers = []
-    for peer in peer_names:
-        why = missing(peer)
-        if why:
-            notes.append(f"peer:{peer} skipped: {why}")
-        else:
-            runnable_peers.append(peer)
-    points = []
-    for cpus in pair_list:
-        if floor and "latency" in mode_list:
-            points.append(Point(FLOOR, True, "latency", FLOOR_SIZE, cpus))
-        rows = [
-            (n, safe)
-            for n in fable_names
-            for safe in (REGISTRY[n].caps.forms if n in REGISTRY else (True, False))
-        ]
-        rows = [(n, safe) for n, safe in rows if ("safe" if safe else "unsafe") in wanted_safety]
-        rows += [(f"peer:{peer}", True) for peer in runnable_peers]
-        for name, safe in rows:
-            for size in size_list:
-                for mode in mode_list:
-                    points.append(Point(name, safe, mode, size, cpus))
+    todo = plan.points(sel, pair_list, safety=wanted_safety, sizes=size_list, modes=mode_list)
     err = Console(stderr=True)
-    for n in notes:
+    for n in sel.notes:
         err.print(f"[yellow]note:[/] {n}")
-    records = _run_points(
-        points,
+    records = plan.run_points(
+        todo,
         topo,
+        _progress_bar(len(todo) * rounds),
         rounds=rounds,
         repeats=repeats,
         target_s=target_s,
@@ -687,22 +633,13 @@ def bench(
     out = Console(soft_wrap=False, width=max(100, Console().width))
     for part in results_table(records):
         out.print(part)
-    machine = machine_info()
     if json_path:
-        doc = {
-            "schema_version": SCHEMA_VERSION,
-            "machine": machine,
-            "records": records,
-            "notes": notes,
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(doc, f, indent=1)
+        plan.write_run(json_path, records, sel.notes)
         click.echo(f"wrote {len(records)} records to {json_path}")
     if plot_dir:
         from fable.bench.plot import write_all
 
-        written = write_all(records, machine, notes, plot_dir)
+        written = write_all(records, machine_info(), sel.notes, plot_dir)
         click.echo(
             f"wrote {len(written)} files to {plot_dir}: "
             + ", ".join(os.path.basename(w) for w in written)
@@ -713,7 +650,6 @@ def bench(
 
 def _scenario(name: str, pairs: str | None, duration: float, json_path: str | None) -> None:
     """``fable bench --scenario coschedule``: the table, the timeline, the JSON."""
-    import json
 
     from rich.console import Console
     from rich.table import Table
@@ -766,13 +702,15 @@ def _scenario(name: str, pairs: str | None, duration: float, json_path: str | No
         if r["last_switch"]:
             console.print(f"switch: {r['last_switch']['reason']}")
     if json_path:
-        doc = {"scenario": name, "machine": machine_info(), "cpus": list(cpus), "runs": runs}
-        with open(json_path, "w") as f:
-            json.dump(doc, f, indent=1)
+        from fable.bench.plan import write_json
+
+        write_json(
+            json_path,
+            {"scenario": name, "machine": machine_info(), "cpus": list(cpus), "runs": runs},
+        )
 
 
 def _switch_scenario(console: Any, cpus: tuple[int, int], json_path: str | None) -> None:
-    import json
     import statistics
 
     from rich.table import Table
@@ -796,14 +734,15 @@ def _switch_scenario(console: Any, cpus: tuple[int, int], json_path: str | None)
     v = sorted(ms.values())
     console.print(f"median {statistics.median(v):.2f} ms, min {v[0]:.2f}, max {v[-1]:.2f}")
     if json_path:
+        from fable.bench.plan import write_json
+
         doc = {
             "scenario": "switch",
             "machine": machine_info(),
             "cpus": list(cpus),
             "ms": [{"from": a, "to": b, "ms": round(x, 3)} for (a, b), x in ms.items()],
         }
-        with open(json_path, "w") as f:
-            json.dump(doc, f, indent=1)
+        write_json(json_path, doc)
 
 
 def _fmt_us(v: float | None) -> str:
@@ -814,34 +753,27 @@ def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
 
-def _load_run(path: str) -> list[dict[str, Any]]:
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as e:
-        raise click.BadParameter(f"{path}: {e}") from None
-    if not isinstance(doc, dict) or doc.get("schema_version") != 1:
-        raise click.BadParameter(f"{path}: not a fable bench JSON file (schema_version 1)")
-    records = doc.get("records")
-    if not isinstance(records, list):
-        raise click.BadParameter(f"{path}: no records")
-    return records
-
-
 @bench.command()
 @click.argument("a", type=click.Path(exists=True, dir_okay=False))
 @click.argument("b", type=click.Path(exists=True, dir_okay=False))
 def compare(a: str, b: str) -> None:
     """Compare two runs (--json files) point by point: a ratio above 1 means B is better
-    (shorter round trip, higher rate)."""
+    (shorter round trip, higher rate); then the median ratio and the lowest one."""
     from rich.console import Console
 
+    from fable.bench.plan import read_run
     from fable.bench.report import compare_table
 
-    table, n = compare_table(_load_run(a), _load_run(b))
-    if n == 0:
+    table, ratios = compare_table(_option(lambda: read_run(a)), _option(lambda: read_run(b)))
+    if not ratios:
         raise click.ClickException("the two runs have no verified point in common")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    worst = min(ratios, key=lambda p: p[1])
+    console.print(
+        f"{len(ratios)} points: median ratio {statistics.median(r for _, r in ratios):.3f}, "
+        f"lowest {worst[1]:.3f} ({worst[0]})"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

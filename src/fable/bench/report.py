@@ -306,9 +306,10 @@ def _key(r: Record) -> tuple[Any, ...]:
     return (r["transport"], r["safe"], r["mode"], r["size"], tuple(r["cpus"]))
 
 
-def compare_table(a: list[Record], b: list[Record]) -> tuple[Table, int]:
+def compare_table(a: list[Record], b: list[Record]) -> tuple[Table, list[tuple[str, float]]]:
     """Points measured in both runs, with B / A for rates and A / B for round trips, so that a
-    ratio above 1 always means B is better. Returns the table and the number of points."""
+    ratio above 1 always means B is better. Returns the table and each point's ratio (with a
+    label naming the point)."""
     t = Table(header_style="bold")
     for col, just in (
         ("transport", "left"),
@@ -321,7 +322,7 @@ def compare_table(a: list[Record], b: list[Record]) -> tuple[Table, int]:
     ):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     index = {_key(r): r for r in a if r.get("verified")}
-    n = 0
+    ratios: list[tuple[str, float]] = []
     for r in sorted(
         (r for r in b if r.get("verified") and _key(r) in index),
         key=lambda r: (row_order(row_name(r)), r["mode"], r["size"], r["cpus"]),
@@ -343,5 +344,6 @@ def compare_table(a: list[Record], b: list[Record]) -> tuple[Table, int]:
             f"{vb:,.2f} {unit}",
             f"[{style}]{ratio:.2f}x[/]" if style else f"{ratio:.2f}x",
         )
-        n += 1
-    return t, n
+        label = f"{row_name(r)} {r['mode']} {size_label(r['size'])} {r['cpus'][0]}:{r['cpus'][1]}"
+        ratios.append((label, ratio))
+    return t, ratios
