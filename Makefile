@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: bench test check lint venv clean
 
-$(STAMP): pyproject.toml constraints-dev.txt
+$(STAMP): pyproject.toml constraints-dev.txt $(wildcard src/fable/_core/*.[ch] src/fable/bench/*.c)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints-dev.txt -e '.[dev]'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import mmap
 import random
+from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
 
+import fable
 from fable import _core
 from fable.errors import ProtocolError
 from fable.ring import layout as L
@@ -138,12 +140,26 @@ BACKENDS: dict[str, tuple[Any, Any]] = {
 
 def test_c_core_mirrors_the_layout() -> None:
     assert _core.LAYOUT == L.OFFSETS
+    assert _core.CONSTANTS == L.CONSTANTS
     assert (_core.MAGIC, _core.F_MORE, _core.F_CLOSE, _core.F_PAD) == (
         L.MAGIC,
         L.F_MORE,
         L.F_CLOSE,
         L.F_PAD,
     )
+
+
+def test_every_atomic_in_the_c_core_says_what_it_pairs_with() -> None:
+    """Each __atomic operation has a SYNC POINT comment within the 5 lines above it (naming
+    the operation it pairs with, or why it needs none)."""
+    src = (Path(fable.__file__).parent / "_core" / "core.c").read_text().splitlines()
+    bare = [
+        f"core.c:{i + 1}: {line.strip()}"
+        for i, line in enumerate(src)
+        if "__atomic" in line and not any("SYNC POINT" in s for s in src[max(0, i - 5) : i])
+    ]
+    assert not bare, "atomics without a SYNC POINT comment:\n" + "\n".join(bare)
+    assert sum("__atomic" in line for line in src) >= 20  # the check saw the atomics
 
 
 class RingModel(RuleBasedStateMachine):

@@ -4,6 +4,7 @@ from collections.abc import Sequence
 from typing_extensions import Buffer
 
 LAYOUT: dict[str, int]
+CONSTANTS: dict[str, int]
 MAGIC: int
 F_MORE: int
 F_CLOSE: int

@@ -54,7 +54,10 @@ static void ring_bell(uint32_t *waiting, uint32_t *bell, int evfd) {
     /* SYNC POINT: StoreLoad fence between our position store and the flag load; pairs with the
      * sleeper's seq_cst fetch_or of the flag before it re-checks our position (arm_wait). */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    /* SYNC POINT: relaxed load of the flag, ordered by the fence above. */
     if (!__atomic_load_n(waiting, __ATOMIC_RELAXED)) return; /* fast path: no system call */
+    /* SYNC POINT: seq_cst exchange: exactly one ringer takes the sleeper's bits (and wakes it);
+     * pairs with the sleeper's fetch_or in Ring_wait / Ring_arm. */
     uint32_t w = __atomic_exchange_n(waiting, 0, __ATOMIC_SEQ_CST);
     if (!w) return;
     /* SYNC POINT: release increment of the doorbell; pairs with the sleeper's acquire load of
@@ -68,7 +71,14 @@ static void ring_bell(uint32_t *waiting, uint32_t *bell, int evfd) {
     }
 }
 
-typedef struct { uint64_t pos, room; int64_t length; uint32_t flags; int state; } slot_t;
+/* A record the writer reserved, until do_publish writes its header and moves TAIL over it. */
+typedef enum {
+    SLOT_RESERVED = 0,  /* handed out by reserve(), not yet committed: holds back later ones */
+    SLOT_COMMITTED = 1, /* committed: published with its length and flags */
+    SLOT_PADDING = 2,   /* aborted, or the gap at the end of the data area: published as F_PAD */
+} slot_state;
+
+typedef struct { uint64_t pos, room; int64_t length; uint32_t flags; slot_state state; } slot_t;
 typedef struct { uint64_t pos, span; int released; } held_t;
 
 typedef struct {
@@ -125,6 +135,9 @@ static int Ring_init(Ring *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     fr_header *h = (fr_header *)self->view.buf;
+    /* SYNC POINT: acquire-loads of the header the creator formatted (format_ring) before it
+     * passed the memfd; the fd's passing (SCM_RIGHTS, a system call each side) already orders
+     * them, the acquire keeps that explicit. Read once, then checked. */
     uint64_t cap = __atomic_load_n(&h->capacity, __ATOMIC_ACQUIRE);
     if (__atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) != FR_MAGIC) { proto_error("not a fable ring (bad magic)"); return -1; }
     if (h->version != FR_VERSION || h->header_size != FR_HEADER_SIZE) {
@@ -145,10 +158,13 @@ static int Ring_init(Ring *self, PyObject *args, PyObject *kw) {
     self->seq = first_seq;
     self->evfd = evfd;
     if (writer) {
+        /* SYNC POINT: acquire-loads of the starting positions; pair with the release-stores
+         * of the previous owner of this side, if any (do_publish, advance_head). */
         self->tail = self->claim = __atomic_load_n(&h->tail, __ATOMIC_ACQUIRE);
         self->head_cache = __atomic_load_n(&h->head, __ATOMIC_ACQUIRE);
         self->max_record = cap / 4 - FR_RECORD_HEADER;
     } else {
+        /* SYNC POINT: acquire-load of the starting HEAD; pairs with advance_head's release. */
         self->head = self->pos = self->tail_cache = __atomic_load_n(&h->head, __ATOMIC_ACQUIRE);
     }
     return 0;
@@ -228,7 +244,7 @@ static void *deque_push(void **arr, size_t *first, size_t n, size_t *cap, size_t
     return (char *)*arr + (*first + n) * elem;
 }
 
-static int push_slot(Ring *r, uint64_t pos, uint64_t room, int state, int64_t length) {
+static int push_slot(Ring *r, uint64_t pos, uint64_t room, slot_state state, int64_t length) {
     void *arr = r->slots;
     slot_t *s = deque_push(&arr, &r->slot0, r->nslots, &r->slots_cap, sizeof(slot_t));
     r->slots = arr;
@@ -250,10 +266,10 @@ static int do_reserve(Ring *r, uint64_t length, uint64_t *pos, uint64_t *offset)
     int ok = fits(r, pad + span);
     if (ok <= 0) return ok;
     if (pad) {
-        if (push_slot(r, r->claim, 0, 2, (int64_t)to_end) < 0) return -1;
+        if (push_slot(r, r->claim, 0, SLOT_PADDING, (int64_t)to_end) < 0) return -1;
         r->claim += pad;
     }
-    if (push_slot(r, r->claim, length, 0, -1) < 0) return -1;
+    if (push_slot(r, r->claim, length, SLOT_RESERVED, -1) < 0) return -1;
     *pos = r->claim;
     *offset = FR_HEADER_SIZE + (r->claim & r->mask) + FR_RECORD_HEADER;
     r->claim += span;
@@ -264,7 +280,7 @@ static slot_t *find_slot(Ring *r, uint64_t pos) {
     for (size_t k = 0; k < r->nslots; k++) {
         slot_t *s = &r->slots[r->slot0 + k];
         if (s->pos == pos) {
-            if (s->state) { PyErr_SetString(PyExc_ValueError, "record already committed or aborted"); return NULL; }
+            if (s->state != SLOT_RESERVED) { PyErr_SetString(PyExc_ValueError, "record already committed or aborted"); return NULL; }
             return s;
         }
     }
@@ -277,10 +293,10 @@ static long do_publish(Ring *r) {
     long n = 0;
     uint64_t tail = r->tail;
     size_t k = 0;
-    while (k < r->nslots && r->slots[r->slot0 + k].state) {
+    while (k < r->nslots && r->slots[r->slot0 + k].state != SLOT_RESERVED) {
         slot_t *s = &r->slots[r->slot0 + k];
         fr_record *rec = (fr_record *)(r->data + (s->pos & r->mask));
-        if (s->state == 2) {
+        if (s->state == SLOT_PADDING) {
             uint64_t gap = (uint64_t)s->length;
             if (gap >= FR_RECORD_HEADER) {
                 rec->length = (uint32_t)(gap - FR_RECORD_HEADER);
@@ -318,7 +334,7 @@ static int append_record(Ring *r, const void *data, uint64_t len, uint32_t flags
     if (ok <= 0) return ok;
     memcpy((uint8_t *)r->view.buf + offset, data, (size_t)len);
     slot_t *s = &r->slots[r->slot0 + r->nslots - 1];
-    s->length = (int64_t)len; s->flags = flags; s->state = 1;
+    s->length = (int64_t)len; s->flags = flags; s->state = SLOT_COMMITTED;
     return 1;
 }
 
@@ -344,7 +360,7 @@ static PyObject *Ring_commit(Ring *self, PyObject *args) {
         return NULL;
     }
     if (flags & ~(FR_F_MORE | FR_F_CLOSE)) { PyErr_SetString(PyExc_ValueError, "commit takes F_MORE and F_CLOSE only"); return NULL; }
-    s->length = length; s->flags = flags; s->state = 1;
+    s->length = length; s->flags = flags; s->state = SLOT_COMMITTED;
     Py_RETURN_NONE;
 }
 
@@ -354,7 +370,7 @@ static PyObject *Ring_abort(Ring *self, PyObject *arg) {
     if (PyErr_Occurred()) return NULL;
     slot_t *s = find_slot(self, pos);
     if (!s) return NULL;
-    s->state = 2;
+    s->state = SLOT_PADDING;
     s->length = (int64_t)fr_span(s->room, 0);
     Py_RETURN_NONE;
 }
@@ -657,18 +673,21 @@ static PyObject *Ring_available(Ring *self, PyObject *Py_UNUSED(ignored)) {
  * through peek()/reserve(), which validate. */
 static int ready(Ring *r, uint64_t need) {
     if (r->writer) {
+        /* SYNC POINT: acquire-load of HEAD; pairs with the reader's release in advance_head. */
         uint64_t head = __atomic_load_n(&r->h->head, __ATOMIC_ACQUIRE);
         return head <= r->claim && r->cap - (r->claim - head) >= need;
     }
+    /* SYNC POINT: acquire-load of TAIL; pairs with the writer's release in do_publish. */
     return __atomic_load_n(&r->h->tail, __ATOMIC_ACQUIRE) > r->pos;
 }
 
-/* wait(need, mode, slice_ns, spin_ns) -> bool (ready). mode: 0 spin, 1 futex, 2 adaptive.
+/* wait(need, mode, slice_ns, spin_ns) -> bool (ready). mode: an fr_wait_mode.
  * Waits at most one slice, without the GIL; the caller loops, checking liveness and signals. */
 static PyObject *Ring_wait(Ring *self, PyObject *args) {
-    unsigned long long need, slice_ns, spin_ns; int mode;
-    if (check_open(self) < 0 || !PyArg_ParseTuple(args, "KiKK", &need, &mode, &slice_ns, &spin_ns)) return NULL;
-    if (mode < 0 || mode > 2) { PyErr_SetString(PyExc_ValueError, "mode must be 0 (spin), 1 (futex) or 2 (adaptive)"); return NULL; }
+    unsigned long long need, slice_ns, spin_ns; int m;
+    if (check_open(self) < 0 || !PyArg_ParseTuple(args, "KiKK", &need, &m, &slice_ns, &spin_ns)) return NULL;
+    if (m < FR_MODE_SPIN || m > FR_MODE_ADAPTIVE) { PyErr_SetString(PyExc_ValueError, "mode must be 0 (spin), 1 (futex) or 2 (adaptive)"); return NULL; }
+    fr_wait_mode mode = (fr_wait_mode)m;
     fr_header *h = self->h;
     uint32_t *flag = self->writer ? &h->space_waiting : &h->data_waiting;
     uint32_t *bell = self->writer ? &h->space_bell : &h->data_bell;
@@ -679,9 +698,12 @@ static PyObject *Ring_wait(Ring *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     uint64_t start = now_ns(), end = start + slice_ns;
     int cpu = sched_getcpu();
-    __atomic_store_n(mine, (uint32_t)(cpu + 1), __ATOMIC_RELAXED); /* 0 = unknown */
-    uint64_t spin_until = mode == 0 ? end : mode == 2 ? start + spin_ns : start;
-    if (mode == 2 && __atomic_load_n(theirs, __ATOMIC_RELAXED) == (uint32_t)(cpu + 1))
+    /* SYNC POINT: none; a relaxed store of a hint (this side's CPU, 0 = unknown) that the
+     * peer's relaxed load below reads when it chooses whether to spin: stale is harmless. */
+    __atomic_store_n(mine, (uint32_t)(cpu + 1), __ATOMIC_RELAXED);
+    uint64_t spin_until = mode == FR_MODE_SPIN ? end : mode == FR_MODE_ADAPTIVE ? start + spin_ns : start;
+    /* SYNC POINT: none; the relaxed load of the peer's hint (see above). */
+    if (mode == FR_MODE_ADAPTIVE && __atomic_load_n(theirs, __ATOMIC_RELAXED) == (uint32_t)(cpu + 1))
         spin_until = start; /* the peer last ran on this CPU: spinning would only delay it */
     for (unsigned i = 0;; i++) {
         if ((ok = ready(self, need))) break;
@@ -691,16 +713,20 @@ static PyObject *Ring_wait(Ring *self, PyObject *args) {
         }
         cpu_relax();
     }
-    if (!ok && mode == 2) {
+    if (!ok && mode == FR_MODE_ADAPTIVE) {
         for (int k = 0; k < 4 && !(ok = ready(self, need)); k++) sched_yield();
     }
-    while (!ok && mode != 0) {
+    while (!ok && mode != FR_MODE_SPIN) {
         uint64_t t = now_ns();
         if (t >= end) break;
+        /* SYNC POINT: acquire-load of the bell before the flag is set; pairs with the release
+         * fetch_add in ring_bell, so a ring between here and FUTEX_WAIT makes the wait return. */
         uint32_t b = __atomic_load_n(bell, __ATOMIC_ACQUIRE);
         /* SYNC POINT: seq_cst fetch_or of the waiters flag, then re-check; pairs with the
          * fence in the peer's ring_bell. */
         __atomic_fetch_or(flag, FR_WAIT_FUTEX, __ATOMIC_SEQ_CST);
+        /* SYNC POINT: none; clearing our own bit (relaxed): a ring that finds it set after we
+         * stopped waiting costs one spare wake-up, never a lost one. (Also below.) */
         if ((ok = ready(self, need))) { __atomic_fetch_and(flag, ~FR_WAIT_FUTEX, __ATOMIC_RELAXED); break; }
         int err = futex_wait(bell, b, end - t);
         __atomic_fetch_and(flag, ~FR_WAIT_FUTEX, __ATOMIC_RELAXED);
@@ -720,6 +746,7 @@ static PyObject *Ring_arm(Ring *self, PyObject *Py_UNUSED(ignored)) {
     /* SYNC POINT: seq_cst fetch_or, then re-check TAIL; pairs with the fence in ring_bell. */
     __atomic_fetch_or(&self->h->data_waiting, FR_WAIT_EVENT, __ATOMIC_SEQ_CST);
     if (ready(self, 0)) {
+        /* SYNC POINT: none; clearing our own bit (relaxed): at worst one spare eventfd write. */
         __atomic_fetch_and(&self->h->data_waiting, ~FR_WAIT_EVENT, __ATOMIC_RELAXED);
         Py_RETURN_TRUE;
     }
@@ -731,6 +758,7 @@ static PyObject *Ring_arm(Ring *self, PyObject *Py_UNUSED(ignored)) {
 static PyObject *Ring_note_cpu(Ring *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self) < 0) return NULL;
     int cpu = sched_getcpu();
+    /* SYNC POINT: none; the relaxed store of the CPU hint that Ring_wait's peer reads. */
     __atomic_store_n(self->writer ? &self->h->writer_cpu : &self->h->reader_cpu, (uint32_t)(cpu + 1), __ATOMIC_RELAXED);
     return PyLong_FromLong(cpu);
 }
@@ -739,6 +767,7 @@ static PyObject *Ring_note_cpu(Ring *self, PyObject *Py_UNUSED(ignored)) {
  * a Python writer never clears it, so the reader does). */
 static PyObject *Ring_disarm(Ring *self, PyObject *Py_UNUSED(ignored)) {
     if (reader_only(self) < 0) return NULL;
+    /* SYNC POINT: none; clearing our own bit (relaxed): at worst one spare eventfd write. */
     __atomic_fetch_and(&self->h->data_waiting, ~FR_WAIT_EVENT, __ATOMIC_RELAXED);
     Py_RETURN_NONE;
 }
@@ -901,6 +930,13 @@ PyMODINIT_FUNC PyInit__core(void) {
         "RECORD_HEADER", FR_RECORD_HEADER);
     if (!layout) return NULL;
     PyModule_AddObject(m, "LAYOUT", layout);
+    PyObject *constants = Py_BuildValue(
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
+        "F_MORE", FR_F_MORE, "F_CLOSE", FR_F_CLOSE, "F_PAD", FR_F_PAD,
+        "WAITER_FUTEX", FR_WAIT_FUTEX, "WAITER_EVENT", FR_WAIT_EVENT,
+        "WAIT_SPIN", FR_MODE_SPIN, "WAIT_FUTEX", FR_MODE_FUTEX, "WAIT_ADAPTIVE", FR_MODE_ADAPTIVE);
+    if (!constants) return NULL;
+    PyModule_AddObject(m, "CONSTANTS", constants);
     PyModule_AddIntConstant(m, "F_MORE", FR_F_MORE);
     PyModule_AddIntConstant(m, "F_CLOSE", FR_F_CLOSE);
     PyModule_AddIntConstant(m, "F_PAD", FR_F_PAD);

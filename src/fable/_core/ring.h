@@ -43,6 +43,13 @@
 #define FR_WAIT_FUTEX 0x1u  /* sleeping on the doorbell futex */
 #define FR_WAIT_EVENT 0x2u  /* armed: signal the reader's eventfd (fileno() users) */
 
+/* How a side waits (the mode of Ring.wait; layout.py: WAIT_SPIN, WAIT_FUTEX, WAIT_ADAPTIVE). */
+typedef enum {
+    FR_MODE_SPIN = 0,     /* busy-poll the peer's position for the whole slice */
+    FR_MODE_FUTEX = 1,    /* sleep on the doorbell at once */
+    FR_MODE_ADAPTIVE = 2, /* spin for the budget (not beside the peer), yield, then sleep */
+} fr_wait_mode;
+
 #define FR_MIN_CAPACITY 4096ULL
 #define FR_MAX_CAPACITY (1ULL << 40)
 

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 __all__ = [
     "CAPACITY",
+    "CONSTANTS",
     "DATA_BELL",
     "DATA_WAITING",
     "F_CLOSE",
@@ -89,6 +90,11 @@ __all__ = [
     "TAIL",
     "VERSION",
     "VERSION_OFF",
+    "WAITER_EVENT",
+    "WAITER_FUTEX",
+    "WAIT_ADAPTIVE",
+    "WAIT_FUTEX",
+    "WAIT_SPIN",
     "WRITER_CPU",
     "align8",
     "record_span",
@@ -126,6 +132,12 @@ F_CLOSE = 0x2
 F_PAD = 0x4
 KNOWN_FLAGS = F_MORE | F_CLOSE | F_PAD
 
+# The waiters flags (SPACE_WAITING, DATA_WAITING): what a peer that moves its position must do.
+WAITER_FUTEX = 0x1  # the side sleeps on the doorbell futex: increment the bell and wake it
+WAITER_EVENT = 0x2  # the reader armed its readiness fd: write its eventfd
+# How a side waits for the other (the mode of Ring.wait; mirrored by ring.h's fr_wait_mode).
+WAIT_SPIN, WAIT_FUTEX, WAIT_ADAPTIVE = 0, 1, 2
+
 MIN_CAPACITY = 4096
 MAX_CAPACITY = 1 << 40
 
@@ -160,6 +172,17 @@ OFFSETS = {
     "REC_EPOCH": REC_EPOCH,
     "REC_SKIP": REC_SKIP,
     "RECORD_HEADER": RECORD_HEADER,
+}
+# The numbers that are not offsets, compared with the C core's (``_core.CONSTANTS``) too.
+CONSTANTS = {
+    "F_MORE": F_MORE,
+    "F_CLOSE": F_CLOSE,
+    "F_PAD": F_PAD,
+    "WAITER_FUTEX": WAITER_FUTEX,
+    "WAITER_EVENT": WAITER_EVENT,
+    "WAIT_SPIN": WAIT_SPIN,
+    "WAIT_FUTEX": WAIT_FUTEX,
+    "WAIT_ADAPTIVE": WAIT_ADAPTIVE,
 }
 
 assert TAIL % CACHE_LINE == 0 and HEAD % CACHE_LINE == 0 and HEAD - TAIL >= 2 * CACHE_LINE

@@ -335,7 +335,6 @@ _FENCE = threading.Lock()
 _SYS_FUTEX = 202
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _SAFETY_NS = 10_000_000
-_WAIT_FUTEX, _WAIT_EVENT = 0x1, 0x2
 
 
 class _Timespec(ctypes.Structure):
@@ -402,11 +401,11 @@ class PyRing:
         if not flags:
             return
         self._i[bell // 4] = (self._i[bell // 4] + 1) & 0xFFFFFFFF
-        if flags & _WAIT_FUTEX:
+        if flags & L.WAITER_FUTEX:
             _syscall(
                 _SYS_FUTEX, ctypes.byref(self._u32, bell), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0
             )
-        if flags & _WAIT_EVENT and self._evfd >= 0:
+        if flags & L.WAITER_EVENT and self._evfd >= 0:
             try:
                 os.eventfd_write(self._evfd, 1)
             except BlockingIOError:
@@ -523,14 +522,16 @@ class PyRing:
     def wait(self, need: int, mode: int, slice_ns: int, spin_ns: int) -> bool:
         start = time.monotonic_ns()
         end = start + slice_ns
-        spin_until = end if mode == 0 else start + spin_ns if mode == 2 else start
+        spin_until = (
+            end if mode == L.WAIT_SPIN else start + spin_ns if mode == L.WAIT_ADAPTIVE else start
+        )
         while True:
             if self._ready(need):
                 return True
             now = time.monotonic_ns()
             if now >= spin_until:
                 break
-        if mode == 0:
+        if mode == L.WAIT_SPIN:
             return False
         flag = L.SPACE_WAITING if self._writer else L.DATA_WAITING
         bell = L.SPACE_BELL if self._writer else L.DATA_BELL
@@ -539,31 +540,31 @@ class PyRing:
             if now >= end:
                 return self._ready(need)
             b = self._i[bell // 4]
-            self._i[flag // 4] |= _WAIT_FUTEX
+            self._i[flag // 4] |= L.WAITER_FUTEX
             _fence()
             if self._ready(need):
-                self._i[flag // 4] &= ~_WAIT_FUTEX
+                self._i[flag // 4] &= ~L.WAITER_FUTEX
                 return True
             left = min(end - now, _SAFETY_NS)
             ts = _Timespec(left // 1_000_000_000, left % 1_000_000_000)
             _syscall(
                 _SYS_FUTEX, ctypes.byref(self._u32, bell), _FUTEX_WAIT, b, ctypes.byref(ts), None, 0
             )
-            self._i[flag // 4] &= ~_WAIT_FUTEX
+            self._i[flag // 4] &= ~L.WAITER_FUTEX
             if self._ready(need):
                 return True
 
     def arm(self) -> bool:
-        self._i[L.DATA_WAITING // 4] |= _WAIT_EVENT
+        self._i[L.DATA_WAITING // 4] |= L.WAITER_EVENT
         _fence()
         if self._r.available():
-            self._i[L.DATA_WAITING // 4] &= ~_WAIT_EVENT
+            self._i[L.DATA_WAITING // 4] &= ~L.WAITER_EVENT
             return True
         return False
 
     def disarm(self) -> None:
         """The reader consumed its wake-up: the writer, which never clears, may stop ringing."""
-        self._i[L.DATA_WAITING // 4] &= ~_WAIT_EVENT
+        self._i[L.DATA_WAITING // 4] &= ~L.WAITER_EVENT
 
     def note_cpu(self) -> int:
         cpu = int(_libc.sched_getcpu())

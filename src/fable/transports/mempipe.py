@@ -59,7 +59,7 @@ from fable.transports.channel import SetupChannel
 from fable.transports.message import Claim, MessagePath, deadline_of
 from fable.transports.shm import check_sealed_memfd, is_eventfd, new_sealed_memfd, unmap
 
-SPIN, FUTEX, ADAPTIVE = 0, 1, 2
+SPIN, FUTEX, ADAPTIVE = L.WAIT_SPIN, L.WAIT_FUTEX, L.WAIT_ADAPTIVE
 SLICE_NS = {SPIN: 20_000_000, FUTEX: 200_000_000, ADAPTIVE: 200_000_000}
 MAX_FRAGMENT = 1 << 20
 
