@@ -1,11 +1,13 @@
-"""A hostile peer on every shared-memory transport (fable.testing.hostile): the victim's
-connection fails with ProtocolError or delivers bytes, its safe copies never change, it never
-crashes or hangs, its other connections keep working, and it leaks no fd and no mapping."""
+"""A hostile peer on every shared-memory transport (fable.testing.hostile): it creates the
+transport's resources itself and speaks the mechanism by hand. The victim's connection fails
+with ProtocolError or delivers bytes, its safe copies never change, it never crashes or hangs,
+its other connections (a unix pair and a shared-memory pair) keep working, it leaks no fd and no
+mapping, and the attacker itself carried its attack out (its exit status is checked)."""
 
 from __future__ import annotations
 
-import random
-import time
+import os
+import socket
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,14 +15,15 @@ from hypothesis import strategies as st
 
 import fable
 from fable import config
-from fable.connection import Connection
-from fable.testing import Child, fable_mappings, open_fds
-from fable.testing.hostile import attacks_for, run_victim
+from fable.connection import PendingEnd
+from fable.testing import fable_mappings, open_fds
+from fable.testing.hostile import attack, attacks_for, run_victim
 
 SHARED = [name for name in fable.REGISTRY if attacks_for(name)]
 CASES = [
     (t, a, safe) for t in SHARED for a in attacks_for(t) for safe in fable.REGISTRY[t].caps.forms
 ]
+SMALL = 65536  # a small area, so that a victim writer soon needs the attacker's returns
 
 
 def test_every_shared_memory_transport_is_attacked() -> None:
@@ -30,54 +33,87 @@ def test_every_shared_memory_transport_is_attacked() -> None:
 
 @pytest.fixture(autouse=True)
 def small_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    # a small area, so that a victim writer soon needs the attacker's returns and tokens
-    monkeypatch.setenv("FABLE_RING_SIZE", "65536")
+    monkeypatch.setenv("FABLE_RING_SIZE", str(SMALL))
     config.reload()
 
 
-def _attacker(conn: Connection, transport: str, attack: str, seed: int) -> None:
-    fn, _ = attacks_for(transport)[attack]
-    try:
-        fn(conn, random.Random(seed))
-    except Exception:
-        pass
-    time.sleep(0.1)
+def _bystanders() -> list[tuple[fable.Connection, fable.Connection]]:
+    out = []
+    for name in ("unix", "mempipe-futex"):
+        a, pend = fable.open_pair(name)
+        out.append((a, pend.open()))
+    return out
 
 
-def _attack(transport: str, attack: str, safe: bool, seed: int) -> None:
-    _, allowed = attacks_for(transport)[attack]
+def _attack(transport: str, name: str, safe: bool, seed: int) -> None:
+    _, allowed = attacks_for(transport)[name]
     maps = fable_mappings()  # collects garbage first: no fd of an earlier example closes later
     fds = open_fds()
-    bystander, pend = fable.open_pair("unix")
-    other = pend.open()
-    conn, pending = fable.open_pair(transport, safe=safe)
-    child = Child(pending, _attacker, transport, attack, seed)
+    bystanders = _bystanders()
+    s0, s1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the attacker
+        s1.close()
+        os._exit(attack(s0, transport, name, safe, seed, {"capacity": SMALL}, go=go_r))
+    s0.close()
+    os.close(go_r)
     try:
-        out = run_victim(conn, bound=5.0)
+        conn = PendingEnd(s1).open(timeout=10, trusted=not safe)
+        os.write(go_w, b"g")  # the attack starts on an open connection
+        try:
+            out = run_victim(conn, bound=5.0)
+        finally:
+            conn.close()
     finally:
-        conn.close()
-        child.join(30)
-    assert out.kind in allowed, f"{attack} on {transport} (safe={safe}, seed={seed}): {out}"
+        os.close(go_w)
+        status = os.waitpid(pid, 0)[1]
+    assert os.waitstatus_to_exitcode(status) == 0, f"the attacker failed (status {status})"
+    assert out.kind in allowed, f"{name} on {transport} (safe={safe}, seed={seed}): {out}"
     assert out.took < 6.0
     assert not out.unstable, f"safe copies changed after delivery: {out}"
-    bystander.send(b"still here")
-    assert other.recv(timeout=5) == b"still here"
-    bystander.close()
-    other.close()
+    for a, b in bystanders:
+        a.send(b"still here")
+        assert b.recv(timeout=5) == b"still here"
+        a.close()
+        b.close()
     assert open_fds() == fds
     assert len(fable_mappings()) <= len(maps)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("transport", "attack", "safe"), CASES)
-def test_attack(transport: str, attack: str, safe: bool) -> None:
-    _attack(transport, attack, safe, seed=1)
+@pytest.mark.parametrize(("transport", "name", "safe"), CASES)
+def test_attack(transport: str, name: str, safe: bool) -> None:
+    _attack(transport, name, safe, seed=1)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize(("transport", "attack", "safe"), CASES)
+@pytest.mark.parametrize(("transport", "name", "safe"), CASES)
 @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 2**32 - 1))
-def test_attack_fuzz(transport: str, attack: str, safe: bool, seed: int) -> None:
-    _attack(transport, attack, safe, seed)
+def test_attack_fuzz(transport: str, name: str, safe: bool, seed: int) -> None:
+    _attack(transport, name, safe, seed)
+
+
+@pytest.mark.parametrize("field", ["HEAD", "TAIL"])
+@pytest.mark.parametrize("transport", [t for t in SHARED if t.startswith("mempipe-")])
+def test_ring_positions_out_of_range_at_setup(transport: str, field: str) -> None:
+    """The creator moved a position of the victim's ring before the victim opened it: the
+    victim refuses the connection with ProtocolError, and keeps no fd or mapping of it."""
+    from fable.errors import ProtocolError
+    from fable.ring import layout as L
+    from fable.testing.hostile import create
+
+    fds = open_fds()
+    s0, s1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw = create(s0, transport, True, {"capacity": SMALL})
+    half = L.HEADER_SIZE + SMALL
+    ring = raw.view(half, 2 * half)  # the ring the victim writes
+    off = getattr(L, field)
+    ring[off : off + 8] = (SMALL * 3).to_bytes(8, "little")  # HEAD past TAIL, or TAIL a ring on
+    with pytest.raises(ProtocolError, match="out of range at setup"):
+        PendingEnd(s1).open(timeout=10, trusted=False)
+    del ring
+    raw.close()
+    assert open_fds() == fds

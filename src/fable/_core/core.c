@@ -162,6 +162,13 @@ static int Ring_init(Ring *self, PyObject *args, PyObject *kw) {
          * of the previous owner of this side, if any (do_publish, advance_head). */
         self->tail = self->claim = __atomic_load_n(&h->tail, __ATOMIC_ACQUIRE);
         self->head_cache = __atomic_load_n(&h->head, __ATOMIC_ACQUIRE);
+        /* the peer may have written both (it created the ring): the reader's HEAD can be
+         * neither past what was published nor a whole ring behind it */
+        if (self->head_cache > self->tail || self->tail - self->head_cache > cap) {
+            proto_error("ring positions out of range at setup (HEAD %llu, TAIL %llu)",
+                        (unsigned long long)self->head_cache, (unsigned long long)self->tail);
+            return -1;
+        }
         self->max_record = cap / 4 - FR_RECORD_HEADER;
     } else {
         /* SYNC POINT: acquire-load of the starting HEAD; pairs with advance_head's release. */

@@ -85,6 +85,12 @@ class RingWriter:
         self._tail = self._q[L.TAIL // 8]  # published (we are its only writer)
         self._claim = self._tail  # end of reserved space
         self._head_cache = self._q[L.HEAD // 8]
+        # the peer may have written both (it created the ring): the reader's HEAD can be
+        # neither past what was published nor a whole ring behind it
+        if self._head_cache > self._tail or self._tail - self._head_cache > self.capacity:
+            raise ProtocolError(
+                f"ring positions out of range at setup (HEAD {self._head_cache}, TAIL {self._tail})"
+            )
         self._slots: list[_Slot] = []
         self.max_record = self.capacity // 4 - L.RECORD_HEADER
 

@@ -1,12 +1,18 @@
 """A malicious peer for every shared-memory transport, and the victim that faces it.
 
-``Attack`` functions run in the attacker's process, on its own end of a connection: they use
-its transport's internals to write what a hostile peer could write (random bytes over ring
-headers and records, ring positions moved past what the ring holds, descriptors for extents
-outside the area or overlapping, bogus returns and tokens, payloads changed after commit).
-:func:`run_victim` runs in the victim's process: it sends and reads (with ``getreadbuf``)
-until its connection fails or the attacker goes, within a time bound, and reports what
-happened as an :class:`Outcome`.
+The attacker is the side that sets the connection up: it creates the transport's resources
+itself (``TransportInfo.create``), sends the victim its share in a first offer of its own making,
+and keeps raw handles on the rest (:class:`Raw`: the shared memory mapped, its pipes). It then
+speaks the mechanism by hand: records through a reference-ring writer over its half of a
+mempipe, descriptors and payloads for shmem-pipe, frames and tokens for vmsplice-coop, honest or
+not. It knows a transport only by what is public: the share its ``create`` hands out (each
+transport module documents the order of the fds) and the wire formats (``fable.ring.layout``,
+``shmem_pipe.DESC``/``RETURN``, ``stream.HEADER``); it never touches a data path's internals.
+
+:func:`attack` runs in the attacker's process and returns its exit status (0: the attack was
+carried out); :func:`run_victim` runs in the victim's process: it sends and reads (with
+``getreadbuf``) until its connection fails or the attacker goes, within a time bound, and
+reports what happened as an :class:`Outcome`.
 
 The contract (DESIGN.md §3, "Untrusted input is never trusted"): the victim's connection fails
 with ``ProtocolError``, or it delivers bytes (which, from a hostile writer, may be anything);
@@ -17,14 +23,19 @@ attack allows is in ``ATTACKS``.
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
+import socket
 import struct
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fable import _core
+from fable._wire import close_fds
 from fable.buffer import Buffer
 from fable.connection import Connection
 from fable.errors import (
@@ -35,9 +46,15 @@ from fable.errors import (
     Timeout,
     WouldBlock,
 )
+from fable.handshake import HELLO
 from fable.ring import layout as L
+from fable.ring.pyring import PyRing
+from fable.testing.harness import wait_readable
+from fable.transports import REGISTRY, SetupChannel
+from fable.transports import shmem_pipe as S
+from fable.transports import stream as F
 
-__all__ = ["ATTACKS", "Outcome", "attacks_for", "run_victim"]
+__all__ = ["ATTACKS", "Outcome", "Raw", "attack", "attacks_for", "run_victim"]
 
 PROTOCOL_ERROR = "protocol-error"  # the victim's connection failed with ProtocolError
 GONE = "gone"  # the attacker left (ConnectionClosed or PeerDied) and nothing was wrong
@@ -60,8 +77,6 @@ def run_victim(conn: Connection, bound: float = 5.0, hold: int = 32) -> Outcome:
 
     Holds up to ``hold`` read buffers until the end, so that a safe reader's copies can be
     compared with the snapshot taken when they were delivered."""
-    from fable.testing.harness import wait_readable
-
     t0 = time.monotonic()
     out = Outcome(QUIET)
     held: list[tuple[Buffer, bytes]] = []
@@ -97,20 +112,104 @@ def run_victim(conn: Connection, bound: float = 5.0, hold: int = 32) -> Outcome:
         try:
             conn.release(b)
         except Exception:
-            pass
+            pass  # a failed connection: its buffers are dead, which is all we need here
     out.took = time.monotonic() - t0
     return out
 
 
-Attack = Callable[[Connection, random.Random], None]
+# ------------------------------------------------------------------------- the attacker
+@dataclass
+class Raw:
+    """The attacker's raw share of a transport it created: ``mem`` (the shared memory, both
+    directions), ``fds`` (its fds, in the order the transport's ``create`` gives them: memfd
+    first where there is one, already mapped and closed), ``params``; and its own bookkeeping
+    of what it wrote (``seq``: the next sequence number on its direction; ``next_off``:
+    shmem-pipe's next free offset in its area). ``ch``: the setup channel, kept open (its end
+    would tell the victim the attacker is gone)."""
+
+    transport: str
+    safe: bool
+    mem: mmap.mmap | None
+    fds: list[int]
+    params: dict[str, Any]
+    ch: SetupChannel
+    seq: int = 0
+    next_off: int = 0
+    ring: PyRing | None = None  # mempipe: a reference writer over the victim's read ring
+
+    def view(self, start: int, end: int) -> memoryview:
+        assert self.mem is not None
+        return memoryview(self.mem)[start:end]
+
+    def close(self) -> None:
+        close_fds(self.fds)
+        self.ring = None
+        self.ch.close()
+        if self.mem is not None:
+            try:
+                self.mem.close()
+            except BufferError:
+                pass  # a view is still alive: the process exits soon anyway
 
 
-def _send_some(conn: Connection, n: int = 8, size: int = 1000) -> None:
+def create(sock: socket.socket, transport: str, safe: bool, options: dict[str, Any]) -> Raw:
+    """Create ``transport``'s resources, send the victim its share in a first offer (over the
+    setup channel ``sock``), keep the rest raw."""
+    info = REGISTRY[transport]
+    ours, theirs = info.create(dict(options))
+    ch = SetupChannel(sock)
+    ch.send(
+        {"op": HELLO, "epoch": 0, "transport": transport, "safe": safe, "params": theirs.params},
+        theirs.fds,
+    )
+    close_fds(theirs.fds)
+    fds, mem = list(ours.fds), None
+    if info.caps.copies_unsafe == 0:  # shared memory: the memfd comes first
+        mem = mmap.mmap(fds[0], os.fstat(fds[0]).st_size)
+        os.close(fds.pop(0))
+    raw = Raw(transport, safe, mem, fds, ours.params, ch)
+    if transport.startswith("mempipe-"):
+        # role 0 writes the first ring; fds: its eventfd, then the victim's (to ring)
+        raw.ring = PyRing(_ring_half(raw, 0), True, eventfd=fds[1])
+    return raw
+
+
+def _ring_half(raw: Raw, k: int) -> memoryview:
+    """mempipe: ring ``k`` (0: the attacker's, which the victim reads; 1: the victim's)."""
+    half = L.HEADER_SIZE + int(raw.params["capacity"])
+    return raw.view(k * half, (k + 1) * half)
+
+
+Attack = Callable[[Raw, random.Random], None]
+
+
+def send_some(raw: Raw, n: int = 8, size: int = 1000) -> None:
+    """``n`` honest messages of ``size`` bytes, as far as there is room."""
     for i in range(n):
-        try:
-            conn.send(bytes([i & 0xFF]) * size, timeout=0.5)
-        except (WouldBlock, Timeout):
-            return
+        payload = bytes([i & 0xFF]) * size
+        if raw.ring is not None:
+            if not raw.ring.write(payload):
+                return
+        elif raw.transport == "shmem-pipe":  # its area: the first half (it set up, role 0)
+            off = raw.next_off
+            if off + size > int(raw.params["capacity"]):
+                return
+            raw.next_off += -(-size // S.ALIGN) * S.ALIGN
+            raw.view(off, off + size)[:] = payload
+            _describe(raw, off, size)
+        else:  # vmsplice-coop: a frame into the data pipe
+            frame = F.HEADER.pack(size, 0, F.MAGIC, raw.seq, 0) + payload
+            raw.seq += 1
+            try:
+                os.write(raw.fds[1], frame)
+            except BlockingIOError:
+                return
+
+
+def _describe(raw: Raw, off: int, n: int, flags: int = 0) -> None:
+    """shmem-pipe: a descriptor for ``n`` bytes at ``off`` (fds: din, dout, rin, rout)."""
+    os.write(raw.fds[1], S.DESC.pack(off, n, raw.seq, 0, flags, S.MAGIC))
+    raw.seq += 1
 
 
 def _scribble(mem: memoryview, rng: random.Random, count: int) -> None:
@@ -120,153 +219,12 @@ def _scribble(mem: memoryview, rng: random.Random, count: int) -> None:
         mem[off : off + n] = rng.randbytes(n)
 
 
-# ------------------------------------------------------------------------------ rings
-def ring_header(conn: Connection, rng: random.Random) -> None:
-    """Random bytes over the header of the ring the victim reads."""
-    p: Any = conn._path
-    _send_some(conn)
-    _scribble(p._tx_mem[: L.HEADER_SIZE], rng, 16)
-    _send_some(conn)
-
-
-def ring_records(conn: Connection, rng: random.Random) -> None:
-    """Random bytes over committed records (headers and payloads) the victim has not read."""
-    p: Any = conn._path
-    _send_some(conn, 16)
-    _scribble(p._tx_mem[L.HEADER_SIZE : L.HEADER_SIZE + 32768], rng, 64)
-    _send_some(conn)
-
-
 def _u64(mem: memoryview, off: int) -> int:
     return int.from_bytes(mem[off : off + 8], "little")
 
 
-def ring_tail_ahead(conn: Connection, rng: random.Random) -> None:
-    """The writer's published position (TAIL) moved past anything the ring can hold."""
-    p: Any = conn._path
-    _send_some(conn, 2)
-    tail = _u64(p._tx_mem, L.TAIL) + p._tx.capacity + rng.randrange(1, 1 << 20)
-    p._tx_mem[L.TAIL : L.TAIL + 8] = tail.to_bytes(8, "little")
-    time.sleep(0.3)
-
-
-def ring_head_ahead(conn: Connection, rng: random.Random) -> None:
-    """The reader's position (HEAD, in the ring the victim writes) moved past anything the
-    victim published."""
-    p: Any = conn._path
-    head = _u64(p._rx_mem, L.HEAD) + rng.randrange(1 << 20, 1 << 40)
-    p._rx_mem[L.HEAD : L.HEAD + 8] = head.to_bytes(8, "little")
-    time.sleep(0.5)
-
-
-def ring_change_after_commit(conn: Connection, rng: random.Random) -> None:
-    """Payload bytes rewritten, record headers kept, while the victim reads them."""
-    p: Any = conn._path
-    _send_some(conn, 8, 1000)
-    span = L.record_span(1000)
-    end = time.monotonic() + 0.5
-    while time.monotonic() < end:
-        k = rng.randrange(8)
-        start = L.HEADER_SIZE + k * span + L.RECORD_HEADER
-        p._tx_mem[start : start + 1000] = rng.randbytes(1000)
-
-
-# ------------------------------------------------------------------------------ shmem-pipe
-def _raw_descriptors(conn: Connection, rng: random.Random, make: Callable[[int], bytes]) -> None:
-    p: Any = conn._path
-    data = b"".join(make(p._wseq + i) for i in range(8))
-    p._wseq += 8  # what follows (the close) continues the sequence
-    os.write(p._dout, data)
-    time.sleep(0.3)
-
-
-def descriptors_out_of_range(conn: Connection, rng: random.Random) -> None:
-    """Valid descriptors but the first, whose extent lies (partly) outside the area."""
-    from fable.transports import shmem_pipe as S
-
-    p: Any = conn._path
-    cap = p._cap
-
-    def make(seq: int) -> bytes:
-        if seq == p._wseq:
-            off = rng.choice((cap, cap - 8, rng.randrange(cap), 2**32 - 64))
-            n = rng.choice((64, cap, 2**32 - 1))
-            if off + n <= cap:
-                off = cap - 8
-        else:
-            off, n = 0, 64
-        return S.DESC.pack(off, n, seq, 0, 0, S.MAGIC)
-
-    _raw_descriptors(conn, rng, make)
-
-
-def descriptors_overlapping(conn: Connection, rng: random.Random) -> None:
-    """In-range descriptors that all name overlapping extents (and were never allocated)."""
-    from fable.transports import shmem_pipe as S
-
-    base = rng.randrange(0, 4096, 64)
-    _raw_descriptors(
-        conn, rng, lambda seq: S.DESC.pack(base + (seq % 3) * 32, 100, seq, 0, 0, S.MAGIC)
-    )
-
-
-def descriptors_garbage(conn: Connection, rng: random.Random) -> None:
-    """Random bytes where descriptors belong."""
-    p: Any = conn._path
-    os.write(p._dout, rng.randbytes(24 * rng.randrange(1, 20)))
-    time.sleep(0.3)
-
-
-def returns_bogus(conn: Connection, rng: random.Random) -> None:
-    """Returns of extents the victim never described, while reading what it sends."""
-    from fable.transports import shmem_pipe as S
-
-    p: Any = conn._path
-    os.write(
-        p._rout,
-        b"".join(S.RETURN.pack(rng.randrange(2**32), rng.randrange(2**32)) for _ in range(4)),
-    )
-    _drain_for(conn, 1.0)
-
-
-def shmem_change_after_commit(conn: Connection, rng: random.Random) -> None:
-    """Payloads rewritten in the shared area after their descriptors went out."""
-    p: Any = conn._path
-    _send_some(conn, 8, 1000)
-    area = p._mv[p._tx_base : p._tx_base + 16384]
-    end = time.monotonic() + 0.5
-    while time.monotonic() < end:
-        _scribble(area, rng, 16)
-
-
-# ------------------------------------------------------------------------------ vmsplice-coop
-def tokens_bogus(conn: Connection, rng: random.Random) -> None:
-    """Tokens claiming more than was sent (or going backwards), while reading everything."""
-    p: Any = conn._path
-    os.write(p._tout, struct.pack("<Q", rng.randrange(2**40, 2**64)))
-    _drain_for(conn, 1.5)
-
-
-def frames_garbage(conn: Connection, rng: random.Random) -> None:
-    """Random bytes into the data pipe where frames belong."""
-    p: Any = conn._path
-    os.write(p._wfd, rng.randbytes(rng.randrange(20, 4096)))  # at least one frame header
-    time.sleep(0.3)
-
-
-def arena_change_after_commit(conn: Connection, rng: random.Random) -> None:
-    """The writer's arena rewritten after its pages went into the pipe."""
-    p: Any = conn._path
-    _send_some(conn, 8, 1000)
-    end = time.monotonic() + 0.5
-    while time.monotonic() < end:
-        _scribble(p._amv[:16384], rng, 16)
-
-
-def _drain_for(conn: Connection, seconds: float) -> None:
-    """Read (and drop) what the victim sends, at the byte level, for ``seconds``."""
-    p: Any = conn._path
-    fd = p._rfd if hasattr(p, "_rfd") else p._din
+def _drain_for(fd: int, seconds: float) -> None:
+    """Read (and drop) what the victim writes into ``fd``, at the byte level, for a while."""
     os.set_blocking(fd, False)
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -274,6 +232,127 @@ def _drain_for(conn: Connection, seconds: float) -> None:
             os.read(fd, 1 << 20)
         except BlockingIOError:
             time.sleep(0.001)
+
+
+# ------------------------------------------------------------------------------ rings
+def ring_header(raw: Raw, rng: random.Random) -> None:
+    """Random bytes over the header of the ring the victim reads."""
+    send_some(raw)
+    _scribble(_ring_half(raw, 0)[: L.HEADER_SIZE], rng, 16)
+    time.sleep(0.3)
+
+
+def ring_records(raw: Raw, rng: random.Random) -> None:
+    """Random bytes over committed records (headers and payloads) the victim has not read."""
+    send_some(raw, 16)
+    _scribble(_ring_half(raw, 0)[L.HEADER_SIZE : L.HEADER_SIZE + 32768], rng, 64)
+    time.sleep(0.3)
+
+
+def ring_tail_ahead(raw: Raw, rng: random.Random) -> None:
+    """The writer's published position (TAIL) moved past anything the ring can hold."""
+    send_some(raw, 2)
+    mem = _ring_half(raw, 0)
+    tail = _u64(mem, L.TAIL) + int(raw.params["capacity"]) + rng.randrange(1, 1 << 20)
+    mem[L.TAIL : L.TAIL + 8] = tail.to_bytes(8, "little")
+    time.sleep(0.3)
+
+
+def ring_head_ahead(raw: Raw, rng: random.Random) -> None:
+    """The reader's position (HEAD, in the ring the victim writes) moved past anything the
+    victim published."""
+    mem = _ring_half(raw, 1)
+    head = _u64(mem, L.HEAD) + rng.randrange(1 << 20, 1 << 40)
+    mem[L.HEAD : L.HEAD + 8] = head.to_bytes(8, "little")
+    time.sleep(0.5)
+
+
+def ring_change_after_commit(raw: Raw, rng: random.Random) -> None:
+    """Payload bytes rewritten, record headers kept, while the victim reads them."""
+    send_some(raw, 8, 1000)
+    mem = _ring_half(raw, 0)
+    span = L.record_span(1000)
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        k = rng.randrange(8)
+        start = L.HEADER_SIZE + k * span + L.RECORD_HEADER
+        mem[start : start + 1000] = rng.randbytes(1000)
+
+
+# ------------------------------------------------------------------------------ shmem-pipe
+def descriptors_out_of_range(raw: Raw, rng: random.Random) -> None:
+    """Valid descriptors but the first, whose extent lies (partly) outside the area."""
+    cap = int(raw.params["capacity"])
+    off = rng.choice((cap, cap - 8, rng.randrange(cap), 2**32 - 64))
+    n = rng.choice((64, cap, 2**32 - 1))
+    if off + n <= cap:
+        off = cap - 8
+    _describe(raw, off, n)
+    for _ in range(7):
+        _describe(raw, 0, 64)
+    time.sleep(0.3)
+
+
+def descriptors_overlapping(raw: Raw, rng: random.Random) -> None:
+    """In-range descriptors that all name overlapping extents (never allocated)."""
+    base = rng.randrange(0, 4096, 64)
+    for k in range(8):
+        _describe(raw, base + (k % 3) * 32, 100)
+    time.sleep(0.3)
+
+
+def descriptors_garbage(raw: Raw, rng: random.Random) -> None:
+    """Random bytes where descriptors belong."""
+    os.write(raw.fds[1], rng.randbytes(S.DSIZE * rng.randrange(1, 20)))
+    time.sleep(0.3)
+
+
+def returns_bogus(raw: Raw, rng: random.Random) -> None:
+    """Returns of extents the victim never described, while reading what it sends."""
+    bogus = (S.RETURN.pack(rng.randrange(2**32), rng.randrange(2**32)) for _ in range(4))
+    os.write(raw.fds[3], b"".join(bogus))
+    _drain_for(raw.fds[0], 1.0)
+
+
+def shmem_change_after_commit(raw: Raw, rng: random.Random) -> None:
+    """Payloads rewritten in the shared area after their descriptors went out."""
+    send_some(raw, 8, 1000)
+    area = raw.view(0, 16384)
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        _scribble(area, rng, 16)
+
+
+# ------------------------------------------------------------------------------ vmsplice-coop
+def tokens_bogus(raw: Raw, rng: random.Random) -> None:
+    """Tokens claiming more than was sent (or going backwards), while reading everything
+    (fds: data in, data out, tokens in, tokens out)."""
+    os.write(raw.fds[3], struct.pack("<Q", rng.randrange(2**40, 2**64)))
+    _drain_for(raw.fds[0], 1.5)
+
+
+def frames_garbage(raw: Raw, rng: random.Random) -> None:
+    """Random bytes into the data pipe where frames belong."""
+    os.write(raw.fds[1], rng.randbytes(rng.randrange(20, 4096)))  # at least one frame header
+    time.sleep(0.3)
+
+
+def arena_change_after_commit(raw: Raw, rng: random.Random) -> None:
+    """The writer's memory rewritten after its pages went into the pipe (vmsplice: the pipe
+    holds the pages, not a copy)."""
+    arena = mmap.mmap(-1, 16 * mmap.PAGESIZE)
+    view = memoryview(arena)
+    pos = 0
+    for i in range(8):
+        frame = F.HEADER.pack(1000, 0, F.MAGIC, i, 0) + bytes([i]) * 1000
+        view[pos : pos + len(frame)] = frame
+        pos += len(frame)
+    _core.vmsplice(raw.fds[1], [view[:pos]])
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        _scribble(view[:pos], rng, 16)
+    view.release()
+    arena.close()
 
 
 EITHER = frozenset({PROTOCOL_ERROR, GONE, QUIET})
@@ -305,6 +384,29 @@ ATTACKS: dict[str, dict[str, tuple[Attack, frozenset[str]]]] = {
 
 def attacks_for(transport: str) -> dict[str, tuple[Attack, frozenset[str]]]:
     """The attacks that apply to ``transport`` (empty for a transport without shared memory)."""
-    from fable.transports import REGISTRY
-
     return ATTACKS.get(REGISTRY[transport].open.__module__, {})
+
+
+def attack(
+    sock: socket.socket,
+    transport: str,
+    name: str,
+    safe: bool,
+    seed: int,
+    options: dict[str, Any] | None = None,
+    go: int = -1,
+) -> int:
+    """In the attacker's process: set the connection up over ``sock`` and carry out attack
+    ``name`` (once a byte comes on ``go``, when given: the victim has opened its end); the exit
+    status to end with (0: carried out; 1: the attack itself broke, its traceback on stderr)."""
+    fn, _ = attacks_for(transport)[name]
+    try:
+        raw = create(sock, transport, safe, options or {})
+        if go >= 0 and os.read(go, 1) != b"g":
+            raise RuntimeError("the victim did not open its end")
+        fn(raw, random.Random(seed))
+        raw.close()
+        return 0
+    except BaseException:
+        traceback.print_exc()
+        return 1
