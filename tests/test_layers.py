@@ -75,12 +75,12 @@ def _type_checking_blocks(tree: ast.AST) -> set[int]:
     return skip
 
 
-def imports_of(mod: str) -> list[tuple[str, str, int]]:
-    """(imported module, imported name or "", line) for every fable import in ``mod``."""
-    path = MODULES[mod]
-    tree = ast.parse(path.read_text(), str(path))
+def imports_in(source: str, mod: str, is_package: bool = False) -> list[tuple[str, str, int]]:
+    """(imported module, imported name or "", line) for every fable import in ``source``, the
+    text of module ``mod``; those under ``if TYPE_CHECKING:`` left out."""
+    tree = ast.parse(source)
     skip = _type_checking_blocks(tree)
-    pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    pkg = mod if is_package else mod.rpartition(".")[0]
     out: list[tuple[str, str, int]] = []
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -107,6 +107,31 @@ def imports_of(mod: str) -> list[tuple[str, str, int]]:
     return out
 
 
+def imports_of(mod: str) -> list[tuple[str, str, int]]:
+    path = MODULES[mod]
+    return imports_in(path.read_text(), mod, path.name == "__init__.py")
+
+
+def upward(mod: str, imports: list[tuple[str, str, int]]) -> list[str]:
+    """The imports of ``mod`` against the layer order."""
+    return [
+        f"{mod}:{line} imports {target}"
+        for target, _, line in imports
+        if target in KNOWN and layer_of(target) > layer_of(mod)
+    ]
+
+
+def private(mod: str, imports: list[tuple[str, str, int]]) -> list[str]:
+    """The private names (or private modules) ``mod`` imports from other fable modules."""
+    bad = []
+    for target, name, line in imports:
+        if target != mod and target not in PRIVATE_MODULES_OK:
+            priv_mod = any(p.startswith("_") for p in target.split(".")[1:])
+            if (name.startswith("_") and not name.startswith("__")) or priv_mod:
+                bad.append(f"{mod}:{line} imports {f'{target}.{name}' if name else target}")
+    return bad
+
+
 def edges() -> dict[str, set[str]]:
     g: dict[str, set[str]] = {m: set() for m in MODULES}
     for m in MODULES:
@@ -122,19 +147,12 @@ def test_every_module_is_in_a_layer() -> None:
 
 
 def test_no_import_points_up() -> None:
-    bad = []
-    for m in MODULES:
-        for target, _, line in imports_of(m):
-            if target in KNOWN and layer_of(target) > layer_of(m):
-                bad.append(f"{MODULES[m].relative_to(SRC)}:{line}: {m} imports {target}")
+    bad = [b for m in MODULES for b in upward(m, imports_of(m))]
     assert not bad, "imports against the layer order:\n" + "\n".join(bad)
 
 
-def test_no_import_cycle() -> None:
-    g = edges()
-    # a package imports its __init__'s imports; a module of a package does not need its
-    # package's __init__ beyond what Python runs anyway, so `fable.x.y -> fable.x` is an edge
-    # only when written.
+def find_cycles(g: dict[str, set[str]]) -> list[list[str]]:
+    """Every cycle a depth-first walk of ``g`` meets (each as a path that returns to its start)."""
     cycles: list[list[str]] = []
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -142,7 +160,7 @@ def test_no_import_cycle() -> None:
     def visit(m: str) -> None:
         state[m] = 1
         stack.append(m)
-        for n in sorted(g[m]):
+        for n in sorted(g.get(m, ())):
             if state.get(n) == 1:
                 cycles.append([*stack[stack.index(n) :], n])
             elif n not in state:
@@ -153,40 +171,42 @@ def test_no_import_cycle() -> None:
     for m in sorted(g):
         if m not in state:
             visit(m)
+    return cycles
+
+
+def test_no_import_cycle() -> None:
+    cycles = find_cycles(edges())
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
 
 def test_no_private_name_crosses_modules() -> None:
-    bad = []
-    for m in MODULES:
-        for target, name, line in imports_of(m):
-            if target != m and target not in PRIVATE_MODULES_OK:
-                priv_mod = any(p.startswith("_") for p in target.split(".")[1:])
-                if (name.startswith("_") and not name.startswith("__")) or priv_mod:
-                    what = f"{target}.{name}" if name else target
-                    bad.append(f"{MODULES[m].relative_to(SRC)}:{line}: {m} imports {what}")
+    bad = [b for m in MODULES for b in private(m, imports_of(m))]
     assert not bad, "private names imported from other modules:\n" + "\n".join(bad)
 
 
-def test_the_checker_catches_what_it_names(tmp_path: Path) -> None:
-    """A module that imports up, in a cycle and a private name is caught (the test can fail)."""
+def test_the_checks_catch_what_they_name() -> None:
+    """A module that imports up (in a function too), and a private name, is caught; an import
+    under TYPE_CHECKING is not counted (so each check above can fail)."""
     src = (
         "from typing import TYPE_CHECKING\n"
         "from fable.cli import main\n"
         "from fable.transports.message import _private\n"
+        "from fable.errors import FableError\n"
         "if TYPE_CHECKING:\n"
         "    from fable.daemon import server\n"
         "def f():\n"
         "    import fable.policy\n"
     )
-    tree = ast.parse(src)
-    skip = _type_checking_blocks(tree)
-    found = [
-        n.module if isinstance(n, ast.ImportFrom) else n.names[0].name
-        for n in ast.walk(tree)
-        if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in skip
+    found = imports_in(src, "fable.transports.fake")
+    assert sorted(t for t, _, _ in found) == [
+        "fable.cli",
+        "fable.errors",
+        "fable.policy",
+        "fable.transports.message",
     ]
-    assert "fable.daemon" not in found
-    assert {"fable.cli", "fable.transports.message", "fable.policy"} <= set(found)
-    assert layer_of("fable.cli") > layer_of("fable.errors")
-    assert layer_of("fable.transports.mempipe") == layer_of("fable.transports")
+    ups = upward("fable.transports.fake", found)
+    assert any("fable.cli" in u for u in ups) and any("fable.policy" in u for u in ups)
+    assert not any("fable.errors" in u for u in ups)
+    privs = private("fable.transports.fake", found)
+    assert privs == ["fable.transports.fake:3 imports fable.transports.message._private"]

@@ -104,23 +104,27 @@ def daemon(system: bool, sock: str | None, stop: bool) -> None:
         raise click.ClickException(str(e)) from None
 
 
-def _ask(op: str) -> list[dict[str, Any]] | None:
+def _listing(op: str, as_json: bool) -> list[dict[str, Any]] | None:
+    """The daemon's list for ``ls``/``flows``; printed here as JSON, or "no daemon is
+    running" (then None: nothing more to print)."""
     from fable.client import one_shot
 
     reply = one_shot(op)
-    return None if reply is None else list(reply["endpoints" if op == "ls" else "flows"])
+    items = None if reply is None else list(reply["endpoints" if op == "ls" else "flows"])
+    if as_json:
+        click.echo(json.dumps(items or [], indent=1))
+        return None
+    if items is None:
+        click.echo("no daemon is running")
+    return items
 
 
 @main.command(name="ls")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list")
 def ls_cmd(as_json: bool) -> None:
     """The registered endpoints."""
-    eps = _ask("ls")
-    if as_json:
-        click.echo(json.dumps(eps or [], indent=1))
-        return
+    eps = _listing("ls", as_json)
     if eps is None:
-        click.echo("no daemon is running")
         return
     click.echo(f"{'name':<24} {'pid':>7} {'uid':>6} {'listening':<9} {'cpu':>3}  affinity")
     for e in eps:
@@ -135,12 +139,8 @@ def ls_cmd(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list (DESIGN.md §4)")
 def flows(as_json: bool) -> None:
     """The connections the daemon set up, with their live counters."""
-    fl = _ask("flows")
-    if as_json:
-        click.echo(json.dumps(fl or [], indent=1))
-        return
+    fl = _listing("flows", as_json)
     if fl is None:
-        click.echo("no daemon is running")
         return
     click.echo(
         f"{'id':>10}  {'ends':<30} {'transport':<17} {'safe':<11} {'epoch':>5} "

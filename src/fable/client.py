@@ -43,7 +43,7 @@ from typing import Any
 from fable._wire import FrameReader, close_fds, recv_frame
 from fable.config import settings
 from fable.connection import Connection
-from fable.control import control
+from fable.control import PerProcess, control
 from fable.errors import DaemonUnavailable, FableError, ProtocolError
 from fable.nameservice import CONTROL, SYSTEM_SOCKET, error_class, private_dir, user_socket
 from fable.topology import node_of_cpu, thread_placement
@@ -521,28 +521,12 @@ def _call(s: socket.socket, rid: int, obj: dict[str, Any]) -> dict[str, Any]:
             return reply
 
 
-_link: DaemonLink | None = None
-_link_lock = threading.Lock()
+_link: PerProcess[DaemonLink] = PerProcess(DaemonLink, DaemonLink.close_after_fork)
 
 
 def link() -> DaemonLink:
     """This process's daemon link, started on first use."""
-    global _link
-    with _link_lock:
-        if _link is None:
-            _link = DaemonLink()
-        return _link
-
-
-def _forget_in_child() -> None:
-    global _link, _link_lock
-    _link_lock = threading.Lock()  # the parent's may have been held when it forked
-    if _link is not None:
-        _link.close_after_fork()
-    _link = None
-
-
-os.register_at_fork(after_in_child=_forget_in_child)
+    return _link.get()
 
 
 def one_shot(op: str, path: Path | None = None, **fields: Any) -> dict[str, Any] | None:

@@ -28,8 +28,9 @@ import select
 import threading
 import time
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
-__all__ = ["Control", "control"]
+__all__ = ["Control", "PerProcess", "control"]
 
 log = logging.getLogger("fable")
 
@@ -145,7 +146,7 @@ class Control:
                 with self._lock:
                     heapq.heappush(self._timers, (time.monotonic() + again, next(self._seq), cb))
 
-    def _forget(self) -> None:
+    def forget(self) -> None:
         """In a forked child: close the fds copied from the parent, leave the epoll set alone."""
         self._ep.close()  # close(2) of the fd; no EPOLL_CTL_DEL, so the set is left as it is
         try:
@@ -154,28 +155,40 @@ class Control:
             pass
 
 
-_control: Control | None = None
-_control_lock = threading.Lock()
+T = TypeVar("T")
+
+
+class PerProcess(Generic[T]):
+    """One object per process, made on first use (``get``); in a forked child the parent's is
+    dropped (``forget`` is called on it, which must neither lock nor touch what the parent
+    still uses) and the child makes its own on first use."""
+
+    def __init__(self, make: Callable[[], T], forget: Callable[[T], None]) -> None:
+        self._make = make
+        self._forget = forget
+        self._obj: T | None = None
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def get(self) -> T:
+        obj = self._obj
+        if obj is not None:
+            return obj
+        with self._lock:
+            if self._obj is None:
+                self._obj = self._make()
+            return self._obj
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # the parent's may have been held when it forked
+        obj, self._obj = self._obj, None
+        if obj is not None:
+            self._forget(obj)
+
+
+_control: PerProcess[Control] = PerProcess(Control, Control.forget)
 
 
 def control() -> Control:
     """This process's control thread, started on first use."""
-    global _control
-    c = _control
-    if c is not None:
-        return c
-    with _control_lock:
-        if _control is None:
-            _control = Control()
-        return _control
-
-
-def _after_fork_in_child() -> None:
-    global _control, _control_lock
-    _control_lock = threading.Lock()  # the parent's may have been held when it forked
-    if _control is not None:
-        _control._forget()
-        _control = None
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+    return _control.get()

@@ -155,17 +155,14 @@ class SetupChannel:
     # ------------------------------------------------------------------------ the end
     def close(self) -> None:
         with self._read_lock:
-            self._reader.close()
-            for _, fds in self._inbox:
-                close_fds(fds)
-            self._inbox.clear()
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
+            self._drop()
 
     def forget(self) -> None:
         """Drop this process's copy without telling the peer (after fork, in the child: no
         lock is taken, since a thread of the parent may have held one when it forked)."""
+        self._drop()
+
+    def _drop(self) -> None:
         self._reader.close()
         for _, fds in self._inbox:
             close_fds(fds)
