@@ -19,6 +19,7 @@ import pytest
 
 import fable
 from fable.testing import RECONFIGURE_CHECKS, run_reconfigure_check
+from fable.testing.harness import select_recv
 from fable.transports import REGISTRY
 
 pytestmark = pytest.mark.timeout(300)
@@ -118,25 +119,6 @@ def test_write_buffers_held_past_the_grace_period(
         assert _exit_code(pid) == 0, "the peer process failed"
 
 
-def _select_recv(sel: selectors.BaseSelector, conn: Any, n: int) -> list[bytes]:
-    """n whole messages read the edge-style way: wait on the selector, getreadbuf until []."""
-    out: list[bytes] = []
-    parts: list[bytes] = []
-    deadline = time.monotonic() + 20
-    while len(out) < n:
-        assert time.monotonic() < deadline, f"only {len(out)} of {n} messages came"
-        sel.select(1.0)
-        while bufs := conn.getreadbuf():
-            for b in bufs:
-                parts.append(bytes(b.data))
-                more = b.more
-                conn.release(b)
-                if not more:
-                    out.append(b"".join(parts))
-                    parts = []
-    return out
-
-
 def test_a_transport_that_cannot_be_set_up_leaves_the_old_one_working(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -202,10 +184,10 @@ def test_fileno_on_a_spinning_connection_moves_it_to_a_sleeping_transport() -> N
         assert conn.transport == "mempipe-adaptive"
         assert conn.last_switch is not None and "fileno()" in conn.last_switch["reason"]
         sel.register(fd, selectors.EVENT_READ)
-        assert _select_recv(sel, conn, 1) == [b"before"]
+        assert select_recv(sel, conn, 1) == [b"before"]
         for i in range(20):
             conn.send(b"%d" % i)
-            assert _select_recv(sel, conn, 1) == [b"%d" % i]
+            assert select_recv(sel, conn, 1) == [b"%d" % i]
         assert conn.fileno() == fd and not conn._fd.kicking
         with pytest.raises(fable.FableError, match="spins"):
             conn.reconfigure("mempipe-spin")

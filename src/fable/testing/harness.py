@@ -9,6 +9,7 @@ import gc
 import io
 import os
 import select
+import selectors
 import signal
 import threading
 import time
@@ -33,6 +34,7 @@ __all__ = [
     "no_leaks",
     "open_fds",
     "pattern",
+    "select_recv",
     "verify",
     "wait_go",
     "wait_readable",
@@ -220,3 +222,23 @@ def no_leaks(what: str) -> Iterator[None]:
     assert not leaked, f"{what} leaked fds {sorted(leaked)}"
     left = fable_mappings()
     assert len(left) <= len(maps), f"{what} leaked mappings {left} (before: {maps})"
+
+
+def select_recv(sel: selectors.BaseSelector, conn: Connection, n: int) -> list[bytes]:
+    """``n`` whole messages read the edge-style way: wait on ``sel`` (which has the
+    connection's ``fileno()``), then ``getreadbuf`` until it returns ``[]``."""
+    out: list[bytes] = []
+    parts: list[bytes] = []
+    deadline = time.monotonic() + 20
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"only {len(out)} of {n} messages came"
+        sel.select(1.0)
+        while bufs := conn.getreadbuf():
+            for b in bufs:
+                parts.append(bytes(b.data))
+                more = b.more
+                conn.release(b)
+                if not more:
+                    out.append(b"".join(parts))
+                    parts = []
+    return out

@@ -29,7 +29,7 @@ from typing import Any
 
 from fable.connection import Connection, PendingEnd, open_pair
 from fable.errors import ConnectionClosed, FableError, PeerDied, ProtocolError, WouldBlock
-from fable.testing.harness import Child, MakePair, go_pipe, no_leaks, wait_go
+from fable.testing.harness import Child, MakePair, go_pipe, no_leaks, select_recv, wait_go
 from fable.transports import REGISTRY
 
 __all__ = ["RECONFIGURE_CHECKS", "check_reconfigure", "run_reconfigure_check"]
@@ -311,25 +311,6 @@ def check_peer_dies_mid_switch(make_pair: MakePair) -> None:
         child.expect_success()
 
 
-def _select_recv(sel: selectors.BaseSelector, conn: Connection, n: int) -> list[bytes]:
-    """``n`` whole messages read the edge-style way: wait on the selector, getreadbuf until []."""
-    out: list[bytes] = []
-    parts: list[bytes] = []
-    deadline = time.monotonic() + 20
-    while len(out) < n:
-        assert time.monotonic() < deadline, f"only {len(out)} of {n} messages came"
-        sel.select(1.0)
-        while bufs := conn.getreadbuf():
-            for b in bufs:
-                parts.append(bytes(b.data))
-                more = b.more
-                conn.release(b)
-                if not more:
-                    out.append(b"".join(parts))
-                    parts = []
-    return out
-
-
 def check_stable_fileno(make_pair: MakePair) -> None:
     """fileno() is one fd across switches (a selector registered once sees every message);
     once it is out, a switch to a spinning transport is refused."""
@@ -355,7 +336,7 @@ def check_stable_fileno(make_pair: MakePair) -> None:
             ]
             for m in msgs:
                 conn.send(m)
-            assert _select_recv(sel, conn, 20) == msgs
+            assert select_recv(sel, conn, 20) == msgs
             assert conn.fileno() == fd
             i += 20
         try:
