@@ -424,7 +424,10 @@ class MessagePath(DataPath):
         bytes a commit (``more=True`` between them). ``timeout`` bounds the wait for room
         until the first part is out; then the message is finished whatever it takes."""
         self._check()
-        mv = memoryview(data).cast("B")
+        mv = memoryview(data)
+        if not mv.c_contiguous:  # a strided view: its bytes, in order
+            mv = memoryview(mv.tobytes())
+        mv = mv.cast("B")
         n = len(mv)
         pos = 0
         while True:

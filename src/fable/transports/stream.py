@@ -413,7 +413,7 @@ class StreamPath(MessagePath):
                 self._queue
                 or self._claims
                 or (n := len(data)) > FRAGMENT
-                or (type(data) is memoryview and data.itemsize != 1)
+                or (type(data) is memoryview and (data.itemsize != 1 or not data.c_contiguous))
                 or (timeout is not None and not self._kernel_takes(HDR + n))
             ):
                 self._send_in_parts(data, timeout)
@@ -424,11 +424,15 @@ class StreamPath(MessagePath):
                 self._msgs_out += 1
                 self._bytes_out += n
                 if n > SMALL:  # header and payload in one vectored write: no copy of the payload
-                    with self._wlock:  # (the queue holds it until _drain returns)
-                        self._queue.append(_pack(n, 0, MAGIC, seq, self.epoch))
-                        self._queue.append(data)
-                        self._queued += HDR + n
-                    self._drain(None)
+                    hdr = _pack(n, 0, MAGIC, seq, self.epoch)
+                    sent = self._write((hdr, data))
+                    if sent < HDR + n:  # the rest waits in the queue (holding the caller's
+                        with self._wlock:  # buffer until _drain returns)
+                            if sent < HDR:
+                                self._queue.append(hdr[sent:])
+                            self._queue.append(memoryview(data)[max(0, sent - HDR) :])
+                            self._queued += HDR + n - sent
+                        self._drain(None)
                     return
                 frame = _pack(n, 0, MAGIC, seq, self.epoch) + data
                 try:
@@ -454,7 +458,11 @@ class StreamPath(MessagePath):
         try:
             for m in msgs:
                 n = len(m)
-                if n > FRAGMENT or self._claims or (type(m) is memoryview and m.itemsize != 1):
+                if (
+                    n > FRAGMENT
+                    or self._claims
+                    or (type(m) is memoryview and (m.itemsize != 1 or not m.c_contiguous))
+                ):
                     self._advance()
                     self._send_in_parts(m, time_left(deadline, timeout))
                     count += 1
