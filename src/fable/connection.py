@@ -112,7 +112,8 @@ class Connection:
         # records read by someone else (with the first offer, or by a data path looking at its
         # peer): no event on the channel announces them, so the control thread is told
         setup.on_records = lambda: ctl.call_later(0.0, lambda: _records_read(ref))
-        setup.on_records()
+        if setup.has_records:
+            setup.on_records()
 
     @property
     def _path(self) -> DataPath:

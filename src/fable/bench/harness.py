@@ -393,13 +393,15 @@ def run_point(
     chunks = []
     deadline = time.monotonic() + timeout_s
     timed_out = False
+    result = select.poll()  # not select.select: any fd number works
+    result.register(rfd, select.POLLIN)
     try:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 timed_out = True
                 break
-            if select.select([rfd], [], [], left)[0]:
+            if result.poll(int(left * 1000) + 1):
                 b = os.read(rfd, 1 << 16)
                 if not b:
                     break

@@ -117,6 +117,11 @@ class SetupChannel:
                 raise
         return queued
 
+    @property
+    def has_records(self) -> bool:
+        """Whether records read earlier wait in the inbox."""
+        return bool(self._inbox)
+
     def take(self) -> Record | None:
         """The oldest record read and not yet taken (its fds are now the caller's), or None."""
         with self._read_lock:
