@@ -17,8 +17,10 @@ reports what happened as an :class:`Outcome`.
 The contract (DESIGN.md §3, "Untrusted input is never trusted"): the victim's connection fails
 with ``ProtocolError``, or it delivers bytes (which, from a hostile writer, may be anything);
 a safe (untrusting) reader's delivered copy never changes afterwards; the victim never crashes,
-never hangs past its timeout, and its other connections keep working. Which outcomes each
-attack allows is in ``ATTACKS``.
+never hangs past its timeout, and its other connections keep working. Each attack in
+``ATTACKS`` names the one outcome it must cause (:class:`Expect`): ``FAILS`` (the victim's
+connection fails with ``ProtocolError``) or ``delivered(n)`` (an attack on bytes the victim may
+not check: at least ``n`` messages arrive, then the attacker's exit ends the connection).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from fable.buffer import Buffer
 from fable.connection import Connection
 from fable.errors import (
     ConnectionClosed,
+    DeadBuffer,
     NoSpace,
     PeerDied,
     ProtocolError,
@@ -54,11 +57,40 @@ from fable.transports import REGISTRY, SetupChannel
 from fable.transports import shmem_pipe as S
 from fable.transports import stream as F
 
-__all__ = ["ATTACKS", "Outcome", "Raw", "attack", "attacks_for", "run_victim"]
+__all__ = [
+    "ATTACKS",
+    "FAILS",
+    "Expect",
+    "Outcome",
+    "Raw",
+    "attack",
+    "attacks_for",
+    "delivered",
+    "run_victim",
+]
 
 PROTOCOL_ERROR = "protocol-error"  # the victim's connection failed with ProtocolError
 GONE = "gone"  # the attacker left (ConnectionClosed or PeerDied) and nothing was wrong
 QUIET = "quiet"  # the time bound passed without an error
+
+
+@dataclass(frozen=True)
+class Expect:
+    """The one outcome an attack must cause: ``kind``, after at least ``delivered`` messages."""
+
+    kind: str
+    delivered: int = 0
+
+    def check(self, out: Outcome) -> bool:
+        return out.kind == self.kind and out.delivered >= self.delivered
+
+
+FAILS = Expect(PROTOCOL_ERROR)
+
+
+def delivered(n: int) -> Expect:
+    """The victim reads at least ``n`` messages, then sees the attacker go."""
+    return Expect(GONE, n)
 
 
 @dataclass
@@ -111,8 +143,8 @@ def run_victim(conn: Connection, bound: float = 5.0, hold: int = 32) -> Outcome:
     for b, _ in held:
         try:
             conn.release(b)
-        except Exception:
-            pass  # a failed connection: its buffers are dead, which is all we need here
+        except (ProtocolError, ConnectionClosed, DeadBuffer):
+            pass  # the connection failed or closed: its buffers go with it
     out.took = time.monotonic() - t0
     return out
 
@@ -235,17 +267,62 @@ def _drain_for(fd: int, seconds: float) -> None:
 
 
 # ------------------------------------------------------------------------------ rings
+POSITIONS = ((0, L.TAIL), (1, L.HEAD))  # (ring, field): the attacker's published positions
+
+
 def ring_header(raw: Raw, rng: random.Random) -> None:
-    """Random bytes over the header of the ring the victim reads."""
-    send_some(raw)
-    _scribble(_ring_half(raw, 0)[: L.HEADER_SIZE], rng, 16)
+    """Random bytes over both rings' headers, all but the attacker's two positions (which the
+    victim range-checks: ``ring_tail_ahead``, ``ring_head_ahead``): the creator's line, the
+    doorbells, the waiting flags, the CPU hints, the victim's own positions. The victim read
+    them at setup only or treats them as hints, and cached its own positions: the 8 messages
+    sent before and after arrive."""
+    send_some(raw, 4)
+    for k in (0, 1):
+        header = _ring_half(raw, k)[: L.HEADER_SIZE]
+        junk = bytearray(header)
+        _scribble(memoryview(junk), rng, 16)
+        cuts = sorted(off for ring, off in POSITIONS if ring == k)
+        start = 0
+        for off in [*cuts, L.HEADER_SIZE]:  # every byte but the position's 8
+            header[start:off] = junk[start:off]
+            start = off + 8
+    send_some(raw, 4)
     time.sleep(0.3)
 
 
-def ring_records(raw: Raw, rng: random.Random) -> None:
-    """Random bytes over committed records (headers and payloads) the victim has not read."""
-    send_some(raw, 16)
-    _scribble(_ring_half(raw, 0)[L.HEADER_SIZE : L.HEADER_SIZE + 32768], rng, 64)
+RECORD = struct.Struct("<IHHQII")  # LENGTH, FLAGS, zero, SEQ, EPOCH, SKIP (fable.ring.layout)
+assert RECORD.size == L.RECORD_HEADER
+
+
+def record_header(raw: Raw, rng: random.Random) -> None:
+    """After two honest messages, a record whose header breaks one rule (chosen by the seed):
+    a length past its bounds, an unknown flag, a SKIP not a multiple of 8, a sequence gap, a
+    record of another epoch, a close record with a payload, or TAIL ending inside the header."""
+    send_some(raw, 2, 64)
+    assert raw.ring is not None
+    mem = _ring_half(raw, 0)
+    cap = int(raw.params["capacity"])
+    tail = _u64(mem, L.TAIL)
+    base = L.HEADER_SIZE + (tail & (cap - 1))
+    length, flags, seq, epoch, skip = 64, 0, raw.ring.seq, 0, 0
+    span = L.record_span(64)
+    rule = rng.choice(("length", "flags", "skip", "seq", "epoch", "close", "tail"))
+    if rule == "length":
+        length = rng.randrange(cap, 1 << 32)
+    elif rule == "flags":
+        flags = rng.choice((0x8, 0x10, 0x100, 0x8000))
+    elif rule == "skip":
+        skip = rng.randrange(1, 8)
+    elif rule == "seq":
+        seq += rng.randrange(1, 1 << 40)
+    elif rule == "epoch":
+        epoch = rng.randrange(1, 1 << 32)
+    elif rule == "close":
+        flags = L.F_CLOSE
+    else:
+        span = rng.randrange(1, L.RECORD_HEADER)
+    mem[base : base + L.RECORD_HEADER] = RECORD.pack(length, flags, 0, seq, epoch, skip)
+    mem[L.TAIL : L.TAIL + 8] = (tail + span).to_bytes(8, "little")
     time.sleep(0.3)
 
 
@@ -268,7 +345,8 @@ def ring_head_ahead(raw: Raw, rng: random.Random) -> None:
 
 
 def ring_change_after_commit(raw: Raw, rng: random.Random) -> None:
-    """Payload bytes rewritten, record headers kept, while the victim reads them."""
+    """Payload bytes rewritten, record headers kept, while the victim reads them: a reader
+    does not check payloads, so the 8 messages arrive (a safe reader's copies never change)."""
     send_some(raw, 8, 1000)
     mem = _ring_half(raw, 0)
     span = L.record_span(1000)
@@ -338,8 +416,8 @@ def frames_garbage(raw: Raw, rng: random.Random) -> None:
 
 
 def arena_change_after_commit(raw: Raw, rng: random.Random) -> None:
-    """The writer's memory rewritten after its pages went into the pipe (vmsplice: the pipe
-    holds the pages, not a copy)."""
+    """The writer's payload memory rewritten after its pages went into the pipe (vmsplice:
+    the pipe holds the pages, not a copy): the 8 frames arrive, whatever their bytes."""
     arena = mmap.mmap(-1, 16 * mmap.PAGESIZE)
     view = memoryview(arena)
     pos = 0
@@ -349,40 +427,39 @@ def arena_change_after_commit(raw: Raw, rng: random.Random) -> None:
         pos += len(frame)
     _core.vmsplice(raw.fds[1], [view[:pos]])
     end = time.monotonic() + 0.5
+    step = F.HEADER.size + 1000
     while time.monotonic() < end:
-        _scribble(view[:pos], rng, 16)
+        k = rng.randrange(8)  # payloads only: a broken frame header is frames_garbage
+        _scribble(view[k * step + F.HEADER.size : (k + 1) * step], rng, 4)
     view.release()
     arena.close()
 
 
-EITHER = frozenset({PROTOCOL_ERROR, GONE, QUIET})
-FAILS = frozenset({PROTOCOL_ERROR})
-
-# per mechanism (the module that implements the transport): attack name -> (attack, outcomes)
-ATTACKS: dict[str, dict[str, tuple[Attack, frozenset[str]]]] = {
+# per mechanism (the module that implements the transport): attack name -> (attack, outcome)
+ATTACKS: dict[str, dict[str, tuple[Attack, Expect]]] = {
     "fable.transports.mempipe": {
-        "ring-header": (ring_header, EITHER),
-        "ring-records": (ring_records, EITHER),
+        "ring-header": (ring_header, delivered(8)),
+        "record-header": (record_header, FAILS),
         "ring-tail-ahead": (ring_tail_ahead, FAILS),
         "ring-head-ahead": (ring_head_ahead, FAILS),
-        "change-after-commit": (ring_change_after_commit, EITHER),
+        "change-after-commit": (ring_change_after_commit, delivered(8)),
     },
     "fable.transports.shmem_pipe": {
         "descriptors-out-of-range": (descriptors_out_of_range, FAILS),
-        "descriptors-overlapping": (descriptors_overlapping, frozenset({GONE, QUIET})),
+        "descriptors-overlapping": (descriptors_overlapping, delivered(8)),
         "descriptors-garbage": (descriptors_garbage, FAILS),
         "returns-bogus": (returns_bogus, FAILS),
-        "change-after-commit": (shmem_change_after_commit, frozenset({GONE, QUIET})),
+        "change-after-commit": (shmem_change_after_commit, delivered(8)),
     },
     "fable.transports.vmsplice": {
         "tokens-bogus": (tokens_bogus, FAILS),
         "frames-garbage": (frames_garbage, FAILS),
-        "change-after-commit": (arena_change_after_commit, EITHER),
+        "change-after-commit": (arena_change_after_commit, delivered(8)),
     },
 }
 
 
-def attacks_for(transport: str) -> dict[str, tuple[Attack, frozenset[str]]]:
+def attacks_for(transport: str) -> dict[str, tuple[Attack, Expect]]:
     """The attacks that apply to ``transport`` (empty for a transport without shared memory)."""
     return ATTACKS.get(REGISTRY[transport].open.__module__, {})
 
