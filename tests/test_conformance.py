@@ -9,6 +9,7 @@ import pytest
 import fable
 import fable.config
 from fable.testing import CHECKS, run_check
+from fable.testing.harness import role_one
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
@@ -16,6 +17,15 @@ from fable.testing import CHECKS, run_check
 def test_conformance(transport: str, check: str) -> None:
     for safe in fable.REGISTRY[transport].caps.forms:
         run_check(check, functools.partial(fable.open_pair, transport, safe=safe))
+
+
+@pytest.mark.parametrize("check", list(CHECKS))
+@pytest.mark.parametrize("transport", list(fable.REGISTRY))
+def test_conformance_as_role_1(transport: str, check: str) -> None:
+    """The same checks with this process on the side that opens the other end (role 1): it
+    writes under back-pressure, gets NoSpace, sees its peer die, in both forms."""
+    for safe in fable.REGISTRY[transport].caps.forms:
+        run_check(check, role_one(functools.partial(fable.open_pair, transport, safe=safe)))
 
 
 # The reference ring (FABLE_BACKEND=py) runs a cross-process subset: it is the executable model,

@@ -61,19 +61,22 @@ def _form(name: str) -> bool:
 
 def _fork_peer(pending: Any, body: Callable[[Any], int | None]) -> int:
     """Fork a child that opens the peer end and runs ``body(peer)``; its exit status is what
-    ``body`` returns (None: 0), 0 as well if the parent closed the connection meanwhile, and 3
-    on any other exception (printed). Returns the pid; the parent's copy of ``pending`` is
-    closed."""
+    ``body`` returns (None: 0), 0 as well if the parent closed the connection cleanly
+    meanwhile, and 3 on any other exception, PeerDied included (printed). Returns the pid;
+    the parent's copy of ``pending`` is closed."""
     pid = os.fork()
-    if pid == 0:
+    if pid == 0:  # pragma: no cover - the child always ends here, with os._exit
         code = 3
         try:
             code = body(pending.open()) or 0
+        except fable.PeerDied:
+            traceback.print_exc()  # the parent did not close: it vanished
         except fable.ConnectionClosed:
             code = 0
         except BaseException:
             traceback.print_exc()
-        os._exit(code)
+        finally:
+            os._exit(code)
     pending.close()
     return pid
 

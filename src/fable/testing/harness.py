@@ -11,13 +11,14 @@ import os
 import select
 import selectors
 import signal
+import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from fable.connection import Connection, PendingEnd
+from fable.connection import Connection, PendingEnd, attach
 from fable.control import control
 from fable.errors import PeerDied, WouldBlock
 
@@ -34,6 +35,7 @@ __all__ = [
     "no_leaks",
     "open_fds",
     "pattern",
+    "role_one",
     "select_recv",
     "verify",
     "wait_go",
@@ -242,3 +244,69 @@ def select_recv(sel: selectors.BaseSelector, conn: Connection, n: int) -> list[b
                     out.append(b"".join(parts))
                     parts = []
     return out
+
+
+# --------------------------------------------------------------------------- swapped roles
+def role_one(make_pair: MakePair) -> MakePair:
+    """``make_pair`` with the roles swapped, for any check written for it: the side the check
+    holds in this process is role 1 (it opens the other end), and the side the check's
+    ``Child`` runs is role 0 (the child calls ``make_pair`` itself and hands the other end
+    back over a socket). The held side opens on first use, once the child has made the pair;
+    a child that fails first makes that use raise within 30 s."""
+
+    def swapped() -> tuple[Connection, PendingEnd]:
+        here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        here.settimeout(30.0)
+        return _RoleOne(here), _RoleZeroPending(make_pair, there)  # type: ignore[return-value]
+
+    return swapped
+
+
+class _RoleZeroPending:
+    """In the child (``open``): make the pair, pass its other end to the parent, keep role 0."""
+
+    def __init__(self, make_pair: MakePair, sock: socket.socket) -> None:
+        self._make_pair, self._sock = make_pair, sock
+
+    def open(self, timeout: float | None = 10.0, *, trusted: bool | None = None) -> Connection:
+        conn, pending = self._make_pair()
+        socket.send_fds(self._sock, [b"p"], [pending.fileno()])
+        pending.close()
+        self._sock.close()
+        return conn
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class _RoleOne:
+    """The parent's side: opens role 1 from the end the child passes, on first use."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock: socket.socket | None = sock
+        self._conn: Connection | None = None
+
+    def _get(self) -> Connection:
+        if self._conn is None:
+            assert self._sock is not None
+            try:
+                _, fds, _, _ = socket.recv_fds(self._sock, 1, 1)
+            finally:
+                self._sock.close()
+                self._sock = None
+            if not fds:
+                raise AssertionError("the child (role 0) never made the pair")
+            self._conn = attach(fds[0], timeout=30)
+        return self._conn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
+
+    def __enter__(self) -> Connection:
+        return self._get().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._get().__exit__(*exc)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._get())

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fable.connection import Connection, PendingEnd, open_pair
+from fable.control import control
 from fable.errors import ConnectionClosed, FableError, PeerDied, ProtocolError, WouldBlock
 from fable.testing.harness import Child, MakePair, go_pipe, no_leaks, select_recv, wait_go
 from fable.transports import REGISTRY
@@ -207,37 +208,81 @@ def check_refusal(make_pair: MakePair) -> None:
         child.expect_success()
 
 
+def _hold_control_thread() -> threading.Event:
+    """Keep this process's control thread (which reads every setup channel) busy until the
+    returned event is set; returns once it is held."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        release.wait(ANSWER_S)
+
+    control().call_later(0, hold)
+    assert entered.wait(ANSWER_S), "the control thread never ran the hold"
+    return release
+
+
+def _ask_in_a_thread(conn: Connection, transport: str) -> tuple[threading.Thread, list[Any]]:
+    """``conn.reconfigure(transport)`` on a thread; returns once the proposal is sent (the
+    connection's reconfig_fileno is readable). The list gets None or the exception."""
+    answer: list[Any] = []
+
+    def ask() -> None:
+        try:
+            conn.reconfigure(transport, timeout=ANSWER_S)
+            answer.append(None)
+        except FableError as e:
+            answer.append(e)
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    poller = select.poll()
+    poller.register(conn.reconfig_fileno(), select.POLLIN)
+    assert poller.poll(int(ANSWER_S * 1000)), "the proposal was never sent"
+    return thread, answer
+
+
 def check_simultaneous(make_pair: MakePair) -> None:
-    """Both sides ask at once: the two agree on one switch and lose nothing."""
+    """Both sides ask at once (their proposals cross on the setup channel): the proposal of the
+    side that set the connection up wins, the other side's ``reconfigure`` raises
+    ``FableError`` saying so, and nothing is lost.
+
+    The proposals cross every time: the child holds its control thread (which reads the setup
+    channel) until its own proposal is sent, after the parent's."""
     conn, pending = make_pair()
     go_r, go_w = go_pipe()
+    asked_r, asked_w = go_pipe()
 
     def peer_asks(peer: Connection) -> None:
-        wait_go(go_r)
+        release = _hold_control_thread()  # nothing is read here until released
         try:
-            peer.reconfigure("unix", timeout=ANSWER_S)  # loses to the parent's (role 0)
-        except FableError:
-            pass
+            os.write(go_w, b"g")  # the parent may ask now
+            wait_go(asked_r)  # its proposal is sent (and unread here)
+            thread, answer = _ask_in_a_thread(peer, "unix")
+        finally:
+            release.set()
+        thread.join(ANSWER_S)
+        assert answer, "the losing request was never answered"
+        assert isinstance(answer[0], FableError) and "at the same time" in str(answer[0]), (
+            f"the child's request (role 1) should have lost: {answer[0]!r}"
+        )
         _echo(peer)
 
     child = Child(pending, peer_asks, trusted=True)
-    os.close(go_r)
     try:
-        os.write(go_w, b"g")
-        conn.reconfigure("mempipe-futex", timeout=ANSWER_S)
+        wait_go(go_r)
+        thread, answer = _ask_in_a_thread(conn, "mempipe-futex")
+        os.write(asked_w, b"g")
+        thread.join(ANSWER_S)
+        assert answer == [None], f"the parent's request (role 0) should have won: {answer}"
         for i in range(50):
             conn.send(b"%d" % i)
             assert conn.recv(timeout=10) == b"%d" % i
-        # the requests met (the parent's wins: epoch 1), or one side saw the other's first and
-        # asked again after it (epoch 2)
-        assert (conn.transport, conn.epoch) in (
-            ("mempipe-futex", 1),
-            ("mempipe-futex", 2),
-            ("unix", 2),
-        ), (conn.transport, conn.epoch)
+        assert (conn.transport, conn.epoch) == ("mempipe-futex", 1)
     finally:
         conn.close()
-        os.close(go_w)
+        for fd in (go_r, go_w, asked_r, asked_w):
+            os.close(fd)
         child.expect_success()
 
 
@@ -286,21 +331,25 @@ def check_held_read_buffers(make_pair: MakePair) -> None:
 
 
 def check_peer_dies_mid_switch(make_pair: MakePair) -> None:
-    """The peer dies without answering a switch: the request fails, then PeerDied."""
+    """The peer dies with this side's proposal unanswered (its control thread held, so that
+    it cannot answer first): the request fails, then PeerDied."""
     conn, pending = make_pair()
+    go_r, go_w = go_pipe()
 
     def dies(peer: Connection) -> None:
-        peer.recv(timeout=10)
+        _hold_control_thread()
+        peer.send(b"held")
+        wait_go(go_r)  # the proposal is on its way
         os._exit(0)  # without answering the switch, without closing
 
     child = Child(pending, dies, trusted=True)
     try:
-        conn.send(b"x")
-        try:
-            conn.reconfigure("mempipe-futex", timeout=ANSWER_S)
-            raise AssertionError("a dead peer accepted a switch")
-        except FableError:
-            pass
+        assert conn.recv(timeout=ANSWER_S) == b"held"
+        thread, answer = _ask_in_a_thread(conn, "mempipe-futex")
+        os.write(go_w, b"g")
+        thread.join(ANSWER_S)
+        assert answer, "the request was never answered"
+        assert isinstance(answer[0], FableError), f"a dead peer accepted a switch: {answer}"
         try:
             conn.recv(timeout=5)
             raise AssertionError("recv after the peer died returned")
@@ -308,6 +357,8 @@ def check_peer_dies_mid_switch(make_pair: MakePair) -> None:
             pass
     finally:
         conn.close()
+        os.close(go_r)
+        os.close(go_w)
         child.expect_success()
 
 
@@ -505,7 +556,12 @@ def check_slow_reader_holds_up_nothing_else(make_pair: MakePair) -> None:
         ready.register(res_r, select.POLLIN)
         assert ready.poll(30_000), "connection 2's switch was not answered"
         assert os.read(res_r, 1) == b"k"
-        assert c2.transport == "mempipe-futex"
+        # this side accepted on its control thread, which moves its writes over just after
+        # the ACCEPT went out: the peer may have heard of it first
+        deadline = time.monotonic() + ANSWER_S
+        while c2.transport != "mempipe-futex":
+            assert time.monotonic() < deadline, f"connection 2 stayed on {c2.transport}"
+            time.sleep(0.005)
         _until_old_epoch_freed(c2)
         c1.send(b"last")  # after the pending END: on the new transport once the peer drained
         _until_old_epoch_freed(c1)

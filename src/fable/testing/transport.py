@@ -17,6 +17,7 @@ import random
 import select
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,10 +38,12 @@ from fable.testing.harness import (
     Child,
     MakePair,
     dies_within_a_second,
+    fable_mappings,
     fill,
     go_pipe,
     idle_peer,
     no_leaks,
+    open_fds,
     pattern,
     verify,
     wait_go,
@@ -79,8 +82,9 @@ def check_ordering(make_pair: MakePair) -> None:
 
 
 def check_both_directions(make_pair: MakePair) -> None:
-    """Both sides send and receive at once (a sending thread and a receiving one per side)."""
-    count = 400
+    """Both sides send and receive at once (a sending thread and a receiving one per side),
+    enough messages that a fault in one message of a thousand shows."""
+    count = 2500
     conn, pending = make_pair()
 
     def duplex(c: Connection) -> None:
@@ -479,6 +483,17 @@ def check_readiness(make_pair: MakePair) -> None:
     ch.expect_success()
 
 
+def _expect_clean_close(conn: Connection) -> None:
+    """The next recv raises ConnectionClosed: the peer closed cleanly (not PeerDied)."""
+    try:
+        m = conn.recv(timeout=30)
+        raise AssertionError(f"a message ({len(m)} B) after the last one, or none of the close")
+    except PeerDied:
+        raise AssertionError("a clean close was reported as PeerDied") from None
+    except ConnectionClosed:
+        pass
+
+
 def check_clean_close(make_pair: MakePair) -> None:
     """A clean close: the peer reads every message, then ConnectionClosed (not PeerDied), and
     writing to it raises ConnectionClosed too. close() is idempotent."""
@@ -495,13 +510,7 @@ def check_clean_close(make_pair: MakePair) -> None:
         for i in range(3):
             verify(i, conn.recv(timeout=30), 1000)
         for _ in range(2):
-            try:
-                conn.recv(timeout=30)
-                raise AssertionError("recv after the peer closed did not raise")
-            except PeerDied:
-                raise AssertionError("a clean close was reported as PeerDied") from None
-            except ConnectionClosed:
-                pass
+            _expect_clean_close(conn)
         ch.expect_success()
         try:
             for _ in range(200):
@@ -519,6 +528,71 @@ def check_clean_close(make_pair: MakePair) -> None:
         raise AssertionError("send on a closed connection did not raise")
     except ConnectionClosed:
         pass
+
+
+def _fill_bufs(bufs: Sequence[Any], data: bytes) -> None:
+    """Copy ``data`` into the buffers of one getwritebuf, each whole before the next."""
+    pos = 0
+    for b in bufs:
+        n = min(len(b.data), len(data) - pos)
+        b.data[:n] = data[pos : pos + n]
+        pos += n
+
+
+def check_close_flushes(make_pair: MakePair) -> None:
+    """close() sends what ``commit(flush=False)`` kept back: the peer reads every message,
+    then ConnectionClosed."""
+    conn, pending = make_pair()
+
+    def child(c: Connection) -> None:
+        for i in range(50):
+            verify(i, c.recv(timeout=30), 100 + i)
+        _expect_clean_close(c)
+
+    ch = Child(pending, child)
+    for i in range(50):
+        bufs = conn.getwritebuf(100 + i)
+        _fill_bufs(bufs, pattern(i, 100 + i))
+        conn.commit(bufs, 100 + i, flush=False)
+    conn.close()
+    ch.expect_success()
+
+
+def check_held_at_close(make_pair: MakePair) -> None:
+    """Read buffers held when this side closes stay readable (dead for the API: release
+    raises ConnectionClosed) and keep at most one fd and one mapping of the connection, which
+    go with the last buffer even while the closed connection object lives on."""
+    fds, maps = open_fds(), len(fable_mappings())
+    conn, pending = make_pair()
+
+    def child(c: Connection) -> None:
+        for i in range(3):
+            c.send(pattern(i, 1000))
+        assert c.recv(timeout=30) == b"bye"
+
+    ch = Child(pending, child)
+    held: list[Any] = []
+    deadline = time.monotonic() + 30
+    while len(held) < 3:
+        assert time.monotonic() < deadline, "the peer's messages never came"
+        wait_readable(conn, 1.0)
+        held += conn.getreadbuf()
+    conn.send(b"bye")
+    conn.close()
+    for i, b in enumerate(held):
+        verify(i, b.data, 1000)
+    try:
+        conn.release(held[0])
+        raise AssertionError("release after close did not raise")
+    except ConnectionClosed:
+        pass
+    assert len(open_fds() - fds) <= 1, "held buffers keep more than one fd"
+    assert len(fable_mappings()) - maps <= 1, "held buffers keep more than one mapping"
+    del held, b
+    assert open_fds() <= fds, f"fds {sorted(open_fds() - fds)} outlive the held buffers"
+    assert len(fable_mappings()) <= maps, "the mapping outlives the held buffers"
+    assert conn.closed  # still referenced here
+    ch.expect_success()
 
 
 def check_peer_died_reader(make_pair: MakePair) -> None:
@@ -620,6 +694,34 @@ def check_dead_buffer(make_pair: MakePair) -> None:
     ch.expect_success()
 
 
+FORKED_CODES = {
+    1: "it raised something else (traceback on stderr)",
+    3: "the inherited connection was usable",
+    4: "a call raised another error than the fork's (traceback on stderr)",
+}
+
+
+def _use_inherited(conn: Connection) -> int:
+    """In a forked child: every call on the inherited ``conn`` must raise the fork's
+    FableError (not WouldBlock, not ConnectionClosed: those come from a connection that still
+    works); the exit status to end with (0: it did; see FORKED_CODES)."""
+    try:
+        calls = (lambda: conn.send(b"x"), lambda: conn.recv(timeout=0), conn.fileno)
+        for call in calls:
+            try:
+                call()
+                return 3
+            except FableError as e:
+                if type(e) is not FableError or "inherited across fork" not in str(e):
+                    traceback.print_exc()
+                    return 4
+        conn.close()
+        return 0
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+
 def check_fork_invalidation(make_pair: MakePair) -> None:
     """A connection inherited by fork() is invalid in the child; the parent's keeps working and
     its peer sees nothing of the child."""
@@ -635,20 +737,10 @@ def check_fork_invalidation(make_pair: MakePair) -> None:
         conn.send(b"before")
         pid = os.fork()
         if pid == 0:  # pragma: no cover - grandchild
-            code = 0
-            for call in (lambda: conn.send(b"x"), lambda: conn.recv(timeout=0), conn.fileno):
-                try:
-                    call()
-                    code = 3
-                except FableError as e:
-                    if isinstance(e, ConnectionClosed):
-                        code = 4
-            conn.close()
-            os._exit(code)
+            os._exit(_use_inherited(conn))
         _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, (
-            "inherited connection was usable in the child"
-        )
+        code = os.waitstatus_to_exitcode(status)
+        assert code == 0, f"the forked child: {FORKED_CODES.get(code, f'status {status}')}"
         conn.send(b"after")
         assert conn.recv(timeout=30) == b"ok"
     ch.expect_success()
@@ -687,6 +779,8 @@ CHECKS: dict[str, Callable[[MakePair], None]] = {
     "no_space": check_no_space,
     "readiness": check_readiness,
     "clean_close": check_clean_close,
+    "close_flushes": check_close_flushes,
+    "held_at_close": check_held_at_close,
     "peer_died_reader": check_peer_died_reader,
     "peer_died_writer": check_peer_died_writer,
     "peer_died_getwritebuf": check_peer_died_getwritebuf,

@@ -57,7 +57,7 @@ from fable.ring.pyring import PyRing, format_ring
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
 from fable.transports.channel import SetupChannel
 from fable.transports.message import Claim, MessagePath, deadline_of
-from fable.transports.shm import check_sealed_memfd, is_eventfd, new_sealed_memfd, unmap
+from fable.transports.shm import check_sealed_memfd, forget, is_eventfd, new_sealed_memfd, unmap
 
 SPIN, FUTEX, ADAPTIVE = L.WAIT_SPIN, L.WAIT_FUTEX, L.WAIT_ADAPTIVE
 SLICE_NS = {SPIN: 20_000_000, FUTEX: 200_000_000, ADAPTIVE: 200_000_000}
@@ -450,7 +450,10 @@ class RingPath(MessagePath):
         self._free_memory()
 
     def _free_memory(self) -> None:
+        if "_mm" not in self.__dict__:
+            return  # freed already
         unmap(self._mm, getattr(self, "_tx_mem", None), getattr(self, "_rx_mem", None), self._mv)
+        forget(self, "_mm", "_mv", "_tx_mem", "_rx_mem")
 
 
 def _ring_class(backend: str) -> type[PyRing] | type[_core.Ring]:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from fable.errors import ProtocolError
 
-__all__ = ["SEALS", "check_sealed_memfd", "is_eventfd", "new_sealed_memfd", "unmap"]
+__all__ = ["SEALS", "check_sealed_memfd", "forget", "is_eventfd", "new_sealed_memfd", "unmap"]
 
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
@@ -79,4 +79,12 @@ def unmap(mm: mmap.mmap, *views: memoryview | None) -> None:
     try:
         mm.close()
     except BufferError:
-        pass
+        pass  # the caller must also ``forget`` its references, or it keeps the mapping
+
+
+def forget(owner: object, *names: str) -> None:
+    """Drop ``owner``'s references to a mapping ``unmap`` could not close (and its views):
+    then the buffers the application holds are all that keep it, and it goes with the last
+    of them even if the closed connection object lives on."""
+    for name in names:
+        owner.__dict__.pop(name, None)

@@ -71,7 +71,7 @@ from fable.transports.message import (
     time_left,
 )
 from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
-from fable.transports.shm import check_sealed_memfd, new_sealed_memfd, unmap
+from fable.transports.shm import check_sealed_memfd, forget, new_sealed_memfd, unmap
 
 __all__ = ["DESC", "INFO", "RETURN", "Extents", "ShmemPipePath"]
 
@@ -764,7 +764,9 @@ class ShmemPipePath(MessagePath):
 
     def _free(self, clean: bool) -> None:
         close_fds([self._din, self._dout, self._rin, self._rout])
-        unmap(self._mm, self._mv)
+        if "_mm" in self.__dict__:  # not freed already
+            unmap(self._mm, self._mv)
+            forget(self, "_mm", "_mv")
 
 
 def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int = 0) -> DataPath:
