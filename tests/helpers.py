@@ -10,22 +10,42 @@ import struct
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fable.client import one_shot
+from fable.errors import ConnectionClosed, PeerDied, Timeout, WouldBlock
 
 __all__ = [
     "Child",
+    "RemoteEnd",
     "ask",
+    "daemon_answers",
+    "fork",
     "names",
-    "one_shot_safe",
     "run",
     "start_daemon",
     "stop",
     "wait_for",
 ]
+
+
+def fork(body: Callable[[], None]) -> int:
+    """Run ``body`` in a forked child that always ends with ``os._exit``: 0 if it returned,
+    1 (its traceback on stderr) if it raised. Returns the child's pid."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            body()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
 
 
 class Child:
@@ -34,16 +54,16 @@ class Child:
 
     def __init__(self, fn: Callable[[], Any]) -> None:
         r, w = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:
+
+        def body() -> None:
             os.close(r)
             try:
                 out: tuple[str, Any] = ("ok", fn())
             except BaseException as e:
                 out = ("err", f"{type(e).__name__}: {e}")
-            data = pickle.dumps(out)
-            os.write(w, struct.pack("<I", len(data)) + data)
-            os._exit(0)
+            _put(w, out)
+
+        self.pid = fork(body)
         os.close(w)
         self._r = r
 
@@ -88,17 +108,19 @@ def start_daemon(path: Path, *extra: str) -> subprocess.Popen[bytes]:
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
-    while one_shot_safe(path) is None:
+    while not daemon_answers(path):
         assert time.monotonic() < deadline, "daemon did not start"
         time.sleep(0.02)
     return p
 
 
-def one_shot_safe(path: Path, op: str = "ls") -> dict[str, Any] | None:
+def daemon_answers(path: Path) -> bool:
+    """Whether a daemon answers on ``path`` now. A daemon that is starting or stopping may
+    accept and then hang up (EOFError, OSError): that is "no"; any other error is raised."""
     try:
-        return one_shot(op, path)
-    except Exception:
-        return None
+        return one_shot("ls", path) is not None
+    except (EOFError, OSError):
+        return False
 
 
 def stop(p: subprocess.Popen[bytes]) -> None:
@@ -121,3 +143,202 @@ def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+# ------------------------------------------------------------------- an end in another process
+class RemoteBuf:
+    """A read buffer of a RemoteEnd: its bytes as read (a snapshot), ``more``, its id there."""
+
+    def __init__(self, ident: int, data: bytes, more: bool) -> None:
+        self.id, self.data, self.more = ident, data, more
+
+
+class RemoteEnd:
+    """The other end of ``pending``, opened in a forked child and driven from here, so that
+    a test written for two ends in one process runs across two. The calls the tests use go
+    there over a pipe and their results come back (bytes, not views); WouldBlock, Timeout,
+    ValueError and ConnectionClosed raised there are raised here as the same class (its
+    message kept); anything else ends the child with its traceback, and the next call (or
+    ``close``) fails here. ``close`` checks the child's exit status."""
+
+    _RAISED = {
+        "WouldBlock": WouldBlock,
+        "Timeout": Timeout,
+        "ValueError": ValueError,
+        "ConnectionClosed": ConnectionClosed,
+        "PeerDied": PeerDied,
+    }
+
+    def __init__(self, pending: Any, trusted: bool | None = None) -> None:
+        c2p_r, c2p_w = os.pipe()
+        p2c_r, p2c_w = os.pipe()
+
+        def body() -> None:
+            os.close(c2p_r)
+            os.close(p2c_w)
+            _serve(pending.open(trusted=trusted), p2c_r, c2p_w)
+
+        self.pid = fork(body)
+        pending.close()
+        os.close(c2p_w)
+        os.close(p2c_r)
+        self._r, self._w = c2p_r, p2c_w
+        self.closed = False
+
+    def _call(self, op: str, *args: Any) -> Any:
+        _put(self._w, (op, args))
+        reply = _get(self._r)
+        if reply is None:
+            raise AssertionError(f"the remote end died during {op} (traceback on stderr)")
+        if reply[0] == "raise":
+            raise self._RAISED[reply[1]](reply[2])
+        return reply[1]
+
+    def send(self, data: bytes, timeout: float | None = None) -> None:
+        self._call("send", bytes(data), timeout)
+
+    def send_many(self, msgs: list[bytes]) -> int:
+        return int(self._call("send_many", [bytes(m) for m in msgs]))
+
+    def send_later(self, delay: float, data: bytes) -> None:
+        """``send(data)`` there, ``delay`` seconds from now (this call returns at once)."""
+        self._call("send_later", delay, bytes(data))
+
+    def send_all_and_close_later(self, msgs: list[bytes]) -> None:
+        """There, on a thread of its own: send every message, then close (returns at once)."""
+        self._call("send_all_and_close_later", [bytes(m) for m in msgs])
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        return bytes(self._call("recv", timeout))
+
+    def recv_into(self, buf: bytearray, timeout: float | None = None) -> int:
+        n, data = self._call("recv_into", len(buf), timeout)
+        buf[:n] = data
+        return int(n)
+
+    def getreadbuf(self) -> list[RemoteBuf]:
+        return [RemoteBuf(*x) for x in self._call("getreadbuf")]
+
+    def release(self, buf: RemoteBuf) -> None:
+        self._call("release", buf.id)
+
+    def wait_readable(self, timeout: float) -> None:
+        self._call("wait_readable", timeout)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._call("close")
+        finally:
+            os.close(self._r)
+            os.close(self._w)
+            status = os.waitpid(self.pid, 0)[1]
+        assert os.waitstatus_to_exitcode(status) == 0, f"the remote end failed ({status})"
+
+    def kill(self) -> None:
+        """End the child without a word (after a failure here)."""
+        if not self.closed:
+            self.closed = True
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            os.close(self._r)
+            os.close(self._w)
+
+    def __enter__(self) -> RemoteEnd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self.kill()
+
+
+def _put(fd: int, obj: Any) -> None:
+    data = pickle.dumps(obj)
+    os.write(fd, struct.pack("<I", len(data)) + data)
+
+
+def _get(fd: int) -> Any:
+    head = _read_exactly(fd, 4)
+    if head is None:
+        return None
+    body = _read_exactly(fd, struct.unpack("<I", head)[0])
+    return None if body is None else pickle.loads(body)
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    out = b""
+    while len(out) < n:
+        chunk = os.read(fd, n - len(out))
+        if not chunk:
+            return None
+        out += chunk
+    return out
+
+
+def _serve(conn: Any, r: int, w: int) -> None:
+    """The child's loop: run each call on ``conn`` and send back its result."""
+    import threading
+
+    from fable.testing import wait_readable
+
+    held: dict[int, Any] = {}
+    ids = iter(range(1 << 62))
+    timers: list[threading.Timer] = []
+    while True:
+        msg = _get(r)
+        if msg is None:
+            return  # the test went away
+        op, args = msg
+        try:
+            out: Any = None
+            if op == "send":
+                conn.send(args[0], timeout=args[1])
+            elif op == "send_many":
+                out = conn.send_many(args[0])
+            elif op == "send_later":
+                t = threading.Timer(args[0], conn.send, args=(args[1],))
+                timers.append(t)
+                t.start()
+            elif op == "send_all_and_close_later":
+
+                def send_all(msgs: list[bytes] = args[0]) -> None:
+                    conn.send_many(msgs)
+                    conn.close()
+
+                t = threading.Timer(0, send_all)
+                timers.append(t)
+                t.start()
+            elif op == "recv":
+                out = bytes(conn.recv(timeout=args[0]))
+            elif op == "recv_into":
+                buf = bytearray(args[0])
+                n = conn.recv_into(buf, timeout=args[1])
+                out = (n, bytes(buf[:n]))
+            elif op == "getreadbuf":
+                out = []
+                for b in conn.getreadbuf():
+                    i = next(ids)
+                    held[i] = b
+                    out.append((i, bytes(b.data), b.more))
+            elif op == "release":
+                conn.release(held.pop(args[0]))
+            elif op == "wait_readable":
+                wait_readable(conn, args[0])
+            elif op == "close":
+                for t in timers:
+                    t.join()
+                for b in held.values():
+                    conn.release(b)
+                conn.close()
+                _put(w, ("ok", None))
+                return
+            else:
+                raise ValueError(f"unknown call {op!r}")
+        except (WouldBlock, Timeout, ValueError, ConnectionClosed) as e:
+            _put(w, ("raise", type(e).__name__, str(e)))
+            continue
+        _put(w, ("ok", out))

@@ -375,4 +375,39 @@ def test_the_switch_scenario(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     rows = json.loads(out.read_text())["ms"]
     assert {(x["from"], x["to"]) for x in rows} == {(a, b) for a in REGISTRY for b in REGISTRY}
+    # each time is of a switch the scenario saw done (it checks the transport and the epoch
+    # after each, and the echo process's exit status); a switch waits at most 10 s
     assert all(0 < x["ms"] < 10_000 for x in rows)
+
+
+@pytest.mark.timeout(120)
+def test_the_cli_exits_1_on_a_failed_point_and_keeps_each_points_median(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fable bench --rounds 3`: one record per point, the median round of three interleaved
+    ones (`round_values` in the order they ran); a point that failed in a round fails, and
+    the command exits with status 1 after writing every record."""
+    from click.testing import CliRunner
+
+    from fable.bench import harness
+    from fable.cli import main
+
+    real = harness.link_for
+    monkeypatch.setattr(
+        harness, "link_for", lambda name: FaultyLink("drop") if name == "pipe" else real(name)
+    )
+    out = tmp_path / "run.json"
+    args = ["bench", "--transports", "pipe,unix", "--safety", "safe", "--sizes", "64"]
+    args += ["--modes", "throughput", "--pairs", "0:0", "--rounds", "3", "--target", "0.01"]
+    r = CliRunner().invoke(main, [*args, "--json", str(out)])
+    assert r.exit_code == 1, r.output
+    recs = {x["transport"]: x for x in json.loads(out.read_text())["records"]}
+    assert set(recs) == {"pipe", "unix"}
+    assert recs["pipe"]["verified"] is False and "got sequence" in recs["pipe"]["error"]
+    assert recs["pipe"]["rounds"] == 3
+    good = recs["unix"]
+    assert good["verified"] is True and good["rounds"] == 3 and len(good["round_values"]) == 3
+    assert good["msgs_per_s"] == sorted(good["round_values"])[1]  # the median of the three
+    monkeypatch.setattr(harness, "link_for", real)
+    r = CliRunner().invoke(main, [*args[:2], "unix", *args[3:], "--json", str(out)])
+    assert r.exit_code == 0, r.output  # the control: the same command without the fault

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,8 +30,8 @@ from fable.nameservice import PROTOCOL_VERSION, check_name
 from helpers import (
     Child,
     ask,
+    daemon_answers,
     names,
-    one_shot_safe,
     run,
     start_daemon,
     stop,
@@ -38,6 +39,7 @@ from helpers import (
 )
 
 pytestmark = pytest.mark.timeout(120)
+UID = 54321  # a second user, unused on the machine: tests never add users
 
 
 def echo_server(name: str, count: int = 1) -> Callable[[], Any]:
@@ -89,7 +91,8 @@ def test_fable_ls_and_flows_json(daemon: Path) -> None:
         conn = fable.register("cli").connect("svc", timeout=10)
         conn.send(b"x")
         conn.recv()
-        time.sleep(1.5)
+        # both ends reported the message (each end reports its counters to the daemon)
+        wait_for(lambda: [f["msgs"] for f in ask("flows", daemon)["flows"]] == [2], 10.0)
         r1 = CliRunner().invoke(main, ["ls", "--json"])
         r2 = CliRunner().invoke(main, ["flows", "--json"])
         r3 = CliRunner().invoke(main, ["flows"])
@@ -250,7 +253,7 @@ def test_dead_process_loses_its_names_within_a_second(daemon: Path) -> None:
 # ------------------------------------------------------------------------------- auto-start
 def test_racing_clients_start_one_daemon() -> None:
     path = Path(os.environ["FABLE_SOCKET"])
-    assert one_shot_safe(path) is None
+    assert not daemon_answers(path)
 
     def racer(name: str) -> Callable[[], Any]:
         def go() -> Any:
@@ -302,7 +305,7 @@ def test_daemon_restart_under_live_traffic() -> None:
             assert c.recv() == b"%d" % sent
             sent += 1
         os.kill(first.pid, signal.SIGKILL)  # the daemon dies under live traffic
-        wait_for(lambda: one_shot_safe(path) is None)
+        wait_for(lambda: not daemon_answers(path))
         t_end = time.monotonic() + 1.0
         while time.monotonic() < t_end:  # the connection does not notice
             c.send(b"%d" % sent)
@@ -312,7 +315,14 @@ def test_daemon_restart_under_live_traffic() -> None:
         c2 = fable.register("newcomer").connect("survivor", timeout=10)
         c2.send(b"after restart")
         c2.close()
-        time.sleep(1.5)
+
+        def reported() -> bool:  # the new daemon knows every name and the whole flow again
+            flows = ask("flows", path)["flows"]
+            return {"survivor", "streamer", "newcomer"} <= names(path) and any(
+                f["ends"] == ["streamer", "survivor"] and f["msgs"] >= 2 * sent for f in flows
+            )
+
+        wait_for(reported, 10.0)
         eps = names(path)
         flows = ask("flows", path)["flows"]
         c.close()
@@ -327,8 +337,123 @@ def test_daemon_restart_under_live_traffic() -> None:
     one_shot("stop", path)
 
 
+def test_a_request_in_flight_when_the_daemon_dies_raises_daemon_unavailable() -> None:
+    path = Path(os.environ["FABLE_SOCKET"])
+    d = start_daemon(path)
+
+    def waiter() -> Any:
+        ctx = fable.register("impatient")
+        try:
+            ctx.connect("not-listening", timeout=60)  # waits in the daemon for it to listen
+            return "connected"
+        except fable.DaemonUnavailable as e:
+            return f"DaemonUnavailable: {e}"
+
+    def waited_for() -> int:
+        return sum(
+            e["waiting"] for e in ask("ls", path)["endpoints"] if e["name"] == "not-listening"
+        )
+
+    def registered_not_listening() -> None:
+        fable.register("not-listening")
+        time.sleep(60)
+
+    late = Child(registered_not_listening)
+    w = Child(waiter)
+    try:
+        wait_for(lambda: waited_for() == 1)  # the connect is in flight in the daemon
+        d.kill()  # SIGKILL, with the connect waiting in it
+        d.wait()
+        assert w.result().startswith("DaemonUnavailable")
+    finally:
+        w.kill()
+        late.kill()
+        if daemon_answers(path):  # a control thread started a new daemon: stop it
+            one_shot("stop", path)
+
+
+# --------------------------------------------------------------------------- socket choice
+@pytest.fixture
+def no_fable_socket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """FABLE_SOCKET unset, XDG_RUNTIME_DIR a fresh directory, and the system socket moved
+    where this test controls it (none answers there unless the test starts one)."""
+    import fable.client
+
+    monkeypatch.delenv("FABLE_SOCKET")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    (tmp_path / "xdg").mkdir(mode=0o700)
+    monkeypatch.setattr(fable.client, "SYSTEM_SOCKET", tmp_path / "sys" / "fabled.sock")
+    fable.config.reload()
+    return tmp_path
+
+
+def test_the_per_user_socket_is_chosen_and_started(no_fable_socket: Path) -> None:
+    from fable.client import socket_path
+
+    mine = no_fable_socket / "xdg" / "fable" / "fabled.sock"
+    assert socket_path() == (mine, True)  # nobody answers: ours, and we may start it
+
+    def chooser() -> Any:
+        fable.register("chooser")  # starts the per-user daemon there
+        return names(mine)
+
+    try:
+        assert "chooser" in run(chooser)
+        assert socket_path() == (mine, False)
+        assert oct((mine.parent).stat().st_mode & 0o777) == "0o700"
+    finally:
+        if daemon_answers(mine):
+            one_shot("stop", mine)
+
+
+def test_without_xdg_the_socket_is_under_tmp(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fable.nameservice import user_socket
+
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    assert user_socket() == Path(f"/tmp/fable-{os.getuid()}/fabled.sock")
+
+
+def test_the_system_socket_is_used_when_only_it_answers(no_fable_socket: Path) -> None:
+    import fable.client
+
+    system: Path = vars(fable.client)["SYSTEM_SOCKET"]  # moved by the fixture
+    p = start_daemon(system, "--system")
+    try:
+        assert fable.client.socket_path() == (system, False)
+    finally:
+        stop(p)
+
+
+@pytest.mark.parametrize("flaw", ["group-writable", "another-uid", "a-file"])
+def test_a_socket_directory_that_is_not_ours_and_private_is_refused(
+    no_fable_socket: Path, flaw: str
+) -> None:
+    assert os.geteuid() == 0, "this test needs root (chown to a second uid)"
+    d = no_fable_socket / "xdg" / "fable"
+    if flaw == "a-file":
+        d.write_text("not a directory")
+    else:
+        d.mkdir(mode=0o700)
+        if flaw == "group-writable":
+            os.chmod(d, 0o770)
+        else:
+            os.chown(d, UID, UID)
+
+    def careful() -> Any:
+        try:
+            fable.register("careful")
+            return "registered"
+        except fable.FableError as e:
+            return str(e)
+
+    t0 = time.monotonic()
+    why = run(careful)
+    assert time.monotonic() - t0 < 5.0, "a directory that cannot be fixed by waiting: no wait"
+    assert re.search(r"must be a directory owned by uid \d+ with mode 0700|cannot use", why), why
+    assert not (d / "fabled.sock").exists()
+
+
 # ---------------------------------------------------------------------------- second user
-UID = 54321  # unused on the machine: tests never add users
 
 
 def test_names_belong_to_their_uid_system_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -382,6 +507,11 @@ def test_names_belong_to_their_uid_system_daemon(monkeypatch: pytest.MonkeyPatch
         assert srv.result() == b"from uid %d" % UID
 
         def root_connects_anywhere() -> Any:
+            try:
+                fable.register("user-svc")  # root may connect to it, not take it
+                return "root took the other user's name"
+            except fable.PermissionDenied:
+                pass
             c = fable.register("nosy").connect("user-svc", timeout=5)
             c.send(b"root was here")
             c.close()
@@ -596,8 +726,11 @@ def test_connector_dying_while_waiting_leaves_no_flow(daemon: Path) -> None:
         fable.register("impatient").connect("not-yet", timeout=60)
 
     w = Child(waiter)
-    wait_for(lambda: "impatient" in names(daemon))
-    time.sleep(0.3)  # its connect is waiting in the daemon
+    wait_for(  # its connect is waiting in the daemon
+        lambda: (
+            [e["waiting"] for e in ask("ls", daemon)["endpoints"] if e["name"] == "not-yet"] == [1]
+        )
+    )
     w.kill()
     assert srv.result() == "timeout"
     assert ask("flows", daemon)["flows"] == []
@@ -629,7 +762,7 @@ def test_fable_reconfigure_switches_a_live_flow(daemon: Path) -> None:
             assert c.recv(timeout=10) == b"%d" % i
             i += 1
         t.join()
-        time.sleep(1.2)
+        wait_for(lambda: ask("flows", daemon)["flows"][0]["epoch"] == 1, 10.0)
         (after,) = ask("flows", daemon)["flows"]
         c.close()
         return first, target, c.transport, out["cli"], after

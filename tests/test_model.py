@@ -1,11 +1,12 @@
 """Random operation sequences against a deque model (a hypothesis state machine).
 
-Both ends live in this process. The writer is driven with every write API (send, send_many,
-getwritebuf + commit/abort in any order, flush=False, more=True parts, partial fills), the reader
-with every read API (recv, recv_into with any buffer size, getreadbuf + release in any order).
-The model: the writer's slots in allocation order (open claims hold later commits back), and a
-deque of whole messages that must come out, in order, exactly once.
-"""
+The reading end lives in this process or in a forked child (``helpers.RemoteEnd``: each read
+call runs there), in each form of each transport. The writer is driven with every write API
+(send, send_many, getwritebuf + commit/abort in any order, flush=False, more=True parts,
+partial fills), the reader with every read API (recv, recv_into with any buffer size,
+getreadbuf + release in any order). The model: the writer's slots in allocation order (open
+claims hold later commits back), and a deque of whole messages that must come out, in order,
+exactly once."""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ import collections
 import gc
 import os
 import random
-import select
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import hypothesis.strategies as st
 import pytest
@@ -26,7 +26,8 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_s
 import fable
 from fable.buffer import Buffer
 from fable.errors import WouldBlock
-from fable.testing import open_fds, pattern
+from fable.testing import open_fds, pattern, wait_readable
+from helpers import RemoteEnd
 
 T = TypeVar("T")
 SIZES = st.sampled_from([0, 1, 7, 64, 100, 2048, 2049, 4096, 70_000, 262_144, 262_145, 600_000])
@@ -39,11 +40,13 @@ class _Slot:
 
 class ConnectionModel(RuleBasedStateMachine):
     transport = "unix"
+    safe = True
+    remote = False  # the reader in a forked child
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, pending = fable.open_pair(self.transport)
-        self.b = pending.open()
+        self.a, pending = fable.open_pair(self.transport, safe=self.safe)
+        self.b: Any = RemoteEnd(pending) if self.remote else pending.open()
         self.slots: list[_Slot] = []  # writer side, allocation order
         self.claims: list[tuple[list[Buffer], _Slot]] = []
         self.assembling: list[bytes] = []  # fragments that left the writer, message unfinished
@@ -170,7 +173,7 @@ class ConnectionModel(RuleBasedStateMachine):
             self._pump()
             got = self.b.getreadbuf()
             if not got:
-                select.select([self.b.fileno()], [], [], 0.01)
+                self._wait()
             self.frags.extend(got)
         raise AssertionError("a committed message never became readable")
 
@@ -199,6 +202,13 @@ class ConnectionModel(RuleBasedStateMachine):
         assert got == want
         self.ready.popleft()
 
+    def _wait(self) -> None:
+        """Wait a little for the reader's end to become readable."""
+        if self.remote:
+            self.b.wait_readable(0.01)
+        else:
+            wait_readable(self.b, 0.01)
+
     def _retry(self, fn: Callable[[], T]) -> T:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -206,7 +216,7 @@ class ConnectionModel(RuleBasedStateMachine):
                 return fn()
             except WouldBlock:
                 self._pump()
-                select.select([self.b.fileno()], [], [], 0.01)
+                self._wait()
         raise AssertionError("a committed message never became readable")
 
     @rule()
@@ -226,12 +236,19 @@ class ConnectionModel(RuleBasedStateMachine):
 
 
 EXAMPLES = int(os.environ.get("FABLE_MODEL_EXAMPLES", "15"))
+FORMS = [(t, safe) for t in fable.REGISTRY for safe in fable.REGISTRY[t].caps.forms]
+IDS = [f"{t}-{'safe' if safe else 'unsafe'}" for t, safe in FORMS]
 
 
-@pytest.mark.parametrize("transport", list(fable.REGISTRY))
-def test_model(transport: str) -> None:
+@pytest.mark.parametrize("remote", [False, True], ids=["one-process", "two-processes"])
+@pytest.mark.parametrize(("transport", "safe"), FORMS, ids=IDS)
+def test_model(transport: str, safe: bool, remote: bool) -> None:
     before = open_fds()
-    machine = type(f"Model_{transport}", (ConnectionModel,), {"transport": transport})
+    machine = type(
+        f"Model_{transport}",
+        (ConnectionModel,),
+        {"transport": transport, "safe": safe, "remote": remote},
+    )
     run_state_machine_as_test(
         machine,
         settings=settings(
@@ -247,9 +264,13 @@ def test_model(transport: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("transport", list(fable.REGISTRY))
-def test_model_many(transport: str) -> None:
-    machine = type(f"ModelMany_{transport}", (ConnectionModel,), {"transport": transport})
+@pytest.mark.parametrize(("transport", "safe"), FORMS, ids=IDS)
+def test_model_many(transport: str, safe: bool) -> None:
+    machine = type(
+        f"ModelMany_{transport}",
+        (ConnectionModel,),
+        {"transport": transport, "safe": safe, "remote": True},
+    )
     run_state_machine_as_test(
         machine,
         settings=settings(

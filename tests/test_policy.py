@@ -210,7 +210,50 @@ def test_explain_and_flow_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
         (flow,) = flows
         assert flow["transport"] == transport and flow["reason"].startswith(f"{transport}:")
         assert "score" in flow["reason"]
-        r = CliRunner().invoke(main, ["explain", "pinned-1", "nobody"])
-        assert r.exit_code != 0
+        r = CliRunner().invoke(main, ["explain", "nobody", "pinned-0"])  # an unknown name
+        assert r.exit_code == 1 and "no endpoint is registered as 'nobody'" in r.output, r.output
+    finally:
+        stop(p)
+
+
+def test_the_daemon_reloads_its_calibration_when_it_changes() -> None:
+    """A daemon that started without calibration.json uses the one `fable calibrate` writes
+    later, at the next choice, without a restart (and the built-in table again if it goes)."""
+    from click.testing import CliRunner
+
+    from fable.cli import main
+
+    path = Path(os.environ["FABLE_SOCKET"])
+    state = Path(os.environ["FABLE_STATE_DIR"])
+    cal = state / "calibration.json"
+    p = start_daemon(path)
+    try:
+
+        def sources() -> Any:
+            import fable
+
+            fable.register("cal-a")
+            fable.register("cal-b")
+
+            def source() -> str:
+                r = CliRunner().invoke(main, ["explain", "cal-a", "cal-b"])
+                assert r.exit_code == 0, r.output
+                first = r.output.splitlines()[0]  # "cal-a -> cal-b, numbers from SOURCE:"
+                return first.split(", numbers from ", 1)[1].rstrip(":")
+
+            out = [source()]
+            rec = _rec("pipe", True, "latency", 64, "same-core", 1234.0)
+            doc = {"schema_version": 1, "machine": machine_info(), "records": [rec]}
+            cal.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            cal.write_text(json.dumps(doc))
+            out.append(source())
+            cal.unlink()
+            out.append(source())
+            return out
+
+        before, during, after = Child(sources).result()
+        assert before.startswith("the built-in table"), before
+        assert during == f"calibration {cal}", during
+        assert after.startswith("the built-in table"), after
     finally:
         stop(p)

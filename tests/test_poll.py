@@ -1,4 +1,5 @@
-"""xpoll over fds and connections, selectors, and asyncio, on every transport."""
+"""xpoll over fds and connections, selectors, and asyncio, on every form of every transport,
+with the peer in this process or in a forked child (``helpers.RemoteEnd``)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,41 @@ import os
 import selectors
 import threading
 import time
+from typing import Any
 
 import pytest
 
 import fable
 from fable.errors import ConnectionClosed
+from helpers import RemoteEnd
 
-POLLABLE = [n for n, i in fable.REGISTRY.items() if i.caps.pollable]
+FORMS = [(t, safe) for t in fable.REGISTRY for safe in fable.REGISTRY[t].caps.forms]
+POLLABLE_FORMS = [(t, safe) for t, safe in FORMS if fable.REGISTRY[t].caps.pollable]
+WHERE = ["one-process", "two-processes"]
 
 
-@pytest.fixture(params=list(fable.REGISTRY))
-def pair(request: pytest.FixtureRequest) -> tuple[fable.Connection, fable.Connection]:
-    conn, pending = fable.open_pair(request.param)
+def _ids(forms: list[tuple[str, bool]]) -> list[str]:
+    return [f"{t}-{'safe' if safe else 'unsafe'}" for t, safe in forms]
+
+
+@pytest.fixture(
+    params=[(f, w) for f in FORMS for w in WHERE],
+    ids=[f"{i}-{w}" for i in _ids(FORMS) for w in WHERE],
+)
+def pair(request: pytest.FixtureRequest) -> tuple[Any, fable.Connection]:
+    """(writer, reader): the writer in this process, or a RemoteEnd in a child."""
+    (transport, safe), where = request.param
+    conn, pending = fable.open_pair(transport, safe=safe)
+    if where == "two-processes":
+        return RemoteEnd(pending), conn
     return conn, pending.open()
+
+
+def _send_later(a: Any, data: bytes) -> None:
+    if isinstance(a, RemoteEnd):
+        a.send_later(0.05, data)
+    else:
+        threading.Timer(0.05, a.send, args=(data,)).start()
 
 
 def test_xpoll_mixes_fds_and_connections(pair: tuple[fable.Connection, fable.Connection]) -> None:
@@ -37,14 +60,14 @@ def test_xpoll_mixes_fds_and_connections(pair: tuple[fable.Connection, fable.Con
         assert fable.xpoll([r], [b], 5) == ([r], [])
         os.read(r, 1)
         # a message sent while xpoll waits wakes it
-        threading.Timer(0.05, a.send, args=(b"later",)).start()
+        _send_later(a, b"later")
         assert fable.xpoll([r], [b], 5) == ([], [b])
         assert b.recv(timeout=0) == b"later"
         # a message read by recv() (not getreadbuf) leaves xpoll armed correctly
         a.send_many([b"1", b"2"])
         assert fable.xpoll([], [b], 5)[1] == [b]
         assert b.recv(timeout=1) == b"1" and b.recv(timeout=1) == b"2"
-        threading.Timer(0.05, a.send, args=(b"3",)).start()
+        _send_later(a, b"3")
         assert fable.xpoll([], [b], 5)[1] == [b]
         assert b.recv(timeout=0) == b"3"
         # the peer's close makes the connection ready (reading it raises)
@@ -56,10 +79,11 @@ def test_xpoll_mixes_fds_and_connections(pair: tuple[fable.Connection, fable.Con
     os.close(w)
 
 
-@pytest.mark.parametrize("transport", POLLABLE)
-def test_selectors(transport: str) -> None:
-    conn, pending = fable.open_pair(transport)
-    other = pending.open()
+@pytest.mark.parametrize("where", WHERE)
+@pytest.mark.parametrize(("transport", "safe"), POLLABLE_FORMS, ids=_ids(POLLABLE_FORMS))
+def test_selectors(transport: str, safe: bool, where: str) -> None:
+    conn, pending = fable.open_pair(transport, safe=safe)
+    other: Any = RemoteEnd(pending) if where == "two-processes" else pending.open()
     with conn, other, selectors.DefaultSelector() as sel:
         sel.register(conn, selectors.EVENT_READ)
         assert sel.select(0) == []
@@ -75,15 +99,19 @@ def test_selectors(transport: str) -> None:
         sel.unregister(conn)
 
 
-def test_asyncio(pair: tuple[fable.Connection, fable.Connection]) -> None:
+def test_asyncio(pair: tuple[Any, fable.Connection]) -> None:
     a, b = pair
+    msgs = [b"%d" % i + b"." * (i * 300) for i in range(200)]
 
     async def main() -> list[bytes]:
         async def producer() -> None:
-            for i in range(200):
-                await a.asend(b"%d" % i + b"." * (i * 300))
+            for m in msgs:
+                await a.asend(m)
             a.close()
 
+        if isinstance(a, RemoteEnd):  # the other process sends, then closes
+            a.send_all_and_close_later(msgs)
+            return [m async for m in b]
         task = asyncio.create_task(producer())
         got = [m async for m in b]
         await task
@@ -91,7 +119,9 @@ def test_asyncio(pair: tuple[fable.Connection, fable.Connection]) -> None:
 
     with b:
         got = asyncio.run(asyncio.wait_for(main(), 60))
-    assert got == [b"%d" % i + b"." * (i * 300) for i in range(200)]
+    if isinstance(a, RemoteEnd):
+        a.close()
+    assert got == msgs
 
 
 def test_spin_has_no_fileno() -> None:

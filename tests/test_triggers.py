@@ -254,7 +254,8 @@ class Pair:
     """Two processes pinned apart (A on CPU 0, B on CPU 1) with a flow between them over
     ``transport``; A ping-pongs sequence-numbered messages with B (pausing ``pause`` s between
     round trips) while told to be busy (b"b"), stays silent while told to be quiet (b"q"),
-    and stops at b"s" (its result: round trips done, every one verified)."""
+    switches the connection to mempipe-spin itself at b"m" (``conn.reconfigure``), and stops
+    at b"s" (its result: round trips done, every one verified)."""
 
     def __init__(self, path: Any, transport: str, pause: float = 0.001) -> None:
         import os
@@ -295,6 +296,10 @@ class Pair:
                     if cmd == b"s":
                         conn.close()
                         return seq
+                    if cmd == b"m":  # the application's own switch
+                        assert isinstance(conn, fable.Connection)
+                        conn.reconfigure("mempipe-spin", timeout=10)
+                        continue
                     busy = cmd == b"b"
                 if busy:
                     m = b"%d" % seq
@@ -363,6 +368,15 @@ def _wait_transport(pair: Pair, pred: Any, timeout: float) -> dict[str, Any]:
     return pair.flow()
 
 
+def _wait_would(pair: Pair, reason: str, timeout: float = 10.0) -> dict[str, Any]:
+    """The flow once the triggers want a switch for ``reason`` (``would``: they decided it
+    after a report, whether or not they may act on it)."""
+    from helpers import wait_for
+
+    wait_for(lambda: f" {reason}" in (pair.flow()["would"] or ""), timeout)
+    return pair.flow()
+
+
 @pytest.mark.timeout(120)
 def test_placement_trigger_end_to_end(trig_daemon: Any) -> None:
     pair = Pair(trig_daemon, "mempipe-spin")
@@ -410,16 +424,35 @@ def test_the_operators_choice_holds_until_auto(trig_daemon: Any) -> None:
     try:
         r = CliRunner().invoke(main, ["reconfigure", str(pair.id), "mempipe-spin"])
         assert r.exit_code == 0, r.output
-        assert pair.flow()["hold"] and pair.flow()["transport"] == "mempipe-spin"
+        held = pair.flow()
+        assert held["hold"] and held["transport"] == "mempipe-spin"
         pair.pin(0, 0)
-        time.sleep(1.5)  # the placement trigger would have acted within this
-        assert pair.flow()["transport"] == "mempipe-spin"
+        # the placement trigger wants to move it (so it could have), and does not
+        f = _wait_would(pair, "placement:")
+        assert f["transport"] == "mempipe-spin" and f["epoch"] == held["epoch"]
         r = CliRunner().invoke(main, ["reconfigure", str(pair.id), "--auto"])
         assert r.exit_code == 0, r.output
         f = _wait_transport(pair, lambda t: not _spins(t), 3.0)
         assert not f["hold"] and f["last_switch"]["reason"].startswith("placement:")
         r = CliRunner().invoke(main, ["reconfigure", str(pair.id)])
-        assert r.exit_code != 0 and "TRANSPORT" in r.output
+        assert r.exit_code == 2 and "TRANSPORT" in r.output, r.output  # a usage error
+    finally:
+        pair.stop()
+
+
+@pytest.mark.timeout(120)
+def test_the_applications_own_choices_are_not_holds(trig_daemon: Any) -> None:
+    """A transport named at connect (transport=) and the application's own
+    conn.reconfigure set where the flow is; the triggers may still move it."""
+    pair = Pair(trig_daemon, "unix")  # named at connect
+    try:
+        assert not pair.flow()["hold"]
+        pair.tell(b"m")
+        f = _wait_transport(pair, lambda t: t == "mempipe-spin", 10.0)
+        assert not f["hold"] and "application" in f["last_switch"]["reason"]
+        pair.pin(0, 0)
+        f = _wait_transport(pair, lambda t: not _spins(t), 5.0)
+        assert f["last_switch"]["reason"].startswith("placement: mempipe-spin")
     finally:
         pair.stop()
 
@@ -437,8 +470,8 @@ def test_triggers_off(monkeypatch: pytest.MonkeyPatch) -> None:
     pair = Pair(path, "mempipe-spin")
     try:
         pair.pin(0, 0)
-        time.sleep(1.5)
-        assert pair.flow()["transport"] == "mempipe-spin" and pair.flow()["epoch"] == 0
+        f = _wait_would(pair, "placement:")  # the trigger would act, were triggers on
+        assert f["transport"] == "mempipe-spin" and f["epoch"] == 0
     finally:
         pair.stop()
         stop(daemon)

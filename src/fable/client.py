@@ -45,7 +45,14 @@ from fable.config import settings
 from fable.connection import Connection
 from fable.control import PerProcess, control
 from fable.errors import DaemonUnavailable, FableError, ProtocolError
-from fable.nameservice import CONTROL, SYSTEM_SOCKET, error_class, private_dir, user_socket
+from fable.nameservice import (
+    CONTROL,
+    SYSTEM_SOCKET,
+    UnsafeDirectory,
+    error_class,
+    private_dir,
+    user_socket,
+)
 from fable.topology import node_of_cpu, thread_placement
 from fable.version import __version__
 
@@ -176,6 +183,9 @@ class DaemonLink:
         self.path: Path | None = None
         self.hello: dict[str, Any] = {}
         self.last_error: str = ""  # why the last attempt to reach a daemon failed
+        # a daemon cannot be started here until the operator acts (the socket's directory is
+        # unsafe): requests fail at once with this, instead of waiting (retries go on)
+        self._refused: str = ""
         self._nodes = node_of_cpu()
         self._placed: dict[str, tuple[tuple[int, ...], int]] = {}
         self._next_report = 0.0
@@ -195,6 +205,8 @@ class DaemonLink:
         deadline = None if wait is None else time.monotonic() + wait
         with self._lock:
             while self._sock is None:
+                if self._refused:
+                    raise DaemonUnavailable(f"no fable daemon can be started: {self._refused}")
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     why = f" ({self.last_error})" if self.last_error else ""
@@ -310,7 +322,13 @@ class DaemonLink:
             if not _answers(path):
                 if not may_start:
                     raise DaemonUnavailable(f"no daemon answers on {path}")
-                spawn_daemon(path)
+                try:
+                    spawn_daemon(path)
+                except UnsafeDirectory as e:
+                    with self._lock:
+                        self._refused = str(e)
+                        self._up.notify_all()
+                    raise
                 self._starting = (now + START_TIMEOUT_S, path)
                 return 0.01
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -361,7 +379,7 @@ class DaemonLink:
                     )
             replay({"op": "report", "flows": self._flow_reports()})
             self._retry = _RETRY_FIRST_S
-            self.last_error = ""
+            self.last_error = self._refused = ""
             self._up.notify_all()
 
     def _on_ready(self, events: int) -> bool:

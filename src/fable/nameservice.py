@@ -50,6 +50,7 @@ __all__ = [
     "CONTROL",
     "PROTOCOL_VERSION",
     "SYSTEM_SOCKET",
+    "UnsafeDirectory",
     "check_name",
     "error_class",
     "private_dir",
@@ -97,16 +98,22 @@ def user_socket() -> Path:
     return base / "fabled.sock"
 
 
+class UnsafeDirectory(FableError):
+    """A directory for the daemon's socket or state is not this user's private one: nothing
+    is started there until the operator fixes it."""
+
+
 def private_dir(path: Path) -> Path:
     """Create ``path`` as a 0700 directory of this user, or check that it is one (another
-    user's or a group/world-writable directory could hand us someone else's daemon)."""
+    user's or a group/world-writable directory could hand us someone else's daemon);
+    ``UnsafeDirectory`` otherwise."""
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = path.lstat()
     except OSError as e:
-        raise FableError(f"cannot use {path}: {e}") from None
+        raise UnsafeDirectory(f"cannot use {path}: {e}") from None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise FableError(
+        raise UnsafeDirectory(
             f"{path} must be a directory owned by uid {os.getuid()} with mode 0700 "
             f"(it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})"
         )

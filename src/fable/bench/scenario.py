@@ -250,10 +250,17 @@ def switch_times(cpus: tuple[int, int], repeats: int = 3) -> dict[tuple[str, str
                         if conn.recv(timeout=10) != b"first":
                             raise RuntimeError(f"{a} -> {b}: the echo came back wrong")
                         times.append(time.perf_counter() - t0)
+                        if conn.transport != nxt or conn.epoch != len(times):
+                            raise RuntimeError(
+                                f"{cur} -> {nxt}: the connection is on {conn.transport} "
+                                f"(epoch {conn.epoch}) after switch {len(times)}"
+                            )
                         cur = nxt
                 finally:
                     conn.close()
-                    os.waitpid(pid, 0)
+                    status = os.waitpid(pid, 0)[1]
+                if os.waitstatus_to_exitcode(status) != 0:
+                    raise RuntimeError(f"{a} -> {b}: the echo process failed (status {status})")
                 out[(a, b)] = statistics.median(times[0::2]) * 1e3
     finally:
         os.sched_setaffinity(0, old)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import itertools
 import logging
@@ -139,6 +140,7 @@ class Daemon:
         self.host = host_id()
         self.clients: dict[int, Client] = {}
         self.listen_changed = asyncio.Event()
+        self.waiting: dict[str, int] = {}  # name -> connects waiting for it to listen (fable ls)
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._table: Any = None
@@ -368,22 +370,28 @@ class Daemon:
         if transport is not None and transport not in REGISTRY:
             raise _BadRequest(f"unknown transport {transport!r}")
         deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
-        while True:
-            if client.closed:  # do not wait forever for a process that is gone
-                raise ConnectionError("the connecting process went away")
-            listener = self.registry.listener(to, client.uid)
-            if listener is not None:
-                owner = self.clients.get(listener.client)
-                if owner is not None:
-                    break
-            changed = self.listen_changed
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise Timeout(f"{to!r} is registered but did not listen in time")
-            try:  # woken by any listen/register change; at least once a second for liveness
-                await asyncio.wait_for(changed.wait(), 1.0 if left is None else min(left, 1.0))
-            except TimeoutError:
-                pass
+        self.waiting[to] = self.waiting.get(to, 0) + 1
+        try:
+            while True:
+                if client.closed:  # do not wait forever for a process that is gone
+                    raise ConnectionError("the connecting process went away")
+                listener = self.registry.listener(to, client.uid)
+                if listener is not None:
+                    owner = self.clients.get(listener.client)
+                    if owner is not None:
+                        break
+                changed = self.listen_changed
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise Timeout(f"{to!r} is registered but did not listen in time")
+                try:  # woken by any listen/register change; at least once a second for liveness
+                    await asyncio.wait_for(changed.wait(), 1.0 if left is None else min(left, 1.0))
+                except TimeoutError:
+                    pass
+        finally:
+            self.waiting[to] -= 1
+            if not self.waiting[to]:
+                del self.waiting[to]
         if client.closed:  # the connector died while it waited: do not bother the listener
             raise ConnectionError("the connecting process went away")
         both_trust = trusted and listener.trusted
@@ -557,8 +565,6 @@ class Daemon:
         """Ask one end of ``flow`` for the switch the triggers want now, if any."""
         cfg = settings()
         st = self._trig(flow.id)
-        if not cfg.triggers or st.hold:
-            return
         a = self.registry.endpoints.get(flow.ends[0])
         b = self.registry.endpoints.get(flow.ends[1])
         if a is None or b is None:
@@ -578,7 +584,12 @@ class Daemon:
             numa_nodes=len(set(self._topo.node.values())) or 1,
             ranking=ranking,
         )
+        if not cfg.triggers or st.hold:  # what they would do, on a copy: nothing changes
+            d = decide(dataclasses.replace(st, hold=False), facts, now, dwell=cfg.trigger_dwell_s)
+            st.would = None if d is None else f"{d.transport}: {d.reason}"
+            return
         d = decide(st, facts, now, dwell=cfg.trigger_dwell_s)
+        st.would = None if d is None else f"{d.transport}: {d.reason}"
         if d is None:
             return
         for cid in sorted(flow.clients):
@@ -600,7 +611,12 @@ class Daemon:
             return
 
     async def _op_ls(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
-        return {"endpoints": [ep.public() for ep in self.registry.endpoints.values()]}, None
+        return {
+            "endpoints": [
+                {**ep.public(), "waiting": self.waiting.get(ep.name, 0)}
+                for ep in self.registry.endpoints.values()
+            ]
+        }, None
 
     async def _op_flows(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
         return {"flows": [self._public(f) for f in self.registry.flows.values()]}, None

@@ -109,6 +109,7 @@ class FlowState:
     hold: bool = False  # the operator's choice: no trigger touches the flow
     node: int = -1  # the NUMA node the ends were on when this epoch began
     asked: tuple[int, float] | None = None  # (epoch, when) of our last request
+    would: str | None = None  # what the triggers want now, even held or off (fable flows)
 
     def counted(
         self, client: int, before: tuple[float, int, int] | None, after: tuple[float, int, int]
@@ -139,6 +140,7 @@ class FlowState:
             "byte_rate": round(self.bytes.rate, 1),
             "hold": self.hold,
             "home": self.home[0] if self.home else None,
+            "would": self.would,
         }
 
     def switched(self, epoch: int, reason: str, now: float) -> None:
