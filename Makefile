@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: bench test check lint venv clean
+.PHONY: bench test check lint venv clean mutants
 
 $(STAMP): pyproject.toml constraints-dev.txt $(wildcard src/fable/_core/*.[ch] src/fable/bench/*.c)
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,18 @@ bench: $(STAMP)
 check: lint
 	$(BIN)/pytest -m "not slow" -q
 
+# The fast suite under coverage (every process it starts; the floor is fail_under in
+# pyproject.toml), then the slow suite (fuzzing, stress, scenarios) without it.
 test: lint
-	$(BIN)/pytest -q
+	rm -rf .coverage-data
+	$(BIN)/coverage run -m pytest -m "not slow" -q
+	$(BIN)/coverage combine -q
+	$(BIN)/coverage report
+	$(BIN)/pytest -m slow -q
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage-data
+
+# Curated faults the fast suite must catch (tests/mutants.py); about 10 minutes, not in `make test`.
+mutants: $(STAMP)
+	$(BIN)/python tests/mutants.py

@@ -1,0 +1,338 @@
+"""``make mutants``: curated faults, each of which the fast suite must catch.
+
+Each fault is one small edit of the source (a text that must stand exactly once in its file,
+and what replaces it), named by the contract it breaks. For each, the tree is copied, the edit
+applied (C faults rebuild the C core in the copy), and the fast suite (``-m "not slow"``) runs
+against the copy until its first failure: the tests the fault names first (where it should be
+caught), then the rest. A fault that no test catches is a survivor; the table says which test
+caught each one, and the command exits 1 if any survived.
+
+    python tests/mutants.py [NAME ...]     (all faults by default)
+
+Not part of ``make test``: it takes about 10 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    contract: str  # what the fault breaks
+    file: str  # relative to src/fable
+    old: str
+    new: str
+    first: tuple[str, ...] = ()  # tests to run first (pytest node ids or -k expressions)
+
+
+FAULTS = [
+    Fault(
+        "drop-a-message",
+        "every message is delivered exactly once (one in 1000 vanishes, no sequence gap)",
+        "transports/stream.py",
+        "                seq = self._wseq\n                self._wseq = seq + 1\n"
+        "                self._msgs_out += 1\n",
+        "                seq = self._wseq\n                if self._msgs_out % 1000 == 999:\n"
+        "                    self._msgs_out += 1\n                    return\n"
+        "                self._wseq = seq + 1\n                self._msgs_out += 1\n",
+        ("tests/test_conformance.py", "tests/test_model.py"),
+    ),
+    Fault(
+        "deliver-twice",
+        "no message is delivered twice (the reader keeps its position once)",
+        "transports/stream.py",
+        "        self._rpos = end\n        self._rseq = seq + 1\n        if flags & F_CLOSE:",
+        "        if seq != 300 or getattr(self, '_again', False):\n"
+        "            self._rpos = end\n            self._rseq = seq + 1\n"
+        "        else:\n            self._again = True\n        if flags & F_CLOSE:",
+        ("tests/test_conformance.py",),
+    ),
+    Fault(
+        "accept-the-peers-form",
+        "a side reads in place only if it trusts (it refuses an offer of unsafe reads)",
+        "handshake.py",
+        '    if not offer.safe and stance.trusted is False:\n        return "this side',
+        '    if False:\n        return "this side',
+        ("tests/test_reconfig.py -k refusal", "tests/test_setup.py"),
+    ),
+    Fault(
+        "skip-the-sequence-check",
+        "a frame out of sequence fails the connection with ProtocolError",
+        "transports/stream.py",
+        "        if seq != self._rseq:",
+        "        if False:",
+        ("tests/test_hostile_stream.py",),
+    ),
+    Fault(
+        "ignore-a-seal",
+        "shared memory must be sealed against shrinking and growing before it is mapped",
+        "transports/shm.py",
+        "    if seals & SEALS != SEALS:",
+        "    if False:",
+        ("tests/test_hostile_setup.py",),
+    ),
+    Fault(
+        "peer-died-after-5s",
+        "a peer killed while this side waits gives PeerDied within a second (shared memory "
+        "has no fd to hang up: the wait checks the peer every slice)",
+        "transports/mempipe.py",
+        "FUTEX: 200_000_000, ADAPTIVE: 200_000_000}",
+        "FUTEX: 5_000_000_000, ADAPTIVE: 5_000_000_000}",
+        ("tests/test_conformance.py -k peer_died",),
+    ),
+    Fault(
+        "never-wake-a-futex-waiter",
+        "a sleeping side is woken when the other moves its position (futex doorbell)",
+        "_core/core.c",
+        "    if (w & FR_WAIT_FUTEX) futex_wake(bell);",
+        "    (void)futex_wake;",
+        ("tests/test_conformance.py -k mempipe-futex",),
+    ),
+    Fault(
+        "forget-to-rearm-the-fileno",
+        "fileno() signals again after getreadbuf() returned []",
+        "transports/mempipe.py",
+        "if out or self._mode == SPIN or self._rx.arm() is False:",
+        "if out or self._mode == SPIN or True:",
+        ("tests/test_conformance.py -k readiness", "tests/test_poll.py"),
+    ),
+    Fault(
+        "lose-messages-at-the-end-of-an-epoch",
+        "a switch loses nothing: END follows every message written before it",
+        "transports/stream.py",
+        "        if not self._end_queued:\n            self._claims = deque(",
+        "        if not self._end_queued:\n            self._queue.clear()\n"
+        "            self._queued = 0\n            self._claims = deque(",
+        ("tests/test_reconfig.py -k switch_everywhere",),
+    ),
+    Fault(
+        "release-frees-the-wrong-extent",
+        "a read buffer's release returns its own extent to the writer",
+        "transports/shmem_pipe.py",
+        "            return\n        self._rets += _pack_ret(off, n)",
+        "            return\n        self._rets += _pack_ret(off + 64, n)",
+        ("tests/test_conformance.py -k shmem",),
+    ),
+    Fault(
+        "another-uid-takes-a-name",
+        "a name belongs to the uid that registered it",
+        "daemon/registry.py",
+        "            if old.uid != ep.uid:\n                raise PermissionDenied(",
+        "            if False:\n                raise PermissionDenied(",
+        ("tests/test_daemon.py -k uid",),
+    ),
+    Fault(
+        "tail-out-of-range-accepted",
+        "a ring position from the peer is range-checked (TAIL never more than a ring ahead)",
+        "_core/core.c",
+        "    if (tail < r->tail_cache || tail - r->head > r->cap) {",
+        "    if (tail < r->tail_cache) {",
+        ("tests/test_hostile_shm.py -k tail", "tests/test_ring.py"),
+    ),
+    Fault(
+        "dead-buffer-still-usable",
+        "a Buffer is single-use: its data raises DeadBuffer after release",
+        "buffer.py",
+        "        data = self._data\n        if data is None:\n            raise DeadBuffer("
+        '"buffer was already committed, released or aborted")\n        return data',
+        "        return self._data  # type: ignore[return-value]",
+        ("tests/test_conformance.py -k dead_buffer", "tests/test_api.py"),
+    ),
+    Fault(
+        "recv-into-loses-the-message",
+        "recv_into with a buffer too small loses nothing",
+        "transports/message.py",
+        "        if total > len(out):\n            raise ValueError(",
+        "        if total > len(out):\n            self._stash = []\n            raise ValueError(",
+        ("tests/test_conformance.py -k recv_into",),
+    ),
+    Fault(
+        "timeout-zero-waits",
+        "timeout=0 never waits: WouldBlock",
+        "transports/message.py",
+        "    if timeout == 0:\n        raise WouldBlock(full)\n    if deadline is None:",
+        "    if deadline is None:",
+        ("tests/test_conformance.py -k backpressure",),
+    ),
+    Fault(
+        "spin-beside-the-peer",
+        "the policy never picks a spinning transport for ends that could share a core",
+        "policy.py",
+        "    if caps.spins and not facts.apart:",
+        "    if caps.spins and False:",
+        ("tests/test_policy.py",),
+    ),
+    Fault(
+        "no-close-frame",
+        "a clean close is ConnectionClosed after every message, not PeerDied",
+        "transports/message.py",
+        "            if self._error is None and not self._wended:\n"
+        "                self._say_goodbye(linger)",
+        "            pass",
+        ("tests/test_conformance.py -k clean_close",),
+    ),
+    Fault(
+        "oversized-frame-accepted",
+        "a control frame over its protocol's limit is a ProtocolError",
+        "_wire.py",
+        "        if n > self.max_frame:",
+        "        if False:",
+        ("tests/test_setup.py", "tests/test_daemon.py -k malformed"),
+    ),
+]
+
+
+def _copy_tree(dst: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files"],  # docs and README too: tests check them
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for f in files:
+        target = dst / f
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, target)
+    for so in (ROOT / "src" / "fable").rglob("*.so"):  # the built C extensions
+        target = dst / so.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(so, target)
+
+
+def _build_core(tree: Path) -> None:
+    """Rebuild fable._core in ``tree`` (the same flags as pyproject.toml's)."""
+    core = tree / "src" / "fable" / "_core"
+    out = tree / "src" / "fable" / ("_core" + str(sysconfig.get_config_var("EXT_SUFFIX")))
+    cmd = [
+        "gcc",
+        "-shared",
+        "-fPIC",
+        "-O2",
+        "-std=gnu11",
+        "-Wall",
+        "-Wextra",
+        "-Wno-unused-parameter",
+        f"-I{sysconfig.get_paths()['include']}",
+        f"-I{core}",
+        str(core / "core.c"),
+        "-o",
+        str(out),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def _pytest(tree: Path, args: list[str], timeout: float) -> tuple[bool, str]:
+    """Run pytest on the copy; (caught, the first failing test or why)."""
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "-m",
+        "not slow",
+        "-p",
+        "no:cacheprovider",
+        *args,
+    ]
+    try:
+        out = subprocess.run(
+            cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return True, f"the suite ran past {timeout:.0f} s (a hang)"
+    text = out.stdout + out.stderr
+    failed = re.search(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", text, re.M)  # ids may have spaces
+    if out.returncode == 0:
+        return False, ""
+    if failed:
+        return True, failed.group(1)
+    if out.returncode == 5:  # no tests collected by this selection
+        return False, ""
+    return True, f"pytest exit status {out.returncode}"
+
+
+def _confirmed(test: str, timeout: float) -> bool:
+    """Whether ``test`` (a node id) passes on the unchanged tree: a test that fails without
+    the fault (a flaky one) caught nothing."""
+    if "::" not in test:
+        return True  # a hang or a crash of the whole run: nothing to re-run
+    caught, _ = _pytest(ROOT, [test], timeout)
+    return not caught
+
+
+def run(fault: Fault, timeout: float) -> tuple[bool, str, float]:
+    t0 = time.monotonic()
+    caught, why = _run_fault(fault, timeout)
+    if caught and not _confirmed(why, timeout):
+        caught, why = False, f"only by {why}, which fails without the fault too"
+    return caught, why, time.monotonic() - t0
+
+
+def _run_fault(fault: Fault, timeout: float) -> tuple[bool, str]:
+    with tempfile.TemporaryDirectory(prefix=f"fable-mutant-{fault.name}-") as d:
+        tree = Path(d)
+        _copy_tree(tree)
+        path = tree / "src" / "fable" / fault.file
+        text = path.read_text()
+        if text.count(fault.old) != 1:
+            raise SystemExit(
+                f"{fault.name}: the text to replace stands {text.count(fault.old)} "
+                f"times in {fault.file} (must be once): update the fault"
+            )
+        path.write_text(text.replace(fault.old, fault.new))
+        if fault.file.startswith("_core/"):
+            _build_core(tree)
+        for first in fault.first:
+            parts = first.split(" -k ")
+            args = [parts[0]] + (["-k", parts[1]] if len(parts) > 1 else [])
+            caught, why = _pytest(tree, args, timeout)
+            if caught:
+                return True, why
+        return _pytest(tree, ["tests"], timeout)
+
+
+def main() -> int:
+    wanted = set(sys.argv[1:])
+    faults = [f for f in FAULTS if not wanted or f.name in wanted]
+    if wanted - {f.name for f in faults}:
+        raise SystemExit(f"unknown faults: {sorted(wanted - {f.name for f in faults})}")
+    rows = []
+    for f in faults:
+        caught, why, took = run(f, timeout=900.0)
+        rows.append((f, caught, why, took))
+        print(
+            f"{f.name:<38} {'caught by ' + why if caught else 'SURVIVED ' + why:<70} {took:5.0f} s",
+            flush=True,
+        )
+    survivors = [f.name for f, caught, _, _ in rows if not caught]
+    print()
+    print("| fault | contract it breaks | caught by |")
+    print("|---|---|---|")
+    for f, caught, why, _ in rows:
+        print(f"| {f.name} | {f.contract} | {why if caught else '**survived**'} |")
+    print()
+    print(
+        f"{len(rows) - len(survivors)} of {len(rows)} faults caught"
+        + (f"; survivors: {', '.join(survivors)}" if survivors else "")
+    )
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
