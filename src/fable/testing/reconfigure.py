@@ -306,6 +306,43 @@ def check_held_write_buffers(make_pair: MakePair) -> None:
         child.expect_success()
 
 
+def _kept_back_peer(c: Connection, go_r: int, asks: bool, to: str) -> None:
+    wait_go(go_r)
+    if asks:
+        c.reconfigure(to, timeout=ANSWER_S)
+    _echo(c)
+
+
+def check_kept_back(make_pair: MakePair) -> None:
+    """Messages committed with ``flush=False`` before a switch go out before the old epoch's
+    END, whichever side asked: here they stay kept back until the switch (this side writes
+    nothing more, so its control thread ends the epoch and must send them first)."""
+    for asker in ("this side", "the peer"):
+        conn, pending = make_pair()
+        go_r, go_w = go_pipe()
+        to = "unix" if conn.transport != "unix" else "pipe"
+
+        child = Child(pending, _kept_back_peer, go_r, asker == "the peer", to, trusted=True)
+        try:
+            for i in range(5):
+                bufs = conn.getwritebuf(2)  # one buffer: 2 B never straddle anything
+                bufs[0].data[:2] = b"k%d" % i
+                conn.commit(bufs, 2, flush=False)
+            if asker == "this side":
+                conn.reconfigure(to, timeout=ANSWER_S)
+            os.write(go_w, b"g")
+            got = [conn.recv(timeout=ANSWER_S) for _ in range(5)]  # echoed by the peer
+            assert got == [b"k%d" % i for i in range(5)], (asker, got)
+            conn.send(b"after")
+            assert conn.recv(timeout=ANSWER_S) == b"after"
+            assert conn.transport == to, (asker, conn.transport)
+        finally:
+            conn.close()
+            os.close(go_r)
+            os.close(go_w)
+            child.expect_success()
+
+
 def check_held_read_buffers(make_pair: MakePair) -> None:
     """Read buffers of the old epoch stay valid across the switch and release afterwards."""
     conn, pending = make_pair()
@@ -580,6 +617,7 @@ RECONFIGURE_CHECKS: dict[str, Callable[[MakePair], None]] = {
     "refusal": check_refusal,
     "simultaneous": check_simultaneous,
     "held_write_buffers": check_held_write_buffers,
+    "kept_back": check_kept_back,
     "held_read_buffers": check_held_read_buffers,
     "peer_dies_mid_switch": check_peer_dies_mid_switch,
     "stable_fileno": check_stable_fileno,

@@ -163,6 +163,7 @@ class RingPath(MessagePath):
         self._quarter = capacity // 4
         self._epoll: select.epoll | None = None
         self._armed = False
+        self._open_parts = 0  # records reserved by getwritebuf, not yet committed or aborted
         self._pinned = 0  # ring bytes held by unsafe read buffers
         self._pin_limit = capacity // 2
 
@@ -216,11 +217,13 @@ class RingPath(MessagePath):
             raise
         claim = Claim()
         claim.parts = [pos for pos, _, _ in got]
+        self._open_parts += len(got)
         mv, base = self._mv, self._tx_base
         return self._hand_out(claim, [mv[base + off : base + off + room] for _, off, room in got])
 
     def _commit(self, bufs: Sequence[Buffer], nbytes: int, flush: bool, more: bool) -> None:
         claim, sent = self._take_claim(bufs, nbytes)
+        self._open_parts -= len(claim.parts)
         # Records that carry nothing become padding; the others are committed in order.
         if len(sent) < len(claim.parts):
             keep = {i for i, _ in sent}
@@ -239,6 +242,7 @@ class RingPath(MessagePath):
 
     def _abort(self, bufs: Iterable[Buffer]) -> None:
         for claim in self._take_aborted(bufs):
+            self._open_parts -= len(claim.parts)
             for pos in claim.parts:
                 self._tx.abort(pos)
         self._tx.publish()
@@ -410,7 +414,8 @@ class RingPath(MessagePath):
         return self._epoll.fileno()
 
     def write_buffers_held(self) -> int:
-        return self._tx.pending if not self._closed else 0
+        # not the ring's unpublished records: those committed with flush=False are not held
+        return self._open_parts if not self._closed else 0
 
     def _native_counts(self) -> tuple[int, int, int, int]:
         return self._tx.msgs, self._tx.nbytes, self._rx.msgs, self._rx.nbytes
