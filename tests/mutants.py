@@ -99,7 +99,7 @@ FAULTS = [
         "_core/core.c",
         "    if (w & FR_WAIT_FUTEX) futex_wake(bell);",
         "    (void)futex_wake;",
-        ("tests/test_conformance.py -k mempipe-futex",),
+        ("tests/test_doorbells.py",),
     ),
     Fault(
         "forget-to-rearm-the-fileno",
@@ -116,7 +116,7 @@ FAULTS = [
         "        if not self._end_queued:\n            self._claims = deque(",
         "        if not self._end_queued:\n            self._queue.clear()\n"
         "            self._queued = 0\n            self._claims = deque(",
-        ("tests/test_reconfig.py -k switch_everywhere",),
+        ("tests/test_reconfig.py -k kept_back",),
     ),
     Fault(
         "release-frees-the-wrong-extent",

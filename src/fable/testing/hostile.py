@@ -18,9 +18,10 @@ The contract (DESIGN.md §3, "Untrusted input is never trusted"): the victim's c
 with ``ProtocolError``, or it delivers bytes (which, from a hostile writer, may be anything);
 a safe (untrusting) reader's delivered copy never changes afterwards; the victim never crashes,
 never hangs past its timeout, and its other connections keep working. Each attack in
-``ATTACKS`` names the one outcome it must cause (:class:`Expect`): ``FAILS`` (the victim's
-connection fails with ``ProtocolError``) or ``delivered(n)`` (an attack on bytes the victim may
-not check: at least ``n`` messages arrive, then the attacker's exit ends the connection).
+``ATTACKS`` names the one outcome it must cause (:class:`Expect`): ``fails(why)`` (the
+victim's connection fails with a ``ProtocolError`` whose message matches ``why``: the check
+that must catch it) or ``delivered(n)`` (an attack on bytes the victim may not check: at
+least ``n`` messages arrive, then the attacker's exit ends the connection).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import re
 import socket
 import struct
 import time
@@ -59,13 +61,13 @@ from fable.transports import stream as F
 
 __all__ = [
     "ATTACKS",
-    "FAILS",
     "Expect",
     "Outcome",
     "Raw",
     "attack",
     "attacks_for",
     "delivered",
+    "fails",
     "run_victim",
 ]
 
@@ -76,16 +78,25 @@ QUIET = "quiet"  # the time bound passed without an error
 
 @dataclass(frozen=True)
 class Expect:
-    """The one outcome an attack must cause: ``kind``, after at least ``delivered`` messages."""
+    """The one outcome an attack must cause: ``kind``, after at least ``delivered`` messages,
+    with an error that matches ``why`` (a regular expression: the check that must catch it,
+    so that another check catching it by chance does not pass)."""
 
     kind: str
     delivered: int = 0
+    why: str = ""
 
     def check(self, out: Outcome) -> bool:
-        return out.kind == self.kind and out.delivered >= self.delivered
+        return (
+            out.kind == self.kind
+            and out.delivered >= self.delivered
+            and re.search(self.why, out.error) is not None
+        )
 
 
-FAILS = Expect(PROTOCOL_ERROR)
+def fails(why: str) -> Expect:
+    """The victim's connection fails with ProtocolError, and ``why`` matches its message."""
+    return Expect(PROTOCOL_ERROR, why=why)
 
 
 def delivered(n: int) -> Expect:
@@ -439,21 +450,27 @@ def arena_change_after_commit(raw: Raw, rng: random.Random) -> None:
 ATTACKS: dict[str, dict[str, tuple[Attack, Expect]]] = {
     "fable.transports.mempipe": {
         "ring-header": (ring_header, delivered(8)),
-        "record-header": (record_header, FAILS),
-        "ring-tail-ahead": (ring_tail_ahead, FAILS),
-        "ring-head-ahead": (ring_head_ahead, FAILS),
+        "record-header": (
+            record_header,
+            fails(
+                "runs past its bounds|record flags|not a multiple of 8|sequence gap|"
+                "record of epoch|close record with a payload|TAIL ends inside a record header"
+            ),
+        ),
+        "ring-tail-ahead": (ring_tail_ahead, fails("the writer moved TAIL")),
+        "ring-head-ahead": (ring_head_ahead, fails("the reader moved HEAD")),
         "change-after-commit": (ring_change_after_commit, delivered(8)),
     },
     "fable.transports.shmem_pipe": {
-        "descriptors-out-of-range": (descriptors_out_of_range, FAILS),
+        "descriptors-out-of-range": (descriptors_out_of_range, fails("lies outside the")),
         "descriptors-overlapping": (descriptors_overlapping, delivered(8)),
-        "descriptors-garbage": (descriptors_garbage, FAILS),
-        "returns-bogus": (returns_bogus, FAILS),
+        "descriptors-garbage": (descriptors_garbage, fails("malformed descriptor")),
+        "returns-bogus": (returns_bogus, fails("returned extent .* never described")),
         "change-after-commit": (shmem_change_after_commit, delivered(8)),
     },
     "fable.transports.vmsplice": {
-        "tokens-bogus": (tokens_bogus, FAILS),
-        "frames-garbage": (frames_garbage, FAILS),
+        "tokens-bogus": (tokens_bogus, fails("bogus token")),
+        "frames-garbage": (frames_garbage, fails("bad frame")),
         "change-after-commit": (arena_change_after_commit, delivered(8)),
     },
 }
