@@ -1,11 +1,12 @@
 """A side asleep on a shared-memory ring is woken by its peer's doorbell (fable/ring/layout.py:
 the waiting flag, then a futex wake), not by the end of its wait slice.
 
-The slices are made two minutes long here, so that a missing wake-up shows as a Timeout after
-10 s instead of a 200 ms delay that the rest of the suite does not notice. Either role is the
-sleeper, waiting for data or for room; the peer acts 0.3 s after the sleeper said it is about
-to wait (were the sleeper not asleep by then, the check would pass without testing the wake:
-it can never fail for timing reasons)."""
+The slices are made two minutes long here, so that a sleeper nobody wakes sleeps until its
+call's 30 s timeout (and then finds the data there) instead of 200 ms that the rest of the
+suite does not notice: the call must return within 10 s. Either role is the sleeper, waiting
+for data or for room; the peer acts 0.3 s after the sleeper said it is about to wait (were the
+sleeper not asleep by then, the check would pass without testing the wake: it cannot fail for
+timing reasons but a 10 s stall)."""
 
 from __future__ import annotations
 
@@ -33,14 +34,18 @@ def long_slices(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _sleep(conn: Connection, what: str, go_w: int) -> None:
-    """The sleeper: tell the peer, then wait (10 s at most) for data or for room."""
+    """The sleeper: tell the peer, then wait for data or for room; woken, not timed out."""
     if what == "data":
         os.write(go_w, b"g")
-        assert conn.recv(timeout=10) == CHUNK
+        t0 = time.monotonic()
+        assert conn.recv(timeout=30) == CHUNK
     else:
         fill(conn, CHUNK)
         os.write(go_w, b"g")
-        conn.send(CHUNK, timeout=10)  # room comes when the peer reads one message
+        t0 = time.monotonic()
+        conn.send(CHUNK, timeout=30)  # room comes when the peer reads one message
+    took = time.monotonic() - t0
+    assert took < 10, f"the sleeper waited {took:.1f} s: its peer's doorbell never woke it"
     conn.send(b"awake")
 
 
@@ -52,7 +57,7 @@ def _wake(conn: Connection, what: str, go_r: int) -> None:
         conn.send(CHUNK)
     else:
         assert conn.recv(timeout=10) == CHUNK
-    while (m := conn.recv(timeout=10)) != b"awake":  # the rest of what the sleeper filled
+    while (m := conn.recv(timeout=40)) != b"awake":  # the rest of what the sleeper filled
         assert m == CHUNK
 
 
