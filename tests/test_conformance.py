@@ -19,7 +19,25 @@ def test_conformance(transport: str, check: str) -> None:
         run_check(check, functools.partial(fable.open_pair, transport, safe=safe))
 
 
-@pytest.mark.parametrize("check", list(CHECKS))
+# The checks where the two sides of a pair do different things (who waits, who dies, who
+# closes, who holds): the rest move messages both ways already.
+ROLE_1 = [
+    "backpressure",
+    "read_wouldblock",
+    "no_space",
+    "readiness",
+    "clean_close",
+    "close_flushes",
+    "held_at_close",
+    "peer_died_reader",
+    "peer_died_writer",
+    "peer_died_getwritebuf",
+    "dead_buffer",
+    "fork_invalidation",
+]
+
+
+@pytest.mark.parametrize("check", ROLE_1)
 @pytest.mark.parametrize("transport", list(fable.REGISTRY))
 def test_conformance_as_role_1(transport: str, check: str) -> None:
     """The same checks with this process on the side that opens the other end (role 1): it

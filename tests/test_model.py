@@ -243,7 +243,6 @@ IDS = [f"{t}-{'safe' if safe else 'unsafe'}" for t, safe in FORMS]
 @pytest.mark.parametrize("remote", [False, True], ids=["one-process", "two-processes"])
 @pytest.mark.parametrize(("transport", "safe"), FORMS, ids=IDS)
 def test_model(transport: str, safe: bool, remote: bool) -> None:
-    gc.collect()  # an earlier test's garbage must not close its fds during this one
     before = open_fds()
     machine = type(
         f"Model_{transport}",

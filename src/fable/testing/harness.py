@@ -83,10 +83,12 @@ def verify(seq: int, data: bytes | bytearray | memoryview, size: int | None = No
 
 
 def open_fds() -> set[int]:
-    """The fds open in this process now. The process's control thread (its epoll and wake-up
-    fd, made once for the process's life) is started first, so that it is never counted as a
-    leak of the first connection."""
+    """The fds open in this process now, after a garbage collection (so that an earlier
+    test's garbage cannot close one of them later and make two counts differ). The process's
+    control thread (its epoll and wake-up fd, made once for the process's life) is started
+    first, so that it is never counted as a leak of the first connection."""
     control()
+    gc.collect()
     return {int(x) for x in os.listdir("/proc/self/fd")}
 
 
