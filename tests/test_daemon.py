@@ -359,15 +359,21 @@ def test_a_request_in_flight_when_the_daemon_dies_raises_daemon_unavailable() ->
         time.sleep(60)
 
     late = Child(registered_not_listening)
-    w = Child(waiter)
+    w: Child | None = None
     try:
+        wait_for(lambda: "not-listening" in names(path))  # else the connect fails at once
+        w = Child(waiter)
         wait_for(lambda: waited_for() == 1)  # the connect is in flight in the daemon
         d.kill()  # SIGKILL, with the connect waiting in it
         d.wait()
         assert w.result().startswith("DaemonUnavailable")
     finally:
-        w.kill()
+        if d.poll() is None:
+            d.kill()
+            d.wait()
         late.kill()
+        if w is not None:
+            w.kill()
         if daemon_answers(path):  # a control thread started a new daemon: stop it
             one_shot("stop", path)
 
