@@ -59,8 +59,8 @@ class Child:
             os.close(r)
             try:
                 out: tuple[str, Any] = ("ok", fn())
-            except BaseException as e:
-                out = ("err", f"{type(e).__name__}: {e}")
+            except BaseException as e:  # reported by result(), with where it was raised
+                out = ("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
             _put(w, out)
 
         self.pid = fork(body)
@@ -68,23 +68,17 @@ class Child:
         self._r = r
 
     def result(self, timeout: float = 60) -> Any:
-        deadline = time.monotonic() + timeout
-        buf = b""
-
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._r], [], [], left)[0]:
-                self.kill()
-                raise TimeoutError("child did not finish")
-            chunk = os.read(self._r, 1 << 16)
-            if not chunk:
-                break
-            buf += chunk
+        ready = select.poll()  # not select.select: fds above 1024 work
+        ready.register(self._r, select.POLLIN)
+        if not ready.poll(int(timeout * 1000)):
+            self.kill()
+            raise TimeoutError("child did not finish")
+        out = _get(self._r)  # the child writes its whole result, then exits
         os.close(self._r)
-        os.waitpid(self.pid, 0)
-        if not buf:
-            raise RuntimeError("child died without a result")
-        kind, value = pickle.loads(buf[4:])
+        status = os.waitpid(self.pid, 0)[1]
+        if out is None:
+            raise RuntimeError(f"child died without a result (status {status})")
+        kind, value = out
         if kind == "err":
             raise RuntimeError(value)
         return value

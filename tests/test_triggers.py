@@ -291,7 +291,9 @@ class Pair:
             conn = fable.register(f"{tag}/a").connect(f"{tag}/b", transport=transport)
             busy, seq = True, 0
             while True:
-                if select.select([self.ctl_r], [], [], 0 if busy else 1.0)[0]:
+                told = select.poll()  # not select.select: fds above 1024 work
+                told.register(self.ctl_r, select.POLLIN)
+                if told.poll(0 if busy else 1000):
                     cmd = os.read(self.ctl_r, 1)
                     if cmd == b"s":
                         conn.close()
