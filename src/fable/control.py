@@ -58,9 +58,18 @@ class Control:
         """Call ``callback(events)`` on the control thread whenever ``fd`` is ready."""
         with self._lock:
             if fd in self._fds:
-                self._ep.modify(fd, events)
+                try:
+                    self._ep.modify(fd, events)
+                except FileNotFoundError:
+                    # the fd we watched under this number was closed without ``unwatch`` (a
+                    # connection dropped unclosed: the kernel left the set itself), and the
+                    # number now names another file
+                    self._ep.register(fd, events)
             else:
-                self._ep.register(fd, events)
+                try:
+                    self._ep.register(fd, events)
+                except FileExistsError:  # the same file, watched and forgotten: take it over
+                    self._ep.modify(fd, events)
             self._fds[fd] = callback
 
     def modify(self, fd: int, events: int) -> None:
