@@ -70,11 +70,23 @@ def _tmpfile() -> int:
 
 
 CASES: dict[str, tuple[Callable[[], list[int]], dict[str, object], str]] = {
-    "unsealed": (lambda: [_memfd(seals=0), _evfd(), _evfd()], {}, "not sealed"),
+    "unsealed": (lambda: [_memfd(seals=0), _evfd(), _evfd()], {}, "seals are 0x0, expected"),
     "only shrink sealed": (
         lambda: [_memfd(seals=fcntl.F_SEAL_SHRINK), _evfd(), _evfd()],
         {},
-        "not sealed",
+        "seals are .*expected exactly",
+    ),
+    # sealed against writing too: mapping it writable would raise PermissionError out of accept
+    "write sealed": (
+        lambda: [_memfd(seals=SEALS | fcntl.F_SEAL_WRITE), _evfd(), _evfd()],
+        {},
+        "seals are .*expected exactly",
+    ),
+    # a ring past FABLE_MAX_PEER_RING (default 256 MiB): a sparse memfd of the size it claims
+    "oversized ring": (
+        lambda: [_memfd(size=2 * (L.HEADER_SIZE + (1 << 30)), fmt=False), _evfd(), _evfd()],
+        {"capacity": 1 << 30, "size": 2 * (L.HEADER_SIZE + (1 << 30))},
+        "FABLE_MAX_PEER_RING",
     ),
     "too small": (lambda: [_memfd(size=SIZE - 4096), _evfd(), _evfd()], {}, "is .* B, expected"),
     "not a memfd": (lambda: [_tmpfile(), _evfd(), _evfd()], {}, "not a memfd"),
@@ -128,7 +140,21 @@ PIPE_CASES: dict[str, tuple[str, Callable[[], list[int]], dict[str, object], boo
         lambda: [_shm(seals=0), _rd(), _wr(), _rd(), _wr()],
         {},
         True,
-        "not sealed",
+        "seals are 0x0",
+    ),
+    "shmem write sealed": (
+        "shmem-pipe",
+        lambda: [_shm(seals=SEALS | fcntl.F_SEAL_WRITE), _rd(), _wr(), _rd(), _wr()],
+        {},
+        True,
+        "seals are .*expected exactly",
+    ),
+    "shmem oversized area": (
+        "shmem-pipe",
+        lambda: [_shm(2 << 30), _rd(), _wr(), _rd(), _wr()],
+        {"capacity": 1 << 30},
+        True,
+        "FABLE_MAX_PEER_RING",
     ),
     "shmem too small": (
         "shmem-pipe",

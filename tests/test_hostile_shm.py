@@ -70,7 +70,8 @@ def _attack(transport: str, name: str, safe: bool, seed: int) -> None:
     finally:
         os.close(go_w)
         status = os.waitpid(pid, 0)[1]
-    assert os.waitstatus_to_exitcode(status) == 0, f"the attacker failed (status {status})"
+    code = os.waitstatus_to_exitcode(status)
+    assert expect.allows_exit(code), f"the attacker failed (exit status {code})"
     assert expect.check(out), f"{name} on {transport} (safe={safe}, seed={seed}): {out}"
     assert out.took < 6.0
     assert not out.unstable, f"safe copies changed after delivery: {out}"

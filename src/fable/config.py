@@ -51,6 +51,30 @@ class Settings:
             "ProtocolError); getreadbuf streams fragments and has no such limit",
         },
     )
+    max_fragments: int = field(
+        default=65536,
+        metadata={
+            "env": "FABLE_MAX_FRAGMENTS",
+            "help": "most fragments (commits with more=True) recv() reassembles into one "
+            "message (a peer sending more fails with ProtocolError)",
+        },
+    )
+    max_peer_ring: int = field(
+        default=256 << 20,
+        metadata={
+            "env": "FABLE_MAX_PEER_RING",
+            "help": "largest ring or shared area (bytes per direction) this side maps when a "
+            "peer offers it (a larger offer is refused); apart from FABLE_RING_SIZE, so that "
+            "two processes with different ring sizes still connect",
+        },
+    )
+    setup_timeout_s: float = field(
+        default=10.0,
+        metadata={
+            "env": "FABLE_SETUP_TIMEOUT",
+            "help": "seconds a peer has, in all, to send its whole first offer",
+        },
+    )
     # Spin budget: on this machine kind (2-vCPU KVM guest) `fable bench --sizes 64 --pairs 0:1
     # --transports mempipe-futex,mempipe-spin` measured a 64 B cross-core round trip of ~90 us
     # (futex) against ~3 us (spin), so a sleeping hop costs ~45 us of wake-up. Spinning up to
@@ -150,13 +174,17 @@ def _validate(s: Settings) -> None:
         raise ValueError(f"FABLE_RING_SIZE={s.ring_size} must be a power of two >= 4096")
     if s.read_buffers < 1:
         raise ValueError("FABLE_READ_BUFFERS must be >= 1")
-    if s.max_message < 1:
-        raise ValueError("FABLE_MAX_MESSAGE must be >= 1")
+    if s.max_message < 1 or s.max_fragments < 1:
+        raise ValueError("FABLE_MAX_MESSAGE and FABLE_MAX_FRAGMENTS must be >= 1")
+    if s.max_peer_ring < 4096:
+        raise ValueError(f"FABLE_MAX_PEER_RING={s.max_peer_ring} must be >= 4096")
     if min(s.spin_budget_ns, s.grace_period_s, s.close_linger_s, s.trigger_dwell_s) < 0:
         raise ValueError(
             "FABLE_SPIN_BUDGET_NS, FABLE_GRACE_PERIOD, FABLE_CLOSE_LINGER and "
             "FABLE_TRIGGER_DWELL must be >= 0"
         )
+    if s.setup_timeout_s <= 0:
+        raise ValueError("FABLE_SETUP_TIMEOUT must be > 0")
     if s.backend not in ("auto", "c", "py"):
         raise ValueError(f"FABLE_BACKEND={s.backend!r} must be auto, c or py")
     if s.log_level.upper() not in logging.getLevelNamesMapping():

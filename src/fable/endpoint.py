@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from fable.client import link
+from fable.config import settings
 from fable.connection import Connection, PendingEnd, initiate
 from fable.errors import ConnectionClosed, FableError, PeerDied, Timeout, WouldBlock
 from fable.nameservice import check_name
@@ -176,7 +177,9 @@ class Listener:
             msg, sock = item
             forced = bool(msg.get("options", {}).get("forced", True))
             try:
-                conn = PendingEnd(sock).open(timeout=10.0, trusted=entry.trusted, forced=forced)
+                conn = PendingEnd(sock).open(
+                    timeout=settings().setup_timeout_s, trusted=entry.trusted, forced=forced
+                )
             except FableError:
                 continue  # the connecting process died during the setup, or offered what
                 # this side does not accept: wait for the next

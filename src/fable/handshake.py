@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fable._wire import close_fds
-from fable.errors import ProtocolError
+from fable.errors import FableError, ProtocolError
 from fable.transports import REGISTRY, DataPath, EndSpec, TransportInfo
 from fable.transports.channel import SetupChannel
 
@@ -162,8 +162,17 @@ def refusal(offer: Offer, stance: Stance) -> str | None:
 
 
 def open_offer(ch: SetupChannel, offer: Offer, fds: list[int]) -> DataPath:
-    """Open this side's end of an accepted offer (role 1); the fds are the path's (or closed)."""
-    return offer.info.open(EndSpec(fds, offer.params), 1, offer.safe, ch, offer.epoch)
+    """Open this side's end of an accepted offer (role 1); the fds are the path's (or closed).
+    Resources that do not check out are the peer's fault: ``ProtocolError``, whatever the
+    system call that found out (a mapping refused, a pipe that is not one)."""
+    try:
+        return offer.info.open(EndSpec(fds, offer.params), 1, offer.safe, ch, offer.epoch)
+    except FableError:
+        raise
+    except (OSError, ValueError, OverflowError, MemoryError) as e:
+        raise ProtocolError(
+            f"the peer's {offer.info.name} resources: {type(e).__name__}: {e}"
+        ) from e
 
 
 def first_offer(ch: SetupChannel, stance: Stance, timeout: float | None) -> tuple[DataPath, Offer]:

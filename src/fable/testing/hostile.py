@@ -61,6 +61,7 @@ from fable.transports import stream as F
 
 __all__ = [
     "ATTACKS",
+    "VICTIM_LEFT",
     "Expect",
     "Outcome",
     "Raw",
@@ -74,6 +75,7 @@ __all__ = [
 PROTOCOL_ERROR = "protocol-error"  # the victim's connection failed with ProtocolError
 GONE = "gone"  # the attacker left (ConnectionClosed or PeerDied) and nothing was wrong
 QUIET = "quiet"  # the time bound passed without an error
+VICTIM_LEFT = 3  # the attacker's exit status when the victim hung up in the middle of it
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,11 @@ class Expect:
     kind: str
     delivered: int = 0
     why: str = ""
+
+    def allows_exit(self, status: int) -> bool:
+        """Whether the attacker's exit status fits: 0, or ``VICTIM_LEFT`` for an attack the
+        victim must fail (it may go before the attacker's last write)."""
+        return status == 0 or (status == VICTIM_LEFT and self.kind == PROTOCOL_ERROR)
 
     def check(self, out: Outcome) -> bool:
         return (
@@ -492,13 +499,18 @@ def attack(
 ) -> int:
     """In the attacker's process: set the connection up over ``sock`` and carry out attack
     ``name`` (once a byte comes on ``go``, when given: the victim has opened its end); the exit
-    status to end with (0: carried out; 1: the attack itself broke, its traceback on stderr)."""
+    status to end with (0: carried out; ``VICTIM_LEFT``: the victim closed its end while the
+    attack went on, which only an attack whose outcome is ``fails`` may cause; 1: the attack
+    itself broke, its traceback on stderr)."""
     fn, _ = attacks_for(transport)[name]
     try:
         raw = create(sock, transport, safe, options or {})
         if go >= 0 and os.read(go, 1) != b"g":
             raise RuntimeError("the victim did not open its end")
-        fn(raw, random.Random(seed))
+        try:
+            fn(raw, random.Random(seed))
+        except (BrokenPipeError, ConnectionResetError):
+            return VICTIM_LEFT  # it failed the connection at the first bad write and went
         raw.close()
         return 0
     except BaseException:

@@ -57,7 +57,14 @@ from fable.ring.pyring import PyRing, format_ring
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
 from fable.transports.channel import SetupChannel
 from fable.transports.message import Claim, MessagePath, deadline_of
-from fable.transports.shm import check_sealed_memfd, forget, is_eventfd, new_sealed_memfd, unmap
+from fable.transports.shm import (
+    check_peer_ring,
+    check_sealed_memfd,
+    forget,
+    is_eventfd,
+    new_sealed_memfd,
+    unmap,
+)
 
 SPIN, FUTEX, ADAPTIVE = L.WAIT_SPIN, L.WAIT_FUTEX, L.WAIT_ADAPTIVE
 SLICE_NS = {SPIN: 20_000_000, FUTEX: 200_000_000, ADAPTIVE: 200_000_000}
@@ -93,8 +100,9 @@ def _create(options: dict[str, Any]) -> tuple[EndSpec, EndSpec]:
     )
 
 
-def _checked_memory(spec: EndSpec) -> tuple[mmap.mmap, int, int, int, int]:
-    """Check everything the peer sent before mapping it; returns (map, capacity, fds...)."""
+def _checked_memory(spec: EndSpec, role: int) -> tuple[mmap.mmap, int, int, int, int]:
+    """Check everything the peer sent before mapping it (role 1: within FABLE_MAX_PEER_RING);
+    returns (map, capacity, fds...)."""
     if len(spec.fds) != 3:
         raise ProtocolError(f"expected 3 fds for a mempipe transport, got {len(spec.fds)}")
     fd, own_ev, peer_ev = spec.fds
@@ -103,6 +111,8 @@ def _checked_memory(spec: EndSpec) -> tuple[mmap.mmap, int, int, int, int]:
         raise ProtocolError("malformed mempipe parameters")
     if capacity < L.MIN_CAPACITY or capacity > L.MAX_CAPACITY or capacity & (capacity - 1):
         raise ProtocolError(f"mempipe capacity {capacity} is not a power of two in range")
+    if role == 1:
+        check_peer_ring(capacity)
     if size != 2 * _ring_bytes(capacity):
         raise ProtocolError("mempipe size does not match its capacity")
     check_sealed_memfd(fd, size)
@@ -126,7 +136,7 @@ class RingPath(MessagePath):
         epoch: int = 0,
     ) -> None:
         try:
-            mm, capacity, fd, own_ev, peer_ev = _checked_memory(spec)
+            mm, capacity, fd, own_ev, peer_ev = _checked_memory(spec, role)
         except BaseException:
             close_fds(spec.fds)
             raise
@@ -313,7 +323,7 @@ class RingPath(MessagePath):
                         raise self._fail(ProtocolError("close record in the middle of a message"))
                     self._peer_closed = True
                     continue
-                self._stash_fragment(data, bool(flags & L.F_MORE))
+                self._stash_fragment(data, bool(flags & L.F_MORE), deadline, timeout)
                 if not flags & L.F_MORE:
                     return
                 continue

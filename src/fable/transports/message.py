@@ -64,6 +64,9 @@ def pipe_takes(wfd: int, capacity: int, size: int) -> bool:
     return capacity - 2 * unread >= min(size, capacity // 4) + 4096
 
 
+CHECK_EVERY = 64  # fragments between looks at the clock while reassembling
+
+
 def deadline_of(timeout: float | None) -> float | None:
     """The monotonic time a wait of ``timeout`` seconds ends (None: never)."""
     if timeout is None:
@@ -135,6 +138,8 @@ class MessagePath(DataPath):
         self._max_message = cfg.max_message
         self._held = 0
         self._stash: list[tuple[bytes, bool]] = []  # fragments recv() took but has not returned
+        self._stash_bytes = 0  # their total size (kept, not summed: reassembly stays linear)
+        self._max_fragments = cfg.max_fragments
         self._mid = False  # getreadbuf handed out a fragment with more=True: a message is open
         self._peer_closed = False
         self._msgs_out = self._bytes_out = self._msgs_in = self._bytes_in = 0
@@ -268,6 +273,7 @@ class MessagePath(DataPath):
         self._closed = True
         self._dead = True
         self._stash.clear()
+        self._stash_bytes = 0
         self._free(clean)
 
     @abc.abstractmethod
@@ -449,13 +455,32 @@ class MessagePath(DataPath):
     def _gather(self, timeout: float | None) -> None:
         """Take fragments into ``_stash`` until it holds one whole message."""
 
-    def _stash_fragment(self, data: bytes, more: bool) -> None:
+    def _stash_fragment(
+        self, data: bytes, more: bool, deadline: float | None, timeout: float | None
+    ) -> None:
+        """Keep one fragment for ``recv``. A message over FABLE_MAX_MESSAGE bytes or
+        FABLE_MAX_FRAGMENTS fragments fails the connection; fragments that keep coming past
+        the caller's deadline end the call (``Timeout``) with everything kept for the next one.
+        The clock is read every ``CHECK_EVERY`` fragments (so a whole message already there is
+        read in one call), and not for ``timeout=0``, whose call the fragment cap bounds."""
         self._stash.append((data, more))
+        self._stash_bytes += len(data)
         self._state_changed()
-        if more and sum(len(p) for p, _ in self._stash) > self._max_message:
+        if not more:
+            return
+        if self._stash_bytes > self._max_message:
             raise self._fail(
                 ProtocolError(f"message larger than FABLE_MAX_MESSAGE={self._max_message}")
             )
+        n = len(self._stash)
+        if n > self._max_fragments:
+            raise self._fail(
+                ProtocolError(
+                    f"message of more than FABLE_MAX_FRAGMENTS={self._max_fragments} fragments"
+                )
+            )
+        if n % CHECK_EVERY == 0 and timeout and deadline and time.monotonic() >= deadline:
+            raise Timeout("a message was still arriving in fragments at the timeout")
 
     def _not_mid_message(self) -> None:
         if self._mid:
@@ -492,6 +517,7 @@ class MessagePath(DataPath):
         if nxt is not None:
             return nxt.recv(timeout)
         parts, self._stash = self._stash, []
+        self._stash_bytes = 0
         self._state_changed()
         data = parts[0][0] if len(parts) == 1 else b"".join(p for p, _ in parts)
         self._msgs_in += 1
@@ -507,7 +533,7 @@ class MessagePath(DataPath):
         nxt = self._gather_here(timeout)
         if nxt is not None:
             return nxt.recv_into(buf, timeout)
-        total = sum(len(p) for p, _ in self._stash)
+        total = self._stash_bytes
         out = memoryview(buf).cast("B")
         if total > len(out):
             raise ValueError(f"message of {total} B does not fit in a buffer of {len(out)} B")
@@ -516,6 +542,7 @@ class MessagePath(DataPath):
             out[pos : pos + len(p)] = p
             pos += len(p)
         self._stash = []
+        self._stash_bytes = 0
         self._state_changed()
         self._msgs_in += 1
         self._bytes_in += total
@@ -530,6 +557,7 @@ class MessagePath(DataPath):
         out: list[Buffer] = []
         while self._stash and self._held < self._read_limit:
             data, more = self._stash.pop(0)
+            self._stash_bytes -= len(data)
             out.append(
                 Buffer(memoryview(data), self, None, more=more, epoch=self.epoch, writable=False)
             )

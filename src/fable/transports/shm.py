@@ -15,9 +15,18 @@ import os
 import stat
 from collections.abc import Callable
 
+from fable.config import settings
 from fable.errors import ProtocolError
 
-__all__ = ["SEALS", "check_sealed_memfd", "forget", "is_eventfd", "new_sealed_memfd", "unmap"]
+__all__ = [
+    "SEALS",
+    "check_peer_ring",
+    "check_sealed_memfd",
+    "forget",
+    "is_eventfd",
+    "new_sealed_memfd",
+    "unmap",
+]
 
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
@@ -54,10 +63,23 @@ def check_sealed_memfd(fd: int, size: int) -> None:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
         raise ProtocolError("the shared memory cannot be sealed (not a memfd)") from None
-    if seals & SEALS != SEALS:
-        raise ProtocolError("the shared memory is not sealed against shrinking and growing")
+    if seals != SEALS:
+        raise ProtocolError(
+            f"the shared memory's seals are {seals:#x}, expected exactly {SEALS:#x} (sealed "
+            "against shrinking and growing, writable)"
+        )
     if st.st_size != size:
         raise ProtocolError(f"the shared memory is {st.st_size} B, expected {size} B")
+
+
+def check_peer_ring(capacity: int) -> None:
+    """ProtocolError if a peer offers a ring (or area) larger than this side maps."""
+    cap = settings().max_peer_ring
+    if capacity > cap:
+        raise ProtocolError(
+            f"the peer offered a ring of {capacity} B; this side maps at most {cap} B "
+            "(FABLE_MAX_PEER_RING)"
+        )
 
 
 def is_eventfd(fd: int) -> bool:

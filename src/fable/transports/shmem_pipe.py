@@ -71,7 +71,13 @@ from fable.transports.message import (
     time_left,
 )
 from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
-from fable.transports.shm import check_sealed_memfd, forget, new_sealed_memfd, unmap
+from fable.transports.shm import (
+    check_peer_ring,
+    check_sealed_memfd,
+    forget,
+    new_sealed_memfd,
+    unmap,
+)
 
 __all__ = ["DESC", "INFO", "RETURN", "Extents", "ShmemPipePath"]
 
@@ -253,6 +259,8 @@ class ShmemPipePath(MessagePath):
             if not _capacity_ok(capacity):
                 raise ProtocolError(f"malformed shmem-pipe capacity {capacity!r}")
             assert isinstance(capacity, int)
+            if role == 1:
+                check_peer_ring(capacity)
             fd, din, dout, rin, rout = spec.fds
             check_sealed_memfd(fd, 2 * capacity)
             for rfd in (din, rin):
@@ -631,7 +639,7 @@ class ShmemPipePath(MessagePath):
                 base = self._rx_base + off
                 data = self._mm[base : base + n]
                 self._give_back(off, n)
-                self._stash_fragment(data, bool(flags & F_MORE))
+                self._stash_fragment(data, bool(flags & F_MORE), deadline, timeout)
                 if not flags & F_MORE:
                     return
                 continue

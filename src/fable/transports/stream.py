@@ -534,12 +534,14 @@ class StreamPath(MessagePath):
         """Take fragments into the stash until it holds one whole message."""
         if self._stash and not self._stash[-1][1]:
             return
-        deadline = deadline_of(timeout) if timeout else None
+        deadline = deadline_of(timeout)
         while True:
             fr = self._next_frame() if not self._peer_closed else None
             if fr is not None:
                 flags, s, e = fr
-                self._stash_fragment(self._rmv[s:e].tobytes(), bool(flags & F_MORE))
+                self._stash_fragment(
+                    self._rmv[s:e].tobytes(), bool(flags & F_MORE), deadline, timeout
+                )
                 if not flags & F_MORE:
                     return
                 continue
