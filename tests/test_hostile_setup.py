@@ -19,6 +19,7 @@ from fable.errors import ProtocolError
 from fable.ring import layout as L
 from fable.ring.pyring import format_ring
 from fable.testing import open_fds
+from fable.transports.channel import SETUP_VERSION
 
 CAP = 4096
 SIZE = 2 * (L.HEADER_SIZE + CAP)
@@ -51,7 +52,7 @@ def _open(
 ) -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     body = json.dumps(
-        {"v": 2, "op": "hello", "transport": transport, "safe": safe, "params": params}
+        {"v": SETUP_VERSION, "op": "hello", "transport": transport, "safe": safe, "params": params}
     ).encode()
     a.sendmsg(
         [struct.pack(">I", len(body)) + body],
@@ -245,7 +246,9 @@ def test_truncated_hello(cut: int) -> None:
     """A hello cut short (the peer hangs up mid-record) is refused; its fds are not kept."""
     before = open_fds()
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    body = json.dumps({"v": 2, "op": "hello", "transport": "shmem-pipe", "safe": True}).encode()
+    body = json.dumps(
+        {"v": SETUP_VERSION, "op": "hello", "transport": "shmem-pipe", "safe": True}
+    ).encode()
     record = struct.pack(">I", len(body)) + body
     fd = _shm()
     a.sendmsg([record[:cut]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])

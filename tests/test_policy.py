@@ -80,7 +80,7 @@ def _first(facts: Facts) -> Any:
 
 def test_pinned_apart_spins_for_latency() -> None:
     c = _first(Facts(affinity_a=A0, affinity_b=A1, mode="latency", msg_size=64))
-    assert c.transport == "mempipe-spin" and c.safe is True
+    assert c.transport == "mempipe-spin" and c.safe == (True, True)
     assert "ends pinned apart (shared-cache)" in c.reason and "2.7 us" in c.reason
 
 
@@ -101,14 +101,20 @@ def test_could_share_a_core_never_spins() -> None:
     )
 
 
-def test_untrusted_never_vmsplice_and_reads_safe() -> None:
+def test_untrusted_never_vmsplice_and_each_end_reads_in_its_own_form() -> None:
+    """An untrusting end reads safe copies whatever its peer's trust; a trusting end reads
+    zero-copy wherever the transport has that form (mixed trust: one form per end)."""
     for ta, tb in ((False, False), (True, False), (False, True)):
         ranking = rank(
             Facts(affinity_a=A0, affinity_b=A0, trusted_a=ta, trusted_b=tb), _table(), TWO
         )
         v = next(c for c in ranking if c.transport == "vmsplice-coop")
         assert v.excluded and "both ends must trust" in v.reason
-        assert all(c.safe for c in ranking if not c.excluded)
+        for c in ranking:
+            if c.excluded:
+                continue
+            has_unsafe = False in fable.REGISTRY[c.transport].caps.forms
+            assert c.safe == (not (ta and has_unsafe), not (tb and has_unsafe)), c
     trusting = rank(
         Facts(affinity_a=A0, affinity_b=A0, trusted_a=True, trusted_b=True), _table(), TWO
     )

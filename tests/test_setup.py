@@ -17,6 +17,7 @@ from fable.connection import PendingEnd, attach
 from fable.errors import FableError, ProtocolError, Timeout
 from fable.testing import open_fds
 from fable.transports import SetupChannel
+from fable.transports.channel import SETUP_VERSION
 
 CHILD = textwrap.dedent(
     """
@@ -67,11 +68,23 @@ def _hostile_end(
     ("record", "match"),
     [
         ({"v": 99, "op": "hello"}, "version"),
-        ({"v": 2, "op": "bye"}, "expected a hello"),
-        ({"v": 2, "op": "hello", "transport": "nope", "safe": True, "params": {}}, "unknown"),
-        ({"v": 2, "op": "hello", "transport": "unix", "safe": "yes", "params": {}}, "malformed"),
-        ({"v": 2, "op": "hello", "transport": "unix", "safe": False, "params": {}}, "no unsafe"),
-        ({"v": 2, "op": "hello", "transport": "unix", "safe": True, "params": {}}, "expected 1 fd"),
+        ({"v": SETUP_VERSION, "op": "bye"}, "expected a hello"),
+        (
+            {"v": SETUP_VERSION, "op": "hello", "transport": "nope", "safe": True, "params": {}},
+            "unknown",
+        ),
+        (
+            {"v": SETUP_VERSION, "op": "hello", "transport": "unix", "safe": "yes", "params": {}},
+            "malformed",
+        ),
+        (
+            {"v": SETUP_VERSION, "op": "hello", "transport": "unix", "safe": False, "params": {}},
+            "no unsafe",
+        ),
+        (
+            {"v": SETUP_VERSION, "op": "hello", "transport": "unix", "safe": True, "params": {}},
+            "expected 1 fd",
+        ),
         ([1, 2, 3], "not a JSON object"),
     ],
 )
@@ -84,7 +97,7 @@ def test_hostile_hello(record: object, match: str) -> None:
 
 def test_hostile_fds_are_checked_and_closed() -> None:
     before = open_fds()
-    hello = {"v": 2, "op": "hello", "safe": True, "params": {}}
+    hello = {"v": SETUP_VERSION, "op": "hello", "safe": True, "params": {}}
     r, w = os.pipe()
     # a pipe where a socket is expected
     with pytest.raises(ProtocolError, match="not a socket"):

@@ -46,7 +46,9 @@ def _facts(
     **hints: Any,
 ) -> FlowFacts:
     topo = NUMA if numa_nodes > 1 else TWO
-    return FlowFacts(transport, True, epoch, nodes, numa_nodes, _ranking(a, b, topo, **hints))
+    return FlowFacts(
+        transport, (True, True), epoch, nodes, numa_nodes, _ranking(a, b, topo, **hints)
+    )
 
 
 def _settled(st: FlowState, now: float = 1000.0, rate: float | None = None) -> FlowState:
@@ -126,7 +128,7 @@ def test_pinning_both_ends_to_one_cpu_moves_a_spinning_flow_at_once() -> None:
     assert d is not None and d.trigger == "placement"
     assert d.transport == "pipe"  # the best round trip on one core in the fixture table
     assert "spins" in d.reason and "share a core" in d.reason
-    assert st.home == ("mempipe-spin", True) and st.moved_by == "placement"
+    assert st.home == ("mempipe-spin", (True, True)) and st.moved_by == "placement"
 
 
 def test_the_flow_goes_back_once_the_ends_are_apart_and_the_dwell_is_over() -> None:
@@ -142,7 +144,7 @@ def test_the_flow_goes_back_once_the_ends_are_apart_and_the_dwell_is_over() -> N
     assert back is not None and back.transport == "mempipe-spin" and back.trigger == "back"
     assert st.home is None
     # still sharing a core: no way back
-    st2 = FlowState(home=("mempipe-spin", True), moved_by="placement", epoch=1)
+    st2 = FlowState(home=("mempipe-spin", (True, True)), moved_by="placement", epoch=1)
     assert decide(_settled(st2), _facts(d.transport, A0, BOTH, epoch=1), 1000.0) is None
 
 
@@ -176,7 +178,7 @@ def test_rates_between_the_thresholds_change_nothing_hysteresis() -> None:
     middle = math.sqrt(QUIET_RATE * BUSY_RATE)
     busy_spinner = _settled(FlowState(), rate=middle)
     assert decide(busy_spinner, _facts("mempipe-spin"), 1000.0) is None
-    moved = _settled(FlowState(home=("mempipe-spin", True), moved_by="rate"), rate=middle)
+    moved = _settled(FlowState(home=("mempipe-spin", (True, True)), moved_by="rate"), rate=middle)
     assert decide(moved, _facts("mempipe-futex"), 1000.0) is None
 
 
@@ -235,12 +237,12 @@ def test_the_operators_choice_holds_and_the_setting_turns_triggers_off() -> None
 
 
 def test_someone_elses_switch_forgets_the_way_home() -> None:
-    st = FlowState(home=("mempipe-spin", True), moved_by="rate")
+    st = FlowState(home=("mempipe-spin", (True, True)), moved_by="rate")
     st.switched(1, "asked for by the operator (uid 0, pid 1)", 1000.0)
     assert st.home is None and st.moved_by is None
-    st = FlowState(home=("mempipe-spin", True), moved_by="rate")
+    st = FlowState(home=("mempipe-spin", (True, True)), moved_by="rate")
     st.switched(1, "rate: 0.1 msgs/s smoothed", 1000.0)
-    assert st.home == ("mempipe-spin", True)
+    assert st.home == ("mempipe-spin", (True, True))
 
 
 def _spins(name: str) -> bool:

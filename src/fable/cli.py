@@ -255,23 +255,38 @@ def top_table(
 @main.command()
 @click.argument("flow_id", type=int)
 @click.argument("transport", required=False)
-@click.option("--safe/--unsafe", "safe", default=None, help="the form (default: keep)")
+@click.option(
+    "--safe/--unsafe",
+    "safe",
+    default=None,
+    help="the form of the ends' reads (default: each end's most zero-copy form within its "
+    "own trust); an end that does not trust its peer refuses --unsafe",
+)
+@click.option("--end", default=None, metavar="NAME", help="apply --safe/--unsafe to this end only")
 @click.option("--auto", is_flag=True, help="hand the flow back to the automatic triggers")
 @click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0))
 def reconfigure(
-    flow_id: int, transport: str | None, safe: bool | None, auto: bool, timeout: float
+    flow_id: int,
+    transport: str | None,
+    safe: bool | None,
+    end: str | None,
+    auto: bool,
+    timeout: float,
 ) -> None:
     """Switch a live flow (see `fable flows`) to TRANSPORT, without losing a message. Waits
-    until the flow's epoch moves (the ends switch as they go on reading and writing). The
-    operator's choice holds: no automatic trigger moves the flow until `--auto`."""
+    until the flow's epoch moves (the ends switch as they go on reading and writing); if an end
+    refuses, prints why and exits 1. The operator's choice holds: no automatic trigger moves
+    the flow until `--auto`."""
     import time
 
     from fable.client import one_shot
 
     if auto == (transport is not None):
         raise click.UsageError("name a TRANSPORT, or pass --auto (not both)")
+    if end is not None and safe is None:
+        raise click.UsageError("--end says which end --safe or --unsafe is for")
     try:
-        reply = one_shot("reconfigure", flow=flow_id, transport=transport, safe=safe)
+        reply = one_shot("reconfigure", flow=flow_id, transport=transport, safe=safe, end=end)
     except FableError as e:
         raise click.ClickException(str(e)) from None
     if reply is None:
@@ -279,20 +294,24 @@ def reconfigure(
     if auto:
         click.echo(f"flow {flow_id}: back under the automatic triggers")
         return
-    before = reply["flow"]["epoch"]
+    before, ticket = reply["flow"]["epoch"], reply.get("ticket")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.1)
         now = one_shot("flows") or {"flows": []}
         flow = next((f for f in now["flows"] if f["id"] == flow_id), None)
         if flow is None:
             raise click.ClickException(f"flow {flow_id} is gone")
         if flow["epoch"] > before:
-            click.echo(f"flow {flow_id}: {flow['transport']} (epoch {flow['epoch']})")
+            safe_now = "/".join("safe" if x else "unsafe" for x in flow["safe"])
+            epoch = flow["epoch"]
+            click.echo(f"flow {flow_id}: {flow['transport']} (epoch {epoch}), reads {safe_now}")
             return
+        refused = flow.get("refused") or {}
+        if ticket is not None and refused.get("ticket") == ticket:
+            raise click.ClickException(f"flow {flow_id}: refused: {refused.get('why')}")
     raise click.ClickException(
-        f"flow {flow_id} did not switch in {timeout:g} s (its ends report once a second; "
-        "an end that refused, e.g. without trust for unsafe reads, keeps the flow as it is)"
+        f"flow {flow_id} did not switch in {timeout:g} s (its ends report once a second)"
     )
 
 

@@ -288,7 +288,8 @@ class DaemonLink:
                     "id": fid,
                     "ends": info["ends"],
                     "transport": st.transport,
-                    "safe": info["safe"],
+                    "safe": [st.safe if info["role"] == k else info["safe"][k] for k in (0, 1)],
+                    "role": info["role"],
                     "epoch": st.epoch,
                     "msgs": st.msgs_sent,
                     "bytes": st.bytes_sent,
@@ -500,17 +501,7 @@ class DaemonLink:
 
     def _push(self, msg: dict[str, Any], fd: int | None) -> None:
         if msg.get("op") == "reconfigure":  # from `fable reconfigure` or a trigger
-            conn = self._flows.get(msg.get("flow"))  # type: ignore[arg-type]
-            if conn is not None and not conn.closed:
-                try:
-                    conn.reconfigure(
-                        str(msg.get("transport")),
-                        msg.get("safe"),
-                        reason=str(msg.get("reason", "asked for by the operator")),
-                        wait=False,
-                    )
-                except (FableError, ValueError, OSError):
-                    pass  # refused here (busy, no trust...): the flow stays as it is
+            self._reconfigure(msg)
             return
         if msg.get("op") == "incoming" and fd is not None:
             entry = self.names.get(str(msg.get("listener")))
@@ -519,6 +510,47 @@ class DaemonLink:
                 return
         if fd is not None:
             os.close(fd)
+
+    def _reconfigure(self, msg: dict[str, Any]) -> None:
+        """Switch the flow a push names: ``safe`` is [form of ends[0], form of ends[1]] (each
+        None: that end's most zero-copy form within its trust). A refusal, here or by the
+        peer, goes back to the daemon with the push's ``ticket`` (``fable reconfigure``
+        prints it)."""
+        fid = msg.get("flow")
+        conn = self._flows.get(fid)  # type: ignore[arg-type]
+        info = self._flow_info.get(fid)  # type: ignore[arg-type]
+        if conn is None or conn.closed or info is None:
+            return
+        forms = msg.get("safe")
+        if not (isinstance(forms, list) and len(forms) == 2):
+            forms = [None, None]
+        role = int(info["role"])
+        ticket = msg.get("ticket")
+
+        def answered(error: BaseException | None) -> None:
+            if error is not None and ticket is not None:
+                with self._lock, contextlib.suppress(DaemonUnavailable):
+                    self._queue(
+                        {
+                            "op": "refused",
+                            "id": next(self._ids),
+                            "flow": fid,
+                            "ticket": ticket,
+                            "why": str(error)[:500],
+                        }
+                    )
+
+        try:
+            conn.reconfigure(
+                str(msg.get("transport")),
+                forms[role] if isinstance(forms[role], bool) else None,
+                peer_safe=forms[1 - role] if isinstance(forms[1 - role], bool) else None,
+                reason=str(msg.get("reason", "asked for by the operator")),
+                wait=False,
+                on_answer=answered,
+            )
+        except (FableError, ValueError, OSError) as e:  # refused here (busy, no trust...)
+            answered(e)
 
     def close_after_fork(self) -> None:
         """In a forked child: drop the parent's link without touching it."""

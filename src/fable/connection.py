@@ -161,18 +161,25 @@ class Connection:
         transport: str,
         safe: bool | None = None,
         *,
+        peer_safe: bool | None = None,
         reason: str = "asked for by the application",
         wait: bool = True,
         timeout: float | None = 10.0,
+        on_answer: Callable[[FableError | None], None] | None = None,
     ) -> None:
         """Move this connection to ``transport`` (a REGISTRY name) without losing a message
-        (``fable/epochs.py`` draws the protocol). ``safe=None`` keeps this side's form where
-        the transport has it, else takes the transport's one form. ``wait``: return once the
-        peer accepted (``FableError`` if it refused: the connection stays as it was); the
-        switch then completes as both sides go on reading and writing. ``PermissionDenied``
-        for unsafe reads without trust."""
+        (``fable/epochs.py`` draws the protocol). ``safe``: this side's form; ``peer_safe``:
+        the form asked of the peer (which refuses unsafe reads it does not trust); None: each
+        side reads in the most zero-copy form its own trust allows. One switch at a time: this
+        waits (``wait``) for the previous one to end on both sides, else raises FableError.
+        ``wait``: return once the peer accepted (if it refused, the connection stays as it
+        was and this raises with the peer's reason: ``PermissionDenied`` for trust,
+        ``ProtocolError`` otherwise); the switch then completes as both sides go on reading
+        and writing. ``PermissionDenied`` for unsafe reads without this side's trust.
+        ``on_answer(error)`` is called once the peer answers (None: it accepted), on
+        whichever thread reads the answer (``wait=False`` callers hear of a refusal so)."""
         self._check_open()
-        self._epochs.reconfigure(transport, safe, reason, wait, timeout)
+        self._epochs.reconfigure(transport, safe, peer_safe, reason, wait, timeout, on_answer)
 
     def reconfig_fileno(self) -> int:
         """An fd that is readable while a reconfiguration is in progress."""
@@ -401,18 +408,26 @@ class PendingEnd:
         return self._sock.fileno()
 
     def open(
-        self, timeout: float | None = 10.0, *, trusted: bool | None = None, forced: bool = True
+        self,
+        timeout: float | None = 10.0,
+        *,
+        trusted: bool | None = None,
+        forced: bool = True,
+        expect: str | None = None,
     ) -> Connection:
         """Open this end (in the child) and return its :class:`Connection`. ``trusted``: may
-        this side read in place? False refuses an offer of unsafe reads (``ProtocolError``);
-        None takes the form the other side chose. ``forced``: the transport was named by the
-        application (see ``Connection.fileno``)."""
+        this side read in place? False refuses an offer of unsafe reads (``PermissionDenied``,
+        here and, at its next call, on the other side); None takes the form the other side
+        chose for this one. ``forced``: the transport was named by the application (see
+        ``Connection.fileno``). ``expect``: the only transport to take (a listener's: the
+        daemon's choice); another is refused (``ProtocolError``)."""
         if self._sock is None:
             raise FableError("this PendingEnd was already opened or closed")
         sock, self._sock = self._sock, None
         ch = SetupChannel(sock)
         try:
-            path, _ = handshake.first_offer(ch, handshake.Stance(trusted=trusted), timeout)
+            stance = handshake.Stance(trusted=trusted, transport=expect)
+            path, _ = handshake.first_offer(ch, stance, timeout)
         except BaseException:
             ch.close()
             raise
@@ -442,24 +457,28 @@ def initiate(
     transport: str,
     *,
     safe: bool | None = None,
+    peer_safe: bool | None = None,
     options: dict[str, Any] | None = None,
     trusted: bool | None = None,
     forced: bool = True,
 ) -> Connection:
     """Set ``transport`` up over the setup channel ``sock`` (this side creates it and sends the
-    peer its share in the first offer) and return this side's Connection; the peer opens its
-    end with ``PendingEnd(sock).open()`` or ``attach(fd)``. Takes ``sock`` over, closing it on
-    failure. Raises ValueError for an unknown transport or a form it does not have."""
+    peer its share in the first offer, asking it to read in form ``peer_safe``) and return
+    this side's Connection; the peer opens its end with ``PendingEnd(sock).open()`` or
+    ``attach(fd)``. Takes ``sock`` over, closing it on failure. Raises ValueError for an
+    unknown transport or a form it does not have."""
     try:
         info = handshake.transport_info(transport)
         safe = handshake.choose_form(info, safe)
+        if peer_safe is not None:
+            handshake.choose_form(info, peer_safe)
         ch = SetupChannel(sock)
     except BaseException:
         sock.close()
         raise
     try:
         path = handshake.make_offer(
-            ch, info, safe=safe, epoch=0, op=handshake.HELLO, options=options
+            ch, info, safe=safe, epoch=0, op=handshake.HELLO, options=options, yours=peer_safe
         )
     except BaseException:
         ch.close()
@@ -471,18 +490,25 @@ def open_pair(
     transport: str,
     *,
     safe: bool | None = None,
+    peer_safe: bool | None = None,
     options: dict[str, Any] | None = None,
     trusted: bool | None = None,
 ) -> tuple[Connection, PendingEnd]:
     """A connection over ``transport``: this side's Connection, and the other end to hand on.
 
-    ``safe``: whether the readers get private copies (default: the transport's safe form when
-    it has one). ``trusted``: whether this side may read in place in later epochs (None: as it
-    reads now). Raises ValueError for an unknown transport or a form it does not have."""
-    handshake.choose_form(handshake.transport_info(transport), safe)
+    ``safe``: whether this side's reads are private copies (default: the transport's safe
+    form when it has one); ``peer_safe``: the other end's (default: as ``safe``; that end
+    refuses unsafe reads if it opens with ``trusted=False``). ``trusted``: whether this side
+    may read in place in later epochs (None: as it reads now). Raises ValueError for an
+    unknown transport or a form it does not have."""
+    info = handshake.transport_info(transport)
+    safe = handshake.choose_form(info, safe)
+    peer_safe = safe if peer_safe is None else handshake.choose_form(info, peer_safe)
     s0, s1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        conn = initiate(s0, transport, safe=safe, options=options, trusted=trusted)
+        conn = initiate(
+            s0, transport, safe=safe, peer_safe=peer_safe, options=options, trusted=trusted
+        )
     except BaseException:
         s1.close()
         raise

@@ -6,8 +6,9 @@ exactly as ``open_pair`` does between a parent and a child. After that the daemo
 data path: it only hears each process's counters, once a second.
 
 Trust is per reading side (DESIGN.md §2): a side reads "unsafe" (zero-copy views) only if it
-passed ``trusted=True``. Until transports can have one form per direction, a connection is
-unsafe only when both sides trusted, and safe otherwise.
+passed ``trusted=True``. The daemon picks each end's form within that end's trust; each end
+checks the offer against its own trust and the transport the daemon chose for it
+(``fable/handshake.py``), so neither the peer nor the daemon can make its reads unsafe.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class Context:
             sock,
             opts["transport"],
             safe=opts["safe"],
+            peer_safe=opts.get("peer_safe"),
             trusted=bool(trusted),
             forced=bool(opts.get("forced", True)),
         )
@@ -175,10 +177,14 @@ class Listener:
             if item is None:
                 continue  # look at entry.lost
             msg, sock = item
-            forced = bool(msg.get("options", {}).get("forced", True))
+            options = msg.get("options", {})
+            forced = bool(options.get("forced", True))
             try:
                 conn = PendingEnd(sock).open(
-                    timeout=settings().setup_timeout_s, trusted=entry.trusted, forced=forced
+                    timeout=settings().setup_timeout_s,
+                    trusted=entry.trusted,
+                    forced=forced,
+                    expect=str(options.get("transport")),
                 )
             except FableError:
                 continue  # the connecting process died during the setup, or offered what

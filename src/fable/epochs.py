@@ -4,10 +4,11 @@
     ------------------------------------------  ------------------------------------------
     create epoch e+1, open X's end
     setup: PROPOSE(e+1, transport, safe,  ──►   read by Y's control thread (or any call
-           params) + fds                        that reads the setup channel); Y checks the
-                                                offer against its own state and opens its
-    (X keeps writing on epoch e)          ◄──   end: ACCEPT(e+1), or REFUSE(e+1, why): the
-                                                connection stays on epoch e
+           yours, params) + fds                 that reads the setup channel); Y checks the
+                                                offer against its own state, picks its own
+                                                form (fable/handshake.py) and opens its
+    (X keeps writing on epoch e)          ◄──   end: ACCEPT(e+1), or REFUSE(e+1, why, kind):
+                                                the connection stays on epoch e
                                                 Y's next write (or Y's control thread, if Y
     X's next write after ACCEPT (or X's         is not writing): END(e) in band on e, then
     control thread): END(e) in band on e,       every write goes to e+1
@@ -21,6 +22,10 @@
   can never overtake data. A reader tells END from a real close by the ACCEPT or PROPOSE that
   preceded it on the setup channel (read before it moves on: ``next_path``).
 - The offer and its checks are ``fable/handshake.py``'s, the same as for the first transport.
+- One switch at a time, and at most one old epoch not yet ended: a side proposes e+1 only once
+  the peer said DONE for every epoch before e (``reconfigure`` waits for it), and refuses a
+  PROPOSE(e+1) while it has not said DONE for one of them itself (a chain of proposals would
+  keep every old path's fds and mappings). A slow reader is not failed: the peer waits.
 - Both sides ask at once: the proposal of the side that set the connection up (role 0) wins;
   the other side drops its own and accepts.
 - Write buffers of epoch e that the application holds keep the write switch waiting (writes
@@ -56,7 +61,7 @@ from fable._wire import close_fds
 from fable.buffer import Buffer
 from fable.config import settings
 from fable.control import control
-from fable.errors import DeadBuffer, FableError, PermissionDenied, ProtocolError, Timeout
+from fable.errors import ConnectionClosed, DeadBuffer, FableError, ProtocolError, Timeout
 from fable.readiness import BusyFd, StableFd
 from fable.transports import ConnectionStats, DataPath, SetupChannel
 
@@ -65,7 +70,8 @@ __all__ = ["CONTROL_OPS", "GROUPS", "IDLE_TICK", "Epoch", "Epochs", "Proposal"]
 IDLE_TICK = 0.005  # seconds between the control thread's looks at a quiet side's pending END
 
 PROPOSE = handshake.PROPOSE
-ACCEPT, REFUSE, DONE = "reconfig-accept", "reconfig-refuse", "reconfig-done"
+REFUSE = handshake.REFUSE
+ACCEPT, DONE = "reconfig-accept", "reconfig-done"
 CONTROL_OPS = frozenset({PROPOSE, ACCEPT, REFUSE, DONE})
 WRITE_NAMES = ("getwritebuf", "commit", "abort", "flush", "send", "send_many")
 READ_NAMES = ("getreadbuf", "recv", "recv_into")
@@ -101,11 +107,17 @@ class Proposal:
     reason: str
     started: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
-    error: str | None = None
+    error: FableError | None = None
+    on_answer: Callable[[FableError | None], None] | None = None  # who else wants to know
 
-    def answer(self, error: str | None) -> None:
+    def answer(self, error: FableError | None) -> None:
         self.error = error
         self.done.set()
+        if self.on_answer is not None:
+            try:
+                self.on_answer(error)
+            except Exception:  # a report to the daemon that failed: the switch is unaffected
+                pass
 
 
 @dataclass
@@ -196,55 +208,74 @@ class Epochs:
         return e.path if e is not None else self.tx
 
     # ------------------------------------------------------------------ asking
+    def _unended(self, mine: bool) -> int | None:
+        """An old epoch (before the newest) not yet over: by this side's DONE (``mine``) or by
+        the peer's; None if there is none (module docstring: one switch at a time)."""
+        for number, e in self.live.items():
+            if number < self.epoch and not (e.said_done if mine else e.peer_done):
+                return number
+        return None
+
     def reconfigure(
-        self, transport: str, safe: bool | None, reason: str, wait: bool, timeout: float | None
+        self,
+        transport: str,
+        safe: bool | None,
+        peer_safe: bool | None,
+        reason: str,
+        wait: bool,
+        timeout: float | None,
+        on_answer: Callable[[FableError | None], None] | None = None,
     ) -> None:
-        """Propose epoch e+1 on ``transport``; with ``wait``, until the peer answers."""
+        """Propose epoch e+1 on ``transport``, this side reading in form ``safe`` and asking
+        the peer for ``peer_safe`` (None: each side's most zero-copy form within its trust);
+        with ``wait``, until the peer answers. ``on_answer`` is called with the peer's answer
+        (None: accepted) on whichever thread reads it."""
         info = handshake.transport_info(transport)
+        safe = handshake.own_form(info, self.trusted, safe)
+        if peer_safe is not None:
+            handshake.choose_form(info, peer_safe)
+        if self._fd.handed_out and info.caps.spins:
+            raise FableError(
+                f"fileno() of this connection was handed out: {transport} spins and has "
+                "no readiness fd"
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:  # one request at a time: wait for the peer's answer to the previous one
-            with self.lock:
-                prev = self.proposal
-            if prev is None:
-                break
-            left = None if deadline is None else deadline - time.monotonic()
-            if not wait or (left is not None and left <= 0):
-                raise FableError("a reconfiguration of this connection is in progress")
-            prev.done.wait(left)
         with self.lock:
-            if self.proposal is not None:
-                raise FableError("a reconfiguration of this connection is in progress")
-            if safe is None:  # this side's form where the transport has it, else its only one
-                here = self.newest.safe
-                safe = here if here in info.caps.forms else info.caps.forms[0]
-            safe = handshake.choose_form(info, safe)
-            if self._fd.handed_out and info.caps.spins:
-                raise FableError(
-                    f"fileno() of this connection was handed out: {transport} spins and has "
-                    "no readiness fd"
-                )
-            if not safe and not self.trusted:
-                raise PermissionDenied(
-                    "unsafe (zero-copy) reads need this side's trust (trusted=True)"
-                )
+            # one request at a time, and the previous switch over on both sides
+            while self.proposal is not None or self._unended(mine=False) is not None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if not wait:
+                    raise FableError("a reconfiguration of this connection is in progress")
+                if left is not None and left <= 0:
+                    raise Timeout("the previous reconfiguration did not end in time")
+                if self.ch.ended:
+                    raise ConnectionClosed("the peer went away")
+                self.changed.wait(0.05 if left is None else min(left, 0.05))
             number = self.epoch + 1
             path = handshake.make_offer(
-                self.ch, info, safe=safe, epoch=number, op=PROPOSE, reason=reason
+                self.ch,
+                info,
+                safe=safe,
+                epoch=number,
+                op=PROPOSE,
+                reason=reason,
+                yours=peer_safe,
             )
-            self.proposal = Proposal(number, path, reason)
+            self.proposal = Proposal(number, path, reason, on_answer=on_answer)
             self._busy.set(True)
         if wait:
             self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def wait(self, timeout: float | None) -> None:
-        """Wait until the peer accepted or refused our proposal (``FableError`` if refused)."""
+        """Wait until the peer accepted or refused our proposal (its reason raised if it
+        refused: ``PermissionDenied`` for trust, ``ProtocolError`` otherwise)."""
         prop = self.proposal
         if prop is None:
             return
         if not prop.done.wait(timeout):
             raise Timeout("the peer did not answer the reconfiguration in time")
         if prop.error is not None:
-            raise FableError(f"the peer refused to switch: {prop.error}")
+            raise prop.error
 
     # ------------------------------------------------------------------ the setup channel
     def on_channel(self) -> bool:
@@ -282,7 +313,7 @@ class Epochs:
             prop, self.proposal = self.proposal, None
             if prop is not None:
                 prop.path.teardown()
-                prop.answer("the peer went away")
+                prop.answer(ConnectionClosed("the peer went away"))
             self.changed.notify_all()
 
     def _handle(self, rec: dict[str, Any], fds: list[int]) -> None:
@@ -302,6 +333,7 @@ class Epochs:
             if e is not None:  # else freed already, or never ours: nothing to do
                 e.peer_done = True
                 self._maybe_free(number)
+                self.changed.notify_all()  # a proposal may wait for this
             return
         prop = self.proposal
         if prop is None or prop.number != number:
@@ -313,7 +345,8 @@ class Epochs:
         else:
             prop.path.teardown()
             self._busy.set(self.busy)
-            prop.answer(str(rec.get("why", "refused"))[:500])
+            self.changed.notify_all()
+            prop.answer(handshake.refusal_error(rec, f"to switch to {prop.path.transport}"))
 
     def _on_propose(self, rec: dict[str, Any], number: int, fds: list[int]) -> None:
         mine = self.proposal
@@ -323,27 +356,29 @@ class Epochs:
                 return
             self.proposal = None  # theirs wins: drop ours
             mine.path.teardown()
-            mine.answer("the peer asked for another switch at the same time (its request won)")
+            mine.answer(
+                FableError("the peer asked for another switch at the same time (its request won)")
+            )
         if number != self.epoch + 1:
             close_fds(fds)
             raise ProtocolError(f"reconfiguration to epoch {number} while at epoch {self.epoch}")
-        path: DataPath | None = None
         try:
-            offer = handshake.read_offer(rec, fds, PROPOSE)  # closes the fds if it raises
-        except ProtocolError as e:
-            why: str | None = str(e)
-        else:
-            stance = handshake.Stance(trusted=self.trusted, no_spin=self._fd.handed_out)
-            why = handshake.refusal(offer, stance)
-            if why is not None:
+            old = self._unended(mine=True)
+            if old is not None:
                 close_fds(fds)
-            else:
-                try:
-                    path = handshake.open_offer(self.ch, offer, fds)
-                except Exception as e:  # the peer's resources did not check out: stay on e
-                    why = f"{type(e).__name__}: {e}"
-        if path is None:
-            self.ch.send({"op": REFUSE, "epoch": number, "why": why})
+                raise ProtocolError(
+                    f"epoch {old} is not over on this side yet: one switch at a time"
+                )
+            offer = handshake.read_offer(rec, fds, PROPOSE)  # closes the fds if it raises
+            stance = handshake.Stance(trusted=self.trusted, no_spin=self._fd.handed_out)
+            try:
+                form = handshake.answer_form(offer, stance)
+            except BaseException:
+                close_fds(fds)
+                raise
+            path = handshake.open_offer(self.ch, offer, fds, form)
+        except FableError as e:  # refused: the connection stays on epoch e
+            self.ch.send(handshake.refused(e, number))
             return
         self.ch.send({"op": ACCEPT, "epoch": number})
         self._agree(path, number, offer.reason or "asked for by the peer")
@@ -557,7 +592,7 @@ class Epochs:
             prop, self.proposal = self.proposal, None
             if prop is not None:
                 prop.path.teardown()
-                prop.answer("the connection was closed")
+                prop.answer(ConnectionClosed("the connection was closed"))
             while any(e.wrote_end and not e.peer_done for e in self.live.values()):
                 left = deadline - time.monotonic()
                 if left <= 0 or self.ch.ended:

@@ -5,14 +5,22 @@ place for both.
     offering side                                  answering side
     --------------------------------------------   ---------------------------------------------
     info.create(options) -> (ours, theirs)
-    open ours (role 0, epoch e)
-    OFFER {op, epoch, transport, safe, params, ──► read_offer: a known transport, a form it has,
-           reason} + the fds of theirs                well-formed fields (else ProtocolError)
-                                                    refusal: what this side accepts, from its
-                                                      own state (its trust, its fileno())
-                                                    open theirs (role 1, epoch e)
-    epoch 0: no answer; the data path carries the rest (a refused hello closes the channel)
-    epoch n: ACCEPT(e) or REFUSE(e, why) on the setup channel (fable/epochs.py)
+    open ours (role 0, epoch e, its own form)
+    OFFER {op, epoch, transport, safe, yours,  ──► read_offer: a known transport, well-formed
+           params, reason} + the fds of theirs        fields (else ProtocolError)
+                                                    answer_form: this side's form, from its own
+                                                      state (its trust, the transport it expects,
+                                                      its fileno()); ``yours`` is a wish
+                                                    open theirs (role 1, epoch e, that form)
+    epoch 0: nothing if it opened; else REFUSE(0, why, kind) and the channel closes
+    epoch n: ACCEPT(e) or REFUSE(e, why, kind) on the setup channel (fable/epochs.py)
+
+Each side reads in its own form (DESIGN.md §2: trust is per reading side): ``safe`` in an offer
+is the offering side's own form (for the record), ``yours`` the form it asks of the other side
+(None: the answering side picks the most zero-copy form its trust allows). The answering side
+never reads unsafe unless it trusts (``PermissionDenied`` otherwise: ``kind: "permission"``);
+every other refusal is a ``ProtocolError`` (``kind: "protocol"``). vmsplice-coop has only the
+unsafe form, so it needs both sides' trust: the offering side offers it only when it trusts.
 
 The offering side keeps nothing of the answering side's share: its fds are closed once sent.
 The answering side owns the fds that came with an offer from ``read_offer`` on, and closes them
@@ -25,25 +33,30 @@ from dataclasses import dataclass
 from typing import Any
 
 from fable._wire import close_fds
-from fable.errors import FableError, ProtocolError
-from fable.transports import REGISTRY, DataPath, EndSpec, TransportInfo
+from fable.errors import FableError, PermissionDenied, ProtocolError
+from fable.transports import REGISTRY, DataPath, EndSpec, TransportInfo, channel
 from fable.transports.channel import SetupChannel
 
 __all__ = [
     "HELLO",
     "PROPOSE",
+    "REFUSE",
     "Offer",
     "Stance",
+    "answer_form",
     "choose_form",
     "first_offer",
     "make_offer",
     "open_offer",
+    "own_form",
     "read_offer",
-    "refusal",
+    "refusal_error",
+    "refused",
 ]
 
 HELLO = "hello"  # the first offer (epoch 0)
 PROPOSE = "reconfig"  # a later one (epoch n)
+REFUSE = channel.REFUSE  # an offer refused: {epoch, why, kind: "permission" | "protocol"}
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,8 @@ class Offer:
     op: str
     epoch: int
     info: TransportInfo
-    safe: bool
+    safe: bool  # the offering side's own form
+    yours: bool | None  # the form it asks of this side (None: this side's choice)
     params: dict[str, Any]
     reason: str = ""
 
@@ -63,10 +77,12 @@ class Stance:
     """What this side accepts in an offer, from its own state, never from the peer's word.
 
     ``trusted``: this side may read in place (unsafe, zero-copy); None: it has not said and
-    takes the form the first offer names (``open_pair``'s other end: the pair's creator chose
-    for both). ``no_spin``: its ``fileno()`` is out, so no spinning transport."""
+    takes the form the first offer asks for (``open_pair``'s other end: the pair's creator chose
+    for both). ``transport``: the only transport this side takes (a listener's: the one the
+    daemon chose; None: any). ``no_spin``: its ``fileno()`` is out, so no spinning transport."""
 
     trusted: bool | None = None
+    transport: str | None = None
     no_spin: bool = False
 
 
@@ -88,6 +104,25 @@ def choose_form(info: TransportInfo, safe: bool | None) -> bool:
     return safe
 
 
+def own_form(info: TransportInfo, trusted: bool, safe: bool | None) -> bool:
+    """The form a side with trust ``trusted`` reads ``info`` in: ``safe`` when given, else the
+    most zero-copy one its trust allows. ``PermissionDenied`` for unsafe reads without trust,
+    ``ValueError`` for a form the transport does not have."""
+    if safe is None:
+        safe = not (trusted and False in info.caps.forms)
+        if safe and True not in info.caps.forms:
+            safe = False  # the transport has only the unsafe form: refused below
+    if not safe and not trusted:
+        raise PermissionDenied(
+            "this side does not trust its peer (trusted=False): no unsafe (zero-copy) reads"
+            + (f", and {info.name} has no other form" if True not in info.caps.forms else "")
+        )
+    why = info.no_form(safe)
+    if why is not None:
+        raise ValueError(why)
+    return safe
+
+
 def make_offer(
     ch: SetupChannel,
     info: TransportInfo,
@@ -97,9 +132,11 @@ def make_offer(
     op: str,
     options: dict[str, Any] | None = None,
     reason: str = "",
+    yours: bool | None = None,
 ) -> DataPath:
-    """Create transport ``info``, open this side's end (role 0) and send the peer its share in
-    an offer; returns this side's path. Nothing is left behind if it raises."""
+    """Create transport ``info``, open this side's end (role 0, form ``safe``) and send the
+    peer its share in an offer asking it for form ``yours``; returns this side's path. Nothing
+    is left behind if it raises."""
     ours, theirs = info.create(dict(options or {}))
     try:
         path = info.open(ours, 0, safe, ch, epoch)
@@ -111,6 +148,7 @@ def make_offer(
         "epoch": epoch,
         "transport": info.name,
         "safe": safe,
+        "yours": yours,
         "params": theirs.params,
     }
     if reason:
@@ -138,52 +176,100 @@ def read_offer(record: dict[str, Any], fds: list[int], op: str) -> Offer:
         info = REGISTRY.get(name) if isinstance(name, str) else None
         if info is None:
             raise ProtocolError(f"the peer asked for an unknown transport {name!r}")
-        safe, params = record.get("safe"), record.get("params")
-        if not isinstance(safe, bool) or not isinstance(params, dict):
+        safe, yours, params = record.get("safe"), record.get("yours"), record.get("params")
+        if (
+            not isinstance(safe, bool)
+            or not isinstance(yours, (bool, type(None)))
+            or not isinstance(params, dict)
+        ):
             raise ProtocolError(f"malformed {op} on the setup channel")
-        why = info.no_form(safe)
-        if why is not None:
-            raise ProtocolError(why)
-        return Offer(op, epoch, info, safe, params, str(record.get("reason", ""))[:500])
+        for form in (safe, yours):
+            why = None if form is None else info.no_form(form)
+            if why is not None:
+                raise ProtocolError(f"the peer's offer: {why}")
+        reason = record.get("reason", "")
+        return Offer(op, epoch, info, safe, yours, params, str(reason)[:500])
     except BaseException:
         close_fds(fds)
         raise
 
 
-def refusal(offer: Offer, stance: Stance) -> str | None:
-    """Why this side refuses ``offer`` given its own ``stance``, or None (it accepts)."""
-    if not offer.safe and stance.trusted is False:
-        return "this side does not trust its peer: no unsafe (zero-copy) reads"
+def answer_form(offer: Offer, stance: Stance) -> bool:
+    """This side's form for ``offer``, from its own ``stance`` alone: what the offer asks
+    (``yours``) if this side's trust allows it, else the most zero-copy form it allows.
+    ``PermissionDenied`` when the offer needs unsafe reads this side does not trust the peer
+    with; ``ProtocolError`` for a transport this side does not take."""
+    name = offer.info.name
+    if stance.transport is not None and name != stance.transport:
+        raise ProtocolError(f"the peer offered {name}; this side expects {stance.transport}")
     if stance.no_spin and offer.info.caps.spins:
-        return (
-            f"fileno() was handed out on this side: {offer.info.name} spins and has no readiness fd"
-        )
-    return None
-
-
-def open_offer(ch: SetupChannel, offer: Offer, fds: list[int]) -> DataPath:
-    """Open this side's end of an accepted offer (role 1); the fds are the path's (or closed).
-    Resources that do not check out are the peer's fault: ``ProtocolError``, whatever the
-    system call that found out (a mapping refused, a pipe that is not one)."""
+        raise ProtocolError(f"fileno() was handed out on this side: {name} spins")
+    if offer.info.caps.mutual_trust and offer.safe:
+        raise ProtocolError(f"{name} has no safe form (the offer claims one)")
+    if stance.trusted is None:  # open_pair's other end: the creator chose for both
+        return choose_form(offer.info, offer.yours) if offer.yours is not None else offer.safe
     try:
-        return offer.info.open(EndSpec(fds, offer.params), 1, offer.safe, ch, offer.epoch)
+        return own_form(offer.info, stance.trusted, offer.yours)
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None
+
+
+def refused(exc: BaseException, epoch: int) -> dict[str, Any]:
+    """The REFUSE record that tells the offering side why (``kind`` picks its error class)."""
+    kind = "permission" if isinstance(exc, PermissionDenied) else "protocol"
+    return {"op": REFUSE, "epoch": epoch, "why": str(exc)[:500], "kind": kind}
+
+
+def refusal_error(record: dict[str, Any], what: str) -> FableError:
+    """The error a REFUSE record stands for on the offering side."""
+    why = f"the peer refused {what}: {str(record.get('why', 'refused'))[:500]}"
+    if record.get("kind") == "permission":
+        return PermissionDenied(why)
+    return ProtocolError(why)
+
+
+def open_offer(ch: SetupChannel, offer: Offer, fds: list[int], safe: bool) -> DataPath:
+    """Open this side's end of an accepted offer (role 1, form ``safe``); the fds are the
+    path's (or closed). Resources that do not check out are the peer's fault:
+    ``ProtocolError``, whatever the system call that found out (a mapping refused, a pipe
+    that is not one)."""
+    try:
+        return offer.info.open(EndSpec(fds, offer.params), 1, safe, ch, offer.epoch)
     except FableError:
         raise
-    except (OSError, ValueError, OverflowError, MemoryError) as e:
+    except Exception as e:  # OSError, ValueError, OverflowError, MemoryError...
         raise ProtocolError(
             f"the peer's {offer.info.name} resources: {type(e).__name__}: {e}"
         ) from e
 
 
 def first_offer(ch: SetupChannel, stance: Stance, timeout: float | None) -> tuple[DataPath, Offer]:
-    """The answering side at epoch 0: wait for the hello, check it, open this side's end."""
+    """The answering side at epoch 0: wait for the hello (``timeout``: for all of it), check
+    it, open this side's end. A refused hello is answered with REFUSE (the offering side's
+    connection fails with the reason) and raised here."""
     record, fds = ch.next(timeout)
-    offer = read_offer(record, fds, HELLO)
-    if offer.epoch != 0:
+    try:
+        offer = read_offer(record, [], HELLO)
+        if offer.epoch != 0:
+            raise ProtocolError(f"the first offer is for epoch {offer.epoch}, not 0")
+        form = answer_form(offer, stance)
+    except FableError as e:
+        _refuse(ch, e)  # before the offered fds close: their end is what the offering side
+        close_fds(fds)  # notices first, and it must find the reason waiting on the channel
+        raise
+    except BaseException:
         close_fds(fds)
-        raise ProtocolError(f"the first offer is for epoch {offer.epoch}, not 0")
-    why = refusal(offer, stance)
-    if why is not None:
-        close_fds(fds)
-        raise ProtocolError(f"refused the peer's offer: {why}")
-    return open_offer(ch, offer, fds), offer
+        raise
+    try:
+        return open_offer(ch, offer, fds, form), offer  # the path's fds (closed if it raises)
+    except FableError as e:
+        _refuse(ch, e)
+        raise
+
+
+def _refuse(ch: SetupChannel, exc: FableError) -> None:
+    """Tell the offering side why its first offer was refused (if it is still there)."""
+    try:
+        ch.send(refused(exc, 0))
+    except (OSError, FableError):
+        pass  # the offering side is gone: nobody to tell

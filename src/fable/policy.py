@@ -67,9 +67,14 @@ class Facts:
             and not (self.affinity_a & self.affinity_b)
         )
 
-    @property
-    def safe(self) -> bool:
-        return not (self.trusted_a and self.trusted_b)
+    def side_forms(self, name: str) -> tuple[list[bool], list[bool]]:
+        """The forms each end may read ``name`` in: any the transport has for a trusting end,
+        only the safe one for the other (DESIGN.md §2: trust is per reading side)."""
+        forms = REGISTRY[name].caps.forms
+        return (
+            [f for f in forms if f or self.trusted_a],
+            [f for f in forms if f or self.trusted_b],
+        )
 
 
 @dataclass
@@ -137,17 +142,14 @@ def plausible_placements(facts: Facts, topo: Topology | None = None) -> list[str
 @dataclass(frozen=True)
 class Choice:
     transport: str
-    safe: bool
+    safe: tuple[bool, bool]  # each end's reads (a, b): True = private copies
     score: float  # 0..1, 1 = the best wherever the ends may be
     reason: str
     excluded: bool = False
 
 
-def _forms(name: str, facts: Facts) -> list[bool]:
-    """The forms the ends may use: safe only if either end does not trust; any the transport
-    has if both trust (a safe copy is always fine for a trusting reader)."""
-    forms = REGISTRY[name].caps.forms
-    return [True] if facts.safe and True in forms else [] if facts.safe else list(forms)
+def _reads(safe: bool) -> str:
+    return "safe (private copies)" if safe else "unsafe (zero-copy)"
 
 
 def _exclusion(name: str, facts: Facts) -> str | None:
@@ -158,7 +160,8 @@ def _exclusion(name: str, facts: Facts) -> str | None:
         return "it spins, and the ends could share a core (their CPU affinities overlap)"
     if facts.pollable and not caps.pollable:
         return "a pollable fd was asked for"
-    if not _forms(name, facts):
+    fa, fb = facts.side_forms(name)
+    if not fa or not fb:
         return "both ends must trust each other" if caps.mutual_trust else "it has no safe form"
     return None
 
@@ -181,7 +184,12 @@ def rank(facts: Facts, table: Table, topo: Topology | None = None) -> list[Choic
         if facts.apart
         else f"ends may share a core ({', '.join(places)})"
     )
-    ok = [(n, form) for n in REGISTRY if _exclusion(n, facts) is None for form in _forms(n, facts)]
+    ok = [
+        (n, form)
+        for n in REGISTRY
+        if _exclusion(n, facts) is None
+        for form in {f for forms in facts.side_forms(n) for f in forms}
+    ]
     # the best value among the allowed transports and forms, per cell
     best: dict[tuple[str, str, int], float] = {}
     for p in places:
@@ -212,15 +220,26 @@ def rank(facts: Facts, table: Table, topo: Topology | None = None) -> list[Choic
     for name in REGISTRY:
         why_not = _exclusion(name, facts)
         if why_not:
-            out.append(Choice(name, facts.safe, 0.0, f"{name}: excluded: {why_not}", True))
+            safest = (not facts.trusted_a, not facts.trusted_b)
+            out.append(Choice(name, safest, 0.0, f"{name}: excluded: {why_not}", True))
             continue
-        (sc, notes), form = max((score(name, f), f) for f in _forms(name, facts))
+        # each end reads in the most zero-copy form its trust allows (DESIGN.md §2); the table
+        # measures both ends in one form, so a pair scores the geometric mean of its two forms
+        # (a form the table never measured scores as the transport's other one)
+        fa, fb = facts.side_forms(name)
+        per_form = {f: score(name, f) for f in set(fa + fb)}
+        measured = [per_form[f] for f in per_form if per_form[f][1]]
+        for f in per_form:
+            if not per_form[f][1] and measured:
+                per_form[f] = max(measured)
+        a, b = min(fa), min(fb)  # False (zero-copy) before True
+        (sa, notes), (sb, _) = per_form[a], per_form[b]
+        sc = math.sqrt(sa * sb)
+        form = (a, b)
         reads = (
-            "unsafe (zero-copy) reads"
-            if not form
-            else (
-                "safe reads (private copies)" + ("" if facts.safe else ", though both ends trust")
-            )
+            f"{_reads(a)} reads at both ends"
+            if a == b
+            else f"reads: the first end {_reads(a)}, the second {_reads(b)}"
         )
         shown = "; ".join(notes[:4]) + (" ..." if len(notes) > 4 else "")
         out.append(

@@ -71,6 +71,8 @@ class Flow:
     since: float = field(default_factory=time.time)
     trusted: tuple[bool, bool] | None = None  # each end's trust (None: adopted, see safe)
     hints: dict[str, Any] = field(default_factory=dict)  # pollable, msg_size, mode of connect
+    # the latest refused switch an end told of: {ticket, why, at} (fable reconfigure prints it)
+    refused: dict[str, Any] | None = None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -83,6 +85,7 @@ class Flow:
             "bytes": self.bytes,
             "reason": self.reason,
             "last_switch": self.last_switch,
+            "refused": self.refused,
             "since": self.since,
         }
 
@@ -177,6 +180,10 @@ class Registry:
                 self._ids = itertools.count(max(fid + 1, next(self._ids)))
             flow.clients.add(client)
             flow.transport, flow.epoch = f["transport"], f["epoch"]
+            role = f.get("role", 0)  # the reporting end's own form is the one it knows
+            pair = list(flow.safe)
+            pair[role] = bool(f["safe"][role])
+            flow.safe = (pair[0], pair[1])
             last = f.get("last_switch")
             if isinstance(last, dict) and (
                 flow.last_switch is None or last.get("at", 0) >= flow.last_switch.get("at", 0)

@@ -28,7 +28,7 @@ from fable._wire import FrameReader, close_fds
 from fable.config import settings
 from fable.daemon.registry import Endpoint, Flow, Registry
 from fable.daemon.triggers import FlowFacts, FlowState, decide, note_asked
-from fable.errors import FableError, ProtocolError, Timeout
+from fable.errors import FableError, PermissionDenied, ProtocolError, Timeout
 from fable.nameservice import CONTROL, SYSTEM_SOCKET, check_name, private_dir, user_socket
 
 __all__ = ["Daemon", "host_id", "serve"]
@@ -137,6 +137,7 @@ class Daemon:
         self.path = path
         self.system = system
         self.registry = Registry()
+        self._tickets = itertools.count(1)  # one per `fable reconfigure` request
         self.host = host_id()
         self.clients: dict[int, Client] = {}
         self.listen_changed = asyncio.Event()
@@ -365,6 +366,7 @@ class Daemon:
         _field(req, "msg_size", (int, type(None)), None)
         if req.get("mode") not in (None, "latency", "throughput"):
             raise _BadRequest("connect: mode is 'latency', 'throughput' or null")
+        from fable.handshake import own_form
         from fable.transports import REGISTRY
 
         if transport is not None and transport not in REGISTRY:
@@ -394,22 +396,21 @@ class Daemon:
                 del self.waiting[to]
         if client.closed:  # the connector died while it waited: do not bother the listener
             raise ConnectionError("the connecting process went away")
-        both_trust = trusted and listener.trusted
-        safe = not both_trust
         if transport is not None:
             name = transport
             info = REGISTRY[name]
-            why = info.no_form(safe)
-            if why is not None:
-                raise FableError(why + " (both ends must pass trusted=True)")
-            reason = f"{name}: asked for by {me.name} with transport={name!r}" + (
-                "; both ends trust: zero-copy reads" if both_trust else "; safe: private copies"
+            try:  # each end's most zero-copy form within its own trust
+                forms = (own_form(info, trusted, None), own_form(info, listener.trusted, None))
+            except PermissionDenied as e:
+                raise FableError(f"{e} (both ends must pass trusted=True)") from None
+            reason = f"{name}: asked for by {me.name} with transport={name!r}; reads: " + ", ".join(
+                "zero-copy" if not f else "private copies" for f in forms
             )
         else:
             choice = self._choose(me, listener, trusted, req)
-            name, reason, safe = choice.transport, choice.reason, choice.safe
+            name, reason, forms = choice.transport, choice.reason, choice.safe
         flow = self.registry.new_flow(
-            (me.name, listener.name), name, (safe, safe), reason, {client.id, listener.client}
+            (me.name, listener.name), name, forms, reason, {client.id, listener.client}
         )
         flow.trusted = (trusted, listener.trusted)
         flow.hints = {k: req.get(k) for k in ("pollable", "msg_size", "mode")}
@@ -420,7 +421,11 @@ class Daemon:
                     "op": "incoming",
                     "listener": listener.name,
                     "flow": self._public(flow),
-                    "options": {"transport": name, "safe": safe, "forced": transport is not None},
+                    "options": {
+                        "transport": name,
+                        "safe": forms[1],
+                        "forced": transport is not None,
+                    },
                 },
                 b.fileno(),
             )
@@ -431,7 +436,12 @@ class Daemon:
         finally:
             b.close()
         log.info("flow %d: %s -> %s over %s", flow.id, me.name, listener.name, name)
-        options = {"transport": name, "safe": safe, "forced": transport is not None}
+        options = {
+            "transport": name,
+            "safe": forms[0],
+            "peer_safe": forms[1],
+            "forced": transport is not None,
+        }
         return {"flow": self._public(flow), "options": options}, a.detach()
 
     def table(self) -> Any:
@@ -496,7 +506,7 @@ class Daemon:
             "ranking": [
                 {
                     "transport": c.transport,
-                    "safe": c.safe,
+                    "safe": list(c.safe),
                     "score": round(c.score, 4),
                     "excluded": c.excluded,
                     "reason": c.reason,
@@ -528,6 +538,7 @@ class Daemon:
                     "ends": [check_name(e) for e in ends],
                     "transport": _field(f, "transport", str),
                     "safe": safe,
+                    "role": _field(f, "role", int, 0) & 1,
                     "epoch": _field(f, "epoch", int, 0),
                     "msgs": _field(f, "msgs", int, 0),
                     "bytes": _field(f, "bytes", int, 0),
@@ -578,7 +589,7 @@ class Daemon:
         assert self._topo is not None
         facts = FlowFacts(
             transport=flow.transport,
-            safe=flow.safe[0],
+            safe=flow.safe,
             epoch=flow.epoch,
             nodes=(a.node, b.node),
             numa_nodes=len(set(self._topo.node.values())) or 1,
@@ -604,7 +615,7 @@ class Daemon:
                         "op": "reconfigure",
                         "flow": flow.id,
                         "transport": d.transport,
-                        "safe": d.safe,
+                        "safe": list(d.safe),
                         "reason": d.reason,
                     }
                 )
@@ -626,12 +637,13 @@ class Daemon:
     ) -> tuple[dict[str, Any], None]:
         """``fable reconfigure``: ask one end of a flow to switch it (the switch itself runs
         between the two processes; the flow's epoch and last_switch show when it is done)."""
-        from fable.errors import NameNotFound, PermissionDenied
+        from fable.errors import NameNotFound
         from fable.transports import REGISTRY
 
         fid = _field(req, "flow", int)
         transport = _field(req, "transport", (str, type(None)), None)
         safe = _field(req, "safe", (bool, type(None)), None)
+        end = _field(req, "end", (str, type(None)), None)
         if transport is not None and transport not in REGISTRY:
             raise _BadRequest(f"unknown transport {transport!r}; known: {', '.join(REGISTRY)}")
         flow = self.registry.flows.get(fid)
@@ -644,28 +656,46 @@ class Daemon:
             self._trig(flow.id).hold = False
             await self._trigger(flow, time.monotonic())
             return {"flow": self._public(flow)}, None
+        if end is not None and end not in flow.ends:
+            raise _BadRequest(f"flow {fid} has no end {end!r}; its ends: {', '.join(flow.ends)}")
+        # the form for each end, in the order of ends (None: that end's most zero-copy form
+        # within its own trust); --end applies it to one end only
+        forms = [safe if end is None or end == name else None for name in flow.ends]
         self._trig(flow.id).hold = True  # the operator's choice holds until the operator changes it
+        ticket = next(self._tickets)
         for cid in sorted(flow.clients):
-            end = self.clients.get(cid)
-            if end is None:
+            peer = self.clients.get(cid)
+            if peer is None:
                 continue
             reason = f"asked for by the operator (uid {client.uid}, pid {client.pid})"
-            await end.send(
+            await peer.send(
                 {
                     "op": "reconfigure",
                     "flow": fid,
                     "transport": transport,
-                    "safe": safe,
+                    "safe": forms,
                     "reason": reason,
+                    "ticket": ticket,
                 }
             )
-            return {"flow": self._public(flow)}, None
+            return {"flow": self._public(flow), "ticket": ticket}, None
         raise NameNotFound(f"flow {fid} has no live end")
+
+    async def _op_refused(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
+        """An end's word that the switch asked for with ``ticket`` was refused, and why (by
+        that end or by its peer): ``fable flows`` shows it, ``fable reconfigure`` prints it."""
+        fid = _field(req, "flow", int)
+        flow = self.registry.flows.get(fid)
+        if flow is not None and client.id in flow.clients:
+            flow.refused = {
+                "ticket": _field(req, "ticket", int),
+                "why": str(_field(req, "why", str))[:500],
+                "at": time.time(),
+            }
+        return {}, None
 
     async def _op_stop(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
         if client.uid not in (0, os.getuid()):
-            from fable.errors import PermissionDenied
-
             raise PermissionDenied("only the daemon's user or root may stop it")
         asyncio.get_running_loop().call_later(0.05, self.stopping.set)
         return {}, None

@@ -104,7 +104,7 @@ class FlowState:
     last_filter_t: float = 0.0
     epoch: int = 0
     since: float = field(default_factory=time.monotonic)  # on this transport since
-    home: tuple[str, bool] | None = None  # where a trigger moved the flow away from
+    home: tuple[str, tuple[bool, bool]] | None = None  # where a trigger moved the flow away from
     moved_by: str | None = None  # "placement" or "rate"
     hold: bool = False  # the operator's choice: no trigger touches the flow
     node: int = -1  # the NUMA node the ends were on when this epoch began
@@ -160,7 +160,7 @@ class FlowFacts:
     """A flow as the daemon sees it now."""
 
     transport: str
-    safe: bool  # the form of the connecting side's reads (the one a switch keeps)
+    safe: tuple[bool, bool]  # each end's reads now, in the order of the flow's ends
     epoch: int
     nodes: tuple[int, int]  # each end's current NUMA node (-1 unknown)
     numa_nodes: int  # NUMA nodes on this machine
@@ -170,7 +170,7 @@ class FlowFacts:
 @dataclass(frozen=True)
 class Decision:
     transport: str
-    safe: bool
+    safe: tuple[bool, bool]  # each end's form, in the order of the flow's ends
     trigger: str  # "placement", "rate", "back", "numa"
     reason: str
 

@@ -29,7 +29,13 @@ from typing import Any
 
 from fable.connection import Connection, PendingEnd, open_pair
 from fable.control import control
-from fable.errors import ConnectionClosed, FableError, PeerDied, ProtocolError, WouldBlock
+from fable.errors import (
+    ConnectionClosed,
+    FableError,
+    PeerDied,
+    PermissionDenied,
+    WouldBlock,
+)
 from fable.testing.harness import Child, MakePair, go_pipe, no_leaks, select_recv, wait_go
 from fable.transports import REGISTRY
 
@@ -154,13 +160,13 @@ def check_reconfig_fileno(make_pair: MakePair) -> None:
 
 def _refuses_the_first_offer(conn: Connection, pending: PendingEnd) -> None:
     """A transport with no safe form: an untrusting peer refuses the very first offer (its
-    open raises ProtocolError), and this side sees the peer gone."""
+    open raises PermissionDenied), and this side hears why (PermissionDenied, not PeerDied)."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 3
         try:
             pending.open(trusted=False)
-        except ProtocolError as e:
+        except PermissionDenied as e:
             code = 0 if "does not trust" in str(e) else 4
         except BaseException:
             traceback.print_exc()
@@ -170,8 +176,8 @@ def _refuses_the_first_offer(conn: Connection, pending: PendingEnd) -> None:
         try:
             conn.recv(timeout=10)
             raise AssertionError("a message from a peer that refused the connection")
-        except PeerDied:
-            pass
+        except PermissionDenied as e:
+            assert "refused the connection" in str(e) and "does not trust" in str(e), e
     finally:
         conn.close()
         status = os.waitpid(pid, 0)[1]
@@ -190,9 +196,9 @@ def check_refusal(make_pair: MakePair) -> None:
     try:
         before = (conn.transport, conn.epoch)
         try:
-            conn.reconfigure("mempipe-futex", safe=False, timeout=ANSWER_S)
+            conn.reconfigure("mempipe-futex", safe=True, peer_safe=False, timeout=ANSWER_S)
             raise AssertionError("an untrusting peer accepted unsafe reads")
-        except FableError as e:
+        except PermissionDenied as e:
             assert "does not trust" in str(e), e
         for bad, why in (("vmsplice-coop", "no safe form"), ("carrier-pigeon", "unknown")):
             try:

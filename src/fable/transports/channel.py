@@ -28,14 +28,23 @@ from collections.abc import Callable
 from typing import Any
 
 from fable._wire import Codec, FrameReader, close_fds, send_frame
-from fable.errors import FableError, ProtocolError, Timeout
+from fable.errors import FableError, PermissionDenied, ProtocolError, Timeout
 
-__all__ = ["SETUP", "SETUP_VERSION", "SetupChannel"]
+__all__ = ["REFUSE", "SETUP", "SETUP_VERSION", "SetupChannel"]
 
-SETUP_VERSION = 2
+SETUP_VERSION = 3  # 3: offers carry "yours" (a form per reading side); REFUSE at epoch 0
 SETUP = Codec("setup", SETUP_VERSION)
 
 Record = tuple[dict[str, Any], list[int]]
+
+# an offer refused (fable/handshake.py); at epoch 0 the connection never opened on the other side,
+# so every later look at this channel (and at the data path, which reads it) raises the reason
+REFUSE = "reconfig-refuse"
+
+
+def _refused_first(record: dict[str, Any]) -> ProtocolError | PermissionDenied:
+    why = f"the peer refused the connection: {str(record.get('why', 'refused'))[:500]}"
+    return PermissionDenied(why) if record.get("kind") == "permission" else ProtocolError(why)
 
 
 class SetupChannel:
@@ -51,7 +60,7 @@ class SetupChannel:
         self._read_lock = threading.Lock()
         self._reader = FrameReader(SETUP)
         self._inbox: deque[Record] = deque()
-        self._error: ProtocolError | None = None
+        self._error: ProtocolError | PermissionDenied | None = None
         self.peer_closed = False  # the peer's close notice was read
         self.ended = False  # the stream ended (the peer's socket is gone)
         # called (on the reading thread) when ``peer_state`` put records in the inbox: whoever
@@ -105,13 +114,16 @@ class SetupChannel:
                         if rec[0].get("op") == "close":
                             close_fds(rec[1])
                             self.peer_closed = True
+                        elif rec[0].get("op") == REFUSE and rec[0].get("epoch") == 0:
+                            close_fds(rec[1])
+                            raise _refused_first(rec[0])
                         else:
                             self._inbox.append(rec)
                             queued += 1
                     if n == 0:
                         self.ended = True
                         break
-            except ProtocolError as e:
+            except (ProtocolError, PermissionDenied) as e:
                 self._error = e
                 self.ended = True
                 raise

@@ -653,6 +653,7 @@ class ShmemPipePath(MessagePath):
             self._wait_readable(deadline, timeout)
 
     def _gone_on_read(self) -> BaseException:
+        self._setup.peer_state()  # raises the reason if the peer refused the first offer
         if self._stash:
             return PeerDied("the peer vanished in the middle of a message")
         return PeerDied("the peer vanished without closing")

@@ -238,6 +238,7 @@ class StreamPath(MessagePath):
         return self._gone()
 
     def _gone_on_read(self) -> BaseException:
+        self._setup.peer_state()  # raises the reason if the peer refused the first offer
         if self._peer_closed:
             return ConnectionClosed("the peer closed the connection")
         if self._rend > self._rpos or self._stash:
