@@ -97,7 +97,8 @@ FAULTS = [
         "recv-past-its-deadline",
         "recv(timeout) returns by its deadline while fragments keep coming",
         "transports/message.py",
-        "        if n % CHECK_EVERY == 0 and timeout and deadline and time.monotonic() >= deadline:",
+        "        if n % CHECK_EVERY == 0 and timeout and deadline "
+        "and time.monotonic() >= deadline:",
         "        if False:",
         ("tests/test_limits.py -k looks_at",),
     ),
