@@ -1,5 +1,5 @@
 """A hostile peer's setup for the shared-memory transports: the receiving side checks the memfd
-(kind, seals, size), the eventfds and the pipes before it maps or uses anything, refuses extra
+(kind, seals, size), the doorbells and the pipes before it maps or uses anything, refuses extra
 or missing fds and truncated records, and leaks nothing when it refuses."""
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ def _memfd(size: int = SIZE, seals: int = SEALS, fmt: bool = True) -> int:
 
 
 def _evfd() -> int:
-    return os.eventfd(0, os.EFD_CLOEXEC)
+    """A doorbell: one end of an AF_UNIX datagram socketpair (the other end dropped)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    b.close()
+    return a.detach()
 
 
 def _open(
@@ -91,7 +94,18 @@ CASES: dict[str, tuple[Callable[[], list[int]], dict[str, object], str]] = {
     ),
     "too small": (lambda: [_memfd(size=SIZE - 4096), _evfd(), _evfd()], {}, "is .* B, expected"),
     "not a memfd": (lambda: [_tmpfile(), _evfd(), _evfd()], {}, "not a memfd"),
-    "pipe for eventfd": (lambda: [_memfd(), *os.pipe()], {}, "not eventfds"),
+    "pipe for doorbell": (lambda: [_memfd(), *os.pipe()], {}, "not AF_UNIX datagram sockets"),
+    # an eventfd (the old doorbell) can be made blocking by the peer that shares it
+    "eventfd for doorbell": (
+        lambda: [_memfd(), os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)],
+        {},
+        "not AF_UNIX datagram sockets",
+    ),
+    "stream socket for doorbell": (
+        lambda: [_memfd(), *[s.detach() for s in socket.socketpair()]],
+        {},
+        "not AF_UNIX datagram sockets",
+    ),
     "too few fds": (lambda: [_memfd(), _evfd()], {}, "expected 3 fds"),
     "bad capacity": (lambda: [_memfd(), _evfd(), _evfd()], {"capacity": 5000}, "power of two"),
     "size mismatch": (lambda: [_memfd(), _evfd(), _evfd()], {"size": SIZE * 2}, "does not match"),

@@ -19,6 +19,7 @@
 #include <linux/futex.h>
 #include <sched.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -65,9 +66,13 @@ static void ring_bell(uint32_t *waiting, uint32_t *bell, int evfd) {
     __atomic_fetch_add(bell, 1, __ATOMIC_RELEASE);
     if (w & FR_WAIT_FUTEX) futex_wake(bell);
     if ((w & FR_WAIT_EVENT) && evfd >= 0) {
-        uint64_t one = 1;
-        ssize_t r = write(evfd, &one, sizeof one);
-        (void)r; /* a full eventfd counter is already readable */
+        /* The peer's readiness socket: MSG_DONTWAIT is a flag of this call, which no peer can
+         * clear (O_NONBLOCK belongs to the open file description the peer shares, so a write()
+         * here could be made to block forever with the GIL held). A full socket is readable
+         * already; a broken one is the peer's loss: either way nothing more to do. */
+        char one = 1;
+        ssize_t r = send(evfd, &one, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+        (void)r;
     }
 }
 

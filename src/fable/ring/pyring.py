@@ -28,7 +28,7 @@ import platform
 from fable.errors import ProtocolError
 from fable.ring import layout as L
 
-__all__ = ["RingReader", "RingWriter", "format_ring"]
+__all__ = ["RingReader", "RingWriter", "format_ring", "ring_doorbell"]
 
 if platform.machine() not in ("x86_64", "AMD64"):  # pragma: no cover
     raise ImportError("the pure-Python ring relies on x86-64 store ordering")
@@ -332,7 +332,7 @@ class RingReader:
 # on the sleeping side). Futex waits use short slices as a safety net all the same.
 
 import ctypes  # noqa: E402
-import os  # noqa: E402
+import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
@@ -349,6 +349,19 @@ class _Timespec(ctypes.Structure):
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
+
+
+def ring_doorbell(fd: int) -> None:
+    """One datagram on the peer's readiness socket ``fd``, never blocking: MSG_DONTWAIT is a
+    flag of this call, which no peer can clear (O_NONBLOCK belongs to the file description the
+    peer shares). A full socket is readable already; a broken one is the peer's loss."""
+    s = socket.socket(fileno=fd)
+    try:
+        s.send(b"\x01", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+    except OSError:
+        pass
+    finally:
+        s.detach()
 
 
 def _fence() -> None:
@@ -412,10 +425,7 @@ class PyRing:
                 _SYS_FUTEX, ctypes.byref(self._u32, bell), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0
             )
         if flags & L.WAITER_EVENT and self._evfd >= 0:
-            try:
-                os.eventfd_write(self._evfd, 1)
-            except BlockingIOError:
-                pass
+            ring_doorbell(self._evfd)
 
     @property
     def seq(self) -> int:

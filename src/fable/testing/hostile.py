@@ -219,7 +219,7 @@ def create(sock: socket.socket, transport: str, safe: bool, options: dict[str, A
         os.close(fds.pop(0))
     raw = Raw(transport, safe, mem, fds, ours.params, ch)
     if transport.startswith("mempipe-"):
-        # role 0 writes the first ring; fds: its eventfd, then the victim's (to ring)
+        # role 0 writes the first ring; fds: its own doorbell, then the victim's (to ring)
         raw.ring = PyRing(_ring_half(raw, 0), True, eventfd=fds[1])
     return raw
 

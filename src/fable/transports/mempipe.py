@@ -1,8 +1,9 @@
 """mempipe-spin, mempipe-futex, mempipe-adaptive: two shared-memory rings (one per direction).
 
 The initiating side creates one sealed memfd (``F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL``) holding
-both rings (format: ``fable/ring/layout.py``) and two eventfds, and passes them over the setup
-channel; the other side checks the seals, the size and the fd kinds before mapping anything.
+both rings (format: ``fable/ring/layout.py``) and two doorbells (datagram socketpairs,
+``shm.doorbells``), and passes them over the setup channel; the other side checks the seals, the
+size and the fd kinds before mapping anything.
 
     memfd:  [ ring 0: initiator -> peer ][ ring 1: peer -> initiator ]
             each HEADER_SIZE + capacity bytes
@@ -18,9 +19,10 @@ Ring.wait, one slice at a time, the GIL released):
 Messages are records of at most ``max_fragment`` bytes; a longer message is several records with
 ``F_MORE``. Close is an in-band ``F_CLOSE`` record. Liveness: every wait slice (at most 200 ms,
 20 ms when spinning) checks the setup channel, whose hang-up without a close notice is PeerDied.
-Readiness (``fileno``, futex and adaptive): an epoll fd over this side's eventfd, which the peer
-signals once per arming when this side found nothing to read, and over the setup channel, so a
-closed or dead peer wakes a poller too.
+Readiness (``fileno``, futex and adaptive): an epoll fd over this side's doorbell, which the peer
+rings (``send`` with ``MSG_DONTWAIT``: never blocking, whatever the peer did to the socket) once
+per arming when this side found nothing to read, over a private eventfd this side signals
+itself, and over the setup channel, so a closed or dead peer wakes a poller too.
 
 Trust: a safe reader gets private copies; an unsafe (trusting) reader gets read-only views into
 the shared memory, which stop working once released.
@@ -33,6 +35,7 @@ import io
 import mmap
 import os
 import select
+import socket
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -60,8 +63,10 @@ from fable.transports.message import Claim, MessagePath, deadline_of
 from fable.transports.shm import (
     check_peer_ring,
     check_sealed_memfd,
+    doorbells,
+    drain,
     forget,
-    is_eventfd,
+    is_doorbell,
     new_sealed_memfd,
     unmap,
 )
@@ -84,19 +89,21 @@ def _create(options: dict[str, Any]) -> tuple[EndSpec, EndSpec]:
         format_ring(mv[_ring_bytes(capacity) :], capacity)
 
     fd = new_sealed_memfd("fable-mempipe", size, fill)
-    evs: list[int] = []
     try:
-        evs = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2)]
-        peer_fd = os.dup(fd)
-        peer_evs = [os.dup(e) for e in evs]
+        (own0, ring0), (own1, ring1) = doorbells()
     except BaseException:
-        close_fds([fd, *evs])
+        os.close(fd)
+        raise
+    try:
+        peer_fd = os.dup(fd)
+    except BaseException:
+        close_fds([fd, own0, ring0, own1, ring1])
         raise
     params = {"capacity": capacity, "size": size}
-    # each side gets: memfd, its own readiness eventfd, the peer's (to signal)
+    # each side gets: memfd, its own doorbell (readable when rung), the one it rings
     return (
-        EndSpec([fd, evs[0], evs[1]], params),
-        EndSpec([peer_fd, peer_evs[1], peer_evs[0]], params),
+        EndSpec([fd, own0, ring0], params),
+        EndSpec([peer_fd, own1, ring1], params),
     )
 
 
@@ -116,8 +123,10 @@ def _checked_memory(spec: EndSpec, role: int) -> tuple[mmap.mmap, int, int, int,
     if size != 2 * _ring_bytes(capacity):
         raise ProtocolError("mempipe size does not match its capacity")
     check_sealed_memfd(fd, size)
-    if not (is_eventfd(own_ev) and is_eventfd(peer_ev)):
-        raise ProtocolError("the readiness fds passed for a mempipe transport are not eventfds")
+    if not (is_doorbell(own_ev) and is_doorbell(peer_ev)):
+        raise ProtocolError(
+            "the doorbells passed for a mempipe transport are not AF_UNIX datagram sockets"
+        )
     mm = mmap.mmap(fd, size)
     return mm, capacity, fd, own_ev, peer_ev
 
@@ -154,14 +163,21 @@ class RingPath(MessagePath):
         self._tx_mem = self._mv[self._tx_base : self._tx_base + half]
         self._rx_mem = self._mv[self._rx_base : self._rx_base + half]
         self._own_ev, self._peer_ev = own_ev, peer_ev
+        self._self_ev = -1  # this side's private readiness signal (nobody else holds it)
+        bell: socket.socket | None = None
         try:
+            self._self_ev = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            bell = socket.socket(fileno=os.dup(own_ev))  # to drain own_ev (``drain``)
             ring = _ring_class(cfg.backend)
             self._tx = ring(self._tx_mem, True, epoch=epoch, eventfd=peer_ev)
             self._rx = ring(self._rx_mem, False, epoch=epoch)
         except BaseException:
             self._free_memory()
-            close_fds([own_ev, peer_ev])
+            close_fds([own_ev, peer_ev, self._self_ev])
+            if bell is not None:
+                bell.close()
             raise
+        self._own_bell = bell
         self.max_fragment = min(MAX_FRAGMENT, self._tx.max_record)
         # The Connection binds send/recv straight to the rings' native methods: one call per
         # message; they come back to _send_slow/_recv_slow for everything else.
@@ -336,8 +352,9 @@ class RingPath(MessagePath):
         if self._armed:
             self._armed = False
             self._rx.disarm()
+            drain(self._own_bell)  # consume the wake-ups: the peer's and our own
             try:
-                os.read(self._own_ev, 8)  # consume the wake-up
+                os.eventfd_read(self._self_ev)
             except BlockingIOError:
                 pass
         while self._held < self._read_limit and not self._peer_closed:
@@ -415,11 +432,12 @@ class RingPath(MessagePath):
         if self._epoll is None:
             ep = select.epoll()
             ep.register(self._own_ev, select.EPOLLIN)
+            ep.register(self._self_ev, select.EPOLLIN)
             ep.register(self._setup.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
             self._epoll = ep
             # Edge-style readiness starts armed: data that is already there signals at once.
             if self._rx.arm():
-                os.eventfd_write(self._own_ev, 1)
+                os.eventfd_write(self._self_ev, 1)
             self._armed = True
         return self._epoll.fileno()
 
@@ -461,7 +479,8 @@ class RingPath(MessagePath):
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
-        close_fds([self._own_ev, self._peer_ev])
+        close_fds([self._own_ev, self._peer_ev, self._self_ev])
+        self._own_bell.close()
         self._free_memory()
 
     def _free_memory(self) -> None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import socket
 import stat
 from collections.abc import Callable
 
+from fable._wire import close_fds
 from fable.config import settings
 from fable.errors import ProtocolError
 
@@ -22,8 +24,10 @@ __all__ = [
     "SEALS",
     "check_peer_ring",
     "check_sealed_memfd",
+    "doorbells",
+    "drain",
     "forget",
-    "is_eventfd",
+    "is_doorbell",
     "new_sealed_memfd",
     "unmap",
 ]
@@ -82,11 +86,45 @@ def check_peer_ring(capacity: int) -> None:
         )
 
 
-def is_eventfd(fd: int) -> bool:
+def is_doorbell(fd: int) -> bool:
+    """Whether ``fd`` is an AF_UNIX datagram socket (a readiness doorbell, ``doorbells``)."""
     try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+        s = socket.socket(fileno=fd)
     except OSError:
         return False
+    try:
+        return s.family == socket.AF_UNIX and s.type == socket.SOCK_DGRAM
+    finally:
+        s.detach()
+
+
+def doorbells() -> tuple[tuple[int, int], tuple[int, int]]:
+    """Two doorbells, one per side, as ((own 0, peer 0), (own 1, peer 1)): each side waits on
+    its own (readable when the peer rang) and rings the peer's with ``send(MSG_DONTWAIT)``. A
+    doorbell is a datagram socketpair, not an eventfd: a peer that shares an eventfd can clear
+    its O_NONBLOCK and fill it, and the next ``write`` blocks; no peer can clear the per-call
+    MSG_DONTWAIT. Non-blocking, close-on-exec."""
+    kind = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+    fds: list[int] = []
+    try:
+        for _ in range(2):
+            a, b = socket.socketpair(socket.AF_UNIX, kind)
+            fds += [a.detach(), b.detach()]
+    except BaseException:
+        close_fds(fds)
+        raise
+    rx0, tx1, rx1, tx0 = fds  # pair 0 wakes side 0 (side 1 rings it); pair 1 wakes side 1
+    return (rx0, tx0), (rx1, tx1)
+
+
+def drain(bell: socket.socket) -> None:
+    """Read every datagram waiting on a doorbell without ever blocking (MSG_DONTWAIT: the peer
+    may have cleared O_NONBLOCK on the socket it shares)."""
+    try:
+        while True:
+            bell.recv(64, socket.MSG_DONTWAIT)
+    except OSError:
+        pass  # BlockingIOError: empty; anything else: nothing to read either
 
 
 def unmap(mm: mmap.mmap, *views: memoryview | None) -> None:
