@@ -57,6 +57,22 @@ def check_pipe(fd: int, mode: int) -> None:
         raise ProtocolError("a pipe end passed by the peer has the wrong direction")
 
 
+def private_pipe(fd: int, mode: int) -> int:
+    """A pipe end the peer passed (checked as ``check_pipe``), opened again through
+    /proc/self/fd: the new fd has an open file description of its own, whose O_NONBLOCK only
+    this process can change (the peer that created the pipe may keep the description it
+    passed and clear O_NONBLOCK on it, so that a write meant not to wait blocks). Closes
+    ``fd`` once the new one is open; ProtocolError (``fd`` left open) otherwise, e.g. a write
+    end whose pipe has no reader any more."""
+    check_pipe(fd, mode)
+    try:
+        new = os.open(f"/proc/self/fd/{fd}", mode | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ProtocolError(f"a pipe passed by the peer cannot be opened again: {e}") from None
+    os.close(fd)
+    return new
+
+
 def ignore_sigpipe() -> None:
     """Writes to a pipe whose reader died must give EPIPE (PeerDied), not kill the process.
     Python ignores SIGPIPE at start-up; restore that if the application changed it."""
@@ -72,13 +88,15 @@ def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int 
     if len(spec.fds) != 2:
         close_fds(spec.fds)
         raise ProtocolError(f"expected 2 fds for the pipe transport, got {len(spec.fds)}")
-    rfd, wfd = spec.fds
+    fds = list(spec.fds)
     try:
-        check_pipe(rfd, os.O_RDONLY)
-        check_pipe(wfd, os.O_WRONLY)
+        for i, mode in enumerate((os.O_RDONLY, os.O_WRONLY)):
+            fds[i] = private_pipe(fds[i], mode) if role == 1 else fds[i]
+            check_pipe(fds[i], mode)
     except BaseException:
-        close_fds(spec.fds)
+        close_fds(fds)
         raise
+    rfd, wfd = fds
     ignore_sigpipe()
     return StreamPath("pipe", setup, rfd=rfd, wfd=wfd, epoch=epoch)
 

@@ -70,7 +70,7 @@ from fable.transports.message import (
     slice_ms,
     time_left,
 )
-from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
+from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe, private_pipe
 from fable.transports.shm import (
     check_peer_ring,
     check_sealed_memfd,
@@ -253,6 +253,7 @@ class ShmemPipePath(MessagePath):
         self, spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int = 0
     ) -> None:
         capacity = spec.params.get("capacity")
+        fds = list(spec.fds)
         try:
             if len(spec.fds) != 5:
                 raise ProtocolError(f"expected 5 fds for shmem-pipe, got {len(spec.fds)}")
@@ -261,15 +262,14 @@ class ShmemPipePath(MessagePath):
             assert isinstance(capacity, int)
             if role == 1:
                 check_peer_ring(capacity)
-            fd, din, dout, rin, rout = spec.fds
-            check_sealed_memfd(fd, 2 * capacity)
-            for rfd in (din, rin):
-                check_pipe(rfd, os.O_RDONLY)
-            for wfd in (dout, rout):
-                check_pipe(wfd, os.O_WRONLY)
+            check_sealed_memfd(fds[0], 2 * capacity)
+            for i, mode in enumerate((os.O_RDONLY, os.O_WRONLY, os.O_RDONLY, os.O_WRONLY), 1):
+                fds[i] = private_pipe(fds[i], mode) if role == 1 else fds[i]
+                check_pipe(fds[i], mode)
+            fd, din, dout, rin, rout = fds
             mm = mmap.mmap(fd, 2 * capacity)
         except BaseException:
-            close_fds(spec.fds)
+            close_fds(fds)
             raise
         os.close(fd)
         ignore_sigpipe()

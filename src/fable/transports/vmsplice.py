@@ -52,7 +52,7 @@ from fable.transports.message import (
     slice_ms,
     time_left,
 )
-from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe
+from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe, private_pipe
 from fable.transports.shm import unmap
 from fable.transports.stream import (
     F_CLOSE,
@@ -346,17 +346,17 @@ class VmsplicePath(StreamPath):
 
 
 def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int = 0) -> DataPath:
+    fds = list(spec.fds)
     try:
-        if len(spec.fds) != 4:
-            raise ProtocolError(f"expected 4 fds for vmsplice-coop, got {len(spec.fds)}")
-        rfd, wfd, tin, tout = spec.fds
-        check_pipe(rfd, os.O_RDONLY)
-        check_pipe(tin, os.O_RDONLY)
-        check_pipe(wfd, os.O_WRONLY)
-        check_pipe(tout, os.O_WRONLY)
+        if len(fds) != 4:
+            raise ProtocolError(f"expected 4 fds for vmsplice-coop, got {len(fds)}")
+        for i, mode in enumerate((os.O_RDONLY, os.O_WRONLY, os.O_RDONLY, os.O_WRONLY)):
+            fds[i] = private_pipe(fds[i], mode) if role == 1 else fds[i]
+            check_pipe(fds[i], mode)
     except BaseException:
-        close_fds(spec.fds)
+        close_fds(fds)
         raise
+    rfd, wfd, tin, tout = fds
     ignore_sigpipe()
     return VmsplicePath(setup, rfd, wfd, tin, tout, epoch)
 
