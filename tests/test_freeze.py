@@ -99,17 +99,10 @@ def _kernel_attacker(sock: socket.socket, transport: str) -> None:
     ch.close()
 
 
-# vmsplice-coop: send(timeout=0) blocks once the pipe's slots (one per spliced frame) are full
-# while its bytes are not: the "will the kernel take it" check counts bytes. Known, not fixed
-# yet (issue 18); strict, so that the fix shows.
-VMSPLICE_SLOTS = pytest.mark.xfail(
-    strict=True, raises=fable.PeerDied, reason="vmsplice-coop counts pipe bytes, not slots"
-)
-KERNEL = [
-    pytest.param(t, marks=VMSPLICE_SLOTS) if t == "vmsplice-coop" else t
-    for t in REGISTRY
-    if not t.startswith("mempipe-")
-]
+# (vmsplice-coop's send(timeout=0) blocked here once the pipe's slots, one per spliced frame,
+# were full while its bytes were not: its "will the kernel take it" check now asks for a free
+# slot, and a frame that fits in a page never straddles two)
+KERNEL = [t for t in REGISTRY if not t.startswith("mempipe-")]
 
 
 @pytest.mark.parametrize("transport", KERNEL)

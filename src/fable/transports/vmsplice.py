@@ -98,7 +98,7 @@ class VmsplicePath(StreamPath):
         os.set_blocking(tout, False)
         # writer: the arena and what of it is in use (positions count bytes, never wrap)
         pipe_size = int(fcntl.fcntl(wfd, fcntl.F_GETPIPE_SZ))
-        size = self._limit + pipe_size + TOKEN_EVERY + 2 * (HDR + FRAGMENT)
+        size = self._limit + pipe_size + TOKEN_EVERY + 2 * (HDR + FRAGMENT) + PAGE
         self._asize = -(-size // PAGE) * PAGE
         # A memfd, not anonymous memory, so that the mapping has a name (/proc/self/maps)
         arena_fd = os.memfd_create("fable-vmsplice-arena", os.MFD_CLOEXEC)
@@ -121,15 +121,29 @@ class VmsplicePath(StreamPath):
         self._tbuf = b""  # a partial token
         self._tpoll = select.poll()
         self._tpoll.register(tin, POLLIN)
+        self._slots = select.poll()  # the data pipe has a free slot (``_kernel_takes``)
+        self._slots.register(wfd, POLLOUT)
         # reader
         self._consumed = 0
         self._reported = 0
         self._readinto = self._read_counted
 
+    def _kernel_takes(self, size: int) -> bool:
+        """The pipe's unread bytes leave room for ``size``, and it has a free slot: each
+        spliced frame takes a slot of its own (a page reference), so a pipe of small frames
+        runs out of slots long before bytes, and a vmsplice into a pipe without a free slot
+        takes nothing (a send with a timeout would then wait for the reader)."""
+        return super()._kernel_takes(size) and bool(self._slots.poll(0))
+
     # ================================================================= the arena
     def _alloc(self, n: int) -> tuple[memoryview, list[int | None]]:
         """``n`` contiguous arena bytes (the caller checked ``_room``) and their allocation."""
         off = self._ahead % self._asize
+        if n <= PAGE and off // PAGE != (off + n - 1) // PAGE:
+            # a frame that fits in a page never straddles two: it takes one pipe slot, which
+            # ``_kernel_takes`` can see is free (poll tells one slot, not two)
+            self._ahead += PAGE - off % PAGE
+            off = self._ahead % self._asize
         if off + n > self._asize:
             self._ahead += self._asize - off  # skip the end: frames never wrap
             off = 0
@@ -140,10 +154,11 @@ class VmsplicePath(StreamPath):
 
     def _room(self, n: int) -> bool:
         """Whether an allocation of ``n`` bytes fits (reading tokens when it looks full)."""
-        if self._ahead + n + HDR + FRAGMENT - self._atail <= self._asize:
+        slack = HDR + FRAGMENT + PAGE  # what _alloc may skip (the arena's end, a page's)
+        if self._ahead + n + slack - self._atail <= self._asize:
             return True
         self._read_tokens()
-        return self._ahead + n + HDR + FRAGMENT - self._atail <= self._asize
+        return self._ahead + n + slack - self._atail <= self._asize
 
     def _read_tokens(self) -> None:
         data = b""
