@@ -101,9 +101,12 @@ def start_daemon(path: Path, *extra: str) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # generous: a loaded 2-core machine, under coverage
     while not daemon_answers(path):
-        assert time.monotonic() < deadline, "daemon did not start"
+        if time.monotonic() > deadline or p.poll() is not None:
+            p.kill()  # never leave it running (or unreaped) for a later test to trip over
+            p.wait()
+            raise AssertionError(f"daemon did not start (exit status {p.returncode})")
         time.sleep(0.02)
     return p
 
