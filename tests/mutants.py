@@ -81,8 +81,8 @@ FAULTS = [
         "chain-of-proposals",
         "at most one old epoch not yet ended: a proposal while one is not over is refused",
         "epochs.py",
-        "            old = self._unended(mine=True)\n",
-        "            old = None\n",
+        "        old = self._unended(mine=True)\n",
+        "        old = None\n",
         ("tests/test_trust.py -k chain",),
     ),
     Fault(

@@ -11,8 +11,8 @@ and frame limit; the framing is the same:
 Reading never goes past the end of the frame being read, so fds that come with a frame are
 that frame's (the kernel attaches them to the first byte of the ``sendmsg`` that sent them, and
 one frame is one ``sendmsg``). Everything read is checked: a length over the limit, a body that
-is not a JSON object or nests deeper than ``MAX_DEPTH``, the wrong version, too many fds are
-a ``ProtocolError``; a frame cut short
+is not a JSON object (or nests past the parser's recursion limit), the wrong version, too many
+fds are a ``ProtocolError``; a frame cut short
 by the end of the stream is ``EOFError``. A reader owns the fds it received until it hands them
 out with a frame, and closes them if it fails or is closed first.
 """
@@ -36,29 +36,6 @@ __all__ = ["HEADER", "MAX_FDS", "Codec", "FrameReader", "close_fds", "recv_frame
 
 HEADER = struct.Struct(">I")
 MAX_FDS = 8  # the most fds one frame may carry
-MAX_DEPTH = 32  # the deepest nesting of arrays and objects a frame may have
-
-
-def _depth(body: bytes) -> int:
-    """How deep the arrays and objects of a JSON text nest (brackets in strings not counted)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for c in body:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == 0x5C:  # backslash
-                escaped = True
-            elif c == 0x22:  # quote
-                in_string = False
-        elif c == 0x22:
-            in_string = True
-        elif c in (0x5B, 0x7B):  # [ {
-            depth += 1
-            deepest = max(deepest, depth)
-        elif c in (0x5D, 0x7D):
-            depth -= 1
-    return deepest
 
 
 def close_fds(fds: Iterable[int]) -> None:
@@ -93,10 +70,9 @@ class Codec:
         return int(n)
 
     def decode(self, body: bytes) -> dict[str, Any]:
-        """A body's JSON object, at most ``MAX_DEPTH`` deep, checked for the version;
-        ``ProtocolError`` otherwise."""
-        if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
-            raise ProtocolError(f"{self.name} frame nests deeper than {MAX_DEPTH} levels")
+        """A body's JSON object, checked for the version; ``ProtocolError`` otherwise. Its
+        depth is bounded by the parser's (the interpreter's recursion limit): a deeper body is
+        a ``RecursionError`` there, caught here like any other malformed JSON."""
         try:
             obj = json.loads(body.decode())
         except (UnicodeDecodeError, ValueError, RecursionError) as e:

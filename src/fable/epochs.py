@@ -49,6 +49,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 import weakref
@@ -64,6 +65,8 @@ from fable.control import control
 from fable.errors import ConnectionClosed, DeadBuffer, FableError, ProtocolError, Timeout
 from fable.readiness import BusyFd, StableFd
 from fable.transports import ConnectionStats, DataPath, SetupChannel
+
+log = logging.getLogger("fable")
 
 __all__ = ["CONTROL_OPS", "GROUPS", "IDLE_TICK", "Epoch", "Epochs", "Proposal"]
 
@@ -116,8 +119,8 @@ class Proposal:
         if self.on_answer is not None:
             try:
                 self.on_answer(error)
-            except Exception:  # a report to the daemon that failed: the switch is unaffected
-                pass
+            except Exception:  # the switch is unaffected; whoever wanted to know did not hear
+                log.exception("fable: a reconfiguration's on_answer callback failed")
 
 
 @dataclass
@@ -339,13 +342,13 @@ class Epochs:
         if prop is None or prop.number != number:
             return  # an answer to a proposal we dropped (both asked at once): ignore
         self.proposal = None
+        self.changed.notify_all()  # a reconfigure may wait for the proposal to be answered
         if op == ACCEPT:
             self._agree(prop.path, number, prop.reason)
             prop.answer(None)
         else:
             prop.path.teardown()
             self._busy.set(self.busy)
-            self.changed.notify_all()
             prop.answer(handshake.refusal_error(rec, f"to switch to {prop.path.transport}"))
 
     def _on_propose(self, rec: dict[str, Any], number: int, fds: list[int]) -> None:
@@ -362,24 +365,13 @@ class Epochs:
         if number != self.epoch + 1:
             close_fds(fds)
             raise ProtocolError(f"reconfiguration to epoch {number} while at epoch {self.epoch}")
+        old = self._unended(mine=True)
+        busy = None if old is None else f"epoch {old} is not over here yet: one switch at a time"
+        stance = handshake.Stance(trusted=self.trusted, no_spin=self._fd.handed_out)
         try:
-            old = self._unended(mine=True)
-            if old is not None:
-                close_fds(fds)
-                raise ProtocolError(
-                    f"epoch {old} is not over on this side yet: one switch at a time"
-                )
-            offer = handshake.read_offer(rec, fds, PROPOSE)  # closes the fds if it raises
-            stance = handshake.Stance(trusted=self.trusted, no_spin=self._fd.handed_out)
-            try:
-                form = handshake.answer_form(offer, stance)
-            except BaseException:
-                close_fds(fds)
-                raise
-            path = handshake.open_offer(self.ch, offer, fds, form)
-        except FableError as e:  # refused: the connection stays on epoch e
-            self.ch.send(handshake.refused(e, number))
-            return
+            path, offer = handshake.answer(self.ch, rec, fds, PROPOSE, number, stance, busy)
+        except FableError:
+            return  # refused, and the peer told why: the connection stays on epoch e
         self.ch.send({"op": ACCEPT, "epoch": number})
         self._agree(path, number, offer.reason or "asked for by the peer")
 

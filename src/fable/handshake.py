@@ -43,6 +43,7 @@ __all__ = [
     "REFUSE",
     "Offer",
     "Stance",
+    "answer",
     "answer_form",
     "choose_form",
     "first_offer",
@@ -57,6 +58,7 @@ __all__ = [
 HELLO = "hello"  # the first offer (epoch 0)
 PROPOSE = "reconfig"  # a later one (epoch n)
 REFUSE = channel.REFUSE  # an offer refused: {epoch, why, kind: "permission" | "protocol"}
+refusal_error = channel.refusal_error  # the error a REFUSE stands for on the offering side
 
 
 @dataclass(frozen=True)
@@ -204,10 +206,8 @@ def answer_form(offer: Offer, stance: Stance) -> bool:
         raise ProtocolError(f"the peer offered {name}; this side expects {stance.transport}")
     if stance.no_spin and offer.info.caps.spins:
         raise ProtocolError(f"fileno() was handed out on this side: {name} spins")
-    if offer.info.caps.mutual_trust and offer.safe:
-        raise ProtocolError(f"{name} has no safe form (the offer claims one)")
     if stance.trusted is None:  # open_pair's other end: the creator chose for both
-        return choose_form(offer.info, offer.yours) if offer.yours is not None else offer.safe
+        return offer.safe if offer.yours is None else offer.yours
     try:
         return own_form(offer.info, stance.trusted, offer.yours)
     except ValueError as e:
@@ -220,14 +220,6 @@ def refused(exc: BaseException, epoch: int) -> dict[str, Any]:
     return {"op": REFUSE, "epoch": epoch, "why": str(exc)[:500], "kind": kind}
 
 
-def refusal_error(record: dict[str, Any], what: str) -> FableError:
-    """The error a REFUSE record stands for on the offering side."""
-    why = f"the peer refused {what}: {str(record.get('why', 'refused'))[:500]}"
-    if record.get("kind") == "permission":
-        return PermissionDenied(why)
-    return ProtocolError(why)
-
-
 def open_offer(ch: SetupChannel, offer: Offer, fds: list[int], safe: bool) -> DataPath:
     """Open this side's end of an accepted offer (role 1, form ``safe``); the fds are the
     path's (or closed). Resources that do not check out are the peer's fault:
@@ -235,9 +227,9 @@ def open_offer(ch: SetupChannel, offer: Offer, fds: list[int], safe: bool) -> Da
     that is not one)."""
     try:
         return offer.info.open(EndSpec(fds, offer.params), 1, safe, ch, offer.epoch)
-    except FableError:
-        raise
-    except Exception as e:  # OSError, ValueError, OverflowError, MemoryError...
+    except (OSError, ValueError, OverflowError, MemoryError) as e:
+        if isinstance(e, FableError):  # Timeout, WouldBlock... are OSErrors too
+            raise
         raise ProtocolError(
             f"the peer's {offer.info.name} resources: {type(e).__name__}: {e}"
         ) from e
@@ -248,28 +240,39 @@ def first_offer(ch: SetupChannel, stance: Stance, timeout: float | None) -> tupl
     it, open this side's end. A refused hello is answered with REFUSE (the offering side's
     connection fails with the reason) and raised here."""
     record, fds = ch.next(timeout)
+    return answer(ch, record, fds, HELLO, 0, stance)
+
+
+def answer(
+    ch: SetupChannel,
+    record: dict[str, Any],
+    fds: list[int],
+    op: str,
+    epoch: int,
+    stance: Stance,
+    busy: str | None = None,
+) -> tuple[DataPath, Offer]:
+    """Answer an offer (``op`` for ``epoch``, its ``fds`` now this side's): check it against
+    this side's ``stance`` and open this side's end in its own form; or refuse it (``busy``:
+    refuse whatever it offers, for that reason): REFUSE(epoch, why, kind) goes to the offering
+    side, then the error is raised here. The refusal is sent before the offered fds close:
+    their end is what the offering side notices first, and the reason must be there already."""
+    held = fds  # this side's to close until open_offer takes them
     try:
-        offer = read_offer(record, [], HELLO)
-        if offer.epoch != 0:
-            raise ProtocolError(f"the first offer is for epoch {offer.epoch}, not 0")
+        if busy is not None:
+            raise ProtocolError(busy)
+        offer = read_offer(record, [], op)
+        if offer.epoch != epoch:
+            raise ProtocolError(f"the offer is for epoch {offer.epoch}, not {epoch}")
         form = answer_form(offer, stance)
-    except FableError as e:
-        _refuse(ch, e)  # before the offered fds close: their end is what the offering side
-        close_fds(fds)  # notices first, and it must find the reason waiting on the channel
+        held = []
+        path = open_offer(ch, offer, fds, form)  # the path's fds (closed if it raises)
+    except BaseException as e:
+        if isinstance(e, FableError):
+            try:
+                ch.send(refused(e, epoch))
+            except (OSError, FableError):
+                pass  # the offering side is gone: nobody to tell
+        close_fds(held)
         raise
-    except BaseException:
-        close_fds(fds)
-        raise
-    try:
-        return open_offer(ch, offer, fds, form), offer  # the path's fds (closed if it raises)
-    except FableError as e:
-        _refuse(ch, e)
-        raise
-
-
-def _refuse(ch: SetupChannel, exc: FableError) -> None:
-    """Tell the offering side why its first offer was refused (if it is still there)."""
-    try:
-        ch.send(refused(exc, 0))
-    except (OSError, FableError):
-        pass  # the offering side is gone: nobody to tell
+    return path, offer

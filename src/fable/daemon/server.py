@@ -401,8 +401,10 @@ class Daemon:
             info = REGISTRY[name]
             try:  # each end's most zero-copy form within its own trust
                 forms = (own_form(info, trusted, None), own_form(info, listener.trusted, None))
-            except PermissionDenied as e:
-                raise FableError(f"{e} (both ends must pass trusted=True)") from None
+            except PermissionDenied:
+                raise FableError(
+                    f"{name} has only unsafe (zero-copy) reads: both ends must pass trusted=True"
+                ) from None
             reason = f"{name}: asked for by {me.name} with transport={name!r}; reads: " + ", ".join(
                 "zero-copy" if not f else "private copies" for f in forms
             )

@@ -30,7 +30,7 @@ from typing import Any
 from fable._wire import Codec, FrameReader, close_fds, send_frame
 from fable.errors import FableError, PermissionDenied, ProtocolError, Timeout
 
-__all__ = ["REFUSE", "SETUP", "SETUP_VERSION", "SetupChannel"]
+__all__ = ["REFUSE", "SETUP", "SETUP_VERSION", "SetupChannel", "refusal_error"]
 
 SETUP_VERSION = 3  # 3: offers carry "yours" (a form per reading side); REFUSE at epoch 0
 SETUP = Codec("setup", SETUP_VERSION)
@@ -42,8 +42,10 @@ Record = tuple[dict[str, Any], list[int]]
 REFUSE = "reconfig-refuse"
 
 
-def _refused_first(record: dict[str, Any]) -> ProtocolError | PermissionDenied:
-    why = f"the peer refused the connection: {str(record.get('why', 'refused'))[:500]}"
+def refusal_error(record: dict[str, Any], what: str) -> ProtocolError | PermissionDenied:
+    """The error a REFUSE record stands for on the offering side: ``PermissionDenied`` for
+    trust (``kind: "permission"``), ``ProtocolError`` otherwise."""
+    why = f"the peer refused {what}: {str(record.get('why', 'refused'))[:500]}"
     return PermissionDenied(why) if record.get("kind") == "permission" else ProtocolError(why)
 
 
@@ -116,7 +118,7 @@ class SetupChannel:
                             self.peer_closed = True
                         elif rec[0].get("op") == REFUSE and rec[0].get("epoch") == 0:
                             close_fds(rec[1])
-                            raise _refused_first(rec[0])
+                            raise refusal_error(rec[0], "the connection")
                         else:
                             self._inbox.append(rec)
                             queued += 1

@@ -162,22 +162,19 @@ class RingPath(MessagePath):
         self._tx_base, self._rx_base = mine * half, theirs * half
         self._tx_mem = self._mv[self._tx_base : self._tx_base + half]
         self._rx_mem = self._mv[self._rx_base : self._rx_base + half]
-        self._own_ev, self._peer_ev = own_ev, peer_ev
+        self._peer_ev = peer_ev
+        self._own_bell = socket.socket(fileno=own_ev)  # ours: the peer rings it (``drain``)
         self._self_ev = -1  # this side's private readiness signal (nobody else holds it)
-        bell: socket.socket | None = None
         try:
             self._self_ev = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            bell = socket.socket(fileno=os.dup(own_ev))  # to drain own_ev (``drain``)
             ring = _ring_class(cfg.backend)
             self._tx = ring(self._tx_mem, True, epoch=epoch, eventfd=peer_ev)
             self._rx = ring(self._rx_mem, False, epoch=epoch)
         except BaseException:
             self._free_memory()
-            close_fds([own_ev, peer_ev, self._self_ev])
-            if bell is not None:
-                bell.close()
+            close_fds([peer_ev, self._self_ev])
+            self._own_bell.close()
             raise
-        self._own_bell = bell
         self.max_fragment = min(MAX_FRAGMENT, self._tx.max_record)
         # The Connection binds send/recv straight to the rings' native methods: one call per
         # message; they come back to _send_slow/_recv_slow for everything else.
@@ -431,7 +428,7 @@ class RingPath(MessagePath):
             )
         if self._epoll is None:
             ep = select.epoll()
-            ep.register(self._own_ev, select.EPOLLIN)
+            ep.register(self._own_bell.fileno(), select.EPOLLIN)
             ep.register(self._self_ev, select.EPOLLIN)
             ep.register(self._setup.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
             self._epoll = ep
@@ -479,7 +476,7 @@ class RingPath(MessagePath):
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
-        close_fds([self._own_ev, self._peer_ev, self._self_ev])
+        close_fds([self._peer_ev, self._self_ev])
         self._own_bell.close()
         self._free_memory()
 

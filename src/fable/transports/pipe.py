@@ -57,14 +57,23 @@ def check_pipe(fd: int, mode: int) -> None:
         raise ProtocolError("a pipe end passed by the peer has the wrong direction")
 
 
-def private_pipe(fd: int, mode: int) -> int:
-    """A pipe end the peer passed (checked as ``check_pipe``), opened again through
-    /proc/self/fd: the new fd has an open file description of its own, whose O_NONBLOCK only
-    this process can change (the peer that created the pipe may keep the description it
-    passed and clear O_NONBLOCK on it, so that a write meant not to wait blocks). Closes
-    ``fd`` once the new one is open; ProtocolError (``fd`` left open) otherwise, e.g. a write
-    end whose pipe has no reader any more."""
-    check_pipe(fd, mode)
+def pipe_ends(fds: list[int], modes: tuple[int, ...], role: int) -> None:
+    """Check the pipe ends ``fds[-len(modes):]`` (each opened for its mode in ``modes``), in
+    place. Role 1 (ends the peer passed) opens each again through /proc/self/fd: the new fd has
+    an open file description of its own, whose O_NONBLOCK only this process can change (the
+    peer that created the pipe may keep the description it passed and clear O_NONBLOCK on it,
+    so that a write meant not to wait blocks). ProtocolError otherwise (e.g. a write end whose
+    pipe has no reader any more); ``fds`` always holds what the caller must close."""
+    first = len(fds) - len(modes)
+    for i, mode in enumerate(modes, first):
+        check_pipe(fds[i], mode)
+        if role == 1:
+            fds[i] = _reopen(fds[i], mode)
+
+
+def _reopen(fd: int, mode: int) -> int:
+    """``fd`` opened again (a description of our own), ``fd`` closed; ProtocolError (``fd``
+    left open) if it cannot be."""
     try:
         new = os.open(f"/proc/self/fd/{fd}", mode | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
@@ -90,9 +99,7 @@ def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int 
         raise ProtocolError(f"expected 2 fds for the pipe transport, got {len(spec.fds)}")
     fds = list(spec.fds)
     try:
-        for i, mode in enumerate((os.O_RDONLY, os.O_WRONLY)):
-            fds[i] = private_pipe(fds[i], mode) if role == 1 else fds[i]
-            check_pipe(fds[i], mode)
+        pipe_ends(fds, (os.O_RDONLY, os.O_WRONLY), role)
     except BaseException:
         close_fds(fds)
         raise

@@ -70,7 +70,7 @@ from fable.transports.message import (
     slice_ms,
     time_left,
 )
-from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe, private_pipe
+from fable.transports.pipe import ignore_sigpipe, new_pipe, pipe_ends
 from fable.transports.shm import (
     check_peer_ring,
     check_sealed_memfd,
@@ -263,9 +263,7 @@ class ShmemPipePath(MessagePath):
             if role == 1:
                 check_peer_ring(capacity)
             check_sealed_memfd(fds[0], 2 * capacity)
-            for i, mode in enumerate((os.O_RDONLY, os.O_WRONLY, os.O_RDONLY, os.O_WRONLY), 1):
-                fds[i] = private_pipe(fds[i], mode) if role == 1 else fds[i]
-                check_pipe(fds[i], mode)
+            pipe_ends(fds, (os.O_RDONLY, os.O_WRONLY, os.O_RDONLY, os.O_WRONLY), role)
             fd, din, dout, rin, rout = fds
             mm = mmap.mmap(fd, 2 * capacity)
         except BaseException:

@@ -535,7 +535,7 @@ class StreamPath(MessagePath):
         """Take fragments into the stash until it holds one whole message."""
         if self._stash and not self._stash[-1][1]:
             return
-        deadline = deadline_of(timeout)
+        deadline = deadline_of(timeout) if timeout else None
         while True:
             fr = self._next_frame() if not self._peer_closed else None
             if fr is not None:

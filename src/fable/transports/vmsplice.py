@@ -52,7 +52,7 @@ from fable.transports.message import (
     slice_ms,
     time_left,
 )
-from fable.transports.pipe import check_pipe, ignore_sigpipe, new_pipe, private_pipe
+from fable.transports.pipe import ignore_sigpipe, new_pipe, pipe_ends
 from fable.transports.shm import unmap
 from fable.transports.stream import (
     F_CLOSE,
@@ -365,9 +365,7 @@ def _open(spec: EndSpec, role: int, safe: bool, setup: SetupChannel, epoch: int 
     try:
         if len(fds) != 4:
             raise ProtocolError(f"expected 4 fds for vmsplice-coop, got {len(fds)}")
-        for i, mode in enumerate((os.O_RDONLY, os.O_WRONLY, os.O_RDONLY, os.O_WRONLY)):
-            fds[i] = private_pipe(fds[i], mode) if role == 1 else fds[i]
-            check_pipe(fds[i], mode)
+        pipe_ends(fds, (os.O_RDONLY, os.O_WRONLY, os.O_RDONLY, os.O_WRONLY), role)
     except BaseException:
         close_fds(fds)
         raise
