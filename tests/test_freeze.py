@@ -4,7 +4,7 @@ The hostile creator keeps copies of every fd it hands over, clears ``O_NONBLOCK`
 them (it belongs to the open file description, which both sides share), fills both doorbells
 and keeps setting every waiter bit in both ring headers, so that each of the victim's publishes
 rings the attacker's full doorbell. With eventfd doorbells the victim's ``send`` then blocked in
-``write`` with the GIL held and every thread of the process stopped; a datagram doorbell rung
+``write`` with the GIL held and every thread of the process stopped; a socket doorbell rung
 with ``send(MSG_DONTWAIT)`` cannot block. The victim runs a watchdog thread that must never miss
 a 250 ms beat, and a second, honest connection that must keep echoing (1,000 round trips at
 least) during the attack; the attacker's own exit status is checked."""
@@ -40,7 +40,7 @@ def _blocking(fd: int) -> None:
 
 
 def _fill(fd: int) -> None:
-    """Send datagrams on ``fd`` until the receiving end's buffer is full."""
+    """Send on ``fd`` until the receiving end's buffer is full."""
     s = socket.socket(fileno=fd)
     try:
         while True:

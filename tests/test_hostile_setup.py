@@ -41,8 +41,8 @@ def _memfd(size: int = SIZE, seals: int = SEALS, fmt: bool = True) -> int:
 
 
 def _evfd() -> int:
-    """A doorbell: one end of an AF_UNIX datagram socketpair (the other end dropped)."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    """A doorbell: one end of an AF_UNIX stream socketpair (the other end dropped)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     b.close()
     return a.detach()
 
@@ -94,17 +94,17 @@ CASES: dict[str, tuple[Callable[[], list[int]], dict[str, object], str]] = {
     ),
     "too small": (lambda: [_memfd(size=SIZE - 4096), _evfd(), _evfd()], {}, "is .* B, expected"),
     "not a memfd": (lambda: [_tmpfile(), _evfd(), _evfd()], {}, "not a memfd"),
-    "pipe for doorbell": (lambda: [_memfd(), *os.pipe()], {}, "not AF_UNIX datagram sockets"),
+    "pipe for doorbell": (lambda: [_memfd(), *os.pipe()], {}, "not AF_UNIX stream sockets"),
     # an eventfd (the old doorbell) can be made blocking by the peer that shares it
     "eventfd for doorbell": (
         lambda: [_memfd(), os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)],
         {},
-        "not AF_UNIX datagram sockets",
+        "not AF_UNIX stream sockets",
     ),
-    "stream socket for doorbell": (
-        lambda: [_memfd(), *[s.detach() for s in socket.socketpair()]],
+    "datagram socket for doorbell": (
+        lambda: [_memfd(), *[s.detach() for s in socket.socketpair(type=socket.SOCK_DGRAM)]],
         {},
-        "not AF_UNIX datagram sockets",
+        "not AF_UNIX stream sockets",
     ),
     "too few fds": (lambda: [_memfd(), _evfd()], {}, "expected 3 fds"),
     "bad capacity": (lambda: [_memfd(), _evfd(), _evfd()], {"capacity": 5000}, "power of two"),

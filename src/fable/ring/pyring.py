@@ -352,7 +352,7 @@ _syscall = _libc.syscall
 
 
 def ring_doorbell(fd: int) -> None:
-    """One datagram on the peer's readiness socket ``fd``, never blocking: MSG_DONTWAIT is a
+    """One byte on the peer's readiness socket ``fd``, never blocking: MSG_DONTWAIT is a
     flag of this call, which no peer can clear (O_NONBLOCK belongs to the file description the
     peer shares). A full socket is readable already; a broken one is the peer's loss."""
     s = socket.socket(fileno=fd)

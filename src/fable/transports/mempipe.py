@@ -1,7 +1,7 @@
 """mempipe-spin, mempipe-futex, mempipe-adaptive: two shared-memory rings (one per direction).
 
 The initiating side creates one sealed memfd (``F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL``) holding
-both rings (format: ``fable/ring/layout.py``) and two doorbells (datagram socketpairs,
+both rings (format: ``fable/ring/layout.py``) and two doorbells (stream socketpairs,
 ``shm.doorbells``), and passes them over the setup channel; the other side checks the seals, the
 size and the fd kinds before mapping anything.
 
@@ -125,7 +125,7 @@ def _checked_memory(spec: EndSpec, role: int) -> tuple[mmap.mmap, int, int, int,
     check_sealed_memfd(fd, size)
     if not (is_doorbell(own_ev) and is_doorbell(peer_ev)):
         raise ProtocolError(
-            "the doorbells passed for a mempipe transport are not AF_UNIX datagram sockets"
+            "the doorbells passed for a mempipe transport are not AF_UNIX stream sockets"
         )
     mm = mmap.mmap(fd, size)
     return mm, capacity, fd, own_ev, peer_ev
@@ -165,6 +165,7 @@ class RingPath(MessagePath):
         self._peer_ev = peer_ev
         self._own_bell = socket.socket(fileno=own_ev)  # ours: the peer rings it (``drain``)
         self._self_ev = -1  # this side's private readiness signal (nobody else holds it)
+        self._self_signalled = False
         try:
             self._self_ev = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             ring = _ring_class(cfg.backend)
@@ -349,11 +350,13 @@ class RingPath(MessagePath):
         if self._armed:
             self._armed = False
             self._rx.disarm()
-            drain(self._own_bell)  # consume the wake-ups: the peer's and our own
-            try:
-                os.eventfd_read(self._self_ev)
-            except BlockingIOError:
-                pass
+            drain(self._own_bell)  # consume the peer's wake-ups
+            if self._self_signalled:  # and ours (once, when fileno() was first asked for)
+                self._self_signalled = False
+                try:
+                    os.eventfd_read(self._self_ev)
+                except BlockingIOError:
+                    pass
         while self._held < self._read_limit and not self._peer_closed:
             rec = self._rx.peek()
             if rec is None:
@@ -435,6 +438,7 @@ class RingPath(MessagePath):
             # Edge-style readiness starts armed: data that is already there signals at once.
             if self._rx.arm():
                 os.eventfd_write(self._self_ev, 1)
+                self._self_signalled = True
             self._armed = True
         return self._epoll.fileno()
 
