@@ -10,10 +10,27 @@ import pytest
 
 import fable.config
 
+EXTRA_FDS = "FABLE_TEST_EXTRA_FDS"  # open this many fds first: what fable opens is above 1024
+_extra: list[int] = []
+
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     # The suite tests the C core: it must have been built and loaded.
+    import os
+    import resource
+
     import fable._core  # noqa: F401
+
+    extra = int(os.environ.get(EXTRA_FDS, "0"))
+    if extra:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = extra + 4096
+        if soft < want:
+            if hard != resource.RLIM_INFINITY and hard < want:
+                raise pytest.UsageError(f"{EXTRA_FDS}={extra} needs RLIMIT_NOFILE >= {want}")
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        _extra.extend(os.open("/dev/null", os.O_RDONLY) for _ in range(extra))
+        assert max(_extra) >= 1024, "the extra fds did not reach 1024"
 
 
 def _stray_daemons() -> list[int]:

@@ -1,102 +1,36 @@
-"""No peer can freeze this process through a doorbell (issue 18, the mempipe slice).
+"""No peer can freeze this process (issue 18).
 
-The hostile creator keeps copies of every fd it hands over, clears ``O_NONBLOCK`` on all of
-them (it belongs to the open file description, which both sides share), fills both doorbells
-and keeps setting every waiter bit in both ring headers, so that each of the victim's publishes
-rings the attacker's full doorbell. With eventfd doorbells the victim's ``send`` then blocked in
-``write`` with the GIL held and every thread of the process stopped; a socket doorbell rung
-with ``send(MSG_DONTWAIT)`` cannot block. The victim runs a watchdog thread that must never miss
-a 250 ms beat, and a second, honest connection that must keep echoing (1,000 round trips at
-least) during the attack; the attacker's own exit status is checked."""
+The hostile creator (``fable.testing.hostile.freeze``) keeps copies of every fd it hands over,
+clears ``O_NONBLOCK`` on all of them (it belongs to the open file description, which both sides
+share) and never reads; on the rings it fills both doorbells and keeps setting every waiter bit
+in both ring headers, so that each of the victim's publishes rings the attacker's full doorbell.
+With eventfd doorbells the victim's ``send`` then blocked in ``write`` with the GIL held and
+every thread of the process stopped; a socket doorbell rung with ``send(MSG_DONTWAIT)`` cannot
+block. ``fable.testing.hostile.flood`` attacks the control thread instead. The victim runs a
+watchdog thread that must never miss a 250 ms beat, and a second, honest connection that must
+keep echoing (1,000 round trips at least) during the attack; the attacker's own exit status is
+checked."""
 
 from __future__ import annotations
 
-import fcntl
-import mmap
 import os
 import socket
-import stat
 import threading
 import time
+from typing import Any
 
 import pytest
 
 import fable
 from fable.errors import ConnectionClosed, PeerDied, ProtocolError, WouldBlock
-from fable.handshake import HELLO
-from fable.ring import layout as L
-from fable.transports import REGISTRY, SetupChannel
+from fable.testing import hostile
+from fable.transports import REGISTRY
 from helpers import Child, fork
 
 pytestmark = pytest.mark.timeout(120)
 
 RINGS = [t for t in REGISTRY if t.startswith("mempipe-") and t != "mempipe-spin"]
 ATTACK_S = 3.0
-EVERY_WAITER = L.WAITER_EVENT | L.WAITER_FUTEX
-
-
-def _blocking(fd: int) -> None:
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-
-
-def _fill(fd: int) -> None:
-    """Send on ``fd`` until the receiving end's buffer is full."""
-    s = socket.socket(fileno=fd)
-    try:
-        while True:
-            s.send(b"\x01" * 64, socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        pass
-    finally:
-        s.detach()
-
-
-def _attacker(sock: socket.socket, transport: str) -> None:
-    info = REGISTRY[transport]
-    ours, theirs = info.create({})
-    kept = [os.dup(fd) for fd in theirs.fds]  # the victim's doorbells stay in our hands too
-    ch = SetupChannel(sock)
-    hello = {"op": HELLO, "epoch": 0, "transport": transport, "safe": True, "params": {}}
-    ch.send({**hello, "params": theirs.params}, theirs.fds)
-    for fd in theirs.fds:
-        os.close(fd)
-    memfd, own, ring = ours.fds
-    mem = memoryview(mmap.mmap(memfd, os.fstat(memfd).st_size))
-    half = L.HEADER_SIZE + int(ours.params["capacity"])
-    shared = [own, ring, *kept[1:]]
-    for fd in shared:
-        _blocking(fd)
-    _fill(ring)  # the victim's own doorbell (it drains it when it reads)
-    _fill(kept[2])  # ours: the one the victim rings on each publish
-    to_us = mem[half : 2 * half]  # ring 1: the victim writes, we "read"
-    to_it = mem[:half]  # ring 0: we write (nothing), the victim reads
-    end = time.monotonic() + ATTACK_S
-    while time.monotonic() < end:
-        for ring_mem, flag in ((to_us, L.DATA_WAITING), (to_it, L.SPACE_WAITING)):
-            ring_mem[flag : flag + 4] = EVERY_WAITER.to_bytes(4, "little")
-        to_us[L.HEAD : L.HEAD + 8] = to_us[L.TAIL : L.TAIL + 8]  # take everything it sent
-        time.sleep(0.0005)
-    ch.close()
-
-
-def _kernel_attacker(sock: socket.socket, transport: str) -> None:
-    """A creator of a kernel or pipe transport that keeps the victim's fds, makes every one
-    blocking and never reads, so that the victim's writes fill the pipe or socket."""
-    info = REGISTRY[transport]
-    ours, theirs = info.create({})
-    kept = [os.dup(fd) for fd in theirs.fds]
-    ch = SetupChannel(sock)
-    hello = {"op": HELLO, "epoch": 0, "transport": transport, "safe": transport != "vmsplice-coop"}
-    ch.send({**hello, "params": theirs.params}, theirs.fds)
-    for fd in theirs.fds:
-        os.close(fd)
-    shared = [fd for fd in [*ours.fds, *kept] if not stat.S_ISREG(os.fstat(fd).st_mode)]
-    end = time.monotonic() + ATTACK_S + 1.0
-    while time.monotonic() < end:  # again and again: the victim sets O_NONBLOCK when it opens
-        for fd in shared:  # pipes and sockets, not the memfd
-            _blocking(fd)
-        time.sleep(0.001)
-    ch.close()
 
 
 # (vmsplice-coop's send(timeout=0) blocked here once the pipe's slots, one per spliced frame,
@@ -118,7 +52,7 @@ def test_a_blocking_pipe_or_socket_makes_no_call_outlast_its_timeout(
 
     def attack() -> None:
         s1.close()
-        _kernel_attacker(s0, transport)
+        os._exit(hostile.freeze(s0, transport, ATTACK_S + 1.0))
 
     pid = fork(attack)
     s0.close()
@@ -152,7 +86,7 @@ def test_a_full_blocking_doorbell_freezes_nothing(transport: str) -> None:
         def attack() -> None:
             os.sched_setaffinity(0, {1})
             s1.close()
-            _attacker(s0, transport)
+            os._exit(hostile.freeze(s0, transport, ATTACK_S))
 
         pid = fork(attack)
         s0.close()
@@ -215,3 +149,80 @@ def test_a_full_blocking_doorbell_freezes_nothing(transport: str) -> None:
         assert trips[0] >= 1000, f"the honest connection made {trips[0]} round trips"
     finally:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+
+
+def _watch_honest_connection(stop: threading.Event) -> tuple[list[float], list[int], Any]:
+    """A watchdog thread (its gaps) and an honest connection echoing through a child (its round
+    trips), both running until ``stop``; returns the gaps, the trip count and a join function."""
+    honest, pending = fable.open_pair("unix")
+
+    def echo() -> None:
+        other = pending.open()
+        for m in other:
+            other.send(m)
+
+    echoer = Child(echo)
+    pending.close()
+    gaps: list[float] = []
+    trips = [0]
+
+    def watchdog() -> None:
+        while not stop.is_set():
+            t = time.monotonic()
+            time.sleep(0.05)
+            gaps.append(time.monotonic() - t)
+
+    def round_trips() -> None:
+        while not stop.is_set():
+            honest.send(b"ping")
+            assert honest.recv(timeout=10) == b"ping"
+            trips[0] += 1
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (watchdog, round_trips)]
+    for t in threads:
+        t.start()
+
+    def join() -> None:
+        stop.set()
+        for t in threads:
+            t.join(15)
+        honest.close()
+        echoer.result(30)
+
+    return gaps, trips, join
+
+
+FLOOD = 20_000  # proposals: their refusals are far more than the socket and MAX_BACKLOG hold
+
+
+def test_a_peer_that_never_reads_its_setup_channel_loses_only_its_connection() -> None:
+    """A flood of proposals the victim must refuse, from a peer that never reads a refusal:
+    the victim's control thread queues what the socket does not take, up to MAX_BACKLOG, then
+    fails that one connection with ProtocolError; it never blocks in a send (the watchdog
+    keeps its beat, the honest connection keeps echoing) and ``close()`` returns at once."""
+    stop = threading.Event()
+    gaps, trips, join = _watch_honest_connection(stop)  # first: its child holds no s1
+    s0, s1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def attack() -> None:
+        s1.close()
+        os._exit(hostile.flood(s0, FLOOD))
+
+    pid = fork(attack)
+    s0.close()
+    victim = fable.PendingEnd(s1).open(timeout=10)
+    try:
+        with pytest.raises(ProtocolError, match="does not read its setup channel"):
+            victim.recv(timeout=30)
+        time.sleep(0.5)  # the honest connection goes on after the failure too
+        t = time.monotonic()
+        victim.close()
+        closing = time.monotonic() - t
+    finally:
+        victim.close()
+        join()
+        status = os.waitpid(pid, 0)[1]
+    assert os.waitstatus_to_exitcode(status) == 0, "the attack itself failed"
+    assert closing < 1.0, f"close() took {closing:.3f} s"
+    assert max(gaps) < 0.25, f"the watchdog missed a beat: {max(gaps):.3f} s"
+    assert trips[0] >= 1000, f"the honest connection made {trips[0]} round trips"

@@ -32,7 +32,7 @@ from typing import Any
 
 from fable.errors import ProtocolError, Timeout
 
-__all__ = ["HEADER", "MAX_FDS", "Codec", "FrameReader", "close_fds", "recv_frame", "send_frame"]
+__all__ = ["HEADER", "MAX_FDS", "Codec", "FrameReader", "close_fds", "recv_frame"]
 
 HEADER = struct.Struct(">I")
 MAX_FDS = 8  # the most fds one frame may carry
@@ -202,12 +202,3 @@ def recv_frame(
             continue
         if n == 0:
             raise EOFError(f"the {reader.codec.name} channel ended")
-
-
-def send_frame(sock: socket.socket, frame: bytes, fds: Iterable[int] = ()) -> None:
-    """Send one whole frame on a blocking socket, ``fds`` attached to its first byte (the fds
-    stay the caller's). Never raises SIGPIPE."""
-    fd_list = list(fds)
-    sent = socket.send_fds(sock, [frame], fd_list, socket.MSG_NOSIGNAL) if fd_list else 0
-    if sent < len(frame):
-        sock.sendall(frame[sent:], socket.MSG_NOSIGNAL)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import socket
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -64,9 +65,14 @@ class _Refuse:
 
 
 def _on_channel(ref: weakref.ref[Epochs], events: int) -> bool:
-    """The control thread's callback for a connection's setup channel."""
+    """The control thread's callback for a connection's setup channel: records to read, or
+    (``EPOLLOUT``, watched while records wait to go out) room for them."""
     epochs = ref()
-    return epochs is not None and epochs.on_channel()
+    if epochs is None:
+        return False
+    if events & select.EPOLLOUT:
+        epochs.ch.flush()
+    return epochs.on_channel()
 
 
 def _records_read(ref: weakref.ref[Epochs]) -> None:
@@ -108,7 +114,14 @@ class Connection:
         _live.add(self)
         ref = weakref.ref(self._epochs)
         ctl = control()
-        ctl.watch(setup.fileno(), lambda ev: _on_channel(ref, ev))
+        fd = setup.fileno()
+        ctl.watch(fd, lambda ev: _on_channel(ref, ev))
+        # records the kernel did not take: the control thread pushes them when there is room
+        setup.on_backlog = lambda waiting: ctl.modify(
+            fd, select.EPOLLIN | (select.EPOLLOUT if waiting else 0)
+        )
+        if setup.backlog:
+            setup.on_backlog(True)
         # records read by someone else (with the first offer, or by a data path looking at its
         # peer): no event on the channel announces them, so the control thread is told
         setup.on_records = lambda: ctl.call_later(0.0, lambda: _records_read(ref))

@@ -90,7 +90,8 @@ typedef struct {
     PyObject_HEAD
     Py_buffer view;
     int has_view;
-    int busy;           /* a wait is in progress without the GIL: do not release the memory */
+    int busy;           /* waits in progress without the GIL: do not release the memory */
+    int stop;           /* interrupt(True): waits return at once (a close from another thread) */
     int closing;
     int writer;         /* 1 writer, 0 reader */
     fr_header *h;
@@ -111,6 +112,8 @@ typedef struct {
     uint64_t frag;      /* largest message send() writes as one record */
     uint64_t msgs, bytes;
 } Ring;
+
+static PyObject *ConnectionClosed;
 
 static PyObject *proto_error(const char *fmt, ...) {
     va_list va;
@@ -640,7 +643,7 @@ static PyObject *Ring_send(Ring *self, PyObject *const *args, Py_ssize_t nargs, 
             PyErr_Clear(); /* not a simple buffer: the slow path says what is wrong */
         }
     }
-    if (!self->slow) { PyErr_SetString(PyExc_ValueError, "ring is closed"); return NULL; }
+    if (!self->slow) { PyErr_SetString(ConnectionClosed, "connection is closed"); return NULL; }
     return PyObject_Vectorcall(self->slow, args, (size_t)nargs, kwnames);
 }
 
@@ -656,7 +659,7 @@ static PyObject *Ring_recv(Ring *self, PyObject *const *args, Py_ssize_t nargs, 
         }
         Py_DECREF(m);
     }
-    if (!self->slow) { PyErr_SetString(PyExc_ValueError, "ring is closed"); return NULL; }
+    if (!self->slow) { PyErr_SetString(ConnectionClosed, "connection is closed"); return NULL; }
     return PyObject_Vectorcall(self->slow, args, (size_t)nargs, kwnames);
 }
 
@@ -706,7 +709,7 @@ static PyObject *Ring_wait(Ring *self, PyObject *args) {
     uint32_t *mine = self->writer ? &h->writer_cpu : &h->reader_cpu;
     uint32_t *theirs = self->writer ? &h->reader_cpu : &h->writer_cpu;
     int ok = 0;
-    self->busy = 1;
+    self->busy++;
     Py_BEGIN_ALLOW_THREADS
     uint64_t start = now_ns(), end = start + slice_ns;
     int cpu = sched_getcpu();
@@ -719,6 +722,9 @@ static PyObject *Ring_wait(Ring *self, PyObject *args) {
         spin_until = start; /* the peer last ran on this CPU: spinning would only delay it */
     for (unsigned i = 0;; i++) {
         if ((ok = ready(self, need))) break;
+        /* SYNC POINT: none; a relaxed load of our own flag, set by interrupt() on another
+         * thread of this process (the bell it rings ends a futex wait below). */
+        if (__atomic_load_n(&self->stop, __ATOMIC_RELAXED)) break;
         if ((i & 255) == 255) {
             uint64_t t = now_ns();
             if (t >= spin_until) break;
@@ -728,7 +734,8 @@ static PyObject *Ring_wait(Ring *self, PyObject *args) {
     if (!ok && mode == FR_MODE_ADAPTIVE) {
         for (int k = 0; k < 4 && !(ok = ready(self, need)); k++) sched_yield();
     }
-    while (!ok && mode != FR_MODE_SPIN) {
+    /* SYNC POINT: none; the relaxed load of our own stop flag again (see the spin loop). */
+    while (!ok && mode != FR_MODE_SPIN && !__atomic_load_n(&self->stop, __ATOMIC_RELAXED)) {
         uint64_t t = now_ns();
         if (t >= end) break;
         /* SYNC POINT: acquire-load of the bell before the flag is set; pairs with the release
@@ -746,9 +753,29 @@ static PyObject *Ring_wait(Ring *self, PyObject *args) {
         if (err == EINTR) break; /* back to Python so the signal handler runs now */
     }
     Py_END_ALLOW_THREADS
-    self->busy = 0;
+    self->busy--;
     if (self->closing) ring_release_view(self);
     return PyBool_FromLong(ok);
+}
+
+/* interrupt(on): while on, a wait of this side returns at once (False unless ready): another
+ * thread of this process is closing the connection. Turning it on wakes a wait in progress: the
+ * bell this side sleeps on changes (a FUTEX_WAIT about to start returns at once) and is woken.
+ * The peer only ever sees one spare ring of a bell that wakes nobody but us. */
+static PyObject *Ring_interrupt(Ring *self, PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    /* SYNC POINT: a release store of our flag; the waiting thread's relaxed loads see it at
+     * the latest after the futex wake below (a system call each side). */
+    __atomic_store_n(&self->stop, on, __ATOMIC_RELEASE);
+    if (on && self->has_view && !self->closing) {
+        uint32_t *bell = self->writer ? &self->h->space_bell : &self->h->data_bell;
+        /* SYNC POINT: release increment of the bell we wait on; pairs with the acquire load
+         * of the bell in Ring_wait, like a ring from the peer. */
+        __atomic_fetch_add(bell, 1, __ATOMIC_RELEASE);
+        futex_wake(bell);
+    }
+    Py_RETURN_NONE;
 }
 
 /* arm() -> bool: set the event bit so the writer signals our eventfd on its next publish;
@@ -836,6 +863,7 @@ static PyMethodDef Ring_methods[] = {
     {"disarm", (PyCFunction)Ring_disarm, METH_NOARGS, "disarm(): clear the event bit"},
     {"note_cpu", (PyCFunction)Ring_note_cpu, METH_NOARGS, "note_cpu() -> this thread's CPU, published in the ring"},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "close(): let go of the memory"},
+    {"interrupt", (PyCFunction)Ring_interrupt, METH_O, "interrupt(on): waits return at once while on"},
     {"send", (PyCFunction)(void (*)(void))Ring_send, METH_FASTCALL | METH_KEYWORDS, "send(data, timeout=None): the Connection's send"},
     {"recv", (PyCFunction)(void (*)(void))Ring_recv, METH_FASTCALL | METH_KEYWORDS, "recv(timeout=None): the Connection's recv"},
     {"hot", (PyCFunction)Ring_hot, METH_VARARGS, "hot(slow, frag=0): install the slow path"},
@@ -924,8 +952,9 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyObject *errors = PyImport_ImportModule("fable.errors");
     if (!errors) return NULL;
     ProtocolError = PyObject_GetAttrString(errors, "ProtocolError");
+    ConnectionClosed = PyObject_GetAttrString(errors, "ConnectionClosed");
     Py_DECREF(errors);
-    if (!ProtocolError) return NULL;
+    if (!ProtocolError || !ConnectionClosed) return NULL;
     if (PyType_Ready(&RingType) < 0) return NULL;
     PyObject *m = PyModule_Create(&coremodule);
     if (!m) return NULL;

@@ -397,6 +397,7 @@ class PyRing:
         self.msgs = self.nbytes = 0  # what write_many moved (send/recv count in the slow path)
         self._slow: Any = None
         self._frag = 0
+        self._stop = False
 
     # -- the Connection's hot path: everything goes to the slow path in this backend ------
     def hot(self, slow: Any, frag: int = 0) -> None:
@@ -544,6 +545,8 @@ class PyRing:
         while True:
             if self._ready(need):
                 return True
+            if self._stop:
+                return False
             now = time.monotonic_ns()
             if now >= spin_until:
                 break
@@ -553,7 +556,7 @@ class PyRing:
         bell = L.SPACE_BELL if self._writer else L.DATA_BELL
         while True:
             now = time.monotonic_ns()
-            if now >= end:
+            if now >= end or self._stop:
                 return self._ready(need)
             b = self._i[bell // 4]
             self._i[flag // 4] |= L.WAITER_FUTEX
@@ -569,6 +572,17 @@ class PyRing:
             self._i[flag // 4] &= ~L.WAITER_FUTEX
             if self._ready(need):
                 return True
+
+    def interrupt(self, on: bool) -> None:
+        """While on, waits return at once; turning it on wakes a wait in progress (the bell
+        this side sleeps on changes and is woken)."""
+        self._stop = on
+        if on and self._u32 is not None:
+            bell = L.SPACE_BELL if self._writer else L.DATA_BELL
+            self._i[bell // 4] = (self._i[bell // 4] + 1) & 0xFFFFFFFF
+            _syscall(
+                _SYS_FUTEX, ctypes.byref(self._u32, bell), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0
+            )
 
     def arm(self) -> bool:
         self._i[L.DATA_WAITING // 4] |= L.WAITER_EVENT

@@ -10,7 +10,9 @@ transport module documents the order of the fds) and the wire formats (``fable.r
 ``shmem_pipe.DESC``/``RETURN``, ``stream.HEADER``); it never touches a data path's internals.
 
 :func:`attack` runs in the attacker's process and returns its exit status (0: the attack was
-carried out); :func:`run_victim` runs in the victim's process: it sends and reads (with
+carried out); :func:`freeze` and :func:`flood` are the attacks on the victim's process as a whole
+(a peer that tries to make one of its threads block, or its control thread stall);
+:func:`run_victim` runs in the victim's process: it sends and reads (with
 ``getreadbuf``) until its connection fails or the attacker goes, within a time bound, and
 reports what happened as an :class:`Outcome`.
 
@@ -26,11 +28,13 @@ least ``n`` messages arrive, then the attacker's exit ends the connection).
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import random
 import re
 import socket
+import stat
 import struct
 import time
 import traceback
@@ -51,13 +55,14 @@ from fable.errors import (
     Timeout,
     WouldBlock,
 )
-from fable.handshake import HELLO
+from fable.handshake import HELLO, PROPOSE
 from fable.ring import layout as L
 from fable.ring.pyring import PyRing
 from fable.testing.harness import wait_readable
 from fable.transports import REGISTRY, SetupChannel
 from fable.transports import shmem_pipe as S
 from fable.transports import stream as F
+from fable.transports.channel import SETUP
 
 __all__ = [
     "ATTACKS",
@@ -69,6 +74,8 @@ __all__ = [
     "attacks_for",
     "delivered",
     "fails",
+    "flood",
+    "freeze",
     "run_victim",
 ]
 
@@ -513,6 +520,111 @@ def attack(
             return VICTIM_LEFT  # it failed the connection at the first bad write and went
         raw.close()
         return 0
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+
+# --------------------------------------------------------------------------- the whole process
+def _blocking(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+
+
+def _fill(fd: int) -> None:
+    """Send on the socket ``fd`` until the receiving end's buffer is full."""
+    s = socket.socket(fileno=fd)
+    try:
+        while True:
+            s.send(b"\x01" * 64, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        pass
+    finally:
+        s.detach()
+
+
+def freeze(sock: socket.socket, transport: str, seconds: float) -> int:
+    """In the attacker's process: set a ``transport`` connection up over ``sock`` as its
+    creator, keep a copy of every fd it hands over, and for ``seconds`` try to make the victim's
+    calls block. ``O_NONBLOCK`` belongs to the open file description, which both sides share, so
+    the attacker clears it on every pipe and socket it holds, again and again (the victim sets it
+    when it opens), and never reads; on the mempipe rings it also fills both doorbells and keeps
+    setting every waiter bit in both ring headers, so that each of the victim's publishes rings
+    the attacker's full doorbell (and takes what the victim sent, so that it can go on). The exit
+    status to end with (0: carried out; 1: the attack itself broke, its traceback on stderr)."""
+    try:
+        info = REGISTRY[transport]
+        ours, theirs = info.create({})
+        kept = [os.dup(fd) for fd in theirs.fds]
+        ch = SetupChannel(sock)
+        safe = transport != "vmsplice-coop"  # its only form is unsafe
+        hello = {"op": HELLO, "epoch": 0, "transport": transport, "safe": safe}
+        ch.send({**hello, "params": theirs.params}, theirs.fds)
+        close_fds(theirs.fds)
+        held = [*ours.fds, *kept]
+        shared = [fd for fd in held if not stat.S_ISREG(os.fstat(fd).st_mode)]  # not memfds
+        end = time.monotonic() + seconds
+        if transport.startswith("mempipe-"):
+            memfd, _own, ring = ours.fds
+            mem = memoryview(mmap.mmap(memfd, os.fstat(memfd).st_size))
+            half = L.HEADER_SIZE + int(ours.params["capacity"])
+            for fd in shared:
+                _blocking(fd)
+            _fill(ring)  # the victim's own doorbell (it drains it when it reads)
+            _fill(kept[2])  # ours: the one the victim rings on each publish
+            to_us = mem[half : 2 * half]  # ring 1: the victim writes, we "read"
+            to_it = mem[:half]  # ring 0: we write nothing, the victim reads
+            every = (L.WAITER_EVENT | L.WAITER_FUTEX).to_bytes(4, "little")
+            while time.monotonic() < end:
+                to_us[L.DATA_WAITING : L.DATA_WAITING + 4] = every
+                to_it[L.SPACE_WAITING : L.SPACE_WAITING + 4] = every
+                to_us[L.HEAD : L.HEAD + 8] = to_us[L.TAIL : L.TAIL + 8]  # take all it sent
+                time.sleep(0.0005)
+        else:
+            while time.monotonic() < end:
+                for fd in shared:
+                    _blocking(fd)
+                time.sleep(0.001)
+        ch.close()
+        close_fds(held)
+        return 0
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+
+def flood(sock: socket.socket, count: int) -> int:
+    """In the attacker's process: set a unix connection up honestly over ``sock``, then ask
+    for ``count`` switches to a transport that does not exist, as fast as the victim reads them,
+    and never read a refusal. The victim may stop reading (it failed the connection) or hang up:
+    the attack ends there. The exit status (0: over a thousand requests went out; 1: fewer, or
+    the attack broke)."""
+    try:
+        info = REGISTRY["unix"]
+        ours, theirs = info.create({})  # our end stays open, never read, until we exit
+        ch = SetupChannel(sock)
+        hello = {"op": HELLO, "epoch": 0, "transport": "unix", "safe": True}
+        ch.send({**hello, "params": theirs.params}, theirs.fds)
+        close_fds(theirs.fds)
+        sock.settimeout(10)  # the victim stops reading once it has failed the connection
+        propose = SETUP.encode(
+            {
+                "op": PROPOSE,
+                "epoch": 1,
+                "transport": "no-such-transport",
+                "safe": True,
+                "yours": None,
+                "params": {},
+            }
+        )
+        sent = 0
+        try:
+            while sent < count:
+                sock.sendall(propose)
+                sent += 1
+        except (TimeoutError, BrokenPipeError, ConnectionResetError):
+            pass  # the victim failed the connection: it reads no more
+        close_fds(ours.fds)
+        return 0 if sent > 1000 else 1
     except BaseException:
         traceback.print_exc()
         return 1

@@ -151,7 +151,7 @@ class RingPath(MessagePath):
             raise
         os.close(fd)  # the mapping keeps the memory
         cfg = settings()
-        self._init_messages(name, safe, epoch, cfg, setup)
+        self._init_messages(name, safe, epoch, cfg, setup, stop_fd=False)
         self._mode = mode
         self._slice = SLICE_NS[mode]
         self._spin = cfg.spin_budget_ns
@@ -210,6 +210,10 @@ class RingPath(MessagePath):
                 slice_ns = min(slice_ns, int(left * 1e9) + 1)
             if ring.wait(need, self._mode, slice_ns, self._spin):
                 return
+            if self._stopping:
+                raise ConnectionClosed("the connection was closed (by another thread)")
+            if self._error is not None:
+                raise self._error
             if self._setup.peer_state() is not None:
                 if ring is self._rx and ring.available():
                     return  # read what the peer left first
@@ -452,6 +456,14 @@ class RingPath(MessagePath):
     def _state_changed(self) -> None:
         self._rx.gate = bool(self._stash or self._mid or self._dead)
         self._tx.gate = self._dead
+
+    def _wake_waiters(self, reader: bool) -> None:
+        for ring in (self._tx, self._rx):
+            ring.interrupt(True)
+
+    def _unwake(self) -> None:
+        for ring in (self._tx, self._rx):
+            ring.interrupt(False)
 
     def _say_goodbye(self, linger: float | None) -> None:
         if self._setup.peer_state() is None:

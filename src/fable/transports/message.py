@@ -4,12 +4,23 @@ rule that a message begun with ``getreadbuf`` is finished with it, and the count
 
 A subclass provides ``_gather(timeout)``: take fragments into ``_stash`` until it holds one
 whole message (the last fragment has ``more == False``), or raise.
+
+Closing while other threads are inside (the one sender and the one receiver of the contract,
+and a third thread that closes): every write call holds ``_writing`` and every read that can
+wait or touch an fd holds ``_reading`` for its whole call. ``close``/``teardown`` first
+*interrupt* them (``_stopping``; ``_wake_waiters`` ends a wait in progress: the path's private
+stop eventfd, which every wait polls, or the ring's ``interrupt``), so each raises
+``ConnectionClosed`` at once, then take both locks and only then free fds and memory: no call
+ever runs on an fd or a mapping that is gone. A failed path (``fail``, e.g. from the control
+thread) wakes its waiters the same way, and they raise its error.
 """
 
 from __future__ import annotations
 
 import abc
 import fcntl
+import logging
+import os
 import select
 import struct
 import termios
@@ -48,7 +59,11 @@ __all__ = [
     "time_left",
 ]
 
+log = logging.getLogger("fable")
+
 SLICE_MS = 200  # the longest one wait lasts before it checks the connection again
+GONE_GRACE_S = 0.5  # how long a path that found its peer gone waits to learn why
+QUIESCE_S = 5.0  # how long a close waits for interrupted calls of other threads to leave
 # poll(2) events the transports wait for (select.poll: no limit on fd numbers, unlike select)
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 POLLERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL  # the other end is gone
@@ -121,8 +136,16 @@ class MessagePath(DataPath):
     ``_getreadbuf``, and ``_gather`` (below)."""
 
     def _init_messages(
-        self, transport: str, safe: bool, epoch: int, cfg: Settings, setup: SetupChannel
+        self,
+        transport: str,
+        safe: bool,
+        epoch: int,
+        cfg: Settings,
+        setup: SetupChannel,
+        stop_fd: bool = True,
     ) -> None:
+        """``stop_fd``: the path waits in poll(2), which must then also poll ``_stop_fd`` (a
+        ring waits on a futex instead, which ``_wake_waiters`` interrupts)."""
         self._setup = setup
         self.transport = transport
         self.safe = safe
@@ -134,6 +157,11 @@ class MessagePath(DataPath):
         self._rended = False  # the peer's END read: reads go to the next path
         self._end_owed = False  # sealed, and the END not yet in the transport (push_end)
         self._writing = threading.Lock()  # held by every write call (see end_writes)
+        self._reading = threading.Lock()  # held by every read that may wait or touch an fd
+        self._stopping = False  # a close from another thread: calls inside must leave now
+        self._hurry = False  # the caller may not wait at all (the control thread's push_end)
+        # private (nobody else holds it): readable while the waits of this path must end
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if stop_fd else -1
         self._read_limit = cfg.read_buffers
         self._max_message = cfg.max_message
         self._held = 0
@@ -194,9 +222,10 @@ class MessagePath(DataPath):
         return int(self._forward("send_many", msgs, timeout))
 
     def getreadbuf(self) -> list[Buffer]:
-        if self._dead and self._ended(writing=False):
-            return list(self._forward("getreadbuf"))
-        return self._getreadbuf()
+        with self._reading:
+            if not (self._dead and self._ended(writing=False)):
+                return self._getreadbuf()
+        return list(self._forward("getreadbuf"))
 
     @abc.abstractmethod
     def _getwritebuf(self, size: int, timeout: float | None) -> list[Buffer]: ...
@@ -245,36 +274,122 @@ class MessagePath(DataPath):
     def close(self, linger: float) -> None:
         if self._closed:
             return
+        held = self._quiesce()
         try:
-            if self._error is None and not self._wended:
+            if held and self._error is None and not self._wended:
                 self._say_goodbye(linger)
         except (FableError, OSError):
             pass  # the peer is gone or does not read: it sees the end without a close notice
         finally:
-            self._setup.say_close()
-            self._teardown(clean=True)
+            try:
+                self._setup.say_close()
+                self._teardown(clean=held)
+            finally:
+                self._let_go(held)
 
     def forget(self) -> None:
         if not self._closed:
-            self._teardown(clean=False)
+            self._closed = self._dead = True
+            self._free(False)
+            if self._stop_fd >= 0:
+                os.close(self._stop_fd)
+                self._stop_fd = -1
         self._setup.forget()
 
     def teardown(self, wait: bool = True) -> bool:
-        if not self._writing.acquire(blocking=wait):
+        if wait:
+            held = self._quiesce()
+        elif self._writing.acquire(blocking=False):
+            if not self._reading.acquire(blocking=False):
+                self._writing.release()
+                return False  # a read is in progress: not under it
+            held = True
+        else:
             return False  # a write (an END being pushed) is in flight: not under it
         try:
             if not self._closed:
-                self._teardown(clean=True)
+                self._teardown(clean=held)
             return True
         finally:
+            self._let_go(held)
+
+    def _quiesce(self) -> bool:
+        """Take ``_writing`` and ``_reading`` (module docstring): the calls of other threads
+        inside this path are interrupted and raise ``ConnectionClosed``. False (nothing held)
+        if one of them did not leave within QUIESCE_S (then nothing may be freed)."""
+        w = self._writing.acquire(blocking=False)
+        r = self._reading.acquire(blocking=False)
+        if not (w and r):
+            self._stopping = True
+            try:
+                self._wake_waiters(reader=not r)
+                w = w or self._writing.acquire(timeout=QUIESCE_S)
+                r = r or self._reading.acquire(timeout=QUIESCE_S)
+            finally:
+                self._stopping = False
+            if self._error is None:
+                self._unwake()
+        if w and r:
+            return True
+        for lock, got in ((self._writing, w), (self._reading, r)):
+            if got:
+                lock.release()
+        log.warning("fable: a call of another thread did not leave %s; its fds stay open", self)
+        return False
+
+    def _let_go(self, held: bool) -> None:
+        if held:
+            self._reading.release()
             self._writing.release()
 
+    def _wake_waiters(self, reader: bool) -> None:
+        """End the waits in progress on this path now (they then look at ``_stopping`` and
+        ``_error``). ``reader``: a read is in progress (a transport whose reads may block in a
+        system call, not a poll, ends that too)."""
+        if self._stop_fd >= 0:
+            os.eventfd_write(self._stop_fd, 1)
+
+    def _unwake(self) -> None:
+        """Undo ``_wake_waiters`` (the waits of this side's own close must wait again)."""
+        if self._stop_fd >= 0:
+            try:
+                os.eventfd_read(self._stop_fd)
+            except BlockingIOError:
+                pass
+
+    def _slice_ms(
+        self,
+        deadline: float | None,
+        timeout: float | None,
+        full: str,
+        late: str,
+        reading: bool = False,
+    ) -> int:
+        """Before each wait slice: ``ConnectionClosed`` once another thread closes this path,
+        its error once it failed, and for a writer (not ``reading``) the peer's end once the
+        setup channel says it closed or died (a closed peer reads no more: its kernel may not
+        tell us soon, e.g. TCP with a zero window); then :func:`slice_ms`."""
+        if self._stopping:
+            raise ConnectionClosed("the connection was closed (by another thread)")
+        if self._error is not None:
+            raise self._error
+        if not reading and self._setup.peer_state() is not None:
+            raise self._gone()
+        return slice_ms(deadline, timeout, full, late)
+
     def _teardown(self, clean: bool) -> None:
+        """Mark the path closed; with ``clean`` (nobody else inside) free everything, else
+        leave the fds and memory to the garbage collector (a call of another thread may
+        still use them)."""
         self._closed = True
         self._dead = True
         self._stash.clear()
         self._stash_bytes = 0
-        self._free(clean)
+        if clean:
+            self._free(clean)
+            if self._stop_fd >= 0:
+                os.close(self._stop_fd)
+                self._stop_fd = -1
 
     @abc.abstractmethod
     def _say_goodbye(self, linger: float | None) -> None:
@@ -314,10 +429,13 @@ class MessagePath(DataPath):
         try:
             if not self._end_owed or self._closed:
                 return True
+            self._hurry = timeout == 0
             try:
                 done = self._write_end(timeout)
             except (WouldBlock, Timeout):
                 done = False
+            finally:
+                self._hurry = False
             if done:
                 self._end_owed = False
             return done
@@ -345,6 +463,8 @@ class MessagePath(DataPath):
             self._error = exc
             self._dead = True
             self._state_changed()
+            if not self._closed:
+                self._wake_waiters(reader=False)  # a wait on another thread raises ``exc``
         return exc
 
     _fail = fail
@@ -352,7 +472,10 @@ class MessagePath(DataPath):
     def _gone(self) -> BaseException:
         """The error for a peer that is gone: ``ConnectionClosed`` after its close notice (in
         band, or on the setup channel), ``PeerDied`` otherwise."""
-        if self._peer_closed or self._setup.peer_state() == "closed":
+        # the data path may end a moment before the close notice arrives (a peer that shuts
+        # its socket down to end a read of its own while it closes): wait for the notice
+        grace = 0.0 if self._hurry else GONE_GRACE_S
+        if self._peer_closed or self._setup.settled_state(grace) == "closed":
             return ConnectionClosed("the peer closed the connection")
         return PeerDied("the peer vanished without closing")
 
@@ -511,28 +634,39 @@ class MessagePath(DataPath):
         return None
 
     def _recv_slow(self, timeout: float | None = None) -> bytes:
-        if self._dead and self._ended(writing=False):  # a recv looked up before a switch
-            return bytes(self._forward("recv", timeout))
-        nxt = self._gather_here(timeout)
-        if nxt is not None:
-            return nxt.recv(timeout)
-        parts, self._stash = self._stash, []
-        self._stash_bytes = 0
-        self._state_changed()
-        data = parts[0][0] if len(parts) == 1 else b"".join(p for p, _ in parts)
-        self._msgs_in += 1
-        self._bytes_in += len(data)
-        return data
+        with self._reading:
+            if self._dead and self._ended(writing=False):  # a recv looked up before a switch
+                nxt = None
+            else:
+                nxt = self._gather_here(timeout)
+                if nxt is None:
+                    parts, self._stash = self._stash, []
+                    self._stash_bytes = 0
+                    self._state_changed()
+                    data = parts[0][0] if len(parts) == 1 else b"".join(p for p, _ in parts)
+                    self._msgs_in += 1
+                    self._bytes_in += len(data)
+                    return data
+        # this epoch is over for reads: on to the next path (outside this one's lock)
+        return nxt.recv(timeout) if nxt is not None else bytes(self._forward("recv", timeout))
 
     def recv(self, timeout: float | None = None) -> bytes:
         return self._recv_slow(timeout)
 
     def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
-        if self._dead and self._ended(writing=False):
-            return int(self._forward("recv_into", buf, timeout))
-        nxt = self._gather_here(timeout)
+        with self._reading:
+            if self._dead and self._ended(writing=False):
+                nxt = None
+            else:
+                nxt = self._gather_here(timeout)
+                if nxt is None:
+                    return self._stash_into(buf)
         if nxt is not None:
             return nxt.recv_into(buf, timeout)
+        return int(self._forward("recv_into", buf, timeout))
+
+    def _stash_into(self, buf: bytearray | memoryview) -> int:
+        """The whole message in the stash, copied into ``buf``."""
         total = self._stash_bytes
         out = memoryview(buf).cast("B")
         if total > len(out):

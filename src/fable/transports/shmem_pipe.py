@@ -67,7 +67,6 @@ from fable.transports.message import (
     MessagePath,
     deadline_of,
     pipe_takes,
-    slice_ms,
     time_left,
 )
 from fable.transports.pipe import ignore_sigpipe, new_pipe, pipe_ends
@@ -302,13 +301,20 @@ class ShmemPipePath(MessagePath):
         self._eof = False
         self._rets = bytearray()  # returns not yet written
         self._nrets = 0
+        # held while returns are written, and while the fds close: the hot recv returns its
+        # batch without ``_reading``, and a close from another thread may write the rest
+        self._ret_lock = threading.Lock()
         self._writer_waits = False
         self._pinned = 0
         self._pin_limit = capacity // 2
-        self._rpoll = select.poll()
+        self._rpoll = select.poll()  # "is there input now" (poll(0))
         self._rpoll.register(din, POLLIN)
-        self._wpoll = select.poll()
+        self._rwait = select.poll()  # waiting for input (every wait polls the stop fd too)
+        self._rwait.register(din, POLLIN)
+        self._rwait.register(self._stop_fd, POLLIN)
+        self._wpoll = select.poll()  # waiting for returns (or room for descriptors)
         self._wpoll.register(rin, POLLIN)
+        self._wpoll.register(self._stop_fd, POLLIN)
 
     # ================================================================= writing
     def _describe(self, off: int, n: int, flags: int) -> None:
@@ -372,7 +378,9 @@ class ShmemPipePath(MessagePath):
             off = self._extents.alloc(n)
             if off is not None:
                 return off
-            ms = slice_ms(deadline, timeout, "the connection is full", "no room before the timeout")
+            ms = self._slice_ms(
+                deadline, timeout, "the connection is full", "no room before the timeout"
+            )
             if not self._need_sent:
                 # The reader returns extents in batches: ask it to return what it holds now.
                 self._describe(0, 0, F_NEED)
@@ -383,7 +391,7 @@ class ShmemPipePath(MessagePath):
     def _flush_out(self, deadline: float | None, timeout: float | None) -> None:
         while not self._write_out():
             self._writer_wait(
-                slice_ms(
+                self._slice_ms(
                     deadline,
                     timeout,
                     "the descriptor pipe is full; the rest stays queued",
@@ -399,7 +407,9 @@ class ShmemPipePath(MessagePath):
 
     def _wait_describable(self, deadline: float | None, timeout: float | None) -> None:
         while not self._describable():
-            ms = slice_ms(deadline, timeout, "the connection is full", "no room before the timeout")
+            ms = self._slice_ms(
+                deadline, timeout, "the connection is full", "no room before the timeout"
+            )
             if self._writer_wait(ms, room=True):
                 time.sleep(0.001)  # writable, but not the slack we count on: poll cannot wait
                 # for "this much room", so nap instead of spinning
@@ -417,6 +427,8 @@ class ShmemPipePath(MessagePath):
             for fd, ev in poll.poll(ms):
                 if fd == self._rin:
                     self._take_returns()  # raises once the reader is gone
+                elif fd == self._stop_fd:
+                    continue  # the next slice raises
                 elif ev & POLLERRS:
                     raise self._fail(self._gone())
                 else:
@@ -614,17 +626,20 @@ class ShmemPipePath(MessagePath):
             self._return_now()
 
     def _return_now(self) -> None:
-        rets = self._rets
-        while rets:
-            try:
-                k = os.write(self._rout, rets)
-            except BlockingIOError:
-                return  # cannot happen while returns are bounded (see Extents); kept for later
-            except (BrokenPipeError, ConnectionResetError):
-                rets.clear()  # the writer is gone: nobody needs them
-                break
-            del rets[:k]
-        self._nrets = 0
+        with self._ret_lock:
+            rets = self._rets
+            while rets and not self._closed:
+                try:
+                    # a copy: the hot recv of another thread may append meanwhile (an exported
+                    # bytearray cannot grow); what was written goes from the front
+                    k = os.write(self._rout, bytes(rets))
+                except BlockingIOError:
+                    return  # cannot happen while returns are bounded (see Extents); kept
+                except (BrokenPipeError, ConnectionResetError):
+                    rets.clear()  # the writer is gone: nobody needs them
+                    break
+                del rets[:k]
+            self._nrets = 0
 
     def _gather(self, timeout: float | None) -> None:
         if self._stash and not self._stash[-1][1]:
@@ -658,8 +673,14 @@ class ShmemPipePath(MessagePath):
 
     def _wait_readable(self, deadline: float | None, timeout: float | None) -> None:
         # Returns wait for their batch: a writer short of space says so (F_NEED), which wakes us.
-        self._rpoll.poll(
-            slice_ms(deadline, timeout, "no message is ready", "no message before the timeout")
+        self._rwait.poll(
+            self._slice_ms(
+                deadline,
+                timeout,
+                "no message is ready",
+                "no message before the timeout",
+                reading=True,
+            )
         )
         self._check()
 
@@ -683,7 +704,11 @@ class ShmemPipePath(MessagePath):
                     if not n:
                         return b""
                     base = self._rx_base + off
-                    data = self._mm[base : base + n]
+                    try:
+                        data = self._mm[base : base + n]
+                    except (AttributeError, ValueError):  # closed by another thread meanwhile
+                        self._check()
+                        raise
                     self._bytes_in += n
                     self._rets += _pack_ret(off, n)
                     self._nrets += 1
@@ -770,7 +795,8 @@ class ShmemPipePath(MessagePath):
         return True
 
     def _free(self, clean: bool) -> None:
-        close_fds([self._din, self._dout, self._rin, self._rout])
+        with self._ret_lock:
+            close_fds([self._din, self._dout, self._rin, self._rout])
         if "_mm" in self.__dict__:  # not freed already
             unmap(self._mm, self._mv)
             forget(self, "_mm", "_mv")

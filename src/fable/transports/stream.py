@@ -62,7 +62,6 @@ from fable.transports.message import (
     MessagePath,
     deadline_of,
     pipe_takes,
-    slice_ms,
     time_left,
 )
 
@@ -147,7 +146,9 @@ class StreamPath(MessagePath):
             self._readinto = functools.partial(_readv1, rfd)
             self._write1 = functools.partial(os.write, wfd)
             self._pipe_size = int(fcntl.fcntl(wfd, fcntl.F_GETPIPE_SZ))  # fixed at setup
-            os.set_blocking(rfd, True)
+            # non-blocking both: a read waits in poll, with the stop fd (a close from another
+            # thread ends it; nothing wakes a read blocked in a pipe)
+            os.set_blocking(rfd, False)
             os.set_blocking(wfd, False)
         # write side. The write queue is the writer's, but the reader pushes it too while it
         # waits (so a blocked reader never starves the peer of our output): _wlock guards it.
@@ -159,8 +160,11 @@ class StreamPath(MessagePath):
         self._claimed = 0
         self._queue: list[bytes | bytearray | memoryview] = []
         self._queued = 0
-        self._wpoll = select.poll()
+        self._wpoll = select.poll()  # "is there room now" (poll(0))
         self._wpoll.register(self._wfd, POLLOUT)
+        self._wwait = select.poll()  # waiting for room (every wait polls the stop fd too)
+        self._wwait.register(self._wfd, POLLOUT)
+        self._wwait.register(self._stop_fd, POLLIN)
         # read side
         self._rbuf = bytearray(CHUNK)
         self._rmv = memoryview(self._rbuf)
@@ -169,14 +173,19 @@ class StreamPath(MessagePath):
         self._pin = [0]  # read buffers held in the current chunk
         self._rseq = 0
         self._eof = False
-        self._rpoll = select.poll()
+        self._blocked = False  # a socket read is in a blocking recv (a close shuts it down)
+        self._rpoll = select.poll()  # "is there input now" (poll(0))
         self._rpoll.register(self._rfd, POLLIN)
-        self._rwpoll = select.poll()  # readable, or room to push queued output
+        self._rwait = select.poll()  # waiting for input
+        self._rwait.register(self._rfd, POLLIN)
+        self._rwait.register(self._stop_fd, POLLIN)
+        self._rwpoll = select.poll()  # waiting for input, or room to push queued output
         if self._wfd != self._rfd:
             self._rwpoll.register(self._rfd, POLLIN)
             self._rwpoll.register(self._wfd, POLLOUT)
         else:
             self._rwpoll.register(self._rfd, POLLIN | POLLOUT)
+        self._rwpoll.register(self._stop_fd, POLLIN)
 
     # ==================================================================== low-level I/O
     def _write(self, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
@@ -199,16 +208,16 @@ class StreamPath(MessagePath):
         mv = self._rmv[self._rend :]
         try:
             if self._sock is not None:
+                self._blocked = block
                 n = self._sock.recv_into(mv, 0, 0 if block else _DONTWAIT)
             else:
-                if not block and not self._rpoll.poll(0):
-                    return -1
                 n = self._readinto(mv)
         except BlockingIOError:
             return -1
         except (ConnectionResetError, ConnectionAbortedError):
             n = 0
         finally:
+            self._blocked = False
             mv.release()
         if n == 0:
             self._eof = True
@@ -238,6 +247,8 @@ class StreamPath(MessagePath):
         return self._gone()
 
     def _gone_on_read(self) -> BaseException:
+        if self._stopping:  # our own close shut the socket down for reading
+            return ConnectionClosed("the connection was closed (by another thread)")
         self._setup.peer_state()  # raises the reason if the peer refused the first offer
         if self._peer_closed:
             return ConnectionClosed("the peer closed the connection")
@@ -267,9 +278,11 @@ class StreamPath(MessagePath):
                     raise WouldBlock("uncommitted write buffers hold the connection's buffer space")
             elif timeout is None or self._queue or self._kernel_takes(size):
                 return
-            ms = slice_ms(deadline, timeout, "the connection is full", "no room before the timeout")
-            events = self._wpoll.poll(ms)
-            if events and events[0][1] & POLLERRS:
+            ms = self._slice_ms(
+                deadline, timeout, "the connection is full", "no room before the timeout"
+            )
+            events = self._wwait.poll(ms)
+            if any(fd == self._wfd and ev & POLLERRS for fd, ev in events):
                 raise self._gone_on_write()
             if events and not self._queue:
                 # writable, but not yet enough room for this message: poll cannot wait for
@@ -394,8 +407,8 @@ class StreamPath(MessagePath):
 
     def _drain(self, deadline: float | None, timeout: float | None = None) -> None:
         while not self._push():
-            self._wpoll.poll(
-                slice_ms(
+            self._wwait.poll(
+                self._slice_ms(
                     deadline,
                     timeout,
                     "the transport is full; the rest stays queued",
@@ -523,13 +536,15 @@ class StreamPath(MessagePath):
         return flags, rpos + HDR, end
 
     def _wait_readable(self, deadline: float | None, timeout: float | None) -> None:
-        ms = slice_ms(deadline, timeout, "no message is ready", "no message before the timeout")
+        ms = self._slice_ms(
+            deadline, timeout, "no message is ready", "no message before the timeout", reading=True
+        )
         if self._queue:
             for fd, ev in self._rwpoll.poll(ms):
                 if fd == self._wfd and ev & (POLLOUT | POLLERRS) and self._queue:
                     self._try_push()
         else:
-            self._rpoll.poll(ms)
+            self._rwait.poll(ms)
 
     def _gather(self, timeout: float | None) -> None:
         """Take fragments into the stash until it holds one whole message."""
@@ -584,10 +599,20 @@ class StreamPath(MessagePath):
                     break
                 if rpos != rend or self._pin[0] or timeout is not None or self._queue:
                     break
+                if not self._reading.acquire(blocking=False):
+                    break  # a close from another thread holds it: the slow path waits for it
                 try:
-                    n = self._readinto(self._rmv)
+                    if self._dead:
+                        break
+                    self._blocked = True
+                    n = self._readinto(self._rmv)  # a socket blocks here; a pipe does not
+                except BlockingIOError:
+                    n = -1
                 except (ConnectionResetError, ConnectionAbortedError):
                     n = 0
+                finally:
+                    self._blocked = False
+                    self._reading.release()
                 if n <= 0:
                     self._rpos = self._rend = 0
                     break
@@ -650,6 +675,14 @@ class StreamPath(MessagePath):
 
     def _pending_bytes(self) -> int:
         return self._queued
+
+    def _wake_waiters(self, reader: bool) -> None:
+        super()._wake_waiters(reader)
+        if reader and self._blocked and self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RD)  # a blocking recv returns (0) at once
+            except OSError:
+                pass
 
     def _say_goodbye(self, linger: float | None) -> None:
         if not self._eof:

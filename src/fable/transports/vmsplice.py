@@ -49,7 +49,6 @@ from fable.transports.message import (
     POLLOUT,
     MessagePath,
     deadline_of,
-    slice_ms,
     time_left,
 )
 from fable.transports.pipe import ignore_sigpipe, new_pipe, pipe_ends
@@ -119,8 +118,9 @@ class VmsplicePath(StreamPath):
         self._spliced = 0  # stream bytes the pipe took
         self._token = 0  # stream bytes the reader has read (its last token)
         self._tbuf = b""  # a partial token
-        self._tpoll = select.poll()
+        self._tpoll = select.poll()  # waiting for tokens (and the stop fd)
         self._tpoll.register(tin, POLLIN)
+        self._tpoll.register(self._stop_fd, POLLIN)
         self._slots = select.poll()  # the data pipe has a free slot (``_kernel_takes``)
         self._slots.register(wfd, POLLOUT)
         # reader
@@ -227,7 +227,9 @@ class VmsplicePath(StreamPath):
         while not self._room(size):
             if self._queue:
                 self._try_push()
-            ms = slice_ms(deadline, timeout, "the connection is full", "no room before the timeout")
+            ms = self._slice_ms(
+                deadline, timeout, "the connection is full", "no room before the timeout"
+            )
             pushing = bool(self._queue)  # then room in the pipe matters too
             if pushing:
                 self._tpoll.register(self._wfd, POLLOUT)
