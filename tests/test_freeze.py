@@ -22,9 +22,12 @@ from typing import Any
 import pytest
 
 import fable
+from fable.control import control
 from fable.errors import ConnectionClosed, PeerDied, ProtocolError, WouldBlock
+from fable.handshake import HELLO
 from fable.testing import hostile
-from fable.transports import REGISTRY
+from fable.transports import REGISTRY, SetupChannel
+from fable.transports.channel import SETUP
 from helpers import Child, fork
 
 pytestmark = pytest.mark.timeout(120)
@@ -226,3 +229,53 @@ def test_a_peer_that_never_reads_its_setup_channel_loses_only_its_connection() -
     assert closing < 1.0, f"close() took {closing:.3f} s"
     assert max(gaps) < 0.25, f"the watchdog missed a beat: {max(gaps):.3f} s"
     assert trips[0] >= 1000, f"the honest connection made {trips[0]} round trips"
+
+
+def _cpu_s(tid: int) -> float:
+    """CPU time (user + system) the thread ``tid`` of this process has used."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("record", ["partial", "not-a-control-record"])
+def test_a_bad_setup_record_does_not_make_the_control_thread_spin(record: str) -> None:
+    """Half a record (then silence), or a whole record the reconfiguration protocol does not
+    know: the control thread reads what is there and goes back to sleep (before epoll, a partial
+    record made the reconfiguration thread spin at 100% CPU). The unknown record fails that
+    connection with ProtocolError."""
+    s0, s1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def attack() -> None:
+        s1.close()
+        _ours, theirs = REGISTRY["unix"].create({})
+        ch = SetupChannel(s0)
+        hello = {"op": HELLO, "epoch": 0, "transport": "unix", "safe": True}
+        ch.send({**hello, "params": theirs.params}, theirs.fds)
+        frame = SETUP.encode({"op": "reconfig-surprise", "epoch": 1})
+        s0.sendall(frame[:7] if record == "partial" else frame)
+        time.sleep(3)
+        os._exit(0)
+
+    pid = fork(attack)
+    s0.close()
+    victim = fable.PendingEnd(s1).open(timeout=10)
+    try:
+        ctl = control()
+        tid = ctl._thread.native_id
+        assert tid is not None
+        time.sleep(0.3)  # the record arrives and is handled
+        before = _cpu_s(tid)
+        time.sleep(1.5)
+        used = _cpu_s(tid) - before
+        if record == "partial":
+            with pytest.raises(fable.Timeout):
+                victim.recv(timeout=0.1)  # nothing wrong yet: the rest may still come
+        else:
+            with pytest.raises(ProtocolError, match="unexpected record"):
+                victim.recv(timeout=5)
+    finally:
+        victim.close()
+        status = os.waitpid(pid, 0)[1]
+    assert os.waitstatus_to_exitcode(status) == 0, "the attack itself failed"
+    assert used < 0.3, f"the control thread used {used:.2f} s of CPU in 1.5 s"

@@ -159,6 +159,8 @@ class MessagePath(DataPath):
         self._writing = threading.Lock()  # held by every write call (see end_writes)
         self._reading = threading.Lock()  # held by every read that may wait or touch an fd
         self._stopping = False  # a close from another thread: calls inside must leave now
+        self._closing = False  # close/teardown began (never reset): no blocking read starts
+        self._blocked = False  # a read is in a blocking system call, perhaps without _reading
         self._hurry = False  # the caller may not wait at all (the control thread's push_end)
         # private (nobody else holds it): readable while the waits of this path must end
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if stop_fd else -1
@@ -300,9 +302,14 @@ class MessagePath(DataPath):
         if wait:
             held = self._quiesce()
         elif self._writing.acquire(blocking=False):
-            if not self._reading.acquire(blocking=False):
+            self._closing = True  # (a read that has not started will not start)
+            if self._blocked or not self._reading.acquire(blocking=False):
                 self._writing.release()
                 return False  # a read is in progress: not under it
+            if self._blocked:
+                self._reading.release()
+                self._writing.release()
+                return False
             held = True
         else:
             return False  # a write (an END being pushed) is in flight: not under it
@@ -317,19 +324,25 @@ class MessagePath(DataPath):
         """Take ``_writing`` and ``_reading`` (module docstring): the calls of other threads
         inside this path are interrupted and raise ``ConnectionClosed``. False (nothing held)
         if one of them did not leave within QUIESCE_S (then nothing may be freed)."""
+        self._closing = True
         w = self._writing.acquire(blocking=False)
         r = self._reading.acquire(blocking=False)
-        if not (w and r):
+        if not (w and r and not self._blocked):
             self._stopping = True
+            deadline = time.monotonic() + QUIESCE_S
             try:
-                self._wake_waiters(reader=not r)
-                w = w or self._writing.acquire(timeout=QUIESCE_S)
-                r = r or self._reading.acquire(timeout=QUIESCE_S)
+                # woken again and again: a call may enter its wait just after a wake-up
+                while not (w and r and not self._blocked) and time.monotonic() < deadline:
+                    self._wake_waiters(reader=not r or self._blocked)
+                    w = w or self._writing.acquire(timeout=0.05)
+                    r = r or self._reading.acquire(timeout=0.05)
+                    if w and r and self._blocked:
+                        time.sleep(0.001)  # a hot-path read without the lock: let it end
             finally:
                 self._stopping = False
             if self._error is None:
                 self._unwake()
-        if w and r:
+        if w and r and not self._blocked:
             return True
         for lock, got in ((self._writing, w), (self._reading, r)):
             if got:

@@ -146,9 +146,9 @@ class StreamPath(MessagePath):
             self._readinto = functools.partial(_readv1, rfd)
             self._write1 = functools.partial(os.write, wfd)
             self._pipe_size = int(fcntl.fcntl(wfd, fcntl.F_GETPIPE_SZ))  # fixed at setup
-            # non-blocking both: a read waits in poll, with the stop fd (a close from another
-            # thread ends it; nothing wakes a read blocked in a pipe)
-            os.set_blocking(rfd, False)
+            # a reader without a timeout blocks in read(2) (one system call a wake-up; a close
+            # from another thread ends it with a byte of its own: ``_wake_waiters``)
+            os.set_blocking(rfd, True)
             os.set_blocking(wfd, False)
         # write side. The write queue is the writer's, but the reader pushes it too while it
         # waits (so a blocked reader never starves the peer of our output): _wlock guards it.
@@ -173,7 +173,6 @@ class StreamPath(MessagePath):
         self._pin = [0]  # read buffers held in the current chunk
         self._rseq = 0
         self._eof = False
-        self._blocked = False  # a socket read is in a blocking recv (a close shuts it down)
         self._rpoll = select.poll()  # "is there input now" (poll(0))
         self._rpoll.register(self._rfd, POLLIN)
         self._rwait = select.poll()  # waiting for input
@@ -207,10 +206,12 @@ class StreamPath(MessagePath):
             self._rpos = self._rend = 0
         mv = self._rmv[self._rend :]
         try:
+            self._blocked = block
             if self._sock is not None:
-                self._blocked = block
                 n = self._sock.recv_into(mv, 0, 0 if block else _DONTWAIT)
             else:
+                if not block and not self._rpoll.poll(0):
+                    return -1
                 n = self._readinto(mv)
         except BlockingIOError:
             return -1
@@ -219,6 +220,8 @@ class StreamPath(MessagePath):
         finally:
             self._blocked = False
             mv.release()
+        if self._closing:
+            n = 0  # woken by our own close (a byte of ours in a pipe): nothing more is read
         if n == 0:
             self._eof = True
             return 0
@@ -599,20 +602,21 @@ class StreamPath(MessagePath):
                     break
                 if rpos != rend or self._pin[0] or timeout is not None or self._queue:
                     break
-                if not self._reading.acquire(blocking=False):
-                    break  # a close from another thread holds it: the slow path waits for it
+                # No lock here (it costs a tenth of a round trip): _blocked is set before
+                # _closing is looked at, and a close sets _closing before it looks at _blocked,
+                # so either this read does not start or the close waits for it to end (the GIL
+                # orders the two), waking it (``_wake_waiters``).
+                self._blocked = True
                 try:
-                    if self._dead:
+                    if self._closing or self._dead:
                         break
-                    self._blocked = True
-                    n = self._readinto(self._rmv)  # a socket blocks here; a pipe does not
-                except BlockingIOError:
-                    n = -1
+                    n = self._readinto(self._rmv)
+                    if self._closing:
+                        n = 0  # woken by a close of ours: what came is not read
                 except (ConnectionResetError, ConnectionAbortedError):
                     n = 0
                 finally:
                     self._blocked = False
-                    self._reading.release()
                 if n <= 0:
                     self._rpos = self._rend = 0
                     break
@@ -678,11 +682,27 @@ class StreamPath(MessagePath):
 
     def _wake_waiters(self, reader: bool) -> None:
         super()._wake_waiters(reader)
-        if reader and self._blocked and self._sock is not None:
+        if not (reader and self._blocked):
+            return
+        if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RD)  # a blocking recv returns (0) at once
             except OSError:
                 pass
+            return
+        # Nothing else ends a read blocked in a pipe (closing the fd does not): a write end of
+        # our own, opened for the moment, puts one byte in it, which the woken reader drops
+        # (it sees _stopping). Never kept: the peer's death must still end the pipe.
+        try:
+            w = os.open(f"/proc/self/fd/{self._rfd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.write(w, b"\0")
+        except OSError:
+            pass  # full: the reader is not blocked
+        finally:
+            os.close(w)
 
     def _say_goodbye(self, linger: float | None) -> None:
         if not self._eof:
