@@ -162,6 +162,7 @@ class MessagePath(DataPath):
         self._closing = False  # close/teardown began (never reset): no blocking read starts
         self._blocked = False  # a read is in a blocking system call, perhaps without _reading
         self._hurry = False  # the caller may not wait at all (the control thread's push_end)
+        self._next_look = 0.0  # when a waiting writer looks at the setup channel next
         # private (nobody else holds it): readable while the waits of this path must end
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if stop_fd else -1
         self._read_limit = cfg.read_buffers
@@ -386,8 +387,12 @@ class MessagePath(DataPath):
             raise ConnectionClosed("the connection was closed (by another thread)")
         if self._error is not None:
             raise self._error
-        if not reading and self._setup.peer_state() is not None:
-            raise self._gone()
+        if not reading:
+            now = time.monotonic()
+            if now >= self._next_look:  # a system call: once a slice, not before every wait
+                self._next_look = now + SLICE_MS / 1000
+                if self._setup.peer_state() is not None:
+                    raise self._gone()
         return slice_ms(deadline, timeout, full, late)
 
     def _teardown(self, clean: bool) -> None:
