@@ -49,6 +49,9 @@ from fable.nameservice import (
     CONTROL,
     SYSTEM_SOCKET,
     UnsafeDirectory,
+    UntrustedDaemon,
+    check_daemon_dir,
+    check_daemon_peer,
     error_class,
     private_dir,
     user_socket,
@@ -186,6 +189,7 @@ class DaemonLink:
         # a daemon cannot be started here until the operator acts (the socket's directory is
         # unsafe): requests fail at once with this, instead of waiting (retries go on)
         self._refused: str = ""
+        self._refusal: type[DaemonUnavailable] = DaemonUnavailable  # what it is raised as
         self._nodes = node_of_cpu()
         self._placed: dict[str, tuple[tuple[int, ...], int]] = {}
         self._next_report = 0.0
@@ -206,7 +210,7 @@ class DaemonLink:
         with self._lock:
             while self._sock is None:
                 if self._refused:
-                    raise DaemonUnavailable(f"no fable daemon can be started: {self._refused}")
+                    raise self._refusal(f"no fable daemon can be used: {self._refused}")
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     why = f" ({self.last_error})" if self.last_error else ""
@@ -327,24 +331,39 @@ class DaemonLink:
                     spawn_daemon(path)
                 except UnsafeDirectory as e:
                     with self._lock:
-                        self._refused = str(e)
+                        self._refused, self._refusal = str(e), DaemonUnavailable
                         self._up.notify_all()
                     raise
                 self._starting = (now + START_TIMEOUT_S, path)
                 return 0.01
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            s.setblocking(False)
-            try:
-                s.connect(str(path))
-            except OSError:
-                s.close()
-                raise
+            s = self._trusted_connect(path)
         except (OSError, FableError) as e:
             self.last_error = f"{type(e).__name__}: {e}"
             retry, self._retry = self._retry, min(self._retry * 2, _RETRY_MAX_S)
             return retry
         self._connected(s, path)
         return None
+
+    def _trusted_connect(self, path: Path) -> socket.socket:
+        """Connect to the daemon on ``path`` if it is one this user may trust (its directory
+        before, its process's uid after: ``check_daemon_dir``, ``check_daemon_peer``); an
+        untrusted one makes requests fail at once, naming what was found."""
+        try:
+            check_daemon_dir(path)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            s.setblocking(False)
+            try:
+                s.connect(str(path))
+                check_daemon_peer(s, path)
+            except BaseException:
+                s.close()
+                raise
+        except UntrustedDaemon as e:
+            with self._lock:
+                self._refused, self._refusal = str(e), UntrustedDaemon
+                self._up.notify_all()
+            raise
+        return s
 
     def _connected(self, s: socket.socket, path: Path) -> None:
         """Say hello and (after a restart) register our names and listeners and report our
@@ -584,6 +603,12 @@ def one_shot(op: str, path: Path | None = None, **fields: Any) -> dict[str, Any]
     or None when no daemon answers."""
     if path is None:
         path, _ = socket_path()
+    try:
+        check_daemon_dir(path)
+    except UntrustedDaemon:
+        raise
+    except DaemonUnavailable:
+        return None  # no directory: no daemon
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         s.settimeout(5.0)
@@ -591,6 +616,7 @@ def one_shot(op: str, path: Path | None = None, **fields: Any) -> dict[str, Any]
             s.connect(str(path))
         except OSError:
             return None
+        check_daemon_peer(s, path)
         for rid, obj in (
             (1, {"op": "hello", "pid": os.getpid(), "lib": __version__}),
             (2, {"op": op, **fields}),

@@ -40,17 +40,22 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
+import struct
 from pathlib import Path
 
 from fable._wire import Codec
-from fable.errors import FableError, InvalidName
+from fable.errors import DaemonUnavailable, FableError, InvalidName
 
 __all__ = [
     "CONTROL",
     "PROTOCOL_VERSION",
     "SYSTEM_SOCKET",
     "UnsafeDirectory",
+    "UntrustedDaemon",
+    "check_daemon_dir",
+    "check_daemon_peer",
     "check_name",
     "error_class",
     "private_dir",
@@ -118,3 +123,43 @@ def private_dir(path: Path) -> Path:
             f"(it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})"
         )
     return path
+
+
+class UntrustedDaemon(DaemonUnavailable):
+    """Something answers on the daemon's socket, but this user may not trust it (another user
+    could have put it there, or runs it): no request goes to it."""
+
+
+def check_daemon_dir(path: Path) -> None:
+    """Before connecting to a daemon on ``path``: nobody but this user or root can have put a
+    socket there. Its directory must belong to this user or to root and be writable by its
+    owner only (``/tmp/fable-$UID`` is a name another user can create first; a directory of
+    root's, like the system daemon's, only root can fill). ``UntrustedDaemon`` naming what was
+    found (``DaemonUnavailable`` when there is no directory)."""
+    d = path.parent
+    try:
+        st = d.lstat()
+    except OSError as e:
+        raise DaemonUnavailable(f"no daemon on {path}: {e.strerror}") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.getuid(), 0) or mode & 0o022:
+        raise UntrustedDaemon(
+            f"refusing the daemon socket {path}: its directory {d} belongs to uid {st.st_uid} "
+            f"with mode {mode:o} (it must be uid {os.getuid()}'s or root's, writable by its "
+            "owner only: another user may have made it)"
+        )
+
+
+_CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def check_daemon_peer(sock: socket.socket, path: Path) -> None:
+    """After connecting: the daemon's process (``SO_PEERCRED``, what the kernel says, not what
+    the peer claims) runs as this user or as root; ``UntrustedDaemon`` naming the uid and pid
+    found otherwise."""
+    pid, uid, _ = _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+    if uid not in (os.getuid(), 0):
+        raise UntrustedDaemon(
+            f"refusing the daemon on {path}: it runs as uid {uid} (pid {pid}), neither this "
+            f"user (uid {os.getuid()}) nor root"
+        )

@@ -1,0 +1,152 @@
+"""fabled among hostile local users (issue 19): what another uid on the machine can try.
+
+Run as root (CI is): the attacker is a forked child that drops to a second uid with
+``setresuid``; a missing capability fails the test, it never skips. Each attack checks the
+attacker's own exit status, so a broken attack cannot pass.
+
+Impersonation: another user who makes the per-user daemon's directory first
+(``/tmp/fable-$UID`` when ``XDG_RUNTIME_DIR`` is unset, a name anyone can create) and runs a
+fake daemon there, or who runs the daemon behind a socket in a directory we trust, is refused:
+the client checks the socket's directory before it connects and the daemon process's uid
+(``SO_PEERCRED``) after, and raises ``UntrustedDaemon`` (a ``DaemonUnavailable``) naming what it
+found. Nothing of ours reaches the fake daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import fable
+from fable.client import link, one_shot
+from fable.nameservice import UntrustedDaemon
+from helpers import Child, fork
+
+pytestmark = pytest.mark.timeout(60)
+
+UID = 54321  # a second user, unused on the machine: tests never add users
+FAKE_S = 4.0  # how long the fake daemon serves
+
+
+def _root() -> None:
+    assert os.geteuid() == 0, "this test needs root (setresuid to a second uid)"
+
+
+def _fake_daemon(path: Path, ready: int, report: int, bind_first: bool) -> None:
+    """As uid UID: listen on ``path`` (bound before dropping to UID when ``bind_first``: the
+    directory is not UID's), answer nothing, and write to ``report`` how many bytes clients
+    sent it (a trusting client would have said hello)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if bind_first:
+        listener.bind(str(path))
+        os.chmod(path, 0o666)
+    os.setresgid(UID, UID, UID)
+    os.setresuid(UID, UID, UID)
+    if not bind_first:
+        path.parent.mkdir(mode=0o700)
+        listener.bind(str(path))
+    listener.listen(16)  # SO_PEERCRED of its connections: the uid at listen(), UID
+    listener.settimeout(0.1)
+    os.write(ready, b"r")
+    got = 0
+    conns: list[socket.socket] = []
+    end = time.monotonic() + FAKE_S
+    while time.monotonic() < end:
+        try:
+            c, _ = listener.accept()
+            c.setblocking(False)
+            conns.append(c)
+        except TimeoutError:
+            pass
+        for c in conns:
+            try:
+                got += len(c.recv(65536))
+            except BlockingIOError:
+                pass
+    os.write(report, str(got).encode())
+
+
+def _attack(path: Path, bind_first: bool) -> tuple[int, int]:
+    """Start the fake daemon in a child; returns (pid, fd to read its report from)."""
+    ready_r, ready_w = os.pipe()
+    report_r, report_w = os.pipe()
+    pid = fork(lambda: _fake_daemon(path, ready_w, report_w, bind_first))
+    os.close(ready_w)
+    os.close(report_w)
+    assert os.read(ready_r, 1) == b"r", "the fake daemon did not start"
+    os.close(ready_r)
+    return pid, report_r
+
+
+def _victim() -> Any:
+    """In a fresh process: what a register, a request and the CLI's one-shot get."""
+    out: dict[str, str] = {}
+    for what, call in (
+        ("register", lambda: fable.register("victim-svc")),
+        ("request", lambda: link().request("ls", wait=3)),
+        ("one_shot", lambda: one_shot("ls")),
+    ):
+        try:
+            call()
+            out[what] = "no error"
+        except fable.FableError as e:
+            out[what] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _check(out: dict[str, str], found: str) -> None:
+    for what, got in out.items():
+        assert got.startswith(UntrustedDaemon.__name__), f"{what}: {got}"
+        assert found in got, f"{what}: {got}"
+
+
+def test_a_daemon_in_a_directory_another_user_made_first_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other user creates our per-user daemon directory ($XDG_RUNTIME_DIR/fable here, as
+    /tmp/fable-$UID would be) and serves a fake daemon in it: refused before connecting."""
+    _root()
+    base = Path(tempfile.mkdtemp(prefix="fable-race-"))
+    os.chmod(base, 0o1777)  # like /tmp: anyone may create a name in it
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
+    monkeypatch.delenv("FABLE_SOCKET")
+    fable.config.reload()
+    path = base / "fable" / "fabled.sock"
+    try:
+        pid, report = _attack(path, bind_first=False)
+        out = Child(_victim).result()
+        got = int(os.read(report, 64) or b"-1")
+        status = os.waitpid(pid, 0)[1]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert os.waitstatus_to_exitcode(status) == 0, "the fake daemon failed"
+    _check(out, f"belongs to uid {UID}")
+    assert got == 0, f"the fake daemon got {got} bytes from a client"
+
+
+def test_a_daemon_run_by_another_user_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The directory is one we trust (root's, 0700), but the process behind the socket runs
+    as another uid (it listened after dropping to it): refused after connecting, before a byte
+    is sent."""
+    _root()
+    d = Path(tempfile.mkdtemp(prefix="fable-peer-"))  # root's, 0700
+    path = d / "fabled.sock"
+    monkeypatch.setenv("FABLE_SOCKET", str(path))
+    fable.config.reload()
+    try:
+        pid, report = _attack(path, bind_first=True)
+        out = Child(_victim).result()
+        got = int(os.read(report, 64) or b"-1")
+        status = os.waitpid(pid, 0)[1]
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    assert os.waitstatus_to_exitcode(status) == 0, "the fake daemon failed"
+    _check(out, f"runs as uid {UID}")
+    assert got == 0, f"the fake daemon got {got} bytes from a client"
