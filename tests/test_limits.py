@@ -101,6 +101,7 @@ def test_recv_looks_at_its_deadline_between_fragments(transport: str, safe: bool
         conn.close()
 
 
+@pytest.mark.slow  # 3 s for each transport
 @pytest.mark.parametrize(("transport", "safe"), FORMS)
 def test_recv_returns_by_its_deadline_while_fragments_keep_coming(
     pinned: pytest.MonkeyPatch, transport: str, safe: bool

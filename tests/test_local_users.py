@@ -15,6 +15,7 @@ found. Nothing of ours reaches the fake daemon.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
 import tempfile
@@ -39,10 +40,10 @@ def _root() -> None:
     assert os.geteuid() == 0, "this test needs root (setresuid to a second uid)"
 
 
-def _fake_daemon(path: Path, ready: int, report: int, bind_first: bool) -> None:
+def _fake_daemon(path: Path, ready: int, report: int, done: int, bind_first: bool) -> None:
     """As uid UID: listen on ``path`` (bound before dropping to UID when ``bind_first``: the
-    directory is not UID's), answer nothing, and write to ``report`` how many bytes clients
-    sent it (a trusting client would have said hello)."""
+    directory is not UID's), answer nothing until ``done`` is readable (or FAKE_S), and write
+    to ``report`` how many bytes clients sent it (a trusting client would have said hello)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if bind_first:
         listener.bind(str(path))
@@ -58,7 +59,9 @@ def _fake_daemon(path: Path, ready: int, report: int, bind_first: bool) -> None:
     got = 0
     conns: list[socket.socket] = []
     end = time.monotonic() + FAKE_S
-    while time.monotonic() < end:
+    finished = select.poll()  # (not select.select: the suite also runs with fds above 1024)
+    finished.register(done, select.POLLIN)
+    while time.monotonic() < end and not finished.poll(0):
         try:
             c, _ = listener.accept()
             c.setblocking(False)
@@ -73,16 +76,23 @@ def _fake_daemon(path: Path, ready: int, report: int, bind_first: bool) -> None:
     os.write(report, str(got).encode())
 
 
-def _attack(path: Path, bind_first: bool) -> tuple[int, int]:
-    """Start the fake daemon in a child; returns (pid, fd to read its report from)."""
+def _attack(path: Path, bind_first: bool) -> tuple[int, int, int]:
+    """Start the fake daemon in a child; returns (pid, fd to read its report from, fd to
+    close when the victim is done)."""
     ready_r, ready_w = os.pipe()
     report_r, report_w = os.pipe()
-    pid = fork(lambda: _fake_daemon(path, ready_w, report_w, bind_first))
-    os.close(ready_w)
-    os.close(report_w)
+    done_r, done_w = os.pipe()
+
+    def body() -> None:
+        os.close(done_w)  # the parent's end: its close says "done"
+        _fake_daemon(path, ready_w, report_w, done_r, bind_first)
+
+    pid = fork(body)
+    for fd in (ready_w, report_w, done_r):
+        os.close(fd)
     assert os.read(ready_r, 1) == b"r", "the fake daemon did not start"
     os.close(ready_r)
-    return pid, report_r
+    return pid, report_r, done_w
 
 
 def _victim() -> Any:
@@ -120,8 +130,9 @@ def test_a_daemon_in_a_directory_another_user_made_first_is_refused(
     fable.config.reload()
     path = base / "fable" / "fabled.sock"
     try:
-        pid, report = _attack(path, bind_first=False)
+        pid, report, done = _attack(path, bind_first=False)
         out = Child(_victim).result()
+        os.close(done)
         got = int(os.read(report, 64) or b"-1")
         status = os.waitpid(pid, 0)[1]
     finally:
@@ -141,8 +152,9 @@ def test_a_daemon_run_by_another_user_is_refused(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("FABLE_SOCKET", str(path))
     fable.config.reload()
     try:
-        pid, report = _attack(path, bind_first=True)
+        pid, report, done = _attack(path, bind_first=True)
         out = Child(_victim).result()
+        os.close(done)
         got = int(os.read(report, 64) or b"-1")
         status = os.waitpid(pid, 0)[1]
     finally:
