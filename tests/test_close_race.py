@@ -21,7 +21,7 @@ from fable.errors import ConnectionClosed
 from fable.testing.harness import no_leaks
 from fable.transports import REGISTRY
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 MESSAGES = 100_000
 ROUNDS = 100
@@ -83,9 +83,19 @@ def _round(transport: str, rng: random.Random) -> None:
         b.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", list(REGISTRY))
 def test_close_from_a_third_thread(transport: str) -> None:
     rng = random.Random(transport)
     with no_leaks(f"{ROUNDS} closes of {transport}"):
         for _ in range(ROUNDS):
+            _round(transport, rng)
+
+
+@pytest.mark.parametrize("transport", list(REGISTRY))
+def test_close_from_a_third_thread_briefly(transport: str) -> None:
+    """The same, 4 times per transport (for `make check`: the full run is in the slow suite)."""
+    rng = random.Random(f"brief {transport}")
+    with no_leaks(f"4 closes of {transport}"):
+        for _ in range(4):
             _round(transport, rng)
