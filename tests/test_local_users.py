@@ -10,6 +10,9 @@ fake daemon there, or who runs the daemon behind a socket in a directory we trus
 the client checks the socket's directory before it connects and the daemon process's uid
 (``SO_PEERCRED``) after, and raises ``UntrustedDaemon`` (a ``DaemonUnavailable``) naming what it
 found. Nothing of ours reaches the fake daemon.
+
+Flow hijack: flow ids are public (`fable flows`); a report or a switch of a flow needs its
+secret token (given to its two ends only) and the uid of one of its ends, or root.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import pytest
 import fable
 from fable.client import link, one_shot
 from fable.nameservice import UntrustedDaemon
-from helpers import Child, fork
+from helpers import Child, ask, fork, names, start_daemon, stop, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -162,3 +165,91 @@ def test_a_daemon_run_by_another_user_is_refused(monkeypatch: pytest.MonkeyPatch
     assert os.waitstatus_to_exitcode(status) == 0, "the fake daemon failed"
     _check(out, f"runs as uid {UID}")
     assert got == 0, f"the fake daemon got {got} bytes from a client"
+
+
+# ------------------------------------------------------------------------------ flow hijack
+def test_another_user_cannot_report_or_switch_a_flow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a system daemon, uid UID reads root's flow in `fable flows` (its id is public) and
+    reports it with fake counters (no token, then a guessed one), then asks to switch it:
+    ``PermissionDenied`` each time, and the flow is unchanged (transport, epoch, counters) and
+    still carries root's messages. (Before, the report was accepted, adopted the reporter as an
+    end, and the switch went through.)"""
+    _root()
+    d = Path(tempfile.mkdtemp(prefix="fable-sys-"))  # 0755 on the way: the second uid enters
+    os.chmod(d, 0o755)
+    path = d / "run" / "fabled.sock"
+    p = start_daemon(path, "--system")
+    monkeypatch.setenv("FABLE_SOCKET", str(path))
+    fable.config.reload()
+    go_r, go_w = os.pipe()
+    try:
+
+        def echo() -> None:
+            c = fable.register("root-echo").listen().accept(timeout=30)
+            for m in c:
+                c.send(m)
+
+        srv = Child(echo)
+        wait_for(lambda: "root-echo" in names(path))
+
+        def client() -> Any:
+            c = fable.register("root-client").connect("root-echo", timeout=10)
+            c.send(b"before")
+            assert c.recv(timeout=10) == b"before"
+            assert os.read(go_r, 1) == b"g"  # the attack is over
+            c.send(b"after")
+            got = c.recv(timeout=10)
+            c.close()
+            return got, c.transport
+
+        cli = Child(client)
+        wait_for(lambda: any(f["msgs"] for f in ask("flows", path)["flows"]), timeout=10)
+        (flow,) = ask("flows", path)["flows"]
+        fake = {
+            "id": flow["id"],
+            "ends": flow["ends"],
+            "transport": "unix",
+            "safe": [True, True],
+            "epoch": flow["epoch"] + 5,
+            "msgs": 10**12,
+            "bytes": 10**15,
+            "reason": "mine now",
+        }
+
+        def attacker() -> Any:
+            os.setresgid(UID, UID, UID)
+            os.setresuid(UID, UID, UID)
+            out = {}
+            for what, fields in (
+                ("report", {"flows": [fake]}),
+                ("report-guess", {"flows": [{**fake, "token": "00" * 16}]}),
+                ("reconfigure", {"flow": flow["id"], "transport": "unix"}),
+                ("auto", {"flow": flow["id"], "transport": None}),
+            ):
+                op = "reconfigure" if what in ("reconfigure", "auto") else "report"
+                try:
+                    one_shot(op, path, **fields)
+                    out[what] = "accepted"
+                except fable.FableError as e:
+                    out[what] = type(e).__name__
+            return out
+
+        out = run_as_child(attacker)
+        after = {f["id"]: f for f in ask("flows", path)["flows"]}[flow["id"]]
+        os.write(go_w, b"g")
+        got, transport = cli.result()
+        srv.result()
+    finally:
+        os.close(go_w)
+        os.close(go_r)
+        stop(p)
+        shutil.rmtree(d, ignore_errors=True)
+    assert out == dict.fromkeys(out, "PermissionDenied"), out
+    assert len(out) == 4
+    assert (after["transport"], after["epoch"]) == (flow["transport"], flow["epoch"])
+    assert after["msgs"] < 10**12 and after["reason"] == flow["reason"]
+    assert got == b"after" and transport == flow["transport"]
+
+
+def run_as_child(fn: Any) -> Any:
+    return Child(fn).result(timeout=30)

@@ -270,8 +270,10 @@ class DaemonLink:
         with self._lock:
             self.names.pop(name, None)
 
-    def add_flow(self, flow: dict[str, Any], role: int, conn: Connection) -> None:
-        info = dict(flow, role=role)
+    def add_flow(self, flow: dict[str, Any], role: int, conn: Connection, token: str) -> None:
+        """A flow this process is an end of (``token``: its secret, which every report of it
+        holds)."""
+        info = dict(flow, role=role, token=token)
         with self._lock:
             self._flows[flow["id"]] = conn
             self._flow_info[flow["id"]] = info
@@ -300,6 +302,7 @@ class DaemonLink:
                     "reason": (conn.last_switch or {}).get("reason") or info.get("reason", ""),
                     "last_switch": conn.last_switch,
                     "pollable": conn.polled,
+                    "token": info["token"],
                 }
             )
         return out

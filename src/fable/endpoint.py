@@ -113,7 +113,7 @@ class Context:
             trusted=bool(trusted),
             forced=bool(opts.get("forced", True)),
         )
-        link().add_flow(reply["flow"], 0, conn)
+        link().add_flow(reply["flow"], 0, conn, str(reply.get("token", "")))
         return conn
 
     def close(self) -> None:
@@ -189,7 +189,7 @@ class Listener:
             except FableError:
                 continue  # the connecting process died during the setup, or offered what
                 # this side does not accept: wait for the next
-            link().add_flow(msg["flow"], 1, conn)
+            link().add_flow(msg["flow"], 1, conn, str(msg.get("token", "")))
             return conn
 
 

@@ -17,10 +17,11 @@ each with an ``"id"`` (int) and an ``"op"``; the daemon answers each with the sa
   register     name, affinity, cpu, node                       endpoint
   unregister   name                                            -
   listen       name, trusted, allow_uids (list | null)         -
-  connect      name, to, trusted, transport, pollable,         flow, options (+ the setup
-               msg_size, mode, timeout                         channel fd)
+  connect      name, to, trusted, transport, pollable,         flow, token, options (+ the
+               msg_size, mode, timeout                         setup channel fd)
   report       flows: [{id, ends, transport, safe, epoch,      -
-               msgs, bytes, reason, last_switch, pollable}],
+               msgs, bytes, reason, last_switch, pollable,
+               token}],
                endpoints: [{name, affinity, cpu, node}]
   explain      a, b, trusted, pollable, msg_size, mode         source, ranking
   reconfigure  flow, transport (null: back to the triggers),   flow
@@ -30,7 +31,8 @@ each with an ``"id"`` (int) and an ``"op"``; the daemon answers each with the sa
   stop         -                                               -
 
   pushed by the daemon (no id)
-  incoming     listener, flow, options (+ the setup channel fd): a connection to accept
+  incoming     listener, flow, token, options (+ the setup channel fd): a connection to
+               accept (``token``: the flow's secret, which the reports of its ends hold)
   reconfigure  flow, transport, safe, reason: switch this flow (operator or trigger)
 
 The daemon accepts no fds: any a client attaches are closed unread.

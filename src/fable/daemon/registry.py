@@ -10,12 +10,18 @@ error replies. Ownership rules:
   other user's name.
 - An endpoint goes with the client connection that registered it: a process that dies loses
   its endpoints as soon as the kernel closes its socket (well within a second).
-- A flow lives while at least one of its ends' processes reports it.
+- A flow lives while at least one of its ends' processes reports it. It belongs to its two
+  ends: only a report that holds the secret token both ends got at its creation touches it
+  (after a daemon restart, the token of the first end to report it again, which must hold one
+  of its end names by then), from the uids of its ends (or root); only those uids may switch
+  it (``fable reconfigure``). Counters never go back.
 """
 
 from __future__ import annotations
 
+import hmac
 import itertools
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +79,11 @@ class Flow:
     hints: dict[str, Any] = field(default_factory=dict)  # pollable, msg_size, mode of connect
     # the latest refused switch an end told of: {ticket, why, at} (fable reconfigure prints it)
     refused: dict[str, Any] | None = None
+    # the secret its two ends got at its creation: only a report that holds it touches the
+    # flow (ids are public in `fable flows`); and the uids of its ends, who may switch it
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    owners: set[int] = field(default_factory=set)
+    adopted: bool = False  # reported again after a restart: its owners are who holds the token
 
     def public(self) -> dict[str, Any]:
         return {
@@ -151,17 +162,40 @@ class Registry:
         safe: tuple[bool, bool],
         reason: str,
         clients: set[int],
+        owners: set[int],
     ) -> Flow:
         flow = Flow(next(self._ids), ends, transport, safe, reason, clients=set(clients))
+        flow.owners = set(owners)
         self.flows[flow.id] = flow
         return flow
 
     def report(
-        self, client: int, flows: list[dict[str, Any]], now: float
+        self, client: int, uid: int, flows: list[dict[str, Any]], now: float
     ) -> list[tuple[Flow, tuple[float, int, int] | None]]:
-        """A client's periodic report (at monotonic time ``now``): the flows it has open and
-        their counters. A flow it reports that the registry does not know (after a daemon
-        restart) is adopted. Returns each reported flow with the client's counters before."""
+        """A client's (of ``uid``) periodic report (at monotonic time ``now``): the flows it
+        has open and their counters. A flow it reports that the registry does not know (after
+        a daemon restart) is adopted, with the token the report holds. ``PermissionDenied``
+        (nothing changed) for a flow whose token it does not hold, or of other users; a
+        ``ValueError`` for counters that went back. Returns each reported flow with the
+        client's counters before."""
+        for f in flows:  # every check first: a refused report changes nothing
+            flow = self.flows.get(f["id"])
+            if flow is None:
+                # not ours (a restart): taken only by a user holding one of its end names now
+                # (a process registers its names again before it reports its flows)
+                held = [self.endpoints.get(n) for n in f["ends"]]
+                if uid != 0 and not any(ep is not None and ep.uid == uid for ep in held):
+                    raise PermissionDenied(
+                        f"flow {f['id']}: uid {uid} holds neither of its ends {f['ends']}"
+                    )
+                continue
+            if not hmac.compare_digest(str(f.get("token", "")), flow.token):
+                raise PermissionDenied(f"flow {flow.id}: this report does not hold its token")
+            if uid != 0 and not flow.adopted and uid not in flow.owners:
+                raise PermissionDenied(f"flow {flow.id} belongs to other users")
+            before = flow.counters.get(client)
+            if before is not None and (f["msgs"] < before[1] or f["bytes"] < before[2]):
+                raise ValueError(f"flow {flow.id}: counters went back")
         seen = set()
         out: list[tuple[Flow, tuple[float, int, int] | None]] = []
         for f in flows:
@@ -176,8 +210,11 @@ class Registry:
                     (f["safe"][0], f["safe"][1]),
                     f["reason"],
                 )
+                flow.token = str(f.get("token", ""))  # the first end to report it again
+                flow.adopted = True
                 self.flows[fid] = flow
                 self._ids = itertools.count(max(fid + 1, next(self._ids)))
+            flow.owners.add(uid)  # (an end that holds the token)
             flow.clients.add(client)
             flow.transport, flow.epoch = f["transport"], f["epoch"]
             role = f.get("role", 0)  # the reporting end's own form is the one it knows

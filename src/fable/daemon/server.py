@@ -412,7 +412,12 @@ class Daemon:
             choice = self._choose(me, listener, trusted, req)
             name, reason, forms = choice.transport, choice.reason, choice.safe
         flow = self.registry.new_flow(
-            (me.name, listener.name), name, forms, reason, {client.id, listener.client}
+            (me.name, listener.name),
+            name,
+            forms,
+            reason,
+            {client.id, listener.client},
+            {client.uid, listener.uid},
         )
         flow.trusted = (trusted, listener.trusted)
         flow.hints = {k: req.get(k) for k in ("pollable", "msg_size", "mode")}
@@ -423,6 +428,7 @@ class Daemon:
                     "op": "incoming",
                     "listener": listener.name,
                     "flow": self._public(flow),
+                    "token": flow.token,
                     "options": {
                         "transport": name,
                         "safe": forms[1],
@@ -444,7 +450,7 @@ class Daemon:
             "peer_safe": forms[1],
             "forced": transport is not None,
         }
-        return {"flow": self._public(flow), "options": options}, a.detach()
+        return {"flow": self._public(flow), "token": flow.token, "options": options}, a.detach()
 
     def table(self) -> Any:
         """The calibration table, reloaded when ``fable calibrate`` rewrote it."""
@@ -547,6 +553,7 @@ class Daemon:
                     "reason": _field(f, "reason", str, ""),
                     "last_switch": _last_switch(f.get("last_switch")),
                     "pollable": f.get("pollable") is True,
+                    "token": _field(f, "token", str, ""),
                 }
             )
         for e in req.get("endpoints", []) if isinstance(req.get("endpoints"), list) else []:
@@ -557,7 +564,14 @@ class Daemon:
                     ep.cpu = _field(e, "cpu", int, ep.cpu)
                     ep.node = _field(e, "node", int, ep.node)
         now = time.monotonic()
-        for flow, before in self.registry.report(client.id, checked, now):
+        try:
+            reported = self.registry.report(client.id, client.uid, checked, now)
+        except ValueError as e:
+            raise _BadRequest(f"report: {e}") from None
+        except PermissionDenied as e:
+            log.warning("refused a report from uid %d (pid %d): %s", client.uid, client.pid, e)
+            raise
+        for flow, before in reported:
             st = self._trig(flow.id)
             st.counted(client.id, before, flow.counters[client.id])
             last = flow.last_switch or {}
@@ -651,8 +665,7 @@ class Daemon:
         flow = self.registry.flows.get(fid)
         if flow is None:
             raise NameNotFound(f"no flow {fid}")
-        owners = {self.clients[c].uid for c in flow.clients if c in self.clients}
-        if client.uid != 0 and client.uid not in owners:
+        if client.uid != 0 and client.uid not in flow.owners:
             raise PermissionDenied("only the users of a flow's ends, or root, may switch it")
         if transport is None:  # --auto: hand the flow back to the triggers
             self._trig(flow.id).hold = False
