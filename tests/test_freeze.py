@@ -52,6 +52,8 @@ def test_a_blocking_pipe_or_socket_makes_no_call_outlast_its_timeout(
     open file description of its own (pipes reopened, sockets written with MSG_DONTWAIT)."""
     monkeypatch.setenv("FABLE_CLOSE_LINGER", "0.1")  # the attacker never reads what is queued
     fable.config.reload()
+    stop = threading.Event()
+    gaps, trips, join = _watch_honest_connection(stop)  # first: its child holds no s1
     s0, s1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
     def attack() -> None:
@@ -75,8 +77,11 @@ def test_a_blocking_pipe_or_socket_makes_no_call_outlast_its_timeout(
             longest = max(longest, time.monotonic() - t)
     finally:
         victim.close()
+        join()
         status = os.waitpid(pid, 0)[1]
     assert os.waitstatus_to_exitcode(status) == 0, "the attack itself failed"
+    assert max(gaps) < 0.25, f"the watchdog missed a beat: {max(gaps):.3f} s"
+    assert trips[0] >= 1000, f"the honest connection made {trips[0]} round trips"
     assert blocked > 0, f"{sent:.0f} sends and never full: the attack did not fill anything"
     assert longest < 0.25, f"a send(timeout=0) took {longest:.3f} s"
 
@@ -85,6 +90,8 @@ def test_a_blocking_pipe_or_socket_makes_no_call_outlast_its_timeout(
 def test_a_full_blocking_doorbell_freezes_nothing(transport: str) -> None:
     os.sched_setaffinity(0, {0})
     try:
+        stop = threading.Event()
+        gaps, trips, join = _watch_honest_connection(stop, echo_cpu=1)  # first: no s1 in it
         s0, s1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
         def attack() -> None:
@@ -95,35 +102,6 @@ def test_a_full_blocking_doorbell_freezes_nothing(transport: str) -> None:
         pid = fork(attack)
         s0.close()
         victim = fable.PendingEnd(s1).open(timeout=10, trusted=False)
-        honest, pending = fable.open_pair("unix")
-
-        def echo() -> None:
-            os.sched_setaffinity(0, {1})
-            other = pending.open()
-            for m in other:
-                other.send(m)
-
-        echoer = Child(echo)
-        pending.close()
-        stop = threading.Event()
-        gaps: list[float] = []
-        trips = [0]
-
-        def watchdog() -> None:
-            while not stop.is_set():
-                t = time.monotonic()
-                time.sleep(0.05)
-                gaps.append(time.monotonic() - t)
-
-        def round_trips() -> None:
-            while not stop.is_set():
-                honest.send(b"ping")
-                assert honest.recv(timeout=10) == b"ping"
-                trips[0] += 1
-
-        threads = [threading.Thread(target=f, daemon=True) for f in (watchdog, round_trips)]
-        for t in threads:
-            t.start()
         sent = 0
         end = time.monotonic() + ATTACK_S
         try:
@@ -140,12 +118,8 @@ def test_a_full_blocking_doorbell_freezes_nothing(transport: str) -> None:
         except (ProtocolError, ConnectionClosed, PeerDied):
             pass  # the attacker's ring games may fail the connection: that is allowed
         finally:
-            stop.set()
-            for t in threads:
-                t.join(15)
             victim.close()
-            honest.close()
-            echoer.result(30)
+            join()
             status = os.waitpid(pid, 0)[1]
         assert os.waitstatus_to_exitcode(status) == 0, "the attack itself failed"
         assert sent > 100, f"the victim published {sent} messages: the doorbell was not rung"
@@ -155,12 +129,17 @@ def test_a_full_blocking_doorbell_freezes_nothing(transport: str) -> None:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
 
 
-def _watch_honest_connection(stop: threading.Event) -> tuple[list[float], list[int], Any]:
-    """A watchdog thread (its gaps) and an honest connection echoing through a child (its round
-    trips), both running until ``stop``; returns the gaps, the trip count and a join function."""
+def _watch_honest_connection(
+    stop: threading.Event, echo_cpu: int | None = None
+) -> tuple[list[float], list[int], Any]:
+    """A watchdog thread (its gaps) and an honest connection echoing through a child (pinned to
+    ``echo_cpu`` if given; its round trips), both running until ``stop``; returns the gaps, the
+    trip count and a join function (sets ``stop``)."""
     honest, pending = fable.open_pair("unix")
 
     def echo() -> None:
+        if echo_cpu is not None:
+            os.sched_setaffinity(0, {echo_cpu})
         other = pending.open()
         for m in other:
             other.send(m)
