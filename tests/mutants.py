@@ -213,7 +213,7 @@ FAULTS = [
         "no-close-frame",
         "a clean close is ConnectionClosed after every message, not PeerDied",
         "transports/message.py",
-        "            if self._error is None and not self._wended:\n"
+        "            if held and self._error is None and not self._wended:\n"
         "                self._say_goodbye(linger)",
         "            pass",
         ("tests/test_conformance.py -k clean_close",),
