@@ -193,13 +193,14 @@ class Raw:
     seq: int = 0
     next_off: int = 0
     ring: PyRing | None = None  # mempipe: a reference writer over the victim's read ring
+    kept: list[int] = field(default_factory=list)  # copies of the fds handed over (``keep``)
 
     def view(self, start: int, end: int) -> memoryview:
         assert self.mem is not None
         return memoryview(self.mem)[start:end]
 
     def close(self) -> None:
-        close_fds(self.fds)
+        close_fds(self.fds + self.kept)
         self.ring = None
         self.ch.close()
         if self.mem is not None:
@@ -209,11 +210,15 @@ class Raw:
                 pass  # a view is still alive: the process exits soon anyway
 
 
-def create(sock: socket.socket, transport: str, safe: bool, options: dict[str, Any]) -> Raw:
+def create(
+    sock: socket.socket, transport: str, safe: bool, options: dict[str, Any], keep: bool = False
+) -> Raw:
     """Create ``transport``'s resources, send the victim its share in a first offer (over the
-    setup channel ``sock``), keep the rest raw."""
+    setup channel ``sock``), keep the rest raw (and with ``keep``, a copy of the victim's
+    share: ``Raw.kept``)."""
     info = REGISTRY[transport]
     ours, theirs = info.create(dict(options))
+    kept = [os.dup(fd) for fd in theirs.fds] if keep else []
     ch = SetupChannel(sock)
     ch.send(
         {"op": HELLO, "epoch": 0, "transport": transport, "safe": safe, "params": theirs.params},
@@ -224,7 +229,7 @@ def create(sock: socket.socket, transport: str, safe: bool, options: dict[str, A
     if info.caps.copies_unsafe == 0:  # shared memory: the memfd comes first
         mem = mmap.mmap(fds[0], os.fstat(fds[0]).st_size)
         os.close(fds.pop(0))
-    raw = Raw(transport, safe, mem, fds, ours.params, ch)
+    raw = Raw(transport, safe, mem, fds, ours.params, ch, kept=kept)
     if transport.startswith("mempipe-"):
         # role 0 writes the first ring; fds: its own doorbell, then the victim's (to ring)
         raw.ring = PyRing(_ring_half(raw, 0), True, eventfd=fds[1])
@@ -510,7 +515,8 @@ def attack(
     attack went on, which only an attack whose outcome is ``fails`` may cause; 1: the attack
     itself broke, its traceback on stderr)."""
     fn, _ = attacks_for(transport)[name]
-    try:
+
+    def body() -> int:
         raw = create(sock, transport, safe, options or {})
         if go >= 0 and os.read(go, 1) != b"g":
             raise RuntimeError("the victim did not open its end")
@@ -520,7 +526,16 @@ def attack(
             return VICTIM_LEFT  # it failed the connection at the first bad write and went
         raw.close()
         return 0
-    except BaseException:
+
+    return _exit_status(body)
+
+
+def _exit_status(body: Callable[[], int]) -> int:
+    """What an attacker's process ends with: ``body``'s status, or 1 (its traceback on
+    stderr) if the attack itself broke."""
+    try:
+        return body()
+    except Exception:
         traceback.print_exc()
         return 1
 
@@ -551,28 +566,19 @@ def freeze(sock: socket.socket, transport: str, seconds: float) -> int:
     setting every waiter bit in both ring headers, so that each of the victim's publishes rings
     the attacker's full doorbell (and takes what the victim sent, so that it can go on). The exit
     status to end with (0: carried out; 1: the attack itself broke, its traceback on stderr)."""
-    try:
-        info = REGISTRY[transport]
-        ours, theirs = info.create({})
-        kept = [os.dup(fd) for fd in theirs.fds]
-        ch = SetupChannel(sock)
+
+    def body() -> int:
         safe = transport != "vmsplice-coop"  # its only form is unsafe
-        hello = {"op": HELLO, "epoch": 0, "transport": transport, "safe": safe}
-        ch.send({**hello, "params": theirs.params}, theirs.fds)
-        close_fds(theirs.fds)
-        held = [*ours.fds, *kept]
+        raw = create(sock, transport, safe, {}, keep=True)
+        held = raw.fds + raw.kept
         shared = [fd for fd in held if not stat.S_ISREG(os.fstat(fd).st_mode)]  # not memfds
         end = time.monotonic() + seconds
-        if transport.startswith("mempipe-"):
-            memfd, _own, ring = ours.fds
-            mem = memoryview(mmap.mmap(memfd, os.fstat(memfd).st_size))
-            half = L.HEADER_SIZE + int(ours.params["capacity"])
+        if raw.ring is not None:  # mempipe: fds are our doorbell then the victim's
             for fd in shared:
                 _blocking(fd)
-            _fill(ring)  # the victim's own doorbell (it drains it when it reads)
-            _fill(kept[2])  # ours: the one the victim rings on each publish
-            to_us = mem[half : 2 * half]  # ring 1: the victim writes, we "read"
-            to_it = mem[:half]  # ring 0: we write nothing, the victim reads
+            _fill(raw.fds[1])  # the victim's own doorbell (it drains it when it reads)
+            _fill(raw.kept[2])  # ours: the one the victim rings on each publish
+            to_it, to_us = _ring_half(raw, 0), _ring_half(raw, 1)  # we write nothing on 0
             every = (L.WAITER_EVENT | L.WAITER_FUTEX).to_bytes(4, "little")
             while time.monotonic() < end:
                 to_us[L.DATA_WAITING : L.DATA_WAITING + 4] = every
@@ -584,12 +590,10 @@ def freeze(sock: socket.socket, transport: str, seconds: float) -> int:
                 for fd in shared:
                     _blocking(fd)
                 time.sleep(0.001)
-        ch.close()
-        close_fds(held)
+        raw.close()
         return 0
-    except BaseException:
-        traceback.print_exc()
-        return 1
+
+    return _exit_status(body)
 
 
 def flood(sock: socket.socket, count: int) -> int:
@@ -598,13 +602,9 @@ def flood(sock: socket.socket, count: int) -> int:
     and never read a refusal. The victim may stop reading (it failed the connection) or hang up:
     the attack ends there. The exit status (0: over a thousand requests went out; 1: fewer, or
     the attack broke)."""
-    try:
-        info = REGISTRY["unix"]
-        ours, theirs = info.create({})  # our end stays open, never read, until we exit
-        ch = SetupChannel(sock)
-        hello = {"op": HELLO, "epoch": 0, "transport": "unix", "safe": True}
-        ch.send({**hello, "params": theirs.params}, theirs.fds)
-        close_fds(theirs.fds)
+
+    def body() -> int:
+        raw = create(sock, "unix", True, {})  # our end stays open, never read, until the end
         sock.settimeout(10)  # the victim stops reading once it has failed the connection
         propose = SETUP.encode(
             {
@@ -623,8 +623,7 @@ def flood(sock: socket.socket, count: int) -> int:
                 sent += 1
         except (TimeoutError, BrokenPipeError, ConnectionResetError):
             pass  # the victim failed the connection: it reads no more
-        close_fds(ours.fds)
+        raw.close()
         return 0 if sent > 1000 else 1
-    except BaseException:
-        traceback.print_exc()
-        return 1
+
+    return _exit_status(body)

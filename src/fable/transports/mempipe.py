@@ -210,10 +210,7 @@ class RingPath(MessagePath):
                 slice_ns = min(slice_ns, int(left * 1e9) + 1)
             if ring.wait(need, self._mode, slice_ns, self._spin):
                 return
-            if self._stopping:
-                raise ConnectionClosed("the connection was closed (by another thread)")
-            if self._error is not None:
-                raise self._error
+            self._interrupted()
             if self._setup.peer_state() is not None:
                 if ring is self._rx and ring.available():
                     return  # read what the peer left first

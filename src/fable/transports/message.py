@@ -7,12 +7,16 @@ whole message (the last fragment has ``more == False``), or raise.
 
 Closing while other threads are inside (the one sender and the one receiver of the contract,
 and a third thread that closes): every write call holds ``_writing`` and every read that can
-wait or touch an fd holds ``_reading`` for its whole call. ``close``/``teardown`` first
-*interrupt* them (``_stopping``; ``_wake_waiters`` ends a wait in progress: the path's private
-stop eventfd, which every wait polls, or the ring's ``interrupt``), so each raises
-``ConnectionClosed`` at once, then take both locks and only then free fds and memory: no call
-ever runs on an fd or a mapping that is gone. A failed path (``fail``, e.g. from the control
-thread) wakes its waiters the same way, and they raise its error.
+wait or touch an fd holds ``_reading`` for its whole call, except a hot-path read that blocks in
+a system call without the lock (a socket or pipe read, ``stream.py``): it sets ``_blocked``
+first and then looks at ``_closing``, which a close sets first and then looks at ``_blocked``.
+``close``/``teardown`` set ``_closing``, then *interrupt* the calls inside (``_stopping``;
+``_wake_waiters`` ends a wait in progress: the path's private stop eventfd, which every wait
+polls, the ring's ``interrupt``, or for a blocked read what ends it), again and again until
+they have left, so each raises ``ConnectionClosed`` at once; then they hold both locks and only
+then free fds and memory: no call ever runs on an fd or a mapping that is gone. A failed path
+(``fail``, e.g. from the control thread) wakes its waiters the same way, and they raise its
+error (``_interrupted``).
 """
 
 from __future__ import annotations
@@ -162,6 +166,7 @@ class MessagePath(DataPath):
         self._closing = False  # close/teardown began (never reset): no blocking read starts
         self._blocked = False  # a read is in a blocking system call, perhaps without _reading
         self._hurry = False  # the caller may not wait at all (the control thread's push_end)
+        self._graced = False  # _gone waited for the peer's reason once: never again
         self._next_look = 0.0  # when a waiting writer looks at the setup channel next
         # private (nobody else holds it): readable while the waits of this path must end
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if stop_fd else -1
@@ -302,18 +307,17 @@ class MessagePath(DataPath):
     def teardown(self, wait: bool = True) -> bool:
         if wait:
             held = self._quiesce()
-        elif self._writing.acquire(blocking=False):
-            self._closing = True  # (a read that has not started will not start)
-            if self._blocked or not self._reading.acquire(blocking=False):
-                self._writing.release()
-                return False  # a read is in progress: not under it
-            if self._blocked:
+        else:  # (the control thread, freeing an epoch both sides are done with)
+            if not self._writing.acquire(blocking=False):
+                return False  # a write (an END being pushed) is in flight: not under it
+            self._closing = True  # a hot-path read that has not started will not start
+            held = self._reading.acquire(blocking=False)  # nor under a read
+            if held and self._blocked:
                 self._reading.release()
+                held = False
+            if not held:
                 self._writing.release()
                 return False
-            held = True
-        else:
-            return False  # a write (an END being pushed) is in flight: not under it
         try:
             if not self._closed:
                 self._teardown(clean=held)
@@ -383,10 +387,7 @@ class MessagePath(DataPath):
         its error once it failed, and for a writer (not ``reading``) the peer's end once the
         setup channel says it closed or died (a closed peer reads no more: its kernel may not
         tell us soon, e.g. TCP with a zero window); then :func:`slice_ms`."""
-        if self._stopping:
-            raise ConnectionClosed("the connection was closed (by another thread)")
-        if self._error is not None:
-            raise self._error
+        self._interrupted()
         if not reading:
             now = time.monotonic()
             if now >= self._next_look:  # a system call: once a slice, not before every wait
@@ -394,6 +395,14 @@ class MessagePath(DataPath):
                 if self._setup.peer_state() is not None:
                     raise self._gone()
         return slice_ms(deadline, timeout, full, late)
+
+    def _interrupted(self) -> None:
+        """After a wait woke (or before the next): ``ConnectionClosed`` once another thread
+        closes this path, its error once it failed."""
+        if self._stopping:
+            raise ConnectionClosed("the connection was closed (by another thread)")
+        if self._error is not None:
+            raise self._error
 
     def _teardown(self, clean: bool) -> None:
         """Mark the path closed; with ``clean`` (nobody else inside) free everything, else
@@ -491,8 +500,10 @@ class MessagePath(DataPath):
         """The error for a peer that is gone: ``ConnectionClosed`` after its close notice (in
         band, or on the setup channel), ``PeerDied`` otherwise."""
         # the data path may end a moment before the close notice arrives (a peer that shuts
-        # its socket down to end a read of its own while it closes): wait for the notice
-        grace = 0.0 if self._hurry else GONE_GRACE_S
+        # its socket down to end a read of its own while it closes): wait for the notice, once
+        # (a peer that keeps its setup channel open and silent costs one wait, not one a call)
+        grace = 0.0 if self._hurry or self._graced else GONE_GRACE_S
+        self._graced = True
         if self._peer_closed or self._setup.settled_state(grace) == "closed":
             return ConnectionClosed("the peer closed the connection")
         return PeerDied("the peer vanished without closing")

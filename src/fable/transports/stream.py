@@ -250,7 +250,7 @@ class StreamPath(MessagePath):
         return self._gone()
 
     def _gone_on_read(self) -> BaseException:
-        if self._stopping:  # our own close shut the socket down for reading
+        if self._closing:  # our own close shut the socket down for reading
             return ConnectionClosed("the connection was closed (by another thread)")
         self._setup.peer_state()  # raises the reason if the peer refused the first offer
         if self._peer_closed:
@@ -692,7 +692,7 @@ class StreamPath(MessagePath):
             return
         # Nothing else ends a read blocked in a pipe (closing the fd does not): a write end of
         # our own, opened for the moment, puts one byte in it, which the woken reader drops
-        # (it sees _stopping). Never kept: the peer's death must still end the pipe.
+        # (it sees _closing). Never kept: the peer's death must still end the pipe.
         try:
             w = os.open(f"/proc/self/fd/{self._rfd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:

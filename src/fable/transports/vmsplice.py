@@ -325,7 +325,7 @@ class VmsplicePath(StreamPath):
     # ================================================================= reading
     def _read_counted(self, buf: memoryview) -> int:
         n = os.readv(self._rfd, [buf])
-        if n > 0 and not self._stopping:  # (a byte of our own close's is not the writer's)
+        if n > 0 and not self._closing:  # (a byte of our own close's is not the writer's)
             self._consumed += n
             if self._consumed - self._reported >= TOKEN_EVERY:
                 self._report()
