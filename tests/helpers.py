@@ -5,20 +5,24 @@ from __future__ import annotations
 import os
 import pickle
 import select
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fable.config
 from fable.client import one_shot
 from fable.errors import ConnectionClosed, PeerDied, Timeout, WouldBlock
 
 __all__ = [
+    "UID",
     "Child",
     "RemoteEnd",
     "ask",
@@ -27,9 +31,13 @@ __all__ = [
     "names",
     "run",
     "start_daemon",
+    "start_system_daemon",
     "stop",
     "wait_for",
 ]
+
+
+UID = 54321  # a second user, unused on the machine: tests never add users (they setresuid)
 
 
 def fork(body: Callable[[], None]) -> int:
@@ -109,6 +117,26 @@ def start_daemon(path: Path, *extra: str) -> subprocess.Popen[bytes]:
             raise AssertionError(f"daemon did not start (exit status {p.returncode})")
         time.sleep(0.02)
     return p
+
+
+def start_system_daemon(env: Any) -> tuple[Path, Callable[[], None]]:
+    """A ``--system`` daemon on a socket in a fresh 0755 directory (a second uid can reach it),
+    ``FABLE_SOCKET`` pointing at it (``env``: the test's MonkeyPatch); returns the socket and
+    the function that stops the daemon and removes the directory."""
+    d = Path(tempfile.mkdtemp(prefix="fable-sys-"))
+    os.chmod(d, 0o755)
+    path = d / "run" / "fabled.sock"
+    p = start_daemon(path, "--system")
+    env.setenv("FABLE_SOCKET", str(path))
+    fable.config.reload()
+
+    def done() -> None:
+        try:
+            stop(p)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    return path, done
 
 
 def daemon_answers(path: Path) -> bool:

@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,18 +26,19 @@ from fable.cli import main
 from fable.client import one_shot
 from fable.nameservice import PROTOCOL_VERSION, check_name
 from helpers import (
+    UID,
     Child,
     ask,
     daemon_answers,
     names,
     run,
     start_daemon,
+    start_system_daemon,
     stop,
     wait_for,
 )
 
 pytestmark = pytest.mark.timeout(120)
-UID = 54321  # a second user, unused on the machine: tests never add users
 
 
 def echo_server(name: str, count: int = 1) -> Callable[[], Any]:
@@ -464,12 +463,7 @@ def test_a_socket_directory_that_is_not_ours_and_private_is_refused(
 
 def test_names_belong_to_their_uid_system_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     assert os.geteuid() == 0, "this test needs root (setresuid to a second uid)"
-    d = Path(tempfile.mkdtemp(prefix="fable-sys-"))  # 0755 on the way: the second uid enters
-    os.chmod(d, 0o755)
-    path = d / "run" / "fabled.sock"
-    p = start_daemon(path, "--system")
-    monkeypatch.setenv("FABLE_SOCKET", str(path))
-    fable.config.reload()
+    path, done = start_system_daemon(monkeypatch)
     try:
         assert oct(path.stat().st_mode & 0o777) == "0o666"
 
@@ -540,8 +534,7 @@ def test_names_belong_to_their_uid_system_daemon(monkeypatch: pytest.MonkeyPatch
 
         assert run(stop_as_other) == "denied"
     finally:
-        stop(p)
-        shutil.rmtree(d, ignore_errors=True)
+        done()
 
 
 # ----------------------------------------------------------------------------------- fuzzing

@@ -21,7 +21,6 @@ from fable.testing.harness import go_pipe, wait_go
 
 RINGS = [t for t in fable.REGISTRY if t.startswith("mempipe-")]
 FORMS = [(t, safe) for t in RINGS for safe in fable.REGISTRY[t].caps.forms]
-UID = 54321  # a second user, unused on the machine: tests never add users
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -230,7 +229,7 @@ def test_an_unprivileged_user_over_its_pipe_quota_gets_default_pipes_that_work()
     """Over pipe-user-pages-soft, Linux refuses to enlarge a user's pipes: the transport keeps
     the default size and works as before (checked in a child as a second uid; the control:
     the same uid's first pipe was enlarged)."""
-    from helpers import Child
+    from helpers import UID, Child
 
     assert os.geteuid() == 0, "this test needs root (setresuid to a second uid)"
 

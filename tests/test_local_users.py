@@ -31,11 +31,10 @@ import pytest
 import fable
 from fable.client import link, one_shot
 from fable.nameservice import UntrustedDaemon
-from helpers import Child, ask, fork, names, start_daemon, stop, wait_for
+from helpers import UID, Child, ask, fork, names, start_system_daemon, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
-UID = 54321  # a second user, unused on the machine: tests never add users
 FAKE_S = 4.0  # how long the fake daemon serves
 
 
@@ -79,9 +78,9 @@ def _fake_daemon(path: Path, ready: int, report: int, done: int, bind_first: boo
     os.write(report, str(got).encode())
 
 
-def _attack(path: Path, bind_first: bool) -> tuple[int, int, int]:
-    """Start the fake daemon in a child; returns (pid, fd to read its report from, fd to
-    close when the victim is done)."""
+def _impersonate(path: Path, bind_first: bool) -> tuple[dict[str, str], int, int]:
+    """Start the fake daemon in a child, then the victim in another; returns what the victim
+    got, how many bytes the fake daemon got, and the fake daemon's exit status."""
     ready_r, ready_w = os.pipe()
     report_r, report_w = os.pipe()
     done_r, done_w = os.pipe()
@@ -93,9 +92,16 @@ def _attack(path: Path, bind_first: bool) -> tuple[int, int, int]:
     pid = fork(body)
     for fd in (ready_w, report_w, done_r):
         os.close(fd)
-    assert os.read(ready_r, 1) == b"r", "the fake daemon did not start"
-    os.close(ready_r)
-    return pid, report_r, done_w
+    try:
+        assert os.read(ready_r, 1) == b"r", "the fake daemon did not start"
+        out = Child(_victim).result()
+    finally:
+        os.close(done_w)
+        got = int(os.read(report_r, 64) or b"-1")
+        status = os.waitpid(pid, 0)[1]
+        os.close(ready_r)
+        os.close(report_r)
+    return out, got, os.waitstatus_to_exitcode(status)
 
 
 def _victim() -> Any:
@@ -114,10 +120,15 @@ def _victim() -> Any:
     return out
 
 
-def _check(out: dict[str, str], found: str) -> None:
-    for what, got in out.items():
-        assert got.startswith(UntrustedDaemon.__name__), f"{what}: {got}"
-        assert found in got, f"{what}: {got}"
+def _refused(attempt: tuple[dict[str, str], int, int], found: str) -> None:
+    """Every call of the victim raised UntrustedDaemon naming ``found``; the fake daemon ran
+    (exit status 0) and got nothing."""
+    out, got, status = attempt
+    assert status == 0, "the fake daemon failed"
+    for what, raised in out.items():
+        assert raised.startswith(UntrustedDaemon.__name__), f"{what}: {raised}"
+        assert found in raised, f"{what}: {raised}"
+    assert got == 0, f"the fake daemon got {got} bytes from a client"
 
 
 def test_a_daemon_in_a_directory_another_user_made_first_is_refused(
@@ -131,18 +142,11 @@ def test_a_daemon_in_a_directory_another_user_made_first_is_refused(
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
     monkeypatch.delenv("FABLE_SOCKET")
     fable.config.reload()
-    path = base / "fable" / "fabled.sock"
     try:
-        pid, report, done = _attack(path, bind_first=False)
-        out = Child(_victim).result()
-        os.close(done)
-        got = int(os.read(report, 64) or b"-1")
-        status = os.waitpid(pid, 0)[1]
+        attempt = _impersonate(base / "fable" / "fabled.sock", bind_first=False)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    assert os.waitstatus_to_exitcode(status) == 0, "the fake daemon failed"
-    _check(out, f"belongs to uid {UID}")
-    assert got == 0, f"the fake daemon got {got} bytes from a client"
+    _refused(attempt, f"belongs to uid {UID}")
 
 
 def test_a_daemon_run_by_another_user_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,16 +159,10 @@ def test_a_daemon_run_by_another_user_is_refused(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("FABLE_SOCKET", str(path))
     fable.config.reload()
     try:
-        pid, report, done = _attack(path, bind_first=True)
-        out = Child(_victim).result()
-        os.close(done)
-        got = int(os.read(report, 64) or b"-1")
-        status = os.waitpid(pid, 0)[1]
+        attempt = _impersonate(path, bind_first=True)
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    assert os.waitstatus_to_exitcode(status) == 0, "the fake daemon failed"
-    _check(out, f"runs as uid {UID}")
-    assert got == 0, f"the fake daemon got {got} bytes from a client"
+    _refused(attempt, f"runs as uid {UID}")
 
 
 # ------------------------------------------------------------------------------ flow hijack
@@ -175,12 +173,7 @@ def test_another_user_cannot_report_or_switch_a_flow(monkeypatch: pytest.MonkeyP
     still carries root's messages. (Before, the report was accepted, adopted the reporter as an
     end, and the switch went through.)"""
     _root()
-    d = Path(tempfile.mkdtemp(prefix="fable-sys-"))  # 0755 on the way: the second uid enters
-    os.chmod(d, 0o755)
-    path = d / "run" / "fabled.sock"
-    p = start_daemon(path, "--system")
-    monkeypatch.setenv("FABLE_SOCKET", str(path))
-    fable.config.reload()
+    path, done = start_system_daemon(monkeypatch)
     go_r, go_w = os.pipe()
     try:
 
@@ -242,8 +235,7 @@ def test_another_user_cannot_report_or_switch_a_flow(monkeypatch: pytest.MonkeyP
     finally:
         os.close(go_w)
         os.close(go_r)
-        stop(p)
-        shutil.rmtree(d, ignore_errors=True)
+        done()
     assert out == dict.fromkeys(out, "PermissionDenied"), out
     assert len(out) == 4
     assert (after["transport"], after["epoch"]) == (flow["transport"], flow["epoch"])
