@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -20,15 +22,22 @@ from typing import Any
 import fable.config
 from fable.client import one_shot
 from fable.errors import ConnectionClosed, PeerDied, Timeout, WouldBlock
+from fable.nameservice import PROTOCOL_VERSION
 
 __all__ = [
+    "HELLO",
     "UID",
     "Child",
     "RemoteEnd",
     "ask",
     "daemon_answers",
+    "echo_pair",
+    "flood",
     "fork",
+    "frame",
     "names",
+    "raw_client",
+    "read_reply",
     "run",
     "start_daemon",
     "start_system_daemon",
@@ -119,20 +128,24 @@ def start_daemon(path: Path, *extra: str) -> subprocess.Popen[bytes]:
     return p
 
 
-def start_system_daemon(env: Any) -> tuple[Path, Callable[[], None]]:
-    """A ``--system`` daemon on a socket in a fresh 0755 directory (a second uid can reach it),
-    ``FABLE_SOCKET`` pointing at it (``env``: the test's MonkeyPatch); returns the socket and
-    the function that stops the daemon and removes the directory."""
+def start_system_daemon(env: Any, *extra: str) -> tuple[Path, Callable[[], None]]:
+    """A ``--system`` daemon (with ``extra`` arguments) on a socket in a fresh 0755 directory
+    (a second uid can reach it), ``FABLE_SOCKET`` pointing at it (``env``: the test's
+    MonkeyPatch); returns the socket and the function that stops the daemon and removes the
+    directory."""
     d = Path(tempfile.mkdtemp(prefix="fable-sys-"))
     os.chmod(d, 0o755)
     path = d / "run" / "fabled.sock"
-    p = start_daemon(path, "--system")
+    p = start_daemon(path, "--system", *extra)
     env.setenv("FABLE_SOCKET", str(path))
     fable.config.reload()
 
     def done() -> None:
         try:
-            stop(p)
+            if p.poll() is None:
+                stop(p)
+            else:
+                p.wait()  # (the test killed it)
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -161,6 +174,85 @@ def ask(op: str, path: Path) -> dict[str, Any]:
 
 def names(path: Path) -> set[str]:
     return {e["name"] for e in ask("ls", path)["endpoints"]}
+
+
+# --------------------------------------------------------------- speaking to fabled by hand
+def raw_client(path: Path) -> socket.socket:
+    """A plain connection to the daemon on ``path`` (5 s timeout), nothing sent yet."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(str(path))
+    return s
+
+
+def frame(obj: Any) -> bytes:
+    """``obj`` as one control frame (the caller puts in ``"v"``)."""
+    body = json.dumps(obj).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def read_reply(s: socket.socket) -> dict[str, Any] | None:
+    """The next frame the daemon sends on ``s``, or None when it hangs up first."""
+    head = s.recv(4)
+    if len(head) < 4:
+        return None
+    (n,) = struct.unpack(">I", head)
+    body = b""
+    while len(body) < n:
+        chunk = s.recv(n - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    reply: dict[str, Any] = json.loads(body)
+    return reply
+
+
+HELLO = frame({"v": PROTOCOL_VERSION, "op": "hello", "id": 0})
+
+
+def flood(path: Path, n: int) -> list[socket.socket]:
+    """``n`` connections to the daemon on ``path`` that say hello and nothing more, made
+    without waiting (past the daemon's backlog they fail: that is what a flood does)."""
+    out = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(str(path))
+            s.send(HELLO)
+        except OSError:
+            pass  # the backlog is full
+        out.append(s)
+    return out
+
+
+def echo_pair(path: Path, prefix: str, go: int) -> tuple[Child, Child]:
+    """A flow to watch through an attack, in two processes: PREFIX-echo listens and echoes;
+    PREFIX-client connects, sends b"before" and checks the echo, then waits for a byte on fd
+    ``go`` and sends b"after". Returns once the daemon counts the flow's messages; the
+    client's result is (what came back after, its transport)."""
+
+    def echo() -> None:
+        c = fable.register(f"{prefix}-echo").listen().accept(timeout=30)
+        for m in c:
+            c.send(m)
+
+    srv = Child(echo)
+    wait_for(lambda: f"{prefix}-echo" in names(path))
+
+    def client() -> Any:
+        c = fable.register(f"{prefix}-client").connect(f"{prefix}-echo", timeout=10)
+        c.send(b"before")
+        assert c.recv(timeout=10) == b"before"
+        assert os.read(go, 1) == b"g"
+        c.send(b"after")
+        got = c.recv(timeout=10)
+        c.close()
+        return got, c.transport
+
+    cli = Child(client)
+    wait_for(lambda: any(f["msgs"] for f in ask("flows", path)["flows"]), timeout=10)
+    return srv, cli
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -226,6 +226,47 @@ FAULTS = [
         "        if False:",
         ("tests/test_setup.py", "tests/test_daemon.py -k malformed"),
     ),
+    Fault(
+        "report-without-the-token",
+        "a flow's reports must hold its secret token (another uid cannot hijack it)",
+        "daemon/registry.py",
+        '            if not _same(str(f.get("token", "")), flow.token):',
+        "            if False:",
+        ("tests/test_local_users.py -k report_or_switch", "tests/test_daemon_limits.py"),
+    ),
+    Fault(
+        "show-other-users-pids",
+        "another user's endpoints show no pid or placement, their flows not at all",
+        "daemon/server.py",
+        "                if self._sees_all(client, ep.uid):",
+        "                if True:",
+        ("tests/test_local_users.py -k hidden",),
+    ),
+    Fault(
+        "no-per-uid-connection-limit",
+        "another uid is refused past FABLE_MAX_CONNS_PER_UID",
+        "daemon/server.py",
+        "        if uid != self.uid and n >= cfg.max_conns_per_uid:",
+        "        if False:",
+        ("tests/test_local_users.py -k per_uid",),
+    ),
+    Fault(
+        "accept-loop-ends-at-emfile",
+        "out of fds, the daemon backs off and goes on accepting",
+        "daemon/server.py",
+        "                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, "
+        "errno.ENOMEM):",
+        "                if True:",
+        ("tests/test_daemon_limits.py -k out_of_fds",),
+    ),
+    Fault(
+        "names-free-during-a-restart",
+        "after a restart, a name stays reserved for its uid for FABLE_RESTART_GRACE",
+        "daemon/registry.py",
+        "        if held is not None and held != ep.uid:",
+        "        if False:",
+        ("tests/test_local_users.py -k restart",),
+    ),
 ]
 
 

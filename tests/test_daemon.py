@@ -24,13 +24,17 @@ from hypothesis import strategies as st
 import fable
 from fable.cli import main
 from fable.client import one_shot
-from fable.nameservice import PROTOCOL_VERSION, check_name
+from fable.nameservice import check_name
 from helpers import (
+    HELLO,
     UID,
     Child,
     ask,
     daemon_answers,
+    frame,
     names,
+    raw_client,
+    read_reply,
     run,
     start_daemon,
     start_system_daemon,
@@ -377,6 +381,130 @@ def test_a_request_in_flight_when_the_daemon_dies_raises_daemon_unavailable() ->
             one_shot("stop", path)
 
 
+def test_a_daemon_stopped_on_purpose_stays_stopped_until_the_application_registers() -> None:
+    """``fable daemon --stop``: a pending accept raises ``DaemonUnavailable`` at once; the
+    process's control thread does not start a daemon again (it did, within 0.5 s), and other
+    requests raise; the application's next ``register`` starts one."""
+    path = Path(os.environ["FABLE_SOCKET"])
+    d = start_daemon(path)
+    to_kid, from_parent = os.pipe()
+    from_kid, to_parent = os.pipe()
+
+    def app() -> Any:
+        lst = fable.register("stays-down").listen()
+        os.write(to_parent, b"l")
+        try:
+            lst.accept(timeout=30)
+            accepted = "accepted"
+        except fable.DaemonUnavailable as e:
+            accepted = f"DaemonUnavailable: {e}"
+        os.write(to_parent, b"a")
+        assert os.read(to_kid, 1) == b"g"
+        try:
+            fable.client.link().request("ls", wait=1)
+            other = "answered"
+        except fable.DaemonUnavailable as e:
+            other = f"DaemonUnavailable: {e}"
+        fable.register("back-again")
+        return accepted, other, sorted(names(path))
+
+    kid = Child(app)
+    try:
+        assert os.read(from_kid, 1) == b"l"
+        wait_for(lambda: "stays-down" in names(path))
+        r = CliRunner().invoke(main, ["daemon", "--stop"])
+        assert r.exit_code == 0, r.output
+        assert d.wait(10) == 0
+        assert os.read(from_kid, 1) == b"a"
+        time.sleep(1.5)  # (the control thread used to start one again within 0.5 s)
+        stayed_down = not daemon_answers(path)
+        os.write(from_parent, b"g")
+        accepted, other, after = kid.result()
+    finally:
+        for fd in (to_kid, from_parent, from_kid, to_parent):
+            os.close(fd)
+        if daemon_answers(path):
+            one_shot("stop", path)
+            wait_for(lambda: not daemon_answers(path))
+    assert stayed_down
+    assert accepted.startswith("DaemonUnavailable: 'stays-down': the daemon was stopped on")
+    assert "fable daemon --stop by uid" in accepted
+    assert other.startswith("DaemonUnavailable: the daemon was stopped on purpose"), other
+    assert after == ["back-again"]  # a name of before is not registered behind the app's back
+
+
+def test_a_failure_in_the_control_thread_surfaces_and_the_link_starts_over() -> None:
+    """A bug in the daemon link's work on the control thread (here: reading a reply raises
+    KeyError once) is logged and raised as ``DaemonUnavailable`` by the application's next
+    call; the link starts over, the names come back, and the call after that works (before,
+    the link stopped being served and every later call hung until its timeout)."""
+    path = Path(os.environ["FABLE_SOCKET"])
+    d = start_daemon(path)
+
+    def app() -> Any:
+        from fable.client import DaemonLink
+
+        lk = fable.client.link()
+        fable.register("survives-a-bug")
+        real = DaemonLink._dispatch
+        calls = []
+
+        def broken(self: DaemonLink, msg: dict[str, Any], fds: list[int]) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise KeyError("a bug")
+            real(self, msg, fds)
+
+        DaemonLink._dispatch = broken  # type: ignore[method-assign]
+        try:
+            lk.request("ls", wait=5)
+            first = "answered"
+        except fable.DaemonUnavailable as e:
+            first = f"DaemonUnavailable: {e}"
+        wait_for(lambda: "survives-a-bug" in names(path))
+        reply, _ = lk.request("ls", wait=5)
+        return first, [e["name"] for e in reply["endpoints"]]
+
+    try:
+        first, after = run(app)
+    finally:
+        stop(d)
+    assert first.startswith("DaemonUnavailable") and "KeyError" in first, first
+    assert after == ["survives-a-bug"]
+
+
+def test_a_process_with_hundreds_of_flows_reports_them_all() -> None:
+    """600 flows in one process: its report is over one frame's 64 KiB, so it goes in parts
+    (before, encoding it raised in the control thread, which then stopped serving the link)."""
+    path = Path(os.environ["FABLE_SOCKET"])
+    d = start_daemon(path)
+
+    class Stats:
+        transport, safe, epoch, msgs_sent, bytes_sent = "unix", True, 0, 1, 64
+
+    class Fake:  # what the report reads of a Connection
+        closed, last_switch, polled = False, None, False
+
+        def stats(self) -> Stats:
+            return Stats()
+
+    def app() -> int:
+        lk = fable.client.link()
+        fable.register("many-flows")
+        fakes = [Fake() for _ in range(600)]
+        for i, conn in enumerate(fakes):
+            flow = {"id": 5 * 10**8 + i, "ends": ["many-flows", f"peer{i}"], "safe": [True, True]}
+            lk.add_flow(flow, 0, conn, f"{i:032x}")  # type: ignore[arg-type]
+        wait_for(lambda: len(ask("flows", path)["flows"]) == 600, timeout=10)
+        reply, _ = lk.request("ls", wait=5)  # the link still answers
+        return len(fakes) + len(reply["endpoints"])
+
+    try:
+        assert run(app) == 601
+    finally:
+        stop(d)
+
+
 # --------------------------------------------------------------------------- socket choice
 @pytest.fixture
 def no_fable_socket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
@@ -538,34 +666,6 @@ def test_names_belong_to_their_uid_system_daemon(monkeypatch: pytest.MonkeyPatch
 
 
 # ----------------------------------------------------------------------------------- fuzzing
-def _raw(path: Path) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(str(path))
-    return s
-
-
-def _frame(obj: Any) -> bytes:
-    body = json.dumps(obj).encode()
-    return struct.pack(">I", len(body)) + body
-
-
-def _reply(s: socket.socket) -> dict[str, Any] | None:
-    head = s.recv(4)
-    if len(head) < 4:
-        return None
-    (n,) = struct.unpack(">I", head)
-    body = b""
-    while len(body) < n:
-        chunk = s.recv(n - len(body))
-        if not chunk:
-            return None
-        body += chunk
-    reply: dict[str, Any] = json.loads(body)
-    return reply
-
-
-HELLO = _frame({"v": PROTOCOL_VERSION, "op": "hello", "id": 0})
 
 
 @pytest.mark.parametrize(
@@ -573,38 +673,38 @@ HELLO = _frame({"v": PROTOCOL_VERSION, "op": "hello", "id": 0})
     [
         (struct.pack(">I", 1 << 30), "closed"),  # oversized
         (struct.pack(">I", 5) + b"{nope", "closed"),  # not JSON
-        (_frame({"v": 99, "op": "hello", "id": 1}), "closed"),  # wrong version
-        (_frame({"v": 1, "op": "ls", "id": 1}), "closed"),  # no hello first
-        (_frame([1, 2]), "closed"),  # not an object
-        (HELLO + _frame({"v": 1, "op": "explode", "id": 1}), "ProtocolError"),
-        (HELLO + _frame({"v": 1, "op": "register", "id": 1, "name": 7}), "ProtocolError"),
-        (HELLO + _frame({"v": 1, "op": "register", "id": 1, "name": "a b"}), "InvalidName"),
-        (HELLO + _frame({"v": 1, "op": "listen", "id": 1, "name": "x"}), "NameNotFound"),
+        (frame({"v": 99, "op": "hello", "id": 1}), "closed"),  # wrong version
+        (frame({"v": 1, "op": "ls", "id": 1}), "closed"),  # no hello first
+        (frame([1, 2]), "closed"),  # not an object
+        (HELLO + frame({"v": 1, "op": "explode", "id": 1}), "ProtocolError"),
+        (HELLO + frame({"v": 1, "op": "register", "id": 1, "name": 7}), "ProtocolError"),
+        (HELLO + frame({"v": 1, "op": "register", "id": 1, "name": "a b"}), "InvalidName"),
+        (HELLO + frame({"v": 1, "op": "listen", "id": 1, "name": "x"}), "NameNotFound"),
         (
-            HELLO + _frame({"v": 1, "op": "register", "id": 1, "name": "x", "affinity": "all"}),
+            HELLO + frame({"v": 1, "op": "register", "id": 1, "name": "x", "affinity": "all"}),
             "ProtocolError",
         ),
         (
-            HELLO + _frame({"v": 1, "op": "report", "id": 1, "flows": [{"id": "x"}]}),
+            HELLO + frame({"v": 1, "op": "report", "id": 1, "flows": [{"id": "x"}]}),
             "ProtocolError",
         ),
         (
-            HELLO + _frame({"v": 1, "op": "connect", "id": 1, "name": "x", "to": "y"}),
+            HELLO + frame({"v": 1, "op": "connect", "id": 1, "name": "x", "to": "y"}),
             "NameNotFound",
         ),
         (HELLO + struct.pack(">I", 100) + b"{", "closed"),  # truncated, then hang-up
     ],
 )
 def test_malformed_requests_do_not_hurt_others(daemon: Path, data: bytes, expect: str) -> None:
-    bystander = _raw(daemon)
+    bystander = raw_client(daemon)
     bystander.sendall(HELLO)
-    assert _reply(bystander) is not None
-    s = _raw(daemon)
+    assert read_reply(bystander) is not None
+    s = raw_client(daemon)
     s.sendall(data)
     if data.endswith(b"{") and expect == "closed":
         s.shutdown(socket.SHUT_WR)
     replies = []
-    while (r := _reply(s)) is not None:
+    while (r := read_reply(s)) is not None:
         replies.append(r)
         if r.get("id") == 1:
             break
@@ -614,8 +714,8 @@ def test_malformed_requests_do_not_hurt_others(daemon: Path, data: bytes, expect
     else:
         assert replies[-1]["ok"] is False and replies[-1]["error"] == expect, replies
     s.close()
-    bystander.sendall(_frame({"v": 1, "op": "ls", "id": 5}))
-    assert _reply(bystander)["ok"] is True  # type: ignore[index]
+    bystander.sendall(frame({"v": 1, "op": "ls", "id": 5}))
+    assert read_reply(bystander)["ok"] is True  # type: ignore[index]
     bystander.close()
 
 
@@ -624,7 +724,7 @@ def test_malformed_requests_do_not_hurt_others(daemon: Path, data: bytes, expect
 )
 @given(junk=st.binary(max_size=300), after_hello=st.booleans())
 def test_fuzzed_bytes_never_stop_the_daemon(daemon: Path, junk: bytes, after_hello: bool) -> None:
-    s = _raw(daemon)
+    s = raw_client(daemon)
     try:
         s.sendall((HELLO if after_hello else b"") + junk)
         s.shutdown(socket.SHUT_WR)

@@ -17,9 +17,11 @@ secret token (given to its two ends only) and the uid of one of its ends, or roo
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -30,8 +32,24 @@ import pytest
 
 import fable
 from fable.client import link, one_shot
-from fable.nameservice import UntrustedDaemon
-from helpers import UID, Child, ask, fork, names, start_system_daemon, wait_for
+from fable.nameservice import PROTOCOL_VERSION, UntrustedDaemon
+from helpers import (
+    HELLO,
+    UID,
+    Child,
+    ask,
+    daemon_answers,
+    echo_pair,
+    fork,
+    frame,
+    names,
+    raw_client,
+    read_reply,
+    start_daemon,
+    start_system_daemon,
+    stop,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -176,27 +194,7 @@ def test_another_user_cannot_report_or_switch_a_flow(monkeypatch: pytest.MonkeyP
     path, done = start_system_daemon(monkeypatch)
     go_r, go_w = os.pipe()
     try:
-
-        def echo() -> None:
-            c = fable.register("root-echo").listen().accept(timeout=30)
-            for m in c:
-                c.send(m)
-
-        srv = Child(echo)
-        wait_for(lambda: "root-echo" in names(path))
-
-        def client() -> Any:
-            c = fable.register("root-client").connect("root-echo", timeout=10)
-            c.send(b"before")
-            assert c.recv(timeout=10) == b"before"
-            assert os.read(go_r, 1) == b"g"  # the attack is over
-            c.send(b"after")
-            got = c.recv(timeout=10)
-            c.close()
-            return got, c.transport
-
-        cli = Child(client)
-        wait_for(lambda: any(f["msgs"] for f in ask("flows", path)["flows"]), timeout=10)
+        srv, cli = echo_pair(path, "root", go_r)
         (flow,) = ask("flows", path)["flows"]
         fake = {
             "id": flow["id"],
@@ -245,3 +243,212 @@ def test_another_user_cannot_report_or_switch_a_flow(monkeypatch: pytest.MonkeyP
 
 def run_as_child(fn: Any) -> Any:
     return Child(fn).result(timeout=30)
+
+
+def _as_uid(uid: int = UID) -> None:
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+
+
+# ------------------------------------------------------------------------------- visibility
+def test_another_users_pids_placement_and_flows_stay_hidden(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a system daemon, root holds names and a flow whose report carries a canary string;
+    uid UID does the same. Each sees the other's names (public), never the other's pid,
+    placement, flow, token or canary, and may not ``explain`` the other's endpoints; root sees
+    everything."""
+    _root()
+    path, done = start_system_daemon(monkeypatch)
+
+    def holder(tag: str) -> Any:
+        """Register NAME-TAG-a/b and report a flow between them carrying canaries; returns
+        what this uid sees then (as text) while the other uid's holder still runs."""
+        s = raw_client(path)
+        s.settimeout(10)
+        s.sendall(HELLO)
+        read_reply(s)
+        flow = {
+            "id": 10**8 + os.getuid(),
+            "ends": [f"vis-{tag}-a", f"vis-{tag}-b"],
+            "transport": "unix",
+            "safe": [True, True],
+            "token": f"TOKEN{tag}".ljust(32, "0"),
+            "last_switch": {"at": 1.0, "from": "tcp", "to": "unix", "reason": f"CANARY{tag}"},
+        }
+        requests: list[dict[str, Any]] = [
+            {"op": "register", "name": f"vis-{tag}-a", "affinity": [0]},
+            {"op": "register", "name": f"vis-{tag}-b", "affinity": [0]},
+            {"op": "report", "flows": [flow]},
+        ]
+        for i, f in enumerate(requests):
+            s.sendall(frame({"v": PROTOCOL_VERSION, "id": i + 1, **f}))
+            r = read_reply(s)
+            assert r is not None and r["ok"], r
+        return s
+
+    r_go, w_go = os.pipe()
+    r_seen, w_seen = os.pipe()
+
+    def other() -> Any:
+        _as_uid()
+        s = holder("user")
+        os.write(w_seen, b"r")
+        assert os.read(r_go, 1) == b"g"  # root's names and flow are there now
+        seen = {op: json.dumps(one_shot(op, path)) for op in ("ls", "flows")}
+        try:
+            one_shot("explain", path, a="vis-root-a", b="vis-root-b")
+            seen["explain"] = "answered"
+        except fable.FableError as e:
+            seen["explain"] = type(e).__name__
+        s.close()
+        return seen, os.getpid()
+
+    try:
+        kid = Child(other)
+        assert os.read(r_seen, 1) == b"r"
+        mine = holder("root")
+        os.write(w_go, b"g")
+        root_view = {op: json.dumps(one_shot(op, path)) for op in ("ls", "flows")}
+        seen, kid_pid = kid.result()
+        mine.close()
+    finally:
+        for fd in (r_go, w_go, r_seen, w_seen):
+            os.close(fd)
+        done()
+    ls = json.loads(seen["ls"])["endpoints"]
+    assert {e["name"] for e in ls} >= {"vis-root-a", "vis-root-b", "vis-user-a"}
+    for e in ls:
+        if e["name"].startswith("vis-root"):
+            assert set(e) == {"name", "uid", "host", "listening"}, e
+    flows = json.loads(seen["flows"])["flows"]
+    assert [f["ends"] for f in flows] == [["vis-user-a", "vis-user-b"]]
+    text = seen["ls"] + seen["flows"]
+    for canary in ("CANARYroot", "TOKENroot", f'"pid": {os.getpid()}'):
+        assert canary not in text, canary
+    assert seen["explain"] == "PermissionDenied"
+    everything = root_view["ls"] + root_view["flows"]
+    assert "CANARYuser" in everything and "CANARYroot" in everything
+    assert f'"pid": {kid_pid}' in everything
+    assert "TOKEN" not in everything  # tokens are never shown, not even to root
+
+
+# ---------------------------------------------------------------------------- per-uid limits
+def test_per_uid_limits_bind_another_user_not_the_daemons(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FABLE_MAX_CONNS_PER_UID=3, FABLE_MAX_NAMES_PER_UID=4 on a system daemon (root's): uid
+    UID's fourth connection gets a ``bye`` naming the limit, its fifth name
+    ``PermissionDenied`` naming the other; root, the daemon's own uid, is bound only by the
+    totals."""
+    _root()
+    monkeypatch.setenv("FABLE_MAX_CONNS_PER_UID", "3")
+    monkeypatch.setenv("FABLE_MAX_NAMES_PER_UID", "4")
+    path, done = start_system_daemon(monkeypatch)
+
+    def hello(s: socket.socket) -> dict[str, Any] | None:
+        s.sendall(HELLO)
+        return read_reply(s)
+
+    def attacker() -> Any:
+        _as_uid()
+        held = [raw_client(path) for _ in range(3)]
+        assert all(hello(s)["ok"] for s in held)  # type: ignore[index]
+        fourth = hello(raw_client(path))
+        got = []
+        for i in range(5):
+            held[0].sendall(
+                frame({"v": PROTOCOL_VERSION, "op": "register", "id": 9 + i, "name": f"q{i}"})
+            )
+            got.append(read_reply(held[0]))
+        return fourth, got
+
+    try:
+        fourth, got = Child(attacker).result()
+        root_conns = [raw_client(path) for _ in range(5)]
+        assert all(hello(s)["ok"] for s in root_conns)  # type: ignore[index]
+        for i in range(6):
+            root_conns[0].sendall(
+                frame({"v": PROTOCOL_VERSION, "op": "register", "id": 9 + i, "name": f"r{i}"})
+            )
+            r = read_reply(root_conns[0])
+            assert r is not None and r["ok"], r
+        for s in root_conns:
+            s.close()
+    finally:
+        done()
+    assert fourth is not None and fourth.get("op") == "bye", fourth
+    assert fourth["error"] == "DaemonUnavailable"
+    assert f"uid {UID} has 3 connections open, FABLE_MAX_CONNS_PER_UID" in fourth["message"]
+    assert [r["ok"] for r in got] == [True] * 4 + [False]
+    assert got[4]["error"] == "PermissionDenied"
+    assert "FABLE_MAX_NAMES_PER_UID" in got[4]["message"]
+
+
+# ---------------------------------------------------------------------------------- restarts
+def test_another_user_cannot_take_a_name_or_a_flow_during_a_restart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Root's echo pair runs over a flow; the system daemon is killed and a new one started
+    while root's two processes are stopped (SIGSTOP: they cannot register again yet). Uid UID
+    then tries to register both end names and to report the flow with a guessed token: each
+    ``PermissionDenied`` naming the reservation. Root's processes go on, get their names
+    back, and the flow is theirs (same id, same transport) and still carries their messages.
+    (Before, the names were free until root's processes came back, and the flow went to
+    whoever held an end name when reporting it.)"""
+    _root()
+    path, done = start_system_daemon(monkeypatch)
+    go_r, go_w = os.pipe()
+    second = None
+    try:
+        srv, cli = echo_pair(path, "kept", go_r)
+        (flow,) = ask("flows", path)["flows"]
+        time.sleep(0.5)  # the daemon saves what changed every 0.2 s
+        for kid in (srv, cli):
+            os.kill(kid.pid, signal.SIGSTOP)
+        os.kill(ask("hello", path)["daemon"], signal.SIGKILL)
+        wait_for(lambda: not daemon_answers(path))
+        second = start_daemon(path, "--system")
+
+        def attacker() -> Any:
+            os.setresgid(UID, UID, UID)
+            os.setresuid(UID, UID, UID)
+            out: dict[str, Any] = {}
+            for name in ("kept-echo", "kept-client"):
+                s = raw_client(path)
+                s.sendall(HELLO)
+                read_reply(s)
+                s.sendall(frame({"v": PROTOCOL_VERSION, "op": "register", "id": 1, "name": name}))
+                out[name] = read_reply(s)
+                s.close()
+            fake = {**flow, "token": "00" * 16, "safe": [True, True]}
+            try:
+                one_shot("report", path, flows=[fake])
+                out["report"] = "accepted"
+            except fable.FableError as e:
+                out["report"] = f"{type(e).__name__}: {e}"
+            return out
+
+        out = Child(attacker).result(timeout=30)
+        for kid in (srv, cli):
+            os.kill(kid.pid, signal.SIGCONT)
+        wait_for(lambda: {"kept-echo", "kept-client"} <= names(path), timeout=10)
+        wait_for(lambda: [f["id"] for f in ask("flows", path)["flows"]] == [flow["id"]])
+        (after,) = ask("flows", path)["flows"]
+        os.write(go_w, b"g")
+        got, _ = cli.result()
+        srv.result()
+    finally:
+        os.close(go_w)
+        os.close(go_r)
+        if second is not None:
+            stop(second)
+        done()
+    for name in ("kept-echo", "kept-client"):
+        r = out[name]
+        assert r is not None and r["error"] == "PermissionDenied", r
+        assert "reserved for uid 0" in r["message"], r
+    assert out["report"].startswith("PermissionDenied"), out["report"]
+    assert "does not hold its token" in out["report"]
+    assert after["transport"] == flow["transport"] and after["ends"] == flow["ends"]
+    assert got == b"after"

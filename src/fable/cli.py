@@ -75,7 +75,14 @@ def doctor(as_json: bool) -> None:
     help="socket path (default: $FABLE_SOCKET, else the per-user socket)",
 )
 @click.option("--stop", is_flag=True, help="stop the daemon that answers on the socket")
-def daemon(system: bool, sock: str | None, stop: bool) -> None:
+@click.option(
+    "--log",
+    "log_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="log to this file (rotated at 1 MiB, 3 kept) instead of stderr",
+)
+def daemon(system: bool, sock: str | None, stop: bool, log_file: str | None) -> None:
     """Run fabled, the name service, in the foreground (the library starts one by itself
     when none runs)."""
     from pathlib import Path
@@ -93,11 +100,9 @@ def daemon(system: bool, sock: str | None, stop: bool) -> None:
             sys.exit(1)
         click.echo(f"stopped the daemon on {path}")
         return
-    import logging
+    from fable.daemon.server import serve, setup_logging
 
-    from fable.daemon.server import serve
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s fabled %(message)s")
+    setup_logging(Path(log_file) if log_file else None)
     try:
         serve(path, system=system)
     except FableError as e:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import logging
 import os
 import queue
 import select
@@ -68,6 +70,8 @@ __all__ = [
     "spawn_daemon",
     "start_daemon",
 ]
+
+log = logging.getLogger("fable")
 
 REPORT_INTERVAL_S = 1.0
 PLACEMENT_INTERVAL_S = 0.02  # how often I/O threads' affinities are looked at
@@ -117,12 +121,14 @@ def spawn_daemon(path: Path) -> subprocess.Popen[bytes] | None:
     if _answers(path):
         return None
     state = private_dir(settings().state_dir)
-    with open(state / "fabled.log", "ab") as logf:
+    logfile = state / "fabled.log"  # rotated by the daemon; its own output (a crash before it
+    # could log) goes to fabled.out
+    with open(state / "fabled.out", "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fable.daemon", "--socket", str(path)],
+            [sys.executable, "-m", "fable.daemon", "--socket", str(path), "--log", str(logfile)],
             stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
+            stdout=out,
+            stderr=out,
             start_new_session=True,  # detached: not killed with our process group
             close_fds=True,
         )
@@ -160,6 +166,7 @@ class _Name:
     trusted: bool = False
     allow_uids: list[int] | None = None
     lost: str = ""  # why it could not be registered again after a restart (accept raises)
+    lost_error: type[FableError] = FableError  # what accept raises (the daemon's error class)
     # connections for the listener; None wakes it to look at ``lost``
     incoming: queue.Queue[tuple[dict[str, Any], socket.socket] | None] = field(
         default_factory=queue.Queue
@@ -196,6 +203,12 @@ class DaemonLink:
         self._starting: tuple[float, Path] | None = None  # a daemon we started: until when
         self._retry = _RETRY_FIRST_S
         self._stopped = False
+        # the daemon was stopped on purpose (`fable daemon --stop`): not reached or started
+        # again until the application registers a name; other requests fail with this
+        self._halted = ""
+        # an unexpected error in this link's control-thread work: the next request raises it
+        # (as DaemonUnavailable), and the link starts over
+        self._failure = ""
         ctl = control()
         ctl.call_later(0.0, self._connect_tick)
         ctl.call_later(PLACEMENT_INTERVAL_S, self._report_tick)
@@ -208,7 +221,15 @@ class DaemonLink:
         none is reachable); raises the error class the daemon names."""
         deadline = None if wait is None else time.monotonic() + wait
         with self._lock:
+            if self._failure:
+                failure, self._failure = self._failure, ""
+                raise DaemonUnavailable(f"the fable control thread failed ({failure}); retrying")
             while self._sock is None:
+                if self._halted:
+                    if op != "register":
+                        raise DaemonUnavailable(self._halted)
+                    self._halted = ""  # the application wants a daemon again
+                    control().call_later(0.0, self._connect_tick)
                 if self._refused:
                     raise self._refusal(f"no fable daemon can be used: {self._refused}")
                 left = None if deadline is None else deadline - time.monotonic()
@@ -310,9 +331,16 @@ class DaemonLink:
     # ----------------------------------------------------------------- control thread
     def _connect_tick(self) -> float | None:
         """Reach a daemon (starting one if needed) without waiting; the seconds until the
-        next try, or None once connected."""
-        if self._stopped or self._sock is not None:
+        next try, or None once connected (or halted: ``fable daemon --stop``)."""
+        if self._stopped or self._sock is not None or self._halted:
             return None
+        try:
+            return self._try_connect()
+        except Exception as e:  # a bug here must not end the link's retries for good
+            self._fault(e)
+            return _RETRY_MAX_S
+
+    def _try_connect(self) -> float | None:
         now = time.monotonic()
         try:
             if self._starting is not None:
@@ -400,13 +428,32 @@ class DaemonLink:
                         },
                         name,
                     )
-            replay({"op": "report", "flows": self._flow_reports()})
-            self._retry = _RETRY_FIRST_S
+            for frame in _report_frames(self._flow_reports(), []):
+                replay(frame)
             self.last_error = self._refused = ""
             self._up.notify_all()
 
+    def _fault(self, e: BaseException) -> None:
+        """An unexpected error in the link's work on the control thread: logged; the next
+        request raises it as ``DaemonUnavailable``; the link starts over (what was in flight
+        fails, the daemon is reached again and this process's state registered again)."""
+        log.error("fable: the daemon link failed; starting over", exc_info=e)
+        with self._lock:
+            if not self._pending:  # (requests in flight fail with it in _lost)
+                self._failure = f"{type(e).__name__}: {e}"
+            connected = self._sock is not None
+        if connected:  # (else the connect ticks go on as they are)
+            self._lost(f"internal error: {type(e).__name__}: {e}")
+
     def _on_ready(self, events: int) -> bool:
         """The daemon socket is readable or writable (the control thread)."""
+        try:
+            return self._serve_socket(events)
+        except Exception as e:
+            self._fault(e)
+            return False
+
+    def _serve_socket(self, events: int) -> bool:
         if events & select.EPOLLOUT:
             with self._lock:
                 self._flush()
@@ -461,10 +508,13 @@ class DaemonLink:
             if not msg.get("ok"):  # e.g. a daemon of another fable version
                 raise error_class(msg.get("error"))(str(msg.get("message")))
             self.hello = msg
+            self._retry = _RETRY_FIRST_S  # (not before: a daemon that refuses us is retried
+            # less and less often)
         elif op == "register" and not msg.get("ok"):
             entry = self.names.get(name)
             if entry is not None:  # taken meanwhile: its listener must not wait in vain
                 entry.lost = str(msg.get("message", "taken"))
+                entry.lost_error = error_class(msg.get("error"))
                 entry.incoming.put(None)
 
     def _lost(self, why: str) -> None:
@@ -487,23 +537,25 @@ class DaemonLink:
         """Report counters every REPORT_INTERVAL_S, and at once when an I/O thread moved."""
         if self._stopped:
             return None
+        try:
+            return self._report()
+        except Exception as e:
+            self._fault(e)
+            return PLACEMENT_INTERVAL_S
+
+    def _report(self) -> float | None:
         if self._sock is None:
             return PLACEMENT_INTERVAL_S
         now = time.monotonic()
         if now >= self._next_report or (self._flows and self._placement_moved()):
             with self._lock:
                 try:
-                    self._queue(
-                        {
-                            "op": "report",
-                            "id": next(self._ids),
-                            "flows": self._flow_reports(),
-                            "endpoints": [
-                                {"name": n, **thread_placement(e.tid, self._nodes)}
-                                for n, e in self.names.items()
-                            ],
-                        }
-                    )
+                    places = [
+                        {"name": n, **thread_placement(e.tid, self._nodes)}
+                        for n, e in self.names.items()
+                    ]
+                    for frame in _report_frames(self._flow_reports(), places):
+                        self._queue({**frame, "id": next(self._ids)})
                 except DaemonUnavailable:
                     pass  # the daemon does not read: its hang-up or our next try says more
             self._next_report = now + REPORT_INTERVAL_S
@@ -522,6 +574,13 @@ class DaemonLink:
         return moved
 
     def _push(self, msg: dict[str, Any], fd: int | None) -> None:
+        if msg.get("op") == "bye":  # refused (a limit): the daemon closes; we try again later
+            if fd is not None:
+                os.close(fd)
+            raise error_class(msg.get("error"))(f"the daemon refused us: {msg.get('message')}")
+        if msg.get("op") == "stopping":  # `fable daemon --stop`: stay away until registered
+            self._halt(f"the daemon was stopped on purpose ({msg.get('why')})")
+            return
         if msg.get("op") == "reconfigure":  # from `fable reconfigure` or a trigger
             self._reconfigure(msg)
             return
@@ -532,6 +591,17 @@ class DaemonLink:
                 return
         if fd is not None:
             os.close(fd)
+
+    def _halt(self, why: str) -> None:
+        """The daemon is stopping on purpose: pending accepts raise ``DaemonUnavailable``, our
+        names are not registered again, and no daemon is reached or started until the
+        application registers a name (``request``)."""
+        with self._lock:
+            self._halted = why
+            for entry in self.names.values():
+                entry.registered = False
+                entry.lost, entry.lost_error = why, DaemonUnavailable
+                entry.incoming.put(None)
 
     def _reconfigure(self, msg: dict[str, Any]) -> None:
         """Switch the flow a push names: ``safe`` is [form of ends[0], form of ends[1]] (each
@@ -582,6 +652,28 @@ class DaemonLink:
                 os.close(self._sock.detach())
 
 
+REPORT_BYTES = 24 * 1024  # flows and endpoints in one report frame; more go in further parts
+
+
+def _report_frames(
+    flows: list[dict[str, Any]], endpoints: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One report as frames that fit the daemon's frame limit: every part but the last says
+    ``more`` (the daemon forgets the flows a report leaves out only at its last part)."""
+    frames: list[dict[str, Any]] = []
+    part: dict[str, list[dict[str, Any]]] = {"flows": [], "endpoints": []}
+    size = 0
+    for key, item in [("flows", f) for f in flows] + [("endpoints", e) for e in endpoints]:
+        n = len(json.dumps(item, separators=(",", ":")))
+        if size and size + n > REPORT_BYTES:
+            frames.append({"op": "report", **part, "more": True})
+            part, size = {"flows": [], "endpoints": []}, 0
+        part[key].append(item)
+        size += n
+    frames.append({"op": "report", **part})
+    return frames
+
+
 def _call(s: socket.socket, rid: int, obj: dict[str, Any]) -> dict[str, Any]:
     """Send one request on a socket nobody else reads and return its reply (frames with other
     ids, and any fd that comes with them, are dropped)."""
@@ -591,6 +683,15 @@ def _call(s: socket.socket, rid: int, obj: dict[str, Any]) -> dict[str, Any]:
         close_fds(fds)
         if reply.get("id") == rid:
             return reply
+        if reply.get("op") == "bye":  # refused (a limit), then closed
+            raise error_class(reply.get("error"))(f"the daemon refused us: {reply.get('message')}")
+
+
+def _checked(reply: dict[str, Any]) -> dict[str, Any]:
+    """A reply, or the error it names raised."""
+    if not reply.get("ok"):
+        raise error_class(reply.get("error"))(str(reply.get("message")))
+    return reply
 
 
 _link: PerProcess[DaemonLink] = PerProcess(DaemonLink, DaemonLink.close_after_fork)
@@ -601,9 +702,14 @@ def link() -> DaemonLink:
     return _link.get()
 
 
+_PAGED = {"ls": "endpoints", "flows": "flows"}  # listings the daemon answers a page at a time
+
+
 def one_shot(op: str, path: Path | None = None, **fields: Any) -> dict[str, Any] | None:
     """One request on a connection of its own, for the CLI (never starts a daemon): the reply,
-    or None when no daemon answers."""
+    or None when no daemon answers. A listing (``ls``, ``flows``) comes whole: its pages are
+    asked for one after another on this connection (a listing that changes meanwhile may miss
+    what was added behind the page being read)."""
     if path is None:
         path, _ = socket_path()
     try:
@@ -620,13 +726,16 @@ def one_shot(op: str, path: Path | None = None, **fields: Any) -> dict[str, Any]
         except OSError:
             return None
         check_daemon_peer(s, path)
-        for rid, obj in (
-            (1, {"op": "hello", "pid": os.getpid(), "lib": __version__}),
-            (2, {"op": op, **fields}),
-        ):
-            reply = _call(s, rid, obj)
-            if not reply.get("ok"):
-                raise error_class(reply.get("error"))(str(reply.get("message")))
+        rid = itertools.count(1)
+        _checked(_call(s, next(rid), {"op": "hello", "pid": os.getpid(), "lib": __version__}))
+        reply = _checked(_call(s, next(rid), {"op": op, **fields}))
+        key = _PAGED.get(op)
+        page = reply
+        while key is not None and page.get("more"):
+            page = _checked(_call(s, next(rid), {"op": op, **fields, "after": page["next"]}))
+            reply[key].extend(page[key])
+        reply.pop("more", None)
+        reply.pop("next", None)
         return reply
     finally:
         s.close()

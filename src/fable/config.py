@@ -116,6 +116,61 @@ class Settings:
             "moves it again (hysteresis)",
         },
     )
+    # What one daemon serves (daemon/server.py): limits against a flood from other local
+    # users, each refused with a clear error and a line in the daemon log. Per-uid limits apply
+    # to every uid but the daemon's own (root for the system daemon), which only the totals bound.
+    max_conns: int = field(
+        default=4096,
+        metadata={
+            "env": "FABLE_MAX_CONNS",
+            "help": "daemon: client connections it serves in all (more are refused)",
+        },
+    )
+    max_conns_per_uid: int = field(
+        default=256,
+        metadata={
+            "env": "FABLE_MAX_CONNS_PER_UID",
+            "help": "daemon: client connections of one uid (processes using fable, CLI calls)",
+        },
+    )
+    max_names_per_uid: int = field(
+        default=1024,
+        metadata={
+            "env": "FABLE_MAX_NAMES_PER_UID",
+            "help": "daemon: endpoint names one uid may hold at once",
+        },
+    )
+    max_flows_per_uid: int = field(
+        default=16384,
+        metadata={
+            "env": "FABLE_MAX_FLOWS_PER_UID",
+            "help": "daemon: flows (connections) one uid may have at once",
+        },
+    )
+    idle_timeout_s: float = field(
+        default=60.0,
+        metadata={
+            "env": "FABLE_IDLE_TIMEOUT",
+            "help": "daemon: seconds a client connection may send nothing before it is closed "
+            "(the library reports every second)",
+        },
+    )
+    frame_timeout_s: float = field(
+        default=5.0,
+        metadata={
+            "env": "FABLE_FRAME_TIMEOUT",
+            "help": "daemon: seconds a client has for its hello after connecting, and to "
+            "finish a frame it began, before it is closed",
+        },
+    )
+    restart_grace_s: float = field(
+        default=10.0,
+        metadata={
+            "env": "FABLE_RESTART_GRACE",
+            "help": "daemon: seconds after a restart during which the names and flows of the "
+            "daemon before stay reserved for their uids (their processes register them again)",
+        },
+    )
     state_dir: Path = field(
         default_factory=_default_state_dir,
         metadata={"env": "FABLE_STATE_DIR", "help": "daemon log, calibration table"},
@@ -182,6 +237,15 @@ def _validate(s: Settings) -> None:
         raise ValueError(
             "FABLE_SPIN_BUDGET_NS, FABLE_GRACE_PERIOD, FABLE_CLOSE_LINGER and "
             "FABLE_TRIGGER_DWELL must be >= 0"
+        )
+    if min(s.max_conns, s.max_conns_per_uid, s.max_names_per_uid, s.max_flows_per_uid) < 1:
+        raise ValueError(
+            "FABLE_MAX_CONNS, FABLE_MAX_CONNS_PER_UID, FABLE_MAX_NAMES_PER_UID and "
+            "FABLE_MAX_FLOWS_PER_UID must be >= 1"
+        )
+    if min(s.idle_timeout_s, s.frame_timeout_s) <= 0 or s.restart_grace_s < 0:
+        raise ValueError(
+            "FABLE_IDLE_TIMEOUT and FABLE_FRAME_TIMEOUT must be > 0, FABLE_RESTART_GRACE >= 0"
         )
     if s.setup_timeout_s <= 0:
         raise ValueError("FABLE_SETUP_TIMEOUT must be > 0")

@@ -20,7 +20,14 @@ from typing import Any
 from fable.client import link
 from fable.config import settings
 from fable.connection import Connection, PendingEnd, initiate
-from fable.errors import ConnectionClosed, FableError, PeerDied, Timeout, WouldBlock
+from fable.errors import (
+    ConnectionClosed,
+    DaemonUnavailable,
+    FableError,
+    PeerDied,
+    Timeout,
+    WouldBlock,
+)
 from fable.nameservice import check_name
 from fable.topology import thread_placement
 
@@ -159,8 +166,11 @@ class Listener:
             raise FableError(f"context {self.ctx.name!r} is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if entry.lost:
-                raise FableError(
+            if entry.lost:  # the daemon was stopped on purpose, or restarted and the name
+                # could not be registered again
+                if entry.lost_error is DaemonUnavailable:
+                    raise DaemonUnavailable(f"{self.ctx.name!r}: {entry.lost}")
+                raise entry.lost_error(
                     f"{self.ctx.name!r} could not be registered again after the daemon "
                     f"restarted: {entry.lost}"
                 )

@@ -115,7 +115,11 @@ def load_table(path: Path | None = None) -> Table:
     ):
         try:
             doc = json.loads(p.read_text())
-            if doc.get("schema_version") != 1 or not isinstance(doc.get("records"), list):
+            if (
+                not isinstance(doc, dict)
+                or doc.get("schema_version") != 1
+                or not isinstance(doc.get("records"), list)
+            ):
                 continue
             if mine and not machine_matches(doc):
                 continue  # made on another machine (a copied state dir): not ours

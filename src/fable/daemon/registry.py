@@ -15,10 +15,15 @@ error replies. Ownership rules:
   (after a daemon restart, the token of the first end to report it again, which must hold one
   of its end names by then), from the uids of its ends (or root); only those uids may switch
   it (``fable reconfigure``). Counters never go back.
+- Over a restart: the daemon saves which uid holds each name and each flow's owners and token
+  (hashed) next to its socket (:meth:`Registry.snapshot`); the next daemon reserves them
+  (:meth:`Registry.reserve`) for FABLE_RESTART_GRACE seconds: a name only its uid may register
+  again, a flow only a report with its token from its owners may adopt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import itertools
 import secrets
@@ -105,6 +110,13 @@ class Registry:
     def __init__(self) -> None:
         self.endpoints: dict[str, Endpoint] = {}
         self.flows: dict[int, Flow] = {}
+        self.names_of: dict[int, int] = {}  # uid -> how many names it holds
+        self.version = 0  # counts changes to names and flows (the daemon saves on change)
+        # what the daemon before held, reserved until ``reserved_until`` (monotonic):
+        # name -> uid; flow id -> (sha256 of its token, its owners' uids)
+        self.reserved_names: dict[str, int] = {}
+        self.reserved_flows: dict[int, tuple[str, set[int]]] = {}
+        self.reserved_until = 0.0
         # flow ids of a new daemon start past those of an earlier one (whose flows the
         # libraries report again after a restart): seconds since the epoch x 1000
         self._ids = itertools.count(int(time.time()) % 1_000_000 * 1000 + 1)
@@ -116,8 +128,27 @@ class Registry:
             if old.uid != ep.uid:
                 raise PermissionDenied(f"name {ep.name!r} belongs to another user (uid {old.uid})")
             raise NameInUse(f"name {ep.name!r} is registered already (pid {old.pid})")
+        self._expire()
+        held = self.reserved_names.get(ep.name)
+        if held is not None and held != ep.uid:
+            left = self.reserved_until - time.monotonic()
+            raise PermissionDenied(
+                f"name {ep.name!r} is reserved for uid {held} for {left:.1f} s more: the daemon "
+                "restarted and its process registers it again"
+            )
+        self.version += 1
         self.endpoints[ep.name] = ep
+        self.names_of[ep.uid] = self.names_of.get(ep.uid, 0) + 1
         return ep
+
+    def _drop(self, name: str) -> None:
+        self.version += 1
+        uid = self.endpoints.pop(name).uid
+        left = self.names_of.get(uid, 1) - 1
+        if left:
+            self.names_of[uid] = left
+        else:
+            self.names_of.pop(uid, None)
 
     def owned(self, name: str, client: int) -> Endpoint:
         ep = self.endpoints.get(name)
@@ -127,7 +158,7 @@ class Registry:
 
     def unregister(self, name: str, client: int) -> None:
         self.owned(name, client)
-        del self.endpoints[name]
+        self._drop(name)
 
     def listener(self, to: str, uid: int) -> Endpoint | None:
         """The listening endpoint ``to`` if ``uid`` may connect to it; None if it is registered
@@ -145,13 +176,14 @@ class Registry:
         """Forget what a closed client connection held; returns the names it had."""
         names = [n for n, ep in self.endpoints.items() if ep.client == client]
         for n in names:
-            del self.endpoints[n]
+            self._drop(n)
         for fid in [f.id for f in self.flows.values() if client in f.clients]:
             flow = self.flows[fid]
             flow.clients.discard(client)
             flow.counters.pop(client, None)
             if not flow.clients:
                 del self.flows[fid]
+                self.version += 1
         return names
 
     # -------------------------------------------------------------------------------- flows
@@ -167,19 +199,71 @@ class Registry:
         flow = Flow(next(self._ids), ends, transport, safe, reason, clients=set(clients))
         flow.owners = set(owners)
         self.flows[flow.id] = flow
+        self.version += 1
         return flow
 
+    # ------------------------------------------------------------------------- restarts
+    def snapshot(self) -> dict[str, Any]:
+        """What the next daemon must reserve if this one ends now (JSON-able): who holds each
+        name, each flow's owners and the hash of its token (never the token)."""
+        return {
+            "names": {n: ep.uid for n, ep in self.endpoints.items()},
+            "flows": {str(f.id): [_digest(f.token), sorted(f.owners)] for f in self.flows.values()},
+        }
+
+    def reserve(self, saved: Any, until: float) -> None:
+        """Reserve what a daemon before saved (``snapshot``) until monotonic ``until``;
+        ``ValueError`` if ``saved`` is not a snapshot (nothing reserved then)."""
+        names, flows = saved.get("names"), saved.get("flows")
+        if not (isinstance(names, dict) and isinstance(flows, dict)):
+            raise ValueError("not a saved registry")
+        rnames = {str(n): int(u) for n, u in names.items() if isinstance(u, int)}
+        rflows = {
+            int(fid): (str(v[0]), {int(u) for u in v[1]})
+            for fid, v in flows.items()
+            if isinstance(v, list) and len(v) == 2 and isinstance(v[1], list)
+        }
+        self.reserved_names, self.reserved_flows, self.reserved_until = rnames, rflows, until
+        if rflows:  # new flow ids start past the saved ones
+            self._ids = itertools.count(max(max(rflows) + 1, next(self._ids)))
+
+    def _expire(self) -> None:
+        """Forget the reservations once their grace period is over."""
+        if self.reserved_until and time.monotonic() >= self.reserved_until:
+            self.reserved_names, self.reserved_flows, self.reserved_until = {}, {}, 0.0
+
+    def flows_of(self, uid: int) -> int:
+        """How many flows ``uid`` is an end of."""
+        return sum(1 for f in self.flows.values() if uid in f.owners)
+
     def report(
-        self, client: int, uid: int, flows: list[dict[str, Any]], now: float
+        self,
+        client: int,
+        uid: int,
+        flows: list[dict[str, Any]],
+        now: float,
+        earlier: set[int] | None = None,
     ) -> list[tuple[Flow, tuple[float, int, int] | None]]:
         """A client's (of ``uid``) periodic report (at monotonic time ``now``): the flows it
         has open and their counters. A flow it reports that the registry does not know (after
         a daemon restart) is adopted, with the token the report holds. ``PermissionDenied``
         (nothing changed) for a flow whose token it does not hold, or of other users; a
         ``ValueError`` for counters that went back. Returns each reported flow with the
-        client's counters before."""
+        client's counters before.
+
+        A report too big for one frame comes in parts: ``earlier`` holds the ids the parts
+        before reported (None: this part is not the last, so the client's other flows stay)."""
+        self._expire()
         for f in flows:  # every check first: a refused report changes nothing
             flow = self.flows.get(f["id"])
+            if flow is None and f["id"] in self.reserved_flows:
+                # the daemon before saved it: its token and its owners decide
+                digest, owners = self.reserved_flows[f["id"]]
+                if not _same(_digest(str(f.get("token", ""))), digest):
+                    raise PermissionDenied(f"flow {f['id']}: this report does not hold its token")
+                if uid != 0 and uid not in owners:
+                    raise PermissionDenied(f"flow {f['id']} belongs to other users")
+                continue
             if flow is None:
                 # not ours (a restart): taken only by a user holding one of its end names now
                 # (a process registers its names again before it reports its flows)
@@ -189,7 +273,7 @@ class Registry:
                         f"flow {f['id']}: uid {uid} holds neither of its ends {f['ends']}"
                     )
                 continue
-            if not hmac.compare_digest(str(f.get("token", "")), flow.token):
+            if not _same(str(f.get("token", "")), flow.token):
                 raise PermissionDenied(f"flow {flow.id}: this report does not hold its token")
             if uid != 0 and not flow.adopted and uid not in flow.owners:
                 raise PermissionDenied(f"flow {flow.id} belongs to other users")
@@ -212,7 +296,12 @@ class Registry:
                 )
                 flow.token = str(f.get("token", ""))  # the first end to report it again
                 flow.adopted = True
+                saved = self.reserved_flows.pop(fid, None)
+                if saved is not None:  # its owners as they were, not whoever reports first
+                    flow.owners = set(saved[1])
+                    flow.adopted = False
                 self.flows[fid] = flow
+                self.version += 1
                 self._ids = itertools.count(max(fid + 1, next(self._ids)))
             flow.owners.add(uid)  # (an end that holds the token)
             flow.clients.add(client)
@@ -230,10 +319,29 @@ class Registry:
             flow.counters[client] = (now, f["msgs"], f["bytes"])
             flow.msgs = sum(m for _, m, _ in flow.counters.values())
             flow.bytes = sum(b for _, _, b in flow.counters.values())
+        if earlier is None:
+            return out
+        seen |= earlier
         for flow in list(self.flows.values()):
             if client in flow.clients and flow.id not in seen:
                 flow.clients.discard(client)
                 flow.counters.pop(client, None)
                 if not flow.clients:
                     del self.flows[flow.id]
+                    self.version += 1
         return out
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")  # (JSON may hold lone surrogates)
+
+
+def _digest(token: str) -> str:
+    """What a saved registry keeps of a flow's token."""
+    return hashlib.sha256(_bytes(token)).hexdigest()
+
+
+def _same(given: str, secret: str) -> bool:
+    """Whether a token given in a request is the secret one, in constant time (any string:
+    ``hmac.compare_digest`` takes only ASCII ones)."""
+    return hmac.compare_digest(_bytes(given), _bytes(secret))

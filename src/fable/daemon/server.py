@@ -13,14 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import itertools
+import json
 import logging
+import logging.handlers
 import os
+import resource
 import signal
 import socket
 import struct
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +33,33 @@ from fable._wire import FrameReader, close_fds
 from fable.config import settings
 from fable.daemon.registry import Endpoint, Flow, Registry
 from fable.daemon.triggers import FlowFacts, FlowState, decide, note_asked
-from fable.errors import FableError, PermissionDenied, ProtocolError, Timeout
+from fable.errors import DaemonUnavailable, FableError, PermissionDenied, ProtocolError, Timeout
 from fable.nameservice import CONTROL, SYSTEM_SOCKET, check_name, private_dir, user_socket
 
-__all__ = ["Daemon", "host_id", "serve"]
+__all__ = ["Daemon", "host_id", "serve", "setup_logging"]
 
 log = logging.getLogger("fable.daemon")
 
 _SEND_TIMEOUT_S = 5.0
+_ACCEPT_BACKOFF_S = (0.02, 0.25)  # out of fds: wait this long before accepting again, doubling
+LOG_BYTES, LOG_BACKUPS = 1 << 20, 3  # the daemon log rotates at 1 MiB and keeps 3 old files
+
+
+def setup_logging(path: Path | None) -> None:
+    """The daemon's log: to ``path`` (rotated: LOG_BYTES, LOG_BACKUPS), or stderr if None."""
+    fmt = logging.Formatter("%(asctime)s fabled %(process)d %(levelname)s %(message)s")
+    if path is None:
+        handler: logging.Handler = logging.StreamHandler()
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS
+        )
+    handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    log.setLevel(logging.INFO)  # (FABLE_LOG_LEVEL is the library's, in the processes it serves)
 
 
 def host_id() -> str:
@@ -90,6 +114,27 @@ def _last_switch(v: Any) -> dict[str, Any] | None:
     }
 
 
+# A page of a listing fills a reply frame up to this many bytes (the rest of the 64 KiB limit
+# is room for the reply's other fields); an item larger than that (an endpoint with thousands
+# of CPUs in its affinity, at most ~46 KB) comes alone
+PAGE_BYTES = 48 * 1024
+
+
+def _page(key: str, rows: Iterable[tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
+    """The first rows (sort key, item) that fit PAGE_BYTES (at least one) as ``{key: items,
+    "more": whether rows are left, "next": the key to ask for the page after}``."""
+    items: list[dict[str, Any]] = []
+    size, last = 0, None
+    for k, item in rows:
+        n = len(json.dumps(item, separators=(",", ":")))
+        if items and size + n > PAGE_BYTES:
+            return {key: items, "more": True, "next": last}
+        items.append(item)
+        size += n
+        last = k
+    return {key: items, "more": False}
+
+
 class Client:
     """One library connection: its socket, credentials, and a lock that keeps frames whole."""
 
@@ -103,6 +148,20 @@ class Client:
         self.lock = asyncio.Lock()
         self.closed = False
         self.reader = FrameReader(CONTROL)
+        # for the watchdog (Daemon._watchdog): when it connected, said hello, sent its last
+        # whole frame, began the frame it is in the middle of (None: not in one)
+        self.since = self.last = time.monotonic()
+        self.helloed = False
+        self.partial_since: float | None = None
+        self.reported: set[int] = set()  # flow ids of the report in parts being received
+
+    def kick(self, why: str) -> None:
+        """End this client's connection (its loop sees the end of the stream and cleans up)."""
+        if not self.closed:
+            log.warning("closing client %d (uid %d, pid %d): %s", self.id, self.uid, self.pid, why)
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     async def send(self, obj: dict[str, Any], fd: int | None = None) -> None:
         """Send one frame (with ``fd`` attached); a client that does not read for
@@ -121,6 +180,8 @@ class Client:
                 except BlockingIOError:
                     left = deadline - time.monotonic()
                     if left <= 0:
+                        # part of a frame may be out: nothing more can be sent on this stream
+                        self.kick("it does not read its replies")
                         raise ConnectionError("client does not read its replies") from None
                     fut = loop.create_future()
                     loop.add_writer(self.sock, fut.set_result, None)
@@ -147,8 +208,13 @@ class Daemon:
         self._table: Any = None
         self._table_stamp = -1
         self._topo: Any = None
+        self._ranked: tuple[Any, dict[Any, tuple[Any, ...]]] = (None, {})  # table, facts -> ranking
         self.trig: dict[int, FlowState] = {}  # flow id -> the triggers' memory of it
         self._lock_fd = -1  # the socket's lock, held while this daemon lives (bind)
+        self.conns_of: dict[int, int] = {}  # uid -> client connections it has open
+        # who held what, saved for the daemon after this one (Registry.snapshot)
+        self.state_path = path.with_name(path.name + ".state")
+        self.uid = os.getuid()  # per-uid limits bind every uid but this one (config.py)
 
     def _trig(self, fid: int) -> FlowState:
         """What the triggers remember of flow ``fid``."""
@@ -191,6 +257,7 @@ class Daemon:
                 os.unlink(self.path)  # a dead daemon's socket
             finally:
                 probe.close()
+        self._load_state()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(self.path))
         os.chmod(self.path, 0o666 if self.system else 0o600)
@@ -204,8 +271,13 @@ class Daemon:
             loop.add_signal_handler(sig, self.stopping.set)
         log.info("fabled %d serving on %s", os.getpid(), self.path)
         accept = asyncio.ensure_future(self._accept_loop(sock))  # cancelled below
+        watchdog = asyncio.ensure_future(self._watchdog())
+        saver = asyncio.ensure_future(self._saver())
         await self.stopping.wait()
         accept.cancel()
+        watchdog.cancel()
+        saver.cancel()
+        self._save()  # (a planned restart: the names of now are reserved for their users)
         for c in list(self.clients.values()):
             c.closed = True
             c.sock.close()
@@ -215,13 +287,132 @@ class Daemon:
         log.info("fabled %d stopped", os.getpid())
 
     async def _accept_loop(self, sock: socket.socket) -> None:
+        """Accept clients for good: out of fds (``EMFILE``/``ENFILE``, or memory), it logs,
+        waits a little (the waiting connections stay in the backlog) and goes on; a client over
+        a connection limit gets a ``bye`` naming the limit and is closed."""
         loop = asyncio.get_running_loop()
+        backoff = 0.0
         while True:
-            conn, _ = await loop.sock_accept(sock)
-            conn.setblocking(False)
-            client = Client(conn)
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                        continue  # that one connection, not the listener
+                    raise
+                if not backoff:
+                    log.warning("cannot accept clients (%s): retrying until fds are free", e)
+                backoff = min(max(backoff * 2, _ACCEPT_BACKOFF_S[0]), _ACCEPT_BACKOFF_S[1])
+                await asyncio.sleep(backoff)
+                continue
+            if backoff:
+                log.warning("accepting clients again")
+                backoff = 0.0
+            try:
+                conn.setblocking(False)
+                client = Client(conn)
+            except OSError:
+                conn.close()
+                continue
+            why = self._over_limit(client.uid)
+            if why:
+                self._spawn(self._bye(client, why))
+                continue
             self.clients[client.id] = client
+            self.conns_of[client.uid] = self.conns_of.get(client.uid, 0) + 1
             self._spawn(self._client_loop(client))
+
+    def _load_state(self) -> None:
+        """Reserve what the daemon before this one saved (its names and flows), for
+        FABLE_RESTART_GRACE seconds; a missing or unreadable file reserves nothing."""
+        try:
+            with open(self.state_path, "rb") as f:
+                saved = json.loads(f.read(64 << 20))
+            grace = settings().restart_grace_s
+            self.registry.reserve(saved, time.monotonic() + grace)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            log.warning("ignoring %s: %s", self.state_path, e)
+            return
+        log.info(
+            "reserving %d names and %d flows of the daemon before for %g s",
+            len(self.registry.reserved_names),
+            len(self.registry.reserved_flows),
+            grace,
+        )
+
+    async def _saver(self) -> None:
+        """Save the registry's names and flows (``Registry.snapshot``) when they changed, at
+        most every 0.2 s, so that the next daemon can reserve them."""
+        saved = -1
+        while True:
+            await asyncio.sleep(0.2)
+            if self.registry.version == saved:
+                continue
+            saved = self.registry.version
+            self._save()
+
+    def _save(self) -> None:
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(fd, "w") as f:
+                json.dump(self.registry.snapshot(), f, separators=(",", ":"))
+            os.replace(tmp, self.state_path)
+        except OSError as e:
+            log.warning("could not save %s: %s", self.state_path, e)
+
+    def _flow_room(self, uid: int, more: int) -> None:
+        """``PermissionDenied`` if ``uid`` may not have ``more`` flows (FABLE_MAX_FLOWS_PER_UID)."""
+        if uid == self.uid or not more:
+            return
+        n = self.registry.flows_of(uid)
+        if n + more > settings().max_flows_per_uid:
+            raise PermissionDenied(
+                f"uid {uid} has {n} flows, the most FABLE_MAX_FLOWS_PER_UID allows"
+            )
+
+    def _over_limit(self, uid: int) -> str:
+        """Why a new connection of ``uid`` is refused, or "" (config.py: FABLE_MAX_CONNS...)."""
+        cfg = settings()
+        if len(self.clients) >= cfg.max_conns:
+            return f"the daemon serves {len(self.clients)} connections, FABLE_MAX_CONNS"
+        n = self.conns_of.get(uid, 0)
+        if uid != self.uid and n >= cfg.max_conns_per_uid:
+            return f"uid {uid} has {n} connections open, FABLE_MAX_CONNS_PER_UID"
+        return ""
+
+    async def _bye(self, client: Client, why: str) -> None:
+        """Refuse a connection: one frame saying why (not waiting for it to be read), then
+        close."""
+        log.warning("refused uid %d (pid %d): %s", client.uid, client.pid, why)
+        with contextlib.suppress(OSError, ValueError):
+            client.sock.send(
+                CONTROL.encode({"op": "bye", "error": "DaemonUnavailable", "message": why}),
+                socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL,
+            )
+        client.closed = True
+        client.sock.close()
+
+    async def _watchdog(self) -> None:
+        """Close clients that hold a connection without using it: no hello within
+        FABLE_FRAME_TIMEOUT of connecting, a frame begun and not finished within it, nothing
+        sent for FABLE_IDLE_TIMEOUT (the library reports every second)."""
+        while True:
+            cfg = settings()
+            await asyncio.sleep(min(cfg.frame_timeout_s, cfg.idle_timeout_s) / 4)
+            now = time.monotonic()
+            for c in list(self.clients.values()):
+                if not c.helloed and now - c.since > cfg.frame_timeout_s:
+                    c.kick(f"no hello within {cfg.frame_timeout_s:g} s (FABLE_FRAME_TIMEOUT)")
+                elif c.partial_since is not None and now - c.partial_since > cfg.frame_timeout_s:
+                    c.kick(
+                        f"a frame not finished within {cfg.frame_timeout_s:g} s "
+                        "(FABLE_FRAME_TIMEOUT)"
+                    )
+                elif now - c.last > cfg.idle_timeout_s:
+                    c.kick(f"nothing sent for {cfg.idle_timeout_s:g} s (FABLE_IDLE_TIMEOUT)")
 
     async def _next_frame(self, client: Client) -> dict[str, Any]:
         """The client's next request (fds it attached are closed: the daemon takes none)."""
@@ -231,10 +422,15 @@ class Daemon:
             got = reader.pop()
             if got is not None:
                 close_fds(got[1])
+                client.last = time.monotonic()
                 return got[0]
             try:
                 if reader.read_from(client.sock) == 0:
                     raise EOFError
+                if not reader.partial:
+                    client.partial_since = None
+                elif client.partial_since is None:
+                    client.partial_since = time.monotonic()
             except BlockingIOError:
                 fut = loop.create_future()
                 loop.add_reader(client.sock, fut.set_result, None)
@@ -251,6 +447,7 @@ class Daemon:
                 if first and req.get("op") != "hello":
                     raise ProtocolError("the first control frame must be a hello")
                 first = False
+                client.helloed = True
                 await self._dispatch(client, req)
         except (EOFError, ConnectionError, OSError):
             pass
@@ -265,6 +462,11 @@ class Daemon:
             client.reader.close()
             client.sock.close()
             self.clients.pop(client.id, None)
+            left = self.conns_of.get(client.uid, 1) - 1
+            if left:
+                self.conns_of[client.uid] = left
+            else:
+                self.conns_of.pop(client.uid, None)
             names = self.registry.client_gone(client.id)
             if names:
                 log.info("pid %d gone: %s", client.pid, ", ".join(names))
@@ -291,12 +493,33 @@ class Daemon:
             result = await handler(client, req)
         except ProtocolError:
             raise
-        except FableError as e:
-            err = "ProtocolError" if isinstance(e, _BadRequest) else type(e).__name__
-            await client.send({"id": rid, "ok": False, "error": err, "message": str(e)})
+        except Exception as e:  # answered: one request's failure is not the client's end
+            await client.send({"id": rid, "ok": False, **self._error(client, op, e)})
             return
         reply, fd = result
-        await client.send({"id": rid, "ok": True, **reply}, fd)
+        try:
+            frame = {"id": rid, "ok": True, **reply}
+            CONTROL.encode(frame)  # (a reply over the frame limit is a bug: say so)
+        except ValueError as e:
+            if fd is not None:
+                os.close(fd)
+            await client.send({"id": rid, "ok": False, **self._error(client, op, e)})
+            return
+        await client.send(frame, fd)
+
+    def _error(self, client: Client, op: Any, e: BaseException) -> dict[str, str]:
+        """The error fields of a reply to a request that failed with ``e``; refusals are
+        logged with the uid they refused."""
+        if isinstance(e, _BadRequest):
+            err = "ProtocolError"
+        elif isinstance(e, FableError):
+            err = type(e).__name__
+        else:  # the daemon's own trouble (out of fds, a reply too big, a bug): say so
+            log.error("%s of uid %d (pid %d) failed", op, client.uid, client.pid, exc_info=e)
+            err, e = "DaemonUnavailable", DaemonUnavailable(f"the daemon could not do {op}: {e}")
+        if isinstance(e, PermissionDenied):
+            log.warning("refused %s of uid %d (pid %d): %s", op, client.uid, client.pid, e)
+        return {"error": err, "message": str(e)}
 
     async def _answer(self, client: Client, rid: int, work: Any) -> None:
         fd = None
@@ -307,9 +530,8 @@ class Daemon:
                 raise ConnectionError("the connecting process went away")
             await client.send({"id": rid, "ok": True, **reply}, fd)
         except FableError as e:
-            err = "ProtocolError" if isinstance(e, _BadRequest) else type(e).__name__
             with contextlib.suppress(ConnectionError, OSError):
-                await client.send({"id": rid, "ok": False, "error": err, "message": str(e)})
+                await client.send({"id": rid, "ok": False, **self._error(client, "connect", e)})
         except (ConnectionError, OSError):
             # the connector is gone: its flow never started (the listener's accept skips it)
             if "flow" in reply:
@@ -335,6 +557,12 @@ class Daemon:
             cpu=_field(req, "cpu", int, -1),
             node=_field(req, "node", int, -1),
         )
+        held = self.registry.names_of.get(client.uid, 0)
+        limit = settings().max_names_per_uid
+        if client.uid != self.uid and held >= limit and name not in self.registry.endpoints:
+            raise PermissionDenied(
+                f"uid {client.uid} holds {held} names, the most FABLE_MAX_NAMES_PER_UID allows"
+            )
         self.registry.register(ep)
         log.info("registered %s (pid %d, uid %d)", name, client.pid, client.uid)
         self._listeners_changed()
@@ -411,6 +639,7 @@ class Daemon:
         else:
             choice = self._choose(me, listener, trusted, req)
             name, reason, forms = choice.transport, choice.reason, choice.safe
+        self._flow_room(client.uid, 1)
         flow = self.registry.new_flow(
             (me.name, listener.name),
             name,
@@ -421,7 +650,11 @@ class Daemon:
         )
         flow.trusted = (trusted, listener.trusted)
         flow.hints = {k: req.get(k) for k in ("pollable", "msg_size", "mode")}
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as e:  # out of fds: this connect fails, the daemon goes on
+            self.registry.flows.pop(flow.id, None)
+            raise DaemonUnavailable(f"the daemon could not make a setup channel: {e}") from None
         try:
             await owner.send(
                 {
@@ -488,7 +721,14 @@ class Daemon:
             from fable.topology import Topology
 
             self._topo = Topology.read()
-        return rank(facts, self.table(), self._topo)
+        table = self.table()
+        if self._ranked[0] is not table or len(self._ranked[1]) > 4096:
+            self._ranked = (table, {})  # a new table (or too many kinds of flow): start over
+        # the triggers rank every flow at every report: flows alike share one ranking
+        got = self._ranked[1].get(facts)
+        if got is None:
+            got = self._ranked[1][facts] = tuple(rank(facts, table, self._topo))
+        return list(got)
 
     def _choose(self, a: Endpoint, b: Endpoint, trusted_a: bool, req: dict[str, Any]) -> Any:
         ranking = self._ranking(a, b, trusted_a, b.trusted, req)
@@ -506,6 +746,8 @@ class Daemon:
             ep = self.registry.endpoints.get(name)
             if ep is None:
                 raise NameNotFound(f"no endpoint is registered as {name!r}")
+            if not self._sees_all(client, ep.uid):  # the reasons tell where it runs
+                raise PermissionDenied(f"{name!r} is another user's: only they or root may ask")
             eps.append(ep)
         trusted = _field(req, "trusted", bool, False)
         ranking = self._ranking(eps[0], eps[1], trusted, trusted or eps[1].trusted, req)
@@ -563,14 +805,15 @@ class Daemon:
                     ep.affinity = _int_list(e.get("affinity", ep.affinity), "affinity")
                     ep.cpu = _field(e, "cpu", int, ep.cpu)
                     ep.node = _field(e, "node", int, ep.node)
+        self._flow_room(client.uid, sum(1 for f in checked if f["id"] not in self.registry.flows))
         now = time.monotonic()
+        final = req.get("more") is not True  # the last (or only) part of this report
         try:
-            reported = self.registry.report(client.id, client.uid, checked, now)
+            reported = self.registry.report(
+                client.id, client.uid, checked, now, client.reported if final else None
+            )
         except ValueError as e:
             raise _BadRequest(f"report: {e}") from None
-        except PermissionDenied as e:
-            log.warning("refused a report from uid %d (pid %d): %s", client.uid, client.pid, e)
-            raise
         for flow, before in reported:
             st = self._trig(flow.id)
             st.counted(client.id, before, flow.counters[client.id])
@@ -580,6 +823,10 @@ class Daemon:
             known = self.registry.flows.get(f["id"])
             if known is not None and f["pollable"]:  # an end handed its fileno() out:
                 known.hints["pollable"] = True  # no spinning transport from now on
+        if not final:
+            client.reported |= {f["id"] for f in checked}
+            return {}, None
+        client.reported = set()
         for fid in [fid for fid in self.trig if fid not in self.registry.flows]:
             del self.trig[fid]
         mine = {ep.name for ep in self.registry.endpoints.values() if ep.client == client.id}
@@ -637,16 +884,37 @@ class Daemon:
                 )
             return
 
+    def _sees_all(self, client: Client, uid: int) -> bool:
+        """Whether ``client`` may see the private side (pid, placement, flows) of ``uid``'s
+        endpoints: its own, or root's view of everyone's."""
+        return client.uid in (0, uid)
+
     async def _op_ls(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
-        return {
-            "endpoints": [
-                {**ep.public(), "waiting": self.waiting.get(ep.name, 0)}
-                for ep in self.registry.endpoints.values()
-            ]
-        }, None
+        """Endpoints, one page (``after``: the last name of the page before). Another user's
+        endpoint shows its name, uid, host and whether it listens; not its pid or placement."""
+        after = _field(req, "after", str, "")
+
+        def rows() -> Iterator[tuple[str, dict[str, Any]]]:
+            for name in sorted(n for n in self.registry.endpoints if n > after):
+                ep = self.registry.endpoints[name]
+                pub = ep.public()
+                if self._sees_all(client, ep.uid):
+                    yield name, {**pub, "waiting": self.waiting.get(name, 0)}
+                else:
+                    yield name, {k: pub[k] for k in ("name", "uid", "host", "listening")}
+
+        return _page("endpoints", rows()), None
 
     async def _op_flows(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
-        return {"flows": [self._public(f) for f in self.registry.flows.values()]}, None
+        """The flows this client's uid is an end of (root: all), one page (``after``: the last
+        id of the page before)."""
+        after = _field(req, "after", int, -1)
+        rows = (
+            (f.id, self._public(f))
+            for fid, f in sorted(self.registry.flows.items())
+            if fid > after and (client.uid == 0 or client.uid in f.owners)
+        )
+        return _page("flows", rows), None
 
     async def _op_reconfigure(
         self, client: Client, req: dict[str, Any]
@@ -710,10 +978,23 @@ class Daemon:
         return {}, None
 
     async def _op_stop(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
+        """Stop on purpose: every client is told first, so that none starts a daemon again
+        until its application registers a name (client.py)."""
         if client.uid not in (0, os.getuid()):
             raise PermissionDenied("only the daemon's user or root may stop it")
-        asyncio.get_running_loop().call_later(0.05, self.stopping.set)
+        log.warning("stopped by uid %d (pid %d)", client.uid, client.pid)
+        why = f"fable daemon --stop by uid {client.uid}"
+        for c in list(self.clients.values()):
+            if c is not client:
+                self._spawn(_quietly(c.send({"op": "stopping", "why": why})))
+        asyncio.get_running_loop().call_later(0.2, self.stopping.set)
         return {}, None
+
+
+async def _quietly(send: Any) -> None:
+    """Await a send to a client that may be gone."""
+    with contextlib.suppress(ConnectionError, OSError):
+        await send
 
 
 def serve(path: Path | None = None, *, system: bool = False) -> None:
@@ -722,6 +1003,13 @@ def serve(path: Path | None = None, *, system: bool = False) -> None:
         path = SYSTEM_SOCKET if system else user_socket()
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))  # all CPUs, whatever we inherited
+    # room for FABLE_MAX_CONNS clients and a setup channel being handed out for each
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * settings().max_conns + 64
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            top = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
 
     async def main() -> None:
         d = Daemon(path, system=system)
