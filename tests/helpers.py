@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -49,13 +50,28 @@ __all__ = [
 UID = 54321  # a second user, unused on the machine: tests never add users (they setresuid)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when the test process that forked it ends (a test that fails or is
+    killed by its timeout leaves no child waiting on a pipe forever)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def fork(body: Callable[[], None]) -> int:
     """Run ``body`` in a forked child that always ends with ``os._exit``: 0 if it returned,
     1 (its traceback on stderr) if it raised. Returns the child's pid."""
+    from_main = threading.current_thread() is threading.main_thread()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
+            if from_main:  # (the signal comes when the forking *thread* ends)
+                _die_with_parent()
             body()
             code = 0
         except BaseException:

@@ -172,8 +172,9 @@ def test_out_of_fds_the_daemon_backs_off_and_goes_on(
     p = _daemon(monkeypatch, tmp_path)
     path = Path(os.environ["FABLE_SOCKET"])
     go_r, go_w = os.pipe()
+    pair: tuple[Child, ...] = ()
     try:
-        srv, cli = echo_pair(path, "fd", go_r)
+        srv, cli = pair = echo_pair(path, "fd", go_r)
         resource.prlimit(p.pid, resource.RLIMIT_NOFILE, (64, 64))
         flooding = flood(path, 120)
         wait_for(lambda: "cannot accept clients" in (tmp_path / "fabled.log").read_text())
@@ -188,6 +189,8 @@ def test_out_of_fds_the_daemon_backs_off_and_goes_on(
     finally:
         os.close(go_r)
         os.close(go_w)
+        for kid in pair:
+            kid.kill()  # (after a failure: they wait on our pipe)
         stop(p)
     assert took < 1.0, f"ls answered {took:.2f} s after the flood ended"
     assert "accepting clients again" in (tmp_path / "fabled.log").read_text()
