@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,34 @@ def test_open_pair_end_that_does_not_trust_refuses_unsafe_reads_and_the_creator_
     pending.close()
     try:
         assert "does not trust" in child.result()
+        with pytest.raises(PermissionDenied, match=r"refused the connection: .*does not trust"):
+            conn.recv(timeout=10)
+    finally:
+        conn.close()
+
+
+def test_a_refused_first_offer_is_heard_whoever_reads_the_refusal() -> None:
+    """The refusal of the very first offer may be read by the control thread (it watches the
+    setup channel) before the application's ``recv`` looks: the connection must still fail
+    with ``PermissionDenied``. (Before, the control thread's read raised it into the void,
+    logged, and ``recv`` then saw only the peer's exit: ``PeerDied``, now and then in the
+    suite.) Here the control thread's callback is made to win: it runs before ``recv``."""
+    from fable.connection import _records_read
+
+    conn, pending = fable.open_pair("vmsplice-coop", safe=False, trusted=True)
+
+    def peer() -> Any:
+        try:
+            pending.open(trusted=False)
+            return "opened"
+        except PermissionDenied as e:
+            return str(e)
+
+    child = Child(peer)
+    pending.close()
+    try:
+        assert "does not trust" in child.result()
+        _records_read(weakref.ref(conn._epochs))  # what the control thread does when readable
         with pytest.raises(PermissionDenied, match=r"refused the connection: .*does not trust"):
             conn.recv(timeout=10)
     finally:

@@ -62,7 +62,14 @@ from fable._wire import close_fds
 from fable.buffer import Buffer
 from fable.config import settings
 from fable.control import control
-from fable.errors import ConnectionClosed, DeadBuffer, FableError, ProtocolError, Timeout
+from fable.errors import (
+    ConnectionClosed,
+    DeadBuffer,
+    FableError,
+    PermissionDenied,
+    ProtocolError,
+    Timeout,
+)
 from fable.readiness import BusyFd, StableFd
 from fable.transports import ConnectionStats, DataPath, SetupChannel
 
@@ -287,8 +294,8 @@ class Epochs:
         nothing more to watch (the channel ended or broke)."""
         try:
             self.ch.poll()
-        except ProtocolError as e:
-            self.fail(e)
+        except (ProtocolError, PermissionDenied) as e:  # (a refused first offer: whoever
+            self.fail(e)  # reads the refusal, the connection fails with it)
             return False
         if not self.lock.acquire(blocking=False):
             # an application thread holds the state: handle the inbox a moment later
@@ -505,7 +512,7 @@ class Epochs:
             try:
                 self.ch.poll()
                 self._handle_inbox()  # the ACCEPT or PROPOSE that came before this END
-            except ProtocolError as err:
+            except (ProtocolError, PermissionDenied) as err:
                 self.fail(err)
             if len(self.rx) < 2 or self.rx[0] is not path:
                 return None

@@ -5,6 +5,14 @@ It registers names, rendezvous a ``connect`` with a listener and hands both a fr
 flows the libraries report. Every client is read with a size limit and a checked decoder; a
 client that sends garbage gets an error reply or is disconnected, and nobody else notices.
 
+Against a flood (another local user on the system daemon): connections are limited per uid
+and in all (a ``bye`` frame names the limit), names and flows per uid; a watchdog closes
+clients that say no hello, stop in the middle of a frame, or go idle; out of fds, the accept
+loop backs off and goes on; a failing request is answered, never the end of its client;
+listings are paged. Another user's endpoints show no pid or placement, their flows not at all.
+What the registry holds is saved next to the socket so that the next daemon reserves it
+(``registry.py``). Every refusal is a log line with its uid (``setup_logging``: rotated).
+
 Run it with ``fable daemon`` (foreground) or let ``fable.register`` start it (``client.py``).
 """
 
