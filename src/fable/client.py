@@ -677,7 +677,10 @@ def _report_frames(
 def _call(s: socket.socket, rid: int, obj: dict[str, Any]) -> dict[str, Any]:
     """Send one request on a socket nobody else reads and return its reply (frames with other
     ids, and any fd that comes with them, are dropped)."""
-    s.sendall(CONTROL.encode({**obj, "id": rid}), socket.MSG_NOSIGNAL)
+    try:
+        s.sendall(CONTROL.encode({**obj, "id": rid}), socket.MSG_NOSIGNAL)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # it hung up: what it said first (a ``bye`` naming a limit) is still to be read
     while True:
         reply, fds = recv_frame(s, FrameReader(CONTROL), None)  # this frame and no further
         close_fds(fds)
