@@ -30,6 +30,7 @@ __all__ = [
     "UID",
     "Child",
     "RemoteEnd",
+    "as_uid",
     "ask",
     "daemon_answers",
     "echo_pair",
@@ -37,6 +38,7 @@ __all__ = [
     "fork",
     "frame",
     "names",
+    "need_root",
     "raw_client",
     "read_reply",
     "run",
@@ -48,6 +50,17 @@ __all__ = [
 
 
 UID = 54321  # a second user, unused on the machine: tests never add users (they setresuid)
+
+
+def need_root() -> None:
+    """Fail (never skip) a test that drops to other uids when it does not run as root."""
+    assert os.geteuid() == 0, "this test needs root (setresuid to other uids)"
+
+
+def as_uid(uid: int = UID) -> None:
+    """Become ``uid`` for good (in a forked child)."""
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
 
 
 _PR_SET_PDEATHSIG = 1

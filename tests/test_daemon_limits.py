@@ -333,3 +333,32 @@ def test_a_bye_before_the_hello_is_still_heard() -> None:
             _call(ours, 1, {"op": "hello"})
     finally:
         ours.close()
+
+
+def test_a_client_cannot_pile_up_waiting_connects(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each connect that waits for a listener is a task in the daemon: one client may have
+    MAX_CONNECTING of them; the next is refused at once (``PermissionDenied``), and once the
+    client goes, so do its waits."""
+    from fable.daemon.server import MAX_CONNECTING
+
+    p = _daemon(monkeypatch, tmp_path)
+    path = Path(os.environ["FABLE_SOCKET"])
+    try:
+        s = _hello(path)
+        v = PROTOCOL_VERSION
+        s.sendall(frame({"v": v, "op": "register", "id": 1, "name": "never-listens"}))
+        assert read_reply(s)["ok"]  # type: ignore[index]
+        waits = [
+            {"v": v, "op": "connect", "id": 2 + k, "name": "never-listens", "to": "never-listens"}
+            for k in range(MAX_CONNECTING + 1)
+        ]
+        s.sendall(b"".join(frame(w) for w in waits))
+        r = read_reply(s)
+        assert r is not None and r["id"] == MAX_CONNECTING + 2, r
+        assert r["error"] == "PermissionDenied" and f"{MAX_CONNECTING} connects" in r["message"]
+        s.close()
+        wait_for(lambda: not any(e["waiting"] for e in one_shot("ls", path)["endpoints"]))  # type: ignore[index]
+    finally:
+        stop(p)

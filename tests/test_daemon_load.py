@@ -29,10 +29,12 @@ from helpers import (
     HELLO,
     UID,
     Child,
+    as_uid,
     ask,
     flood,
     frame,
     names,
+    need_root,
     raw_client,
     read_reply,
     start_system_daemon,
@@ -42,15 +44,6 @@ from helpers import (
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 USERS = [UID + k for k in range(8)]
-
-
-def _root() -> None:
-    assert os.geteuid() == 0, "this test needs root (setresuid to other uids)"
-
-
-def _as(uid: int) -> None:
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
 
 
 def _fds(pid: int) -> int:
@@ -78,7 +71,7 @@ def test_eight_users_at_their_limits_then_out_of_fds_then_released(
     what it holds and root floods it: it cannot accept (EMFILE), and logs it. Throughout, a
     flow made before carries messages. Then everything is released: a fresh ``ls`` answers
     within 1 s, and a new connection through the daemon works."""
-    _root()
+    need_root()
     monkeypatch.setenv("FABLE_MAX_CONNS_PER_UID", str(PER_UID))
     monkeypatch.setenv("FABLE_FRAME_TIMEOUT", "3")
     log = tmp_path / "fabled.log"
@@ -115,7 +108,7 @@ def test_eight_users_at_their_limits_then_out_of_fds_then_released(
         kids.append(cli)
 
         def user(uid: int) -> Any:
-            _as(uid)
+            as_uid(uid)
             held, refused = [], []
             for k in range(PER_UID + 4):
                 s = raw_client(path)
@@ -297,7 +290,7 @@ def _fuzz_as(path: Path, uid: int, seed: int) -> dict[str, int]:
     daemon's hang-ups take; replies are read as they come (the daemon drops a client that does
     not read). Each frame's answer (a reply or a hang-up) is waited for before the next is
     sent, so every frame reaches the daemon. Returns counts of replies and hang-ups."""
-    _as(uid)
+    as_uid(uid)
     rnd = random.Random(seed)
     counts = {"replies": 0, "hangups": 0}
     s: socket.socket | None = None
@@ -346,7 +339,7 @@ def test_a_protocol_fuzz_of_a_hundred_thousand_frames_from_four_users(
     mutated, or mangled bytes) from four uids: the daemon never dies, keeps answering, and
     its RSS grows by at most 20 MiB from 10^4 to 10^5 frames; no request makes it fail
     inside (its log has no internal error)."""
-    _root()
+    need_root()
     log = tmp_path / "fabled.log"
     path, done = start_system_daemon(monkeypatch, "--log", str(log))
     daemon = ask("hello", path)["daemon"]

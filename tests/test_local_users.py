@@ -37,12 +37,14 @@ from helpers import (
     HELLO,
     UID,
     Child,
+    as_uid,
     ask,
     daemon_answers,
     echo_pair,
     fork,
     frame,
     names,
+    need_root,
     raw_client,
     read_reply,
     start_daemon,
@@ -54,10 +56,6 @@ from helpers import (
 pytestmark = pytest.mark.timeout(60)
 
 FAKE_S = 4.0  # how long the fake daemon serves
-
-
-def _root() -> None:
-    assert os.geteuid() == 0, "this test needs root (setresuid to a second uid)"
 
 
 def _fake_daemon(path: Path, ready: int, report: int, done: int, bind_first: bool) -> None:
@@ -154,7 +152,7 @@ def test_a_daemon_in_a_directory_another_user_made_first_is_refused(
 ) -> None:
     """The other user creates our per-user daemon directory ($XDG_RUNTIME_DIR/fable here, as
     /tmp/fable-$UID would be) and serves a fake daemon in it: refused before connecting."""
-    _root()
+    need_root()
     base = Path(tempfile.mkdtemp(prefix="fable-race-"))
     os.chmod(base, 0o1777)  # like /tmp: anyone may create a name in it
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
@@ -171,7 +169,7 @@ def test_a_daemon_run_by_another_user_is_refused(monkeypatch: pytest.MonkeyPatch
     """The directory is one we trust (root's, 0700), but the process behind the socket runs
     as another uid (it listened after dropping to it): refused after connecting, before a byte
     is sent."""
-    _root()
+    need_root()
     d = Path(tempfile.mkdtemp(prefix="fable-peer-"))  # root's, 0700
     path = d / "fabled.sock"
     monkeypatch.setenv("FABLE_SOCKET", str(path))
@@ -190,7 +188,7 @@ def test_another_user_cannot_report_or_switch_a_flow(monkeypatch: pytest.MonkeyP
     ``PermissionDenied`` each time, and the flow is unchanged (transport, epoch, counters) and
     still carries root's messages. (Before, the report was accepted, adopted the reporter as an
     end, and the switch went through.)"""
-    _root()
+    need_root()
     path, done = start_system_daemon(monkeypatch)
     go_r, go_w = os.pipe()
     try:
@@ -208,8 +206,7 @@ def test_another_user_cannot_report_or_switch_a_flow(monkeypatch: pytest.MonkeyP
         }
 
         def attacker() -> Any:
-            os.setresgid(UID, UID, UID)
-            os.setresuid(UID, UID, UID)
+            as_uid()
             out = {}
             for what, fields in (
                 ("report", {"flows": [fake]}),
@@ -245,11 +242,6 @@ def run_as_child(fn: Any) -> Any:
     return Child(fn).result(timeout=30)
 
 
-def _as_uid(uid: int = UID) -> None:
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-
-
 # ------------------------------------------------------------------------------- visibility
 def test_another_users_pids_placement_and_flows_stay_hidden(
     monkeypatch: pytest.MonkeyPatch,
@@ -258,7 +250,7 @@ def test_another_users_pids_placement_and_flows_stay_hidden(
     uid UID does the same. Each sees the other's names (public), never the other's pid,
     placement, flow, token or canary, and may not ``explain`` the other's endpoints; root sees
     everything."""
-    _root()
+    need_root()
     path, done = start_system_daemon(monkeypatch)
 
     def holder(tag: str) -> Any:
@@ -291,7 +283,7 @@ def test_another_users_pids_placement_and_flows_stay_hidden(
     r_seen, w_seen = os.pipe()
 
     def other() -> Any:
-        _as_uid()
+        as_uid()
         s = holder("user")
         os.write(w_seen, b"r")
         assert os.read(r_go, 1) == b"g"  # root's names and flow are there now
@@ -341,7 +333,7 @@ def test_per_uid_limits_bind_another_user_not_the_daemons(
     UID's fourth connection gets a ``bye`` naming the limit, its fifth name
     ``PermissionDenied`` naming the other; root, the daemon's own uid, is bound only by the
     totals."""
-    _root()
+    need_root()
     monkeypatch.setenv("FABLE_MAX_CONNS_PER_UID", "3")
     monkeypatch.setenv("FABLE_MAX_NAMES_PER_UID", "4")
     path, done = start_system_daemon(monkeypatch)
@@ -351,7 +343,7 @@ def test_per_uid_limits_bind_another_user_not_the_daemons(
         return read_reply(s)
 
     def attacker() -> Any:
-        _as_uid()
+        as_uid()
         held = [raw_client(path) for _ in range(3)]
         assert all(hello(s)["ok"] for s in held)  # type: ignore[index]
         fourth = hello(raw_client(path))
@@ -396,7 +388,7 @@ def test_another_user_cannot_take_a_name_or_a_flow_during_a_restart(
     back, and the flow is theirs (same id, same transport) and still carries their messages.
     (Before, the names were free until root's processes came back, and the flow went to
     whoever held an end name when reporting it.)"""
-    _root()
+    need_root()
     path, done = start_system_daemon(monkeypatch)
     go_r, go_w = os.pipe()
     second = None
@@ -411,8 +403,7 @@ def test_another_user_cannot_take_a_name_or_a_flow_during_a_restart(
         second = start_daemon(path, "--system")
 
         def attacker() -> Any:
-            os.setresgid(UID, UID, UID)
-            os.setresuid(UID, UID, UID)
+            as_uid()
             out: dict[str, Any] = {}
             for name in ("kept-echo", "kept-client"):
                 s = raw_client(path)

@@ -83,8 +83,13 @@ def test_a_trusting_side_reads_zero_copy_while_its_untrusting_peer_reads_copies(
         conn.close()
 
 
-def test_open_pair_end_that_does_not_trust_refuses_unsafe_reads_and_the_creator_hears_why() -> None:
-    conn, pending = fable.open_pair("mempipe-futex", safe=False, trusted=True)  # both unsafe
+def _first_offer_refused(transport: str, control_thread_first: bool) -> None:
+    """``open_pair(transport)`` with unsafe reads both ways; the other end, in a child, does
+    not trust and refuses the first offer; this end's ``recv`` raises PermissionDenied naming
+    why (``control_thread_first``: the control thread's callback reads the refusal first)."""
+    from fable.connection import _records_read
+
+    conn, pending = fable.open_pair(transport, safe=False, trusted=True)  # both unsafe
 
     def peer() -> Any:
         try:
@@ -97,38 +102,25 @@ def test_open_pair_end_that_does_not_trust_refuses_unsafe_reads_and_the_creator_
     pending.close()
     try:
         assert "does not trust" in child.result()
+        if control_thread_first:
+            _records_read(weakref.ref(conn._epochs))  # what the control thread does
         with pytest.raises(PermissionDenied, match=r"refused the connection: .*does not trust"):
             conn.recv(timeout=10)
     finally:
         conn.close()
+
+
+def test_open_pair_end_that_does_not_trust_refuses_unsafe_reads_and_the_creator_hears_why() -> None:
+    _first_offer_refused("mempipe-futex", control_thread_first=False)
 
 
 def test_a_refused_first_offer_is_heard_whoever_reads_the_refusal() -> None:
     """The refusal of the very first offer may be read by the control thread (it watches the
     setup channel) before the application's ``recv`` looks: the connection must still fail
     with ``PermissionDenied``. (Before, the control thread's read raised it into the void,
-    logged, and ``recv`` then saw only the peer's exit: ``PeerDied``, now and then in the
-    suite.) Here the control thread's callback is made to win: it runs before ``recv``."""
-    from fable.connection import _records_read
-
-    conn, pending = fable.open_pair("vmsplice-coop", safe=False, trusted=True)
-
-    def peer() -> Any:
-        try:
-            pending.open(trusted=False)
-            return "opened"
-        except PermissionDenied as e:
-            return str(e)
-
-    child = Child(peer)
-    pending.close()
-    try:
-        assert "does not trust" in child.result()
-        _records_read(weakref.ref(conn._epochs))  # what the control thread does when readable
-        with pytest.raises(PermissionDenied, match=r"refused the connection: .*does not trust"):
-            conn.recv(timeout=10)
-    finally:
-        conn.close()
+    logged, and ``recv`` then saw only the peer's exit, now and then in the suite.) Here the
+    control thread's callback is made to win: it runs before ``recv``."""
+    _first_offer_refused("vmsplice-coop", control_thread_first=True)
 
 
 def test_reconfigure_without_a_form_picks_each_sides_own() -> None:

@@ -19,7 +19,7 @@ def main() -> None:
     setup_logging(args.log)
     try:
         serve(args.socket, system=args.system)
-    except BaseException:
+    except Exception:  # (not SIGINT/SystemExit: those are no error)
         logging.getLogger("fable.daemon").exception("fabled ended by an error")
         raise
 

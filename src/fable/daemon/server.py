@@ -49,6 +49,7 @@ __all__ = ["Daemon", "host_id", "serve", "setup_logging"]
 log = logging.getLogger("fable.daemon")
 
 _SEND_TIMEOUT_S = 5.0
+MAX_CONNECTING = 64  # connects one client may have waiting for a listener at once
 _ACCEPT_BACKOFF_S = (0.02, 0.25)  # out of fds: wait this long before accepting again, doubling
 LOG_BYTES, LOG_BACKUPS = 1 << 20, 3  # the daemon log rotates at 1 MiB and keeps 3 old files
 
@@ -162,6 +163,7 @@ class Client:
         self.helloed = False
         self.partial_since: float | None = None
         self.reported: set[int] = set()  # flow ids of the report in parts being received
+        self.connecting = 0  # its connects waiting in the daemon (at most MAX_CONNECTING)
 
     def kick(self, why: str) -> None:
         """End this client's connection (its loop sees the end of the stream and cleans up)."""
@@ -324,7 +326,7 @@ class Daemon:
                 continue
             why = self._over_limit(client.uid)
             if why:
-                self._spawn(self._bye(client, why))
+                self._bye(client, why)
                 continue
             self.clients[client.id] = client
             self.conns_of[client.uid] = self.conns_of.get(client.uid, 0) + 1
@@ -391,7 +393,7 @@ class Daemon:
             return f"uid {uid} has {n} connections open, FABLE_MAX_CONNS_PER_UID"
         return ""
 
-    async def _bye(self, client: Client, why: str) -> None:
+    def _bye(self, client: Client, why: str) -> None:
         """Refuse a connection: one frame saying why (not waiting for it to be read), then
         close."""
         log.warning("refused uid %d (pid %d): %s", client.uid, client.pid, why)
@@ -495,7 +497,13 @@ class Daemon:
             if handler is None:
                 raise _BadRequest(f"unknown op {op!r}")
             if op == "connect":
-                # waiting for a listener must not hold up this client's other requests
+                # waiting for a listener must not hold up this client's other requests; each
+                # waiting connect is a task: a client may not pile them up
+                if client.connecting >= MAX_CONNECTING:
+                    raise PermissionDenied(
+                        f"{MAX_CONNECTING} connects of this process wait already"
+                    )
+                client.connecting += 1
                 self._spawn(self._answer(client, rid, handler(client, req)))
                 return
             result = await handler(client, req)
@@ -545,6 +553,7 @@ class Daemon:
             if "flow" in reply:
                 self.registry.flows.pop(reply["flow"]["id"], None)
         finally:
+            client.connecting -= 1
             if fd is not None:
                 os.close(fd)
 
