@@ -53,6 +53,8 @@ PY_SUBSET = [
     "both_directions",
     "batches",
     "read_wouldblock",
+    "recv_into",
+    "recv_many",
     "readiness",
     "clean_close",
     "peer_died_reader",

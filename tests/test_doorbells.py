@@ -43,7 +43,7 @@ def _sleep(conn: Connection, what: str, go_w: int) -> None:
         fill(conn, CHUNK)
         os.write(go_w, b"g")
         t0 = time.monotonic()
-        conn.send(CHUNK, timeout=30)  # room comes when the peer reads one message
+        conn.send(CHUNK, timeout=30)  # room comes as the peer reads
     took = time.monotonic() - t0
     assert took < 10, f"the sleeper waited {took:.1f} s: its peer's doorbell never woke it"
     conn.send(b"awake")

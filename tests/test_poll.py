@@ -124,6 +124,40 @@ def test_asyncio(pair: tuple[Any, fable.Connection]) -> None:
     assert got == msgs
 
 
+def test_asyncio_recv_many(pair: tuple[Any, fable.Connection]) -> None:
+    """arecv_many: every message once and in order, at most max_msgs a call, then the close."""
+    a, b = pair
+    msgs = [b"%d" % i + b"." * (i % 7 * 300) for i in range(500)]
+
+    async def main() -> list[bytes]:
+        async def producer() -> None:
+            for m in msgs:
+                await a.asend(m)
+            a.close()
+
+        task = None
+        if isinstance(a, RemoteEnd):
+            a.send_all_and_close_later(msgs)
+        else:
+            task = asyncio.create_task(producer())
+        got: list[bytes] = []
+        while len(got) < len(msgs):
+            batch = await b.arecv_many(32)
+            assert 1 <= len(batch) <= 32
+            got += batch
+        with pytest.raises(fable.ConnectionClosed):
+            await b.arecv_many(32)
+        if task is not None:
+            await task
+        return got
+
+    with b:
+        got = asyncio.run(asyncio.wait_for(main(), 60))
+    if isinstance(a, RemoteEnd):
+        a.close()
+    assert got == msgs
+
+
 def test_spin_has_no_fileno() -> None:
     conn, pending = fable.open_pair("mempipe-spin")
     other = pending.open()

@@ -1,5 +1,5 @@
-# Type stub for the C fast path (src/fable/_core/core.c).
-from collections.abc import Sequence
+# Type stub for the C fast path (src/fable/_core/: core.h says which file does what).
+from collections.abc import Iterable, Sequence
 
 from typing_extensions import Buffer
 
@@ -22,6 +22,7 @@ class Ring:
     msgs: int
     nbytes: int
     gate: bool
+    busy: int
     def __init__(
         self, mem: Buffer, writer: bool, epoch: int = 0, first_seq: int = 0, eventfd: int = -1
     ) -> None: ...
@@ -44,5 +45,19 @@ class Ring:
     def close(self) -> None: ...
     def interrupt(self, on: bool, /) -> None: ...
     def send(self, data: Buffer, timeout: float | None = None) -> None: ...
+    def send_many(self, msgs: Iterable[Buffer], timeout: float | None = None) -> int: ...
     def recv(self, timeout: float | None = None) -> bytes: ...
-    def hot(self, slow: object, frag: int = 0, /) -> None: ...
+    def recv_many(self, max_msgs: int, timeout: float | None = None) -> list[bytes]: ...
+    def recv_into(self, buf: Buffer, timeout: float | None = None) -> int: ...
+    def hot(
+        self, slow: object, frag: int = 0, many: object = None, into: object = None
+    ) -> None: ...
+    def waits(
+        self,
+        mode: int,
+        slice_ns: int,
+        spin_ns: int,
+        live_fd: int = -1,
+        cpu_hint: Buffer | None = None,
+        /,
+    ) -> None: ...

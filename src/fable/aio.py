@@ -1,11 +1,11 @@
 """asyncio for connections: waiting without blocking the event loop.
 
-``Connection.arecv()``, ``asend()`` and ``async for msg in conn`` come here. They wait on the
-connection's own fds with ``loop.add_reader``/``add_writer``: ``fileno()`` for reading (edge-style,
-re-armed by ``poll_prepare``), ``write_fileno()`` for room to write; rings, which have no write
-fd, retry writes every 0.5 ms, and a connection with no readiness fd (mempipe-spin) is looked at
-every millisecond. The functions take anything with those methods (:class:`Pollable`), so this
-module sits below the connection that uses it.
+``Connection.arecv()``, ``arecv_many()``, ``asend()`` and ``async for msg in conn`` come here.
+They wait on the connection's own fds with ``loop.add_reader``/``add_writer``: ``fileno()`` for
+reading (edge-style, re-armed by ``poll_prepare``), ``write_fileno()`` for room to write; rings,
+which have no write fd, retry writes every 0.5 ms, and a connection with no readiness fd
+(mempipe-spin) is looked at every millisecond. The functions take anything with those methods
+(:class:`Pollable`), so this module sits below the connection that uses it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ from typing import Protocol
 
 from fable.errors import ConnectionClosed, PeerDied, WouldBlock
 
-__all__ = ["NO_FD_SLICE", "Pollable", "aiter_messages", "arecv", "asend", "readable"]
+__all__ = [
+    "NO_FD_SLICE",
+    "Pollable",
+    "aiter_messages",
+    "arecv",
+    "arecv_many",
+    "asend",
+    "readable",
+]
 
 NO_FD_SLICE = 0.001  # how often a connection without a readiness fd is looked at
 _WRITE_RETRY = 0.0005  # how often a ring's writer looks for room (no write fd to wait on)
@@ -30,6 +38,7 @@ class Pollable(Protocol):
     def fileno(self) -> int: ...
     def write_fileno(self) -> int | None: ...
     def recv(self, timeout: float | None = None) -> bytes: ...
+    def recv_many(self, max_msgs: int, timeout: float | None = None) -> list[bytes]: ...
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None: ...
 
 
@@ -66,6 +75,15 @@ async def arecv(conn: Pollable) -> bytes:
     while True:
         try:
             return conn.recv(timeout=0)
+        except WouldBlock:
+            await readable(conn)
+
+
+async def arecv_many(conn: Pollable, max_msgs: int) -> list[bytes]:
+    """Every message ready (at most ``max_msgs``), at least one, without blocking the loop."""
+    while True:
+        try:
+            return conn.recv_many(max_msgs, timeout=0)
         except WouldBlock:
             await readable(conn)
 

@@ -257,6 +257,13 @@ class Connection:
         """The next whole message."""
         return self._path.recv(timeout)
 
+    def recv_many(self, max_msgs: int, timeout: float | None = None) -> list[bytes]:
+        """The receiving half of ``send_many``: every whole message ready now, at most
+        ``max_msgs``, and at least one (waiting for it as ``recv`` does, with the same
+        ``timeout``). An error after the first message ends the list early; the next call
+        raises it."""
+        return self._path.recv_many(max_msgs, timeout)
+
     def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
         """Copy the next message into ``buf``; ValueError (nothing lost) if it does not fit."""
         return self._path.recv_into(buf, timeout)
@@ -308,6 +315,11 @@ class Connection:
     async def arecv(self) -> bytes:
         """The next message, for asyncio (waits on ``fileno()`` with the running loop)."""
         return await aio.arecv(self)
+
+    async def arecv_many(self, max_msgs: int) -> list[bytes]:
+        """``recv_many`` for asyncio: every message ready (at most ``max_msgs``), at least
+        one, waiting on ``fileno()`` with the running loop."""
+        return await aio.arecv_many(self, max_msgs)
 
     async def asend(self, data: bytes | bytearray | memoryview) -> None:
         """Send one message, for asyncio: waits for room without blocking the loop."""

@@ -84,7 +84,7 @@ REFUSE = handshake.REFUSE
 ACCEPT, DONE = "reconfig-accept", "reconfig-done"
 CONTROL_OPS = frozenset({PROPOSE, ACCEPT, REFUSE, DONE})
 WRITE_NAMES = ("getwritebuf", "commit", "abort", "flush", "send", "send_many")
-READ_NAMES = ("getreadbuf", "recv", "recv_into")
+READ_NAMES = ("getreadbuf", "recv", "recv_many", "recv_into")
 # the connection's data methods, by what rebinds them (Connection.bind)
 GROUPS: dict[str, tuple[str, ...]] = {
     "write": WRITE_NAMES,

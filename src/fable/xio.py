@@ -16,8 +16,10 @@ __all__ = [
     "xio_getreadbuf",
     "xio_getwritebuf",
     "xio_listen",
+    "xio_recv_many",
     "xio_register_name",
     "xio_release",
+    "xio_send_many",
     "xpoll",
 ]
 
@@ -50,3 +52,11 @@ def xio_getreadbuf(conn: Connection) -> list[Buffer]:
 
 def xio_release(conn: Connection, buf: Buffer) -> None:
     conn.release(buf)
+
+
+def xio_send_many(conn: Connection, msgs: list[bytes], timeout: float | None = None) -> int:
+    return conn.send_many(msgs, timeout)
+
+
+def xio_recv_many(conn: Connection, max_msgs: int, timeout: float | None = None) -> list[bytes]:
+    return conn.recv_many(max_msgs, timeout)

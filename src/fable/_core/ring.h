@@ -20,6 +20,7 @@
 #define FR_WRITER_CPU 72      /* u32, writer */
 #define FR_SPACE_WAITING 76   /* u32, writer sets while it sleeps for space */
 #define FR_DATA_BELL 80       /* u32, writer rings */
+#define FR_SPACE_WANTED 88    /* u64, writer: the HEAD it sleeps for (0: any move) */
 #define FR_HEAD 192           /* u64, reader */
 #define FR_READER_CPU 200     /* u32, reader */
 #define FR_DATA_WAITING 204   /* u32, reader sets while it sleeps for data */
@@ -63,7 +64,9 @@ typedef struct {
     uint32_t writer_cpu;
     uint32_t space_waiting;
     uint32_t data_bell;
-    uint8_t pad1[FR_HEAD - FR_DATA_BELL - 4];
+    uint32_t pad_bell;
+    uint64_t space_wanted;
+    uint8_t pad1[FR_HEAD - FR_SPACE_WANTED - 8];
     uint64_t head;           /* reader's line */
     uint32_t reader_cpu;
     uint32_t data_waiting;
@@ -88,6 +91,7 @@ _Static_assert(offsetof(fr_header, tail) == FR_TAIL, "tail");
 _Static_assert(offsetof(fr_header, writer_cpu) == FR_WRITER_CPU, "writer_cpu");
 _Static_assert(offsetof(fr_header, space_waiting) == FR_SPACE_WAITING, "space_waiting");
 _Static_assert(offsetof(fr_header, data_bell) == FR_DATA_BELL, "data_bell");
+_Static_assert(offsetof(fr_header, space_wanted) == FR_SPACE_WANTED, "space_wanted");
 _Static_assert(offsetof(fr_header, head) == FR_HEAD, "head");
 _Static_assert(offsetof(fr_header, reader_cpu) == FR_READER_CPU, "reader_cpu");
 _Static_assert(offsetof(fr_header, data_waiting) == FR_DATA_WAITING, "data_waiting");

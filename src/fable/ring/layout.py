@@ -21,7 +21,11 @@ Ring header (``HEADER_SIZE`` bytes, at the start of the ring's memory), little-e
     +-------------------------------+-------------------------------+      the records below it)
     |      WRITER_CPU (u32)         |   SPACE_WAITING (u32) flag    | 72
     +-------------------------------+-------------------------------+
-    |      DATA_BELL (u32) futex    |       (zero to 128)           | 80
+    |      DATA_BELL (u32) futex    |       (zero to 88)            | 80
+    +-------------------------------+-------------------------------+
+    |   SPACE_WANTED (u64): the HEAD a writer asleep waits for      | 88
+    +---------------------------------------------------------------+
+    |                        (zero to 128)                          | 96
     +===============================================================+ 128 unused: keeps the two
     |                        (zero to 192)                          |     lines apart for the
     +===============================================================+     adjacent-line prefetcher
@@ -58,7 +62,11 @@ bytes) is skipped implicitly by both sides.
 The waiters flags and doorbells (futex words, 32-bit, shared): a side about to sleep sets its
 flag, fences, re-checks the position, then waits on the doorbell; the other side, after moving its
 position, fences and rings the doorbell (increment + wake) only if the flag is set, so the fast
-path makes no system call.
+path makes no system call. A writer that sleeps for more room than one record first stores in
+SPACE_WANTED the HEAD that gives it that room; the reader leaves it asleep (flag set) until HEAD
+reaches it, so a reader freeing one record at a time wakes it once, not once a record. (0, as a
+writer that never sets it leaves it: wake at any move. The value is only a hint: a bad one costs
+the writer its sleep until the slice ends, never the reader anything.)
 
 Nothing read from a peer is trusted: every position and record field is range-checked, and a
 violation is a ``ProtocolError``.
@@ -87,6 +95,7 @@ __all__ = [
     "REC_SKIP",
     "SPACE_BELL",
     "SPACE_WAITING",
+    "SPACE_WANTED",
     "TAIL",
     "VERSION",
     "VERSION_OFF",
@@ -113,6 +122,7 @@ TAIL = 64  # u64, writer
 WRITER_CPU = 72  # u32, writer
 SPACE_WAITING = 76  # u32, writer (set while it sleeps for space)
 DATA_BELL = 80  # u32, writer rings it
+SPACE_WANTED = 88  # u64, writer (the HEAD it sleeps for; 0: any move)
 HEAD = 192  # u64, reader
 READER_CPU = 200  # u32, reader
 DATA_WAITING = 204  # u32, reader (set while it sleeps for data)
@@ -165,6 +175,7 @@ OFFSETS = {
     "READER_CPU": READER_CPU,
     "DATA_WAITING": DATA_WAITING,
     "SPACE_BELL": SPACE_BELL,
+    "SPACE_WANTED": SPACE_WANTED,
     "HEADER_SIZE": HEADER_SIZE,
     "REC_LENGTH": REC_LENGTH,
     "REC_FLAGS": REC_FLAGS,

@@ -24,8 +24,9 @@ This module makes no system call and never waits; waiting belongs to the transpo
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
 
-from fable.errors import ProtocolError
+from fable.errors import ConnectionClosed, ProtocolError
 from fable.ring import layout as L
 
 __all__ = ["RingReader", "RingWriter", "format_ring", "ring_doorbell"]
@@ -389,6 +390,7 @@ class PyRing:
         self._writer = writer
         self._evfd = eventfd
         self._i = self._mem.cast("I")
+        self._q = self._mem.cast("Q")
         self._u32 = (ctypes.c_uint32 * (L.HEADER_SIZE // 4)).from_buffer(self._mem)
         self.capacity = self._side.capacity
         self.max_record = self._w.max_record if writer else 0
@@ -396,29 +398,54 @@ class PyRing:
         self.gate = False
         self.msgs = self.nbytes = 0  # what write_many moved (send/recv count in the slow path)
         self._slow: Any = None
+        self._many: Any = None
+        self._into: Any = None
         self._frag = 0
         self._stop = False
 
     # -- the Connection's hot path: everything goes to the slow path in this backend ------
-    def hot(self, slow: Any, frag: int = 0) -> None:
-        self._slow = slow
+    def hot(self, slow: Any, frag: int = 0, many: Any = None, into: Any = None) -> None:
+        self._slow, self._many, self._into = slow, many, into
         self._frag = min(frag, self.max_record)
 
+    def waits(
+        self, mode: int, slice_ns: int, spin_ns: int, live_fd: int = -1, cpu_hint: Any = None
+    ) -> None:
+        """(The C ring's hot path waits in C; this one's calls all go to the slow paths.)"""
+
+    busy = 0  # no wait of this ring runs without the GIL
+
+    def _path(self, fn: Any) -> Any:
+        if fn is None:
+            raise ConnectionClosed("connection is closed")
+        return fn
+
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
-        if self._slow is None:
-            raise ValueError("ring is closed")
-        self._slow(data, timeout)
+        self._path(self._slow)(data, timeout)
+
+    def send_many(
+        self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
+    ) -> int:
+        return int(self._path(self._many)(msgs, timeout))
 
     def recv(self, timeout: float | None = None) -> bytes:
-        if self._slow is None:
-            raise ValueError("ring is closed")
-        return self._slow(timeout)  # type: ignore[no-any-return]
+        return self._path(self._slow)(timeout)  # type: ignore[no-any-return]
+
+    def recv_many(self, max_msgs: int, timeout: float | None = None) -> list[bytes]:
+        return self._path(self._many)(max_msgs, timeout)  # type: ignore[no-any-return]
+
+    def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
+        return int(self._path(self._into)(buf, timeout))
 
     # -- the peer's doorbell ----------------------------------------------------------------
-    def _ring(self, waiting: int, bell: int) -> None:
+    def _ring(self, waiting: int, bell: int, pos: int = -1) -> None:
+        """Ring the peer's ``bell`` if its ``waiting`` flag is set; ``pos``: the HEAD this
+        reader just moved to (a writer asleep for more, SPACE_WANTED, sleeps on)."""
         _fence()
         flags = self._i[waiting // 4]
         if not flags:
+            return
+        if pos >= 0 and flags == L.WAITER_FUTEX and pos < self._q[L.SPACE_WANTED // 8]:
             return
         self._i[bell // 4] = (self._i[bell // 4] + 1) & 0xFFFFFFFF
         if flags & L.WAITER_FUTEX:
@@ -493,14 +520,14 @@ class PyRing:
         before = self._r._head
         rec = self._r.peek()
         if self._r._head != before:  # padding skipped
-            self._ring(L.SPACE_WAITING, L.SPACE_BELL)
+            self._ring(L.SPACE_WAITING, L.SPACE_BELL, self._r._head)
         return rec
 
     def release(self, pos: int) -> None:
         before = self._r._head
         self._r.release(pos)
         if self._r._head != before:
-            self._ring(L.SPACE_WAITING, L.SPACE_BELL)
+            self._ring(L.SPACE_WAITING, L.SPACE_BELL, self._r._head)
 
     def read(self) -> tuple[bytes, int] | None:
         rec = self.peek()
@@ -559,6 +586,8 @@ class PyRing:
             if now >= end or self._stop:
                 return self._ready(need)
             b = self._i[bell // 4]
+            if self._writer:  # the HEAD that gives us `need` (before the flag: x86-64 TSO)
+                self._q[L.SPACE_WANTED // 8] = max(0, self._w._claim + need - self.capacity)
             self._i[flag // 4] |= L.WAITER_FUTEX
             _fence()
             if self._ready(need):

@@ -398,6 +398,66 @@ def check_recv_into(make_pair: MakePair) -> None:
     ch.expect_success()
 
 
+def check_recv_many(make_pair: MakePair) -> None:
+    """recv_many: every message once, whole and in order (a large one among small ones too),
+    never more than max_msgs and at least one a call; WouldBlock (timeout=0) and Timeout when
+    nothing comes, ValueError for a max_msgs below 1, none of which loses a message; after the
+    peer's close, the messages it sent first, then ConnectionClosed."""
+    conn, pending = make_pair()
+    rfd, wfd = go_pipe()
+    n, batch, large = 3000, 500, (1500, 3 << 20)
+
+    def size_of(i: int) -> int:
+        if i == large[0]:
+            return large[1]
+        return SMALL_SIZES[i % len(SMALL_SIZES)] if i < n else 64
+
+    def child(c: Connection, rfd: int, wfd: int) -> None:
+        os.close(wfd)
+        wait_go(rfd)
+        for i in range(n):
+            c.send(pattern(i, size_of(i)))
+        assert c.send_many([pattern(i, 64) for i in range(n, n + batch)]) == batch
+
+    ch = Child(pending, child, rfd, wfd)
+    os.close(rfd)
+    with conn:
+        for bad in (0, -1):
+            try:
+                conn.recv_many(bad, timeout=0)
+                raise AssertionError(f"recv_many({bad}) did not raise ValueError")
+            except ValueError:
+                pass
+        try:
+            conn.recv_many(8, timeout=0)
+            raise AssertionError("recv_many(timeout=0) did not raise WouldBlock")
+        except WouldBlock:
+            pass
+        t0 = time.monotonic()
+        try:
+            conn.recv_many(8, timeout=0.1)
+            raise AssertionError("recv_many(timeout=0.1) did not raise Timeout")
+        except Timeout:
+            pass
+        assert time.monotonic() - t0 >= 0.09, "Timeout came before the timeout"
+        os.write(wfd, b"g")
+        os.close(wfd)
+        got = 0
+        while got < n + batch:
+            limit = 1 + got % 70
+            msgs = conn.recv_many(limit, timeout=30)
+            assert 1 <= len(msgs) <= limit, f"recv_many({limit}) returned {len(msgs)} messages"
+            for m in msgs:
+                verify(got, m, size_of(got))
+                got += 1
+        try:
+            conn.recv_many(4, timeout=30)
+            raise AssertionError("recv_many after the peer's close did not raise")
+        except ConnectionClosed:
+            pass
+    ch.expect_success()
+
+
 def check_no_space(make_pair: MakePair) -> None:
     """Holding too many read buffers raises NoSpace; releasing some lets reading go on."""
     conn, pending = make_pair()
@@ -776,6 +836,7 @@ CHECKS: dict[str, Callable[[MakePair], None]] = {
     "backpressure": check_backpressure,
     "read_wouldblock": check_read_wouldblock,
     "recv_into": check_recv_into,
+    "recv_many": check_recv_many,
     "no_space": check_no_space,
     "readiness": check_readiness,
     "clean_close": check_clean_close,

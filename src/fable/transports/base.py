@@ -223,6 +223,11 @@ class DataPath(abc.ABC):
         """The next whole message (fragments reassembled)."""
 
     @abc.abstractmethod
+    def recv_many(self, max_msgs: int, timeout: float | None = None) -> list[bytes]:
+        """Every whole message ready, at most ``max_msgs`` (>= 1), at least one (waiting as
+        ``recv`` does)."""
+
+    @abc.abstractmethod
     def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
         """Copy the next message into ``buf``; returns its length. A buffer too small raises
         ValueError and the message stays readable."""

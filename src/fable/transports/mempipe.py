@@ -8,8 +8,8 @@ size and the fd kinds before mapping anything.
     memfd:  [ ring 0: initiator -> peer ][ ring 1: peer -> initiator ]
             each HEADER_SIZE + capacity bytes
 
-The three transports share this data path and differ only in how a side waits (``fable._core``
-Ring.wait, one slice at a time, the GIL released):
+The three transports share this data path and differ only in how a side waits (``fable._core``,
+the GIL released: within each ``send``/``recv`` call, slice after slice, in C):
 - spin: busy-polls the peer's position (``pause``), never sleeps; no ``fileno``.
 - futex: sleeps on the ring's doorbell; the peer rings it only when the waiters flag is set, so
   sending makes no system call while the reader is awake.
@@ -177,12 +177,28 @@ class RingPath(MessagePath):
             self._own_bell.close()
             raise
         self.max_fragment = min(MAX_FRAGMENT, self._tx.max_record)
-        # The Connection binds send/recv straight to the rings' native methods: one call per
-        # message; they come back to _send_slow/_recv_slow for everything else.
-        self._tx.hot(self._send_gated, self.max_fragment)
-        self._rx.hot(self._recv_slow)
-        self.__dict__["send"] = self._tx.send
-        self.__dict__["recv"] = self._rx.recv
+        # The Connection binds the per-message calls straight to the rings' native methods:
+        # one call per message, waiting in C; they come back to the slow paths (the class's
+        # methods) for everything else.
+        self._tx.hot(self._send_gated, self.max_fragment, many=self._send_many_gated)
+        self._rx.hot(self._recv_slow, many=self._recv_many_slow, into=self._recv_into_slow)
+        # how they wait: like _wait, slice by slice, polling the setup channel after each, and
+        # noting this side's CPU where the peer looks for it (the other ring of the pair)
+        live = setup.fileno()
+        self._hints = (
+            self._mv[self._rx_base + L.READER_CPU : self._rx_base + L.READER_CPU + 4],
+            self._mv[self._tx_base + L.WRITER_CPU : self._tx_base + L.WRITER_CPU + 4],
+        )
+        self._tx.waits(mode, self._slice, self._spin, live, self._hints[0])
+        self._rx.waits(mode, self._slice, self._spin, live, self._hints[1])
+        for name, side in (
+            ("send", self._tx),
+            ("send_many", self._tx),
+            ("recv", self._rx),
+            ("recv_many", self._rx),
+            ("recv_into", self._rx),
+        ):
+            self.__dict__[name] = getattr(side, name)
         self.max_write = capacity // 2
         self._quarter = capacity // 4
         self._epoll: select.epoll | None = None
@@ -201,6 +217,12 @@ class RingPath(MessagePath):
             )
         # the peer looks for our CPU on the ring it waits on, which is the other one
         (self._rx if ring is self._tx else self._tx).note_cpu()
+        # the hot path comes here after the setup channel had news: look before waiting
+        self._interrupted()
+        if self._setup.peer_state() is not None:
+            if ring is self._rx and ring.available():
+                return
+            raise self._gone()
         while True:
             slice_ns = self._slice
             if deadline is not None:
@@ -454,6 +476,9 @@ class RingPath(MessagePath):
         self._rx.gate = bool(self._stash or self._mid or self._dead)
         self._tx.gate = self._dead
 
+    def _inside(self) -> bool:
+        return self._blocked or bool(self._tx.busy or self._rx.busy)
+
     def _wake_waiters(self, reader: bool) -> None:
         for ring in (self._tx, self._rx):
             ring.interrupt(True)
@@ -477,14 +502,18 @@ class RingPath(MessagePath):
 
     def _free(self, clean: bool) -> None:
         hooks = self.epochs
-        for ring, ended, name in (
-            (self._tx, self._wended, "send"),
-            (self._rx, self._rended, "recv"),
+        for ring, ended, names in (
+            (self._tx, self._wended, ("send", "send_many", None)),
+            (self._rx, self._rended, ("recv", "recv_many", "recv_into")),
         ):
             ring.gate = True
             # drops the slow paths (no reference cycle outlives the connection); after a live
-            # reconfiguration, a send or recv looked up before it goes on to the next path
-            ring.hot(functools.partial(hooks.forward, name) if ended and hooks else None)
+            # reconfiguration, a call looked up before it goes on to the next path
+            fwd = [
+                functools.partial(hooks.forward, name) if ended and hooks and name else None
+                for name in names
+            ]
+            ring.hot(fwd[0], many=fwd[1], into=fwd[2])
             ring.close()
         if self._epoll is not None:
             self._epoll.close()
@@ -496,8 +525,9 @@ class RingPath(MessagePath):
     def _free_memory(self) -> None:
         if "_mm" not in self.__dict__:
             return  # freed already
-        unmap(self._mm, getattr(self, "_tx_mem", None), getattr(self, "_rx_mem", None), self._mv)
-        forget(self, "_mm", "_mv", "_tx_mem", "_rx_mem")
+        views = [getattr(self, name, None) for name in ("_tx_mem", "_rx_mem")]
+        unmap(self._mm, *views, *self.__dict__.get("_hints", ()), self._mv)
+        forget(self, "_mm", "_mv", "_tx_mem", "_rx_mem", "_hints")
 
 
 def _ring_class(backend: str) -> type[PyRing] | type[_core.Ring]:

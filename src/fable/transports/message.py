@@ -7,9 +7,11 @@ whole message (the last fragment has ``more == False``), or raise.
 
 Closing while other threads are inside (the one sender and the one receiver of the contract,
 and a third thread that closes): every write call holds ``_writing`` and every read that can
-wait or touch an fd holds ``_reading`` for its whole call, except a hot-path read that blocks in
-a system call without the lock (a socket or pipe read, ``stream.py``): it sets ``_blocked``
-first and then looks at ``_closing``, which a close sets first and then looks at ``_blocked``.
+wait or touch an fd holds ``_reading`` for its whole call, except a hot-path call that waits
+without the lock: a socket or pipe read (``stream.py``) sets ``_blocked`` first and then looks
+at ``_closing``, which a close sets first and then looks at ``_blocked``; a ring's wait in C
+(``mempipe.py``) counts itself in the ring's ``busy``, and a ring's ``close`` ends it. A close
+waits for what ``_inside`` reports.
 ``close``/``teardown`` set ``_closing``, then *interrupt* the calls inside (``_stopping``;
 ``_wake_waiters`` ends a wait in progress: the path's private stop eventfd, which every wait
 polls, the ring's ``interrupt``, or for a blocked read what ends it), again and again until
@@ -221,13 +223,15 @@ class MessagePath(DataPath):
 
     send = _send_gated  # a ring binds send to C and installs _send_gated as its slow path
 
-    def send_many(
+    def _send_many_gated(
         self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
     ) -> int:
         with self._writing:
             if not (self._dead and self._ended(writing=True)):
                 return self._send_many(msgs, timeout)
         return int(self._forward("send_many", msgs, timeout))
+
+    send_many = _send_many_gated  # (a ring binds it to C, like send)
 
     def getreadbuf(self) -> list[Buffer]:
         with self._reading:
@@ -312,7 +316,7 @@ class MessagePath(DataPath):
                 return False  # a write (an END being pushed) is in flight: not under it
             self._closing = True  # a hot-path read that has not started will not start
             held = self._reading.acquire(blocking=False)  # nor under a read
-            if held and self._blocked:
+            if held and self._inside():
                 self._reading.release()
                 held = False
             if not held:
@@ -332,28 +336,33 @@ class MessagePath(DataPath):
         self._closing = True
         w = self._writing.acquire(blocking=False)
         r = self._reading.acquire(blocking=False)
-        if not (w and r and not self._blocked):
+        if not (w and r and not self._inside()):
             self._stopping = True
             deadline = time.monotonic() + QUIESCE_S
             try:
                 # woken again and again: a call may enter its wait just after a wake-up
-                while not (w and r and not self._blocked) and time.monotonic() < deadline:
-                    self._wake_waiters(reader=not r or self._blocked)
+                while not (w and r and not self._inside()) and time.monotonic() < deadline:
+                    self._wake_waiters(reader=not r or self._inside())
                     w = w or self._writing.acquire(timeout=0.05)
                     r = r or self._reading.acquire(timeout=0.05)
-                    if w and r and self._blocked:
-                        time.sleep(0.001)  # a hot-path read without the lock: let it end
+                    if w and r and self._inside():
+                        time.sleep(0.001)  # a hot-path call without the lock: let it end
             finally:
                 self._stopping = False
             if self._error is None:
                 self._unwake()
-        if w and r and not self._blocked:
+        if w and r and not self._inside():
             return True
         for lock, got in ((self._writing, w), (self._reading, r)):
             if got:
                 lock.release()
         log.warning("fable: a call of another thread did not leave %s; its fds stay open", self)
         return False
+
+    def _inside(self) -> bool:
+        """Whether a hot-path call is inside this path without its lock (``_blocked``: a read
+        in a blocking system call; a ring's own waits in C say so too)."""
+        return self._blocked
 
     def _let_go(self, held: bool) -> None:
         if held:
@@ -682,7 +691,23 @@ class MessagePath(DataPath):
     def recv(self, timeout: float | None = None) -> bytes:
         return self._recv_slow(timeout)
 
-    def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
+    def _recv_many_slow(self, max_msgs: int, timeout: float | None = None) -> list[bytes]:
+        """``recv_many``: one message as ``recv`` gets it (waiting), then each one ready. An
+        error after the first ends the list; the next call raises it (errors are kept)."""
+        if isinstance(max_msgs, bool) or not isinstance(max_msgs, int) or max_msgs < 1:
+            raise ValueError(f"max_msgs must be an int >= 1, not {max_msgs!r}")
+        recv = self.recv
+        out = [recv(timeout)]
+        while len(out) < max_msgs:
+            try:
+                out.append(recv(0))
+            except FableError:  # WouldBlock: nothing more now
+                break
+        return out
+
+    recv_many = _recv_many_slow  # (a ring binds it to C, like recv)
+
+    def _recv_into_slow(self, buf: bytearray | memoryview, timeout: float | None = None) -> int:
         with self._reading:
             if self._dead and self._ended(writing=False):
                 nxt = None
@@ -693,6 +718,8 @@ class MessagePath(DataPath):
         if nxt is not None:
             return nxt.recv_into(buf, timeout)
         return int(self._forward("recv_into", buf, timeout))
+
+    recv_into = _recv_into_slow  # (a ring binds it to C, like recv)
 
     def _stash_into(self, buf: bytearray | memoryview) -> int:
         """The whole message in the stash, copied into ``buf``."""

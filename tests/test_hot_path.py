@@ -1,0 +1,193 @@
+"""The ring transports' per-message calls stay in C (``fable/_core/hot.c``): a blocking
+``recv``, ``recv_many``, ``recv_into`` and ``send`` on a ring that is ready, or that the call waits
+on, make no call into fable's Python code, so the fast path cannot silently fall back. And the
+waits in C keep the slow path's promises: a peer killed at any moment is ``PeerDied`` within a
+second, with nothing delivered twice (slow)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+
+import fable
+from fable.connection import Connection
+from fable.errors import PeerDied, WouldBlock
+from fable.testing.harness import Child, go_pipe, wait_go
+
+RINGS = ["mempipe-spin", "mempipe-futex", "mempipe-adaptive"]
+FABLE_DIR = str(Path(fable.__file__).parent)
+
+
+@contextmanager
+def python_calls() -> Iterator[list[str]]:
+    """The calls into fable's Python code made on this thread inside the block."""
+    seen: list[str] = []
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename.startswith(FABLE_DIR):
+            seen.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+    sys.setprofile(profile)
+    try:
+        yield seen
+    finally:
+        sys.setprofile(None)
+
+
+def _peer(c: Connection, rfd: int, wfd: int) -> None:
+    """Each go byte: a short pause (the parent is then waiting in C), then the next step."""
+    os.close(wfd)
+    for _ in range(3):  # ready messages: sent at once
+        c.send(b"r" * 64)
+    wait_go(rfd)
+    time.sleep(0.005)
+    c.send(b"s" * 64)  # recv waits for it
+    wait_go(rfd)
+    time.sleep(0.005)
+    c.send_many([b"m" * 64] * 5)  # recv_many waits for them
+    wait_go(rfd)
+    time.sleep(0.005)
+    c.send(b"i" * 64)  # recv_into waits for it
+    wait_go(rfd)
+    time.sleep(0.005)
+    n = 0
+    while c.recv(timeout=30) != b"end":  # the parent's send waits for room
+        n += 1
+    c.send(str(n).encode())
+
+
+@pytest.mark.parametrize("transport", RINGS)
+def test_blocking_calls_stay_in_c(transport: str) -> None:
+    conn, pending = fable.open_pair(transport)
+    rfd, wfd = go_pipe()
+    ch = Child(pending, _peer, rfd, wfd)
+    os.close(rfd)
+    try:
+        with conn:
+            with python_calls() as calls:
+                got = [conn.recv(timeout=30) for _ in range(3)]
+            assert got == [b"r" * 64] * 3 and calls == [], calls
+            os.write(wfd, b"g")
+            with python_calls() as calls:
+                got = [conn.recv()]
+            assert got == [b"s" * 64] and calls == [], calls
+            os.write(wfd, b"g")
+            with python_calls() as calls:
+                many = conn.recv_many(8)
+            assert calls == [] and 1 <= len(many) <= 5, calls
+            while len(many) < 5:
+                many += conn.recv_many(8, timeout=30)
+            assert many == [b"m" * 64] * 5
+            os.write(wfd, b"g")
+            buf = bytearray(100)
+            with python_calls() as calls:
+                n = conn.recv_into(buf, timeout=30)
+            assert calls == [] and bytes(buf[:n]) == b"i" * 64, calls
+            sent = 0
+            while True:  # fill the ring
+                try:
+                    conn.send(b"f" * 4000, timeout=0)
+                    sent += 1
+                except WouldBlock:
+                    break
+            os.write(wfd, b"g")
+            with python_calls() as calls:
+                conn.send(b"f" * 4000)  # waits in C until the peer has read a quarter
+            assert calls == [], calls
+            conn.send(b"end")
+            assert conn.recv(timeout=30) == str(sent + 1).encode()
+        ch.expect_success()
+    finally:
+        os.close(wfd)
+        ch.kill()
+
+
+def test_the_check_sees_a_fallback() -> None:
+    """The control: a ring whose hot path may not wait (``waits(-1, ...)``) waits in Python,
+    and ``python_calls`` sees it, so the test above can fail."""
+    conn, pending = fable.open_pair("mempipe-futex")
+    rfd, wfd = go_pipe()
+    ch = Child(pending, _peer, rfd, wfd)
+    os.close(rfd)
+    try:
+        with conn:
+            conn._path._rx.waits(-1, 0, 0)  # type: ignore[attr-defined]
+            for _ in range(3):
+                conn.recv(timeout=30)
+            os.write(wfd, b"g")
+            with python_calls() as calls:
+                assert conn.recv() == b"s" * 64
+            assert any("_recv_slow" in c for c in calls), calls
+    finally:
+        os.close(wfd)
+        ch.kill()
+
+
+def _killed_mid_stream(transport: str, reading: bool, batch: bool) -> None:
+    """10^6 messages between the two processes, the child killed at a random moment: this side
+    gets every message once and in order until then, and ``PeerDied`` within 1 s of the kill."""
+    n = 1_000_000
+    conn, pending = fable.open_pair(transport)
+
+    def sender(c: Connection) -> None:
+        for i in range(0, n, 100):
+            c.send_many([(i + k).to_bytes(8, "little") + bytes(56) for k in range(100)])
+        time.sleep(120)
+
+    def reader(c: Connection) -> None:
+        while True:
+            c.recv_many(256)
+
+    ch = Child(pending, sender if reading else reader)
+    killed: list[float] = []
+
+    def kill() -> None:
+        killed.append(time.monotonic())
+        os.kill(ch.pid, signal.SIGKILL)
+
+    timer = threading.Timer(random.uniform(0.0, 0.4), kill)
+    timer.start()
+    try:
+        with conn:
+            expect = 0
+            with pytest.raises(PeerDied):
+                if reading:
+                    while True:
+                        msgs = conn.recv_many(512) if batch else [conn.recv()]
+                        for m in msgs:
+                            assert int.from_bytes(m[:8], "little") == expect, "out of order"
+                            expect += 1
+                else:
+                    msg = bytes(64)
+                    while True:
+                        if batch:
+                            conn.send_many([msg] * 64)
+                        else:
+                            conn.send(msg)
+            late = time.monotonic() - killed[0]
+            assert late < 1.0, f"PeerDied came {late:.2f} s after the kill"
+            assert expect <= n
+    finally:
+        timer.cancel()
+        ch.kill()
+        ch.join()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transport", RINGS)
+def test_peer_killed_at_a_random_moment(transport: str) -> None:
+    for reading in (True, False):
+        for batch in (False, True):
+            _killed_mid_stream(transport, reading, batch)
