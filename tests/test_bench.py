@@ -12,11 +12,14 @@ from typing import Any
 import psutil
 import pytest
 
-from fable.bench import _native
+from fable.bench import _native, plan
 from fable.bench.harness import run_point
 from fable.bench.links import FableLink, Point
 from fable.bench.plot import write_all
 from fable.bench.report import Summary, compare_table, markdown, results_table
+from fable.transports import REGISTRY
+
+REGISTRY_NAMES = set(REGISTRY)
 
 SIZE = 100  # no control message (JSON) of the harness has this length
 
@@ -79,6 +82,16 @@ class _FaultyChannel:
             return bytes(c)
         raise AssertionError(self.fault)
 
+    def recv_many(self, max_msgs: int) -> list[bytes]:
+        """The batch API's read, with the same fault: "drop" loses the ``at``-th message."""
+        msgs: list[bytes] = self.inner.recv_many(max_msgs)
+        out = []
+        for m in msgs:
+            self.count += len(m) == self.size
+            if not (self.fault == "drop" and self.count == self.at and len(m) == self.size):
+                out.append(m)
+        return out or self.recv_many(max_msgs)
+
     def send(self, data: bytes) -> None:
         self.inner.send(data)
         if self.fault == "echo-twice" and len(data) == self.size:
@@ -106,9 +119,11 @@ class FaultyLink:
         pass
 
 
-def _run(fault: str, mode: str = "throughput", verify: str = "seq") -> dict[str, Any]:
+def _run(
+    fault: str, mode: str = "throughput", verify: str = "seq", api: str = "msg"
+) -> dict[str, Any]:
     return run_point(
-        Point("pipe", True, mode, SIZE, (0, 0)),
+        Point("pipe", True, mode, SIZE, (0, 0), api),
         placement="same-core",
         repeats=1,
         target_s=0.01,
@@ -131,6 +146,51 @@ def test_lost_duplicated_reordered_messages_fail_the_point(fault: str, words: st
     assert r["verified"] is False
     assert words in r["error"] and "lost, duplicated or reordered" in r["error"], r["error"]
     assert "msgs_per_s" not in r
+
+
+def test_a_lost_message_fails_a_batch_point() -> None:
+    r = _run("drop", api="batch")
+    assert r["verified"] is False
+    assert "message 4: got sequence 5" in r["error"], r["error"]
+
+
+def test_check_many_names_the_first_wrong_message() -> None:
+    msgs = _native.messages(10, 6, 100)
+    assert _native.check_many(msgs, 10, 100, True) == -1
+    assert _native.check_many(msgs[:2] + msgs[3:], 10, 100, False) == 2  # one lost
+    bad = bytearray(msgs[4])
+    bad[50] ^= 1
+    damaged = [*msgs[:4], bytes(bad), *msgs[5:]]
+    assert _native.check_many(damaged, 10, 100, False) == -1  # seq only: unseen
+    assert _native.check_many(damaged, 10, 100, True) == 4
+    assert _native.check_many([*msgs[:1], msgs[1][:99]], 10, 100, False) == 1  # short
+
+
+@pytest.mark.parametrize("transport", ["mempipe-spin", "unix"])
+def test_the_batch_and_buffer_apis_measure_verified_points(transport: str) -> None:
+    for mode, api in (("throughput", "batch"), ("latency", "buffer"), ("throughput", "buffer")):
+        for size in (64, 300_000):
+            r = run_point(
+                Point(transport, True, mode, size, (0, 0), api),
+                placement="same-core",
+                repeats=1,
+                target_s=0.01,
+                verify="full",
+                timeout_s=60,
+            )
+            assert r["verified"] is True and r["api"] == api, r
+
+
+def test_the_other_apis_are_for_fables_rows_only() -> None:
+    sel = plan.select_transports("floor,unix", False)
+    todo = plan.points(sel, [(0, 0)], sizes=[64], apis=["msg", "batch", "buffer"])
+    got = {(p.transport, p.mode, p.api) for p in todo}
+    assert ("floor", "latency", "msg") in got
+    assert not any(p.transport == "floor" and p.api != "msg" for p in todo)
+    assert ("unix", "latency", "batch") not in got  # batch: throughput only
+    assert {("unix", m, a) for m in ("latency", "throughput") for a in ("msg", "buffer")} <= got
+    with pytest.raises(ValueError, match="throughput only"):
+        run_point(Point("unix", True, "latency", 64, (0, 0), "batch"), placement="x")
 
 
 def test_a_corrupted_payload_fails_a_full_check_only() -> None:
@@ -378,6 +438,24 @@ def test_the_switch_scenario(tmp_path: Path) -> None:
     # each time is of a switch the scenario saw done (it checks the transport and the epoch
     # after each, and the echo process's exit status); a switch waits at most 10 s
     assert all(0 < x["ms"] < 10_000 for x in rows)
+
+
+def test_the_connect_scenario(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fable bench --scenario connect`: fable's connect + first echo beside TCP and unix."""
+    from click.testing import CliRunner
+
+    from fable.bench import scenario
+    from fable.cli import main
+
+    monkeypatch.setattr(scenario, "CONNECTS", 20)
+    out = tmp_path / "connect.json"
+    r = CliRunner().invoke(main, ["bench", "--scenario", "connect", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    for kind in ("fable", "tcp", "unix"):
+        assert doc[kind]["n"] == 20 and 0 < doc[kind]["median_us"] <= doc[kind]["p90_us"]
+    assert doc["fable"]["transport"] in REGISTRY_NAMES
+    assert "vs tcp" in r.output
 
 
 @pytest.mark.timeout(120)

@@ -503,6 +503,15 @@ def _option(convert: Callable[[], Any]) -> Any:
 @click.option(
     "--modes", default="latency,throughput", show_default=True, help="latency, throughput or both"
 )
+@click.option(
+    "--api",
+    "apis",
+    default="msg",
+    show_default=True,
+    help="how fable's rows move messages: msg (send/recv), batch (send_many/recv_many, 64 a "
+    "call; throughput only), buffer (getwritebuf/commit, getreadbuf/release); several: one "
+    "row each, e.g. msg,batch,buffer",
+)
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100))
 @click.option(
     "--rounds",
@@ -562,11 +571,12 @@ def _option(convert: Callable[[], Any]) -> Any:
 )
 @click.option(
     "--scenario",
-    type=click.Choice(["coschedule", "switch"]),
+    type=click.Choice(["coschedule", "switch", "connect"]),
     default=None,
     help="instead of the grid: coschedule = a ping-pong on mempipe-spin whose two processes "
     "are pinned to one CPU midway, with the daemon's triggers on and then off; switch = the "
-    "time of a live reconfiguration for every ordered pair of transports",
+    "time of a live reconfiguration for every ordered pair of transports; connect = connect "
+    "+ first echo through the daemon, beside TCP and unix sockets",
 )
 @click.option(
     "--duration",
@@ -584,6 +594,7 @@ def bench(
     pairs: str | None,
     grid: bool,
     modes: str,
+    apis: str,
     repeats: int,
     rounds: int,
     target_s: float,
@@ -629,6 +640,10 @@ def bench(
     for m in mode_list:
         if m not in plan.MODES:
             raise click.BadParameter(f"--modes takes latency and/or throughput, not {m!r}")
+    api_list = _csv(apis)
+    for a in api_list:
+        if a not in plan.APIS:
+            raise click.BadParameter(f"--api takes {', '.join(plan.APIS)}, not {a!r}")
     size_list = [_size(s) for s in _csv(sizes)]
     if grid and pairs:
         raise click.BadParameter("--grid and --pairs exclude each other")
@@ -640,7 +655,9 @@ def bench(
         pair_list = _pairs(pairs, allowed)
     else:
         pair_list = [p for p in topo.default_pairs() if p[0] in allowed and p[1] in allowed]
-    todo = plan.points(sel, pair_list, safety=wanted_safety, sizes=size_list, modes=mode_list)
+    todo = plan.points(
+        sel, pair_list, safety=wanted_safety, sizes=size_list, modes=mode_list, apis=api_list
+    )
     err = Console(stderr=True)
     for n in sel.notes:
         err.print(f"[yellow]note:[/] {n}")
@@ -689,6 +706,9 @@ def _scenario(name: str, pairs: str | None, duration: float, json_path: str | No
     console = Console()
     if name == "switch":
         _switch_scenario(console, (int(cpus[0]), int(cpus[1])), json_path)
+        return
+    if name == "connect":
+        _connect_scenario(console, (int(cpus[0]), int(cpus[1])), json_path)
         return
     console.print(
         f"coschedule: 64 B ping-pong over mempipe-spin, CPUs {cpus[0]} and {cpus[1]}; both "
@@ -766,6 +786,34 @@ def _switch_scenario(console: Any, cpus: tuple[int, int], json_path: str | None)
             "cpus": list(cpus),
             "ms": [{"from": a, "to": b, "ms": round(x, 3)} for (a, b), x in ms.items()],
         }
+        write_json(json_path, doc)
+
+
+def _connect_scenario(console: Any, cpus: tuple[int, int], json_path: str | None) -> None:
+    from rich.table import Table
+
+    from fable.bench.scenario import CONNECTS, connect_times
+    from fable.topology import machine_info
+
+    console.print(
+        f"connect: from nothing to the first 64 B message echoed back, {CONNECTS} connections "
+        f"each; this process on CPU {cpus[0]}, the accepting one on CPU {cpus[1]}"
+    )
+    res = connect_times(cpus)
+    t = Table(title="connect + first echo")
+    for col in ("kind", "median us", "p90 us", "vs tcp"):
+        t.add_column(col, justify="left" if col == "kind" else "right")
+    tcp = res["tcp"]["median_us"]
+    for kind, r in res.items():
+        label = f"fable ({r['transport']})" if kind == "fable" else kind
+        t.add_row(
+            label, f"{r['median_us']:,.1f}", f"{r['p90_us']:,.1f}", f"{r['median_us'] / tcp:.2f}x"
+        )
+    console.print(t)
+    if json_path:
+        from fable.bench.plan import write_json
+
+        doc = {"scenario": "connect", "machine": machine_info(), "cpus": list(cpus), **res}
         write_json(json_path, doc)
 
 

@@ -12,6 +12,8 @@
    asked for, a transport scores ``best / its own`` (1.0 = the best there; round trips lower is
    better, rates higher). Sizes and modes combine by geometric mean; placements by the minimum,
    so a transport must be good wherever the scheduler may put the ends. Unmeasured -> 0.
+   Scores within ``TIE`` (10%) of the best are a tie, which goes to the transport that does
+   not spin and can be polled (adaptive over spin): the table's spread cannot tell them apart.
 
 The reason of the choice names the facts and the numbers used. The built-in table
 (``policy_builtin.json``) is a quick bench of a 2-vCPU x86-64 KVM guest, the common case of a
@@ -21,6 +23,7 @@ pipes win round trips and futex-waiting shared memory wins throughput.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -42,6 +45,7 @@ __all__ = [
 
 SIZES = (64, 4096, 65536)
 MODES = ("latency", "throughput")
+TIE = 0.10  # scores this close to the best are a tie: about the calibration table's spread
 _BUILTIN = Path(__file__).with_name("policy_builtin.json")
 
 
@@ -89,6 +93,8 @@ class Table:
         cells: dict[tuple[str, str, bool, str, int], list[float]] = {}
         for r in records:
             if not r.get("verified") or r.get("transport") not in REGISTRY:
+                continue
+            if r.get("api", "msg") != "msg":  # the batch and buffer rows: not what picks
                 continue
             v = r["p50_ns"] if r["mode"] == "latency" else r["msgs_per_s"]
             key = (r["placement"], r["transport"], bool(r["safe"]), r["mode"], int(r["size"]))
@@ -255,8 +261,34 @@ def rank(facts: Facts, table: Table, topo: Topology | None = None) -> list[Choic
                 + (f"; {shown}" if shown else "; no calibration numbers"),
             )
         )
+    return _break_ties(out)
+
+
+def _frugal(name: str) -> tuple[bool, bool]:
+    """Sort key among near-ties: what does not spin first, then what can be polled."""
+    caps = REGISTRY[name].caps
+    return (caps.spins, not caps.pollable)
+
+
+def _break_ties(out: list[Choice]) -> list[Choice]:
+    """Best first; but among the transports within TIE of the best score, which the table
+    cannot tell apart (its measured spread), the one that burns less CPU and can be polled
+    (adaptive over spin) goes first, and its reason says so."""
     out.sort(key=lambda c: (c.excluded, -c.score))
-    return out
+    top = out[0].score if out and not out[0].excluded else 0.0
+    tied = [c for c in out if not c.excluded and top > 0 and c.score >= top * (1 - TIE)]
+    if len(tied) < 2:
+        return out
+    tied.sort(key=lambda c: (*_frugal(c.transport), -c.score))
+    if tied[0].transport != out[0].transport:
+        tied[0] = dataclasses.replace(
+            tied[0],
+            reason=tied[0].reason
+            + f"; within {TIE:.0%} of the best score ({out[0].transport} {top:.2f}), a tie the"
+            " table cannot break: preferred for not spinning / being pollable",
+        )
+    names = {c.transport for c in tied}
+    return tied + [c for c in out if c.transport not in names]
 
 
 def facts_for(a: dict[str, Any], b: dict[str, Any], **hints: Any) -> Facts:

@@ -15,6 +15,12 @@ Method (docs/bench.md says the same for users):
 - throughput: A writes ``n`` messages with ``send_many`` in batches; B reads them with ``recv``
   and reports when the last arrived; rate = n / (last arrival - first send), both on the
   system's monotonic clock.
+- ``api`` (fable's own rows): ``msg`` is the above; ``batch`` (throughput only) is
+  ``send_many``/``recv_many`` in batches of ``API_BATCH``, checked in C a batch at a time;
+  ``buffer`` is the zero-copy API both ways: ``getwritebuf``/``commit`` (``flush=False`` and one
+  ``flush`` a batch for throughput) and ``getreadbuf``/``release``, which never waits: the
+  reader calls it in a loop, and after ``BUFFER_SPINS`` empty calls waits on ``fileno()`` (not
+  on a spinning transport, which has none).
 - The iteration count grows from a short trial (the warm-up) until one repeat lasts about
   ``target_s``.
 - ``floor`` is not a transport: one cache line bounced between the two CPUs in C
@@ -24,6 +30,7 @@ Method (docs/bench.md says the same for users):
 from __future__ import annotations
 
 import array
+import io
 import json
 import mmap
 import os
@@ -32,6 +39,7 @@ import signal
 import statistics
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -41,6 +49,8 @@ from fable.bench.peers import peer_link
 from fable.transports import REGISTRY
 
 __all__ = [
+    "APIS",
+    "API_BATCH",
     "AUTO",
     "FLOOR",
     "SCHEMA_VERSION",
@@ -53,6 +63,9 @@ SCHEMA_VERSION = 1
 FLOOR = "floor"
 AUTO = "auto"
 FLOOR_SIZE = 64  # one cache line moves per hop
+APIS = ("msg", "batch", "buffer")  # how fable's rows move messages (module docstring)
+API_BATCH = 64  # messages per send_many/recv_many call of the batch API
+BUFFER_SPINS = 64  # empty getreadbuf calls before the buffer API's reader waits on fileno()
 _ns = time.perf_counter_ns  # CLOCK_MONOTONIC, shared by all processes (and by _native.floor)
 
 
@@ -92,71 +105,195 @@ def verify(msg: bytes, seq: int, size: int, full: bool) -> None:
             raise VerifyError(f"message {seq}: payload corrupted at byte {bad}")
 
 
+# ------------------------------------------------------------------------------- buffer API
+def _buffer_reader(ch: Any) -> Callable[[], list[Any]]:
+    """The buffer API's blocking read: a function returning the read buffers of the next
+    message (getreadbuf never waits: it is called in a loop, then ``fileno()`` is polled)."""
+    from fable.transports import REGISTRY as _REG
+
+    get = ch.getreadbuf
+    pending: deque[Any] = deque()
+    waiter = None
+    if not _REG[ch.transport].caps.spins:
+        try:
+            waiter = select.poll()
+            waiter.register(ch.fileno(), select.POLLIN)
+        except io.UnsupportedOperation:
+            waiter = None
+
+    def next_message() -> list[Any]:
+        out = []
+        while True:
+            spins = 0
+            while not pending:
+                bufs = get()
+                if bufs:
+                    pending.extend(bufs)
+                    break
+                spins += 1
+                if waiter is not None and spins >= BUFFER_SPINS:
+                    waiter.poll(1000)
+                    spins = 0
+            b = pending.popleft()
+            out.append(b)
+            if not b.more:
+                return out
+
+    return next_message
+
+
+def _joined(bufs: list[Any]) -> bytes | memoryview:
+    return bufs[0].data if len(bufs) == 1 else b"".join(bytes(b.data) for b in bufs)
+
+
+def _write_buffers(ch: Any, seq: int, size: int, flush: bool) -> None:
+    """Message ``seq`` written in place with getwritebuf/commit."""
+    bufs = ch.getwritebuf(size)
+    if len(bufs) == 1:
+        _native.fill(bufs[0].data, seq)
+    else:
+        m, pos = _native.message(seq, size), 0
+        for b in bufs:
+            b.data[:] = m[pos : pos + len(b.data)]
+            pos += len(b.data)
+    ch.commit(bufs, size, flush=flush)
+
+
+def _echo_buffers(ch: Any, bufs: list[Any]) -> None:
+    """Send back the message in ``bufs`` through write buffers, then release them."""
+    data = _joined(bufs)
+    n = len(data)
+    out = ch.getwritebuf(n)
+    if len(out) == 1:
+        out[0].data[:] = data
+    else:
+        pos = 0
+        for b in out:
+            b.data[:] = data[pos : pos + len(b.data)]
+            pos += len(b.data)
+    for b in bufs:
+        ch.release(b)
+    ch.commit(out, n)
+
+
 # ---------------------------------------------------------------------------------- worker B
+def _bad(m: bytes | memoryview, seq: int, size: int, mask: int, full: bool) -> bool:
+    return (
+        len(m) != size
+        or int.from_bytes(m[:8], "little") != seq & mask
+        or (full and _native.check(m, seq) >= 0)
+    )
+
+
 def _peer(ch: Channel, size: int, full: bool) -> None:
-    check, mask = _native.check, _mask(size)
+    mask = _mask(size)
+    buffers: Callable[[], list[Any]] | None = None
     while True:
         cmd = json.loads(ch.recv())
-        op, n = cmd["op"], cmd.get("n", 0)
+        op, n, api = cmd["op"], cmd.get("n", 0), cmd.get("api", "msg")
         if op == "end":
             return
         first = cmd["first"]
         recv = ch.recv
-        if op == "lat":
+        if api == "buffer" and buffers is None:
+            buffers = _buffer_reader(ch)
+        if op == "lat" and api == "buffer":
+            assert buffers is not None
+            for seq in range(first, first + n):
+                bufs = buffers()
+                m = _joined(bufs)
+                if _bad(m, seq, size, mask, full):
+                    verify(bytes(m), seq, size, full)
+                _echo_buffers(ch, bufs)
+        elif op == "lat":
             send = ch.send
             for seq in range(first, first + n):
                 m = recv()
-                if (
-                    len(m) != size
-                    or int.from_bytes(m[:8], "little") != seq & mask
-                    or (full and check(m, seq) >= 0)
-                ):
+                if _bad(m, seq, size, mask, full):
                     verify(m, seq, size, full)
                 send(m)
         elif op == "thr":
-            for seq in range(first, first + n):
-                m = recv()
-                if (
-                    len(m) != size
-                    or int.from_bytes(m[:8], "little") != seq & mask
-                    or (full and check(m, seq) >= 0)
-                ):
-                    verify(m, seq, size, full)
+            if api == "batch":
+                recv_many = cast(Any, ch).recv_many
+                seq, end = first, first + n
+                while seq < end:
+                    msgs = recv_many(min(API_BATCH, end - seq))
+                    bad = _native.check_many(msgs, seq, size, full)
+                    if bad >= 0:
+                        verify(msgs[bad], seq + bad, size, full)
+                    seq += len(msgs)
+            elif api == "buffer":
+                assert buffers is not None
+                release = cast(Any, ch).release
+                for seq in range(first, first + n):
+                    bufs = buffers()
+                    m = _joined(bufs)
+                    if _bad(m, seq, size, mask, full):
+                        verify(bytes(m), seq, size, full)
+                    for b in bufs:
+                        release(b)
+            else:
+                for seq in range(first, first + n):
+                    m = recv()
+                    if _bad(m, seq, size, mask, full):
+                        verify(m, seq, size, full)
             last = _ns()
             ch.send(json.dumps({"last_ns": last}).encode())
 
 
 # ---------------------------------------------------------------------------------- worker A
-def _latency(ch: Channel, size: int, n: int, first: int, full: bool) -> array.array[int]:
-    message, check, mask = _native.message, _native.check, _mask(size)
+def _latency(
+    ch: Channel, size: int, n: int, first: int, full: bool, api: str = "msg"
+) -> array.array[int]:
+    message, mask = _native.message, _mask(size)
     stamps = array.array("q", bytes(8 * (n + 1)))
-    ch.send(json.dumps({"op": "lat", "n": n, "first": first}).encode())
+    ch.send(json.dumps({"op": "lat", "n": n, "first": first, "api": api}).encode())
     send, recv = ch.send, ch.recv
+    if api == "buffer":
+        buffers = _buffer_reader(ch)
+        release = cast(Any, ch).release
+        stamps[0] = _ns()
+        for i in range(n):
+            seq = first + i
+            _write_buffers(ch, seq, size, True)
+            bufs = buffers()
+            stamps[i + 1] = _ns()
+            m = _joined(bufs)
+            if _bad(m, seq, size, mask, full):
+                verify(bytes(m), seq, size, full)
+            for b in bufs:
+                release(b)
+        return stamps
     stamps[0] = _ns()
     for i in range(n):
         seq = first + i
         send(message(seq, size))
         m = recv()
         stamps[i + 1] = _ns()
-        if (
-            len(m) != size
-            or int.from_bytes(m[:8], "little") != seq & mask
-            or (full and check(m, seq) >= 0)
-        ):
+        if _bad(m, seq, size, mask, full):
             verify(m, seq, size, full)
     return stamps
 
 
-def _throughput(ch: Channel, size: int, n: int, first: int, batch: int) -> float:
-    message = _native.message
-    ch.send(json.dumps({"op": "thr", "n": n, "first": first}).encode())
+def _throughput(ch: Channel, size: int, n: int, first: int, batch: int, api: str = "msg") -> float:
+    messages = _native.messages
+    ch.send(json.dumps({"op": "thr", "n": n, "first": first, "api": api}).encode())
     send_many = ch.send_many
     t0 = _ns()
     seq, end = first, first + n
-    while seq < end:
-        k = min(batch, end - seq)
-        send_many([message(s, size) for s in range(seq, seq + k)])
-        seq += k
+    if api == "buffer":
+        flush = ch.flush
+        while seq < end:
+            k = min(batch, end - seq)
+            for s in range(seq, seq + k):
+                _write_buffers(ch, s, size, False)
+            flush()
+            seq += k
+    else:
+        while seq < end:
+            k = min(batch, end - seq)
+            send_many(messages(seq, k, size))
+            seq += k
     ch.flush()
     last = int(json.loads(ch.recv())["last_ns"])
     return n / ((last - t0) / 1e9)
@@ -194,38 +331,38 @@ def _latency_result(samples: list[int], n: int) -> dict[str, Any]:
 
 def _measure(ch: Channel, point: Point, opts: dict[str, Any]) -> dict[str, Any]:
     full = opts["verify"] == "full"
-    size, repeats = point.size, opts["repeats"]
+    size, repeats, api = point.size, opts["repeats"], point.api
     first = 0
 
     if point.mode == "latency":
 
         def trial(n: int) -> float:
             nonlocal first
-            t = _latency(ch, size, n, first, full)
+            t = _latency(ch, size, n, first, full, api)
             first += n
             return (t[n] - t[0]) / 1e9
 
         n = _grow(trial, 50, opts)
         samples: list[int] = []
         for _ in range(repeats):
-            t = _latency(ch, size, n, first, full)
+            t = _latency(ch, size, n, first, full, api)
             first += n
             samples.extend(t[i + 1] - t[i] for i in range(n))
         return _latency_result(samples, n)
 
-    batch = _batch_for(size)
+    batch = API_BATCH if api == "batch" else _batch_for(size)
 
     def trial_thr(n: int) -> float:
         nonlocal first
         t0 = time.perf_counter()
-        _throughput(ch, size, n, first, batch)
+        _throughput(ch, size, n, first, batch, api)
         first += n
         return time.perf_counter() - t0
 
     n = _grow(trial_thr, batch * 4, opts)
     rates = []
     for _ in range(repeats):
-        rates.append(_throughput(ch, size, n, first, batch))
+        rates.append(_throughput(ch, size, n, first, batch, api))
         first += n
     rate = statistics.median(rates)
     return {
@@ -364,6 +501,12 @@ def run_point(
         raise ValueError("verify must be 'seq' or 'full'")
     if point.transport == FLOOR and point.mode != "latency":
         raise ValueError("the floor row measures latency only")
+    if point.api not in APIS:
+        raise ValueError(f"api must be one of {', '.join(APIS)}")
+    if point.api != "msg" and (point.transport == FLOOR or point.transport.startswith("peer:")):
+        raise ValueError("the batch and buffer APIs are fable's: not for the floor or a peer")
+    if point.api == "batch" and point.mode != "throughput":
+        raise ValueError("the batch API measures throughput only")
     opts = {"repeats": repeats, "target_s": target_s, "verify": verify, "max_iters": max_iters}
     if link is None and point.transport != FLOOR:
         link = link_for(point.transport)
@@ -372,6 +515,7 @@ def run_point(
         "safe": point.safe,
         "mode": point.mode,
         "size": point.size,
+        "api": point.api,
         "cpus": list(point.cpus),
         "placement": placement,
         "repeats": repeats,
@@ -431,7 +575,14 @@ def merge_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     point fails if any round failed."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in records:
-        key = (r["transport"], r["safe"], r["mode"], r["size"], tuple(r["cpus"]))
+        key = (
+            r["transport"],
+            r["safe"],
+            r["mode"],
+            r["size"],
+            r.get("api", "msg"),
+            tuple(r["cpus"]),
+        )
         groups.setdefault(key, []).append(r)
     out = []
     for rs in groups.values():

@@ -20,10 +20,12 @@ class Point:
     mode: str  # "latency" | "throughput"
     size: int
     cpus: tuple[int, int]
+    api: str = "msg"  # "msg": send/recv; "batch": send_many/recv_many; "buffer": the buffer API
 
 
 class Channel(Protocol):
-    """What the measuring loops use of a connection (a fable ``Connection`` is one)."""
+    """What the measuring loops use of a connection (a fable ``Connection`` is one; the
+    ``batch`` and ``buffer`` APIs also use its ``recv_many`` and buffer methods)."""
 
     def send(self, data: bytes, /) -> None: ...
     def send_many(self, msgs: Sequence[bytes], /) -> Any: ...

@@ -5,6 +5,11 @@
  * fill(buf, seq)                    the same bytes into a writable buffer
  * check(buf, seq) -> int            -1 if buf holds message `seq` of len(buf) bytes, else the
  *                                   offset of the first wrong byte
+ * messages(first, n, size) -> list  messages first..first+n-1 (a batch for send_many)
+ * check_many(msgs, first, size, full) -> int
+ *                                   -1 if msgs are messages first, first+1... of `size` bytes
+ *                                   (full: every byte checked, else the sequence numbers), else
+ *                                   the index of the first wrong one
  * floor(mem, role, base, n, stamps, timeout_ns) -> bool
  *                                   the cache-line ping-pong of the `floor` row (see below)
  *
@@ -109,6 +114,59 @@ static PyObject *native_check(PyObject *Py_UNUSED(m), PyObject *args) {
     return PyLong_FromSsize_t(bad);
 }
 
+static PyObject *native_messages(PyObject *Py_UNUSED(m), PyObject *args) {
+    unsigned long long first;
+    Py_ssize_t n, size;
+    if (!PyArg_ParseTuple(args, "Knn:messages", &first, &n, &size)) return NULL;
+    if (size < 0 || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "n and size must be >= 0");
+        return NULL;
+    }
+    PyObject *out = PyList_New(n);
+    if (!out) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *b = PyBytes_FromStringAndSize(NULL, size);
+        if (!b) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        do_fill((unsigned char *)PyBytes_AS_STRING(b), (size_t)size, first + (uint64_t)i);
+        PyList_SET_ITEM(out, i, b);
+    }
+    return out;
+}
+
+static PyObject *native_check_many(PyObject *Py_UNUSED(m), PyObject *args) {
+    PyObject *seq;
+    unsigned long long first;
+    Py_ssize_t size;
+    int full;
+    if (!PyArg_ParseTuple(args, "OKnp:check_many", &seq, &first, &size, &full)) return NULL;
+    PyObject *fast = PySequence_Fast(seq, "check_many takes a sequence of bytes-like objects");
+    if (!fast) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), bad = -1;
+    uint64_t mask = size >= 8 ? ~0ull : (1ull << (8 * size)) - 1;
+    for (Py_ssize_t i = 0; i < n && bad < 0; i++) {
+        Py_buffer v;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &v, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(fast);
+            return NULL;
+        }
+        uint64_t want = first + (uint64_t)i, got = 0;
+        if (v.len != size) {
+            bad = i;
+        } else if (full) {
+            if (do_check(v.buf, (size_t)size, want) >= 0) bad = i;
+        } else {
+            memcpy(&got, v.buf, size < 8 ? (size_t)size : 8);
+            if (got != (want & mask)) bad = i;
+        }
+        PyBuffer_Release(&v);
+    }
+    Py_DECREF(fast);
+    return PyLong_FromSsize_t(bad);
+}
+
 /* ------------------------------------------------------------------------------------- floor
  * floor(mem, role, base, n, stamps, timeout_ns): the lower bound of a round trip between two
  * CPUs. `mem` is shared memory (MAP_SHARED, at least 64 bytes, 8-aligned); its first word is the
@@ -189,6 +247,9 @@ static PyMethodDef native_methods[] = {
     {"message", native_message, METH_VARARGS, "message(seq, size) -> bytes of bench message seq"},
     {"fill", native_fill, METH_VARARGS, "fill(buf, seq): write bench message seq into buf"},
     {"check", native_check, METH_VARARGS, "check(buf, seq) -> -1 or the first wrong offset"},
+    {"messages", native_messages, METH_VARARGS, "messages(first, n, size) -> list of bench messages"},
+    {"check_many", native_check_many, METH_VARARGS,
+     "check_many(msgs, first, size, full) -> -1 or the index of the first wrong message"},
     {"floor", native_floor, METH_VARARGS,
      "floor(mem, role, base, n, stamps, timeout_ns) -> False if the peer stopped answering"},
     {NULL},

@@ -12,7 +12,15 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fable.bench.harness import AUTO, FLOOR, FLOOR_SIZE, SCHEMA_VERSION, merge_rounds, run_point
+from fable.bench.harness import (
+    APIS,
+    AUTO,
+    FLOOR,
+    FLOOR_SIZE,
+    SCHEMA_VERSION,
+    merge_rounds,
+    run_point,
+)
 from fable.bench.links import Point
 from fable.bench.peers import PEERS, missing
 from fable.client import private_daemon
@@ -21,6 +29,7 @@ from fable.topology import Topology, machine_info
 from fable.transports import REGISTRY
 
 __all__ = [
+    "APIS",
     "CALIBRATION_SIZES",
     "MODES",
     "QUICK",
@@ -100,9 +109,11 @@ def points(
     safety: Sequence[str] = ("safe", "unsafe"),
     sizes: Sequence[int] = CALIBRATION_SIZES,
     modes: Sequence[str] = MODES,
+    apis: Sequence[str] = ("msg",),
 ) -> list[Point]:
     """Every point of a run, in the order it measures them: per CPU pair, the floor, then
-    each row (each form a transport has, within ``safety``), size and mode."""
+    each row (each form a transport has, within ``safety``), size and mode; fable's rows once
+    per API of ``apis`` (``batch`` for throughput only; the floor and peers: ``msg`` only)."""
     out = []
     for cpus in pairs:
         if sel.floor and "latency" in modes:
@@ -115,9 +126,11 @@ def points(
         rows = [(n, safe) for n, safe in rows if ("safe" if safe else "unsafe") in safety]
         rows += [(f"peer:{peer}", True) for peer in sel.peers]
         for name, safe in rows:
-            for size in sizes:
-                for mode in modes:
-                    out.append(Point(name, safe, mode, size, cpus))
+            for api in apis if not name.startswith("peer:") else ("msg",):
+                for size in sizes:
+                    for mode in modes:
+                        if api != "batch" or mode == "throughput":
+                            out.append(Point(name, safe, mode, size, cpus, api))
     return out
 
 

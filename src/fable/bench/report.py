@@ -22,13 +22,20 @@ Record = dict[str, Any]
 
 
 def row_name(r: Record) -> str:
+    """``transport form``, and `` (batch)``/`` (buffer)`` for the other APIs (harness.APIS)."""
     t = str(r["transport"])
     if t == "floor" or t.startswith("peer:"):
         return t
-    return f"{t} {'safe' if r['safe'] else 'unsafe'}"
+    api = r.get("api", "msg")
+    return f"{t} {'safe' if r['safe'] else 'unsafe'}" + ("" if api == "msg" else f" ({api})")
 
 
 NOT_A_TRANSPORT = ("floor", "auto safe", "auto unsafe")  # never "the best transport"
+
+
+def is_transport_row(row: str) -> bool:
+    """A row that may be "the best transport": not the floor, not auto, not another API's."""
+    return row not in NOT_A_TRANSPORT and "(" not in row
 
 
 def row_order(name: str) -> tuple[int, str]:
@@ -41,9 +48,10 @@ def row_order(name: str) -> tuple[int, str]:
         return (2, name)
     if name.startswith("peer:"):
         return (3, name)
-    t, _, safety = name.partition(" ")
+    t, _, rest = name.partition(" ")
+    safety, _, api = rest.partition(" ")
     order = list(REGISTRY)
-    return (1, f"{order.index(t) if t in order else 99:02d}{safety == 'unsafe':d}")
+    return (1, f"{order.index(t) if t in order else 99:02d}{safety == 'unsafe':d}{api}")
 
 
 def size_label(size: int) -> str:
@@ -87,8 +95,7 @@ class Summary:
         found = [
             (row, v)
             for row in (rows if rows is not None else self.rows)
-            if row not in NOT_A_TRANSPORT
-            and (v := self.get(placement, row, size, mode)) is not None
+            if is_transport_row(row) and (v := self.get(placement, row, size, mode)) is not None
         ]
         if not found:
             return None
@@ -99,8 +106,7 @@ class Summary:
         found = [
             (row, v)
             for row in self.rows
-            if row not in NOT_A_TRANSPORT
-            and (v := self.get(placement, row, size, mode)) is not None
+            if is_transport_row(row) and (v := self.get(placement, row, size, mode)) is not None
         ]
         if not found:
             return None
@@ -198,7 +204,7 @@ def markdown(records: list[Record], machine: dict[str, Any], notes: list[str]) -
         "cache line bounced in C, the lower bound of any round trip, and never the best.",
         "",
     ]
-    fable_rows = [r for r in s.rows if r not in NOT_A_TRANSPORT and not r.startswith("peer:")]
+    fable_rows = [r for r in s.rows if is_transport_row(r) and not r.startswith("peer:")]
     peer_rows = [r for r in s.rows if r.startswith("peer:")]
     for mode, title in (("latency", "Round trip (p50)"), ("throughput", "Throughput")):
         if not any(k[3] == mode and k[1] != "floor" for k in s.cells):
@@ -303,7 +309,7 @@ def auto_lines(records: list[Record], s: Summary) -> list[str]:
 
 
 def _key(r: Record) -> tuple[Any, ...]:
-    return (r["transport"], r["safe"], r["mode"], r["size"], tuple(r["cpus"]))
+    return (r["transport"], r["safe"], r["mode"], r["size"], r.get("api", "msg"), tuple(r["cpus"]))
 
 
 def compare_table(a: list[Record], b: list[Record]) -> tuple[Table, list[tuple[str, float]]]:

@@ -1,5 +1,7 @@
 """``fable bench --scenario coschedule``: what the placement trigger buys (daemon/triggers.py);
-``--scenario switch``: how long a live reconfiguration takes, per ordered pair of transports.
+``--scenario switch``: how long a live reconfiguration takes, per ordered pair of transports;
+``--scenario connect``: what setting a connection up costs (``connect_times``), beside TCP and
+unix sockets.
 
 Two processes, pinned to two CPUs, register with a daemon of the bench's own and ping-pong
 64 B messages over mempipe-spin (forced at connect: the initial choice, not an operator hold;
@@ -27,7 +29,7 @@ from typing import Any
 
 import psutil
 
-__all__ = ["coschedule", "pin_process", "switch_times"]
+__all__ = ["CONNECTS", "connect_times", "coschedule", "pin_process", "switch_times"]
 
 SIZE = 64
 
@@ -262,6 +264,120 @@ def switch_times(cpus: tuple[int, int], repeats: int = 3) -> dict[tuple[str, str
                 if os.waitstatus_to_exitcode(status) != 0:
                     raise RuntimeError(f"{a} -> {b}: the echo process failed (status {status})")
                 out[(a, b)] = statistics.median(times[0::2]) * 1e3
+    finally:
+        os.sched_setaffinity(0, old)
+    return out
+
+
+CONNECTS = 200  # connections each kind of the connect scenario makes
+
+
+def _serve_fable(cpu: int, name: str, ready_w: int) -> None:
+    """Accept connections one after another; echo the first message of each, then wait for
+    the peer's close."""
+    import fable
+
+    os.sched_setaffinity(0, {cpu})
+    lst = fable.register(name).listen()
+    os.write(ready_w, b"r")
+    os.close(ready_w)
+    while True:
+        conn = lst.accept(timeout=60)
+        with contextlib.suppress(fable.ConnectionClosed, fable.PeerDied):
+            conn.send(conn.recv(timeout=10))
+            conn.recv(timeout=10)  # the peer's close
+        conn.close()
+
+
+def _serve_socket(cpu: int, lst: Any) -> None:
+    os.sched_setaffinity(0, {cpu})
+    while True:
+        c, _ = lst.accept()
+        with c:
+            c.sendall(c.recv(SIZE))
+            c.recv(1)  # the peer's close
+
+
+def connect_times(cpus: tuple[int, int], n: int | None = None) -> dict[str, dict[str, Any]]:
+    """Microseconds from nothing to the first 64 B message echoed back, ``n`` (``CONNECTS``)
+    times per kind:
+    ``fable`` (``connect`` to a name through a daemon of the bench's own, no hints: the
+    policy's pick), and TCP over loopback and a unix socket (connect, send, receive) for
+    scale; this process on ``cpus[0]``, the accepting one on ``cpus[1]``. Each kind: median,
+    p90, and for fable the transport it got."""
+    import socket
+    import tempfile
+
+    import fable
+    from fable.client import private_daemon
+
+    n = CONNECTS if n is None else n
+    old = os.sched_getaffinity(0)
+    out: dict[str, dict[str, Any]] = {}
+    msg = b"c" * SIZE
+
+    def stats(times: list[float], **extra: Any) -> dict[str, Any]:
+        times.sort()
+        return {
+            "median_us": round(statistics.median(times) * 1e6, 1),
+            "p90_us": round(times[int(len(times) * 0.9)] * 1e6, 1),
+            "n": len(times),
+            **extra,
+        }
+
+    try:
+        with private_daemon(), tempfile.TemporaryDirectory() as tmp:
+            rr, rw = os.pipe()
+            name = f"connect/{os.getpid()}"
+            server = _child(_serve_fable, cpus[1], name, rw)
+            os.close(rw)
+            try:
+                if os.read(rr, 1) != b"r":
+                    raise RuntimeError("the accepting process did not start")
+                os.sched_setaffinity(0, {cpus[0]})
+                ctx = fable.register(f"{name}/client")
+                times, got = [], set()
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    conn = ctx.connect(name, timeout=10)
+                    conn.send(msg)
+                    if conn.recv(timeout=10) != msg:
+                        raise RuntimeError("the echo came back wrong")
+                    times.append(time.perf_counter() - t0)
+                    got.add(getattr(conn, "transport", "?"))
+                    conn.close()
+                out["fable"] = stats(times, transport=",".join(sorted(got)))
+            finally:
+                os.close(rr)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(server, 9)
+                os.waitpid(server, 0)
+            for kind, family, addr in (
+                ("tcp", socket.AF_INET, ("127.0.0.1", 0)),
+                ("unix", socket.AF_UNIX, os.path.join(tmp, "s")),
+            ):
+                lst = socket.socket(family, socket.SOCK_STREAM)
+                lst.bind(addr)
+                lst.listen(64)
+                where = lst.getsockname()
+                pid = _child(_serve_socket, cpus[1], lst)
+                lst.close()
+                try:
+                    times = []
+                    for _ in range(n):
+                        t0 = time.perf_counter()
+                        with socket.socket(family, socket.SOCK_STREAM) as c:
+                            c.connect(where)
+                            c.sendall(msg)
+                            got_back = b""
+                            while len(got_back) < SIZE:
+                                got_back += c.recv(SIZE)
+                            times.append(time.perf_counter() - t0)
+                    out[kind] = stats(times)
+                finally:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, 9)
+                    os.waitpid(pid, 0)
     finally:
         os.sched_setaffinity(0, old)
     return out
