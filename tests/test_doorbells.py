@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import pytest
 
@@ -80,3 +81,29 @@ def test_a_sleeping_side_is_woken_by_its_peer(transport: str, sleeper: int, what
     finally:
         os.close(go_r)
         os.close(go_w)
+
+
+@pytest.mark.parametrize("transport", SLEEPERS)
+def test_an_empty_getreadbuf_arms_readiness_only_for_a_fileno(transport: str) -> None:
+    """Arming (the event bit in DATA_WAITING) makes the writer's next publish a system call:
+    an empty getreadbuf arms it only once a fileno() exists that someone may wait on."""
+    import struct
+
+    from fable.ring import layout as L
+
+    conn, pending = fable.open_pair(transport)
+    other = pending.open()
+    with conn, other:
+        path: Any = conn._path
+
+        def flag() -> int:
+            off = path._rx_base + L.DATA_WAITING
+            return int(struct.unpack_from("<I", path._mv, off)[0])
+
+        assert conn.getreadbuf() == [] and flag() == 0
+        other.send(b"x")
+        assert [bytes(b.data) for b in conn.getreadbuf()] == [b"x"]
+        conn.fileno()
+        assert conn.getreadbuf() == [] and flag() & L.WAITER_EVENT
+        other.send(b"y")  # rings the readiness fd
+        assert [bytes(b.data) for b in conn.getreadbuf()] == [b"y"]

@@ -73,6 +73,7 @@ from fable.transports.shm import (
 
 SPIN, FUTEX, ADAPTIVE = L.WAIT_SPIN, L.WAIT_FUTEX, L.WAIT_ADAPTIVE
 SLICE_NS = {SPIN: 20_000_000, FUTEX: 200_000_000, ADAPTIVE: 200_000_000}
+LOOK_S = 0.02  # an empty getreadbuf looks for a closed or dead peer at most this often
 MAX_FRAGMENT = 1 << 20
 
 
@@ -206,6 +207,7 @@ class RingPath(MessagePath):
         self._open_parts = 0  # records reserved by getwritebuf, not yet committed or aborted
         self._pinned = 0  # ring bytes held by unsafe read buffers
         self._pin_limit = capacity // 2
+        self._next_read_look = 0.0  # when an empty getreadbuf looks at the setup channel next
 
     # ================================================================= liveness and waiting
 
@@ -383,7 +385,9 @@ class RingPath(MessagePath):
         while self._held < self._read_limit and not self._peer_closed:
             rec = self._rx.peek()
             if rec is None:
-                if out or self._mode == SPIN or self._rx.arm() is False:
+                # readiness is armed only for a fileno() that exists (arming makes the
+                # writer's next publish a system call)
+                if out or self._epoll is None or self._rx.arm() is False:
                     break
                 continue  # data arrived while arming: read it
             pos, off, length, flags, _ = rec
@@ -416,9 +420,12 @@ class RingPath(MessagePath):
                 raise NoSpace(
                     f"read buffers hold {self._pinned} B of the ring; copy and release some"
                 )
-            if self._setup.peer_state() is not None and not self._rx.available():
-                raise self._gone()
-            if self._mode != SPIN:
+            now = time.monotonic()
+            if now >= self._next_read_look:  # a system call: not on every empty call
+                self._next_read_look = now + LOOK_S
+                if self._setup.peer_state() is not None and not self._rx.available():
+                    raise self._gone()
+            if self._epoll is not None:
                 self._armed = True
         else:
             self._mid = out[-1].more
