@@ -16,9 +16,10 @@
    not spin and can be polled (adaptive over spin): the table's spread cannot tell them apart.
 
 The reason of the choice names the facts and the numbers used. The built-in table
-(``policy_builtin.json``) is a quick bench of a 2-vCPU x86-64 KVM guest, the common case of a
-small cloud VM: cross-core, spinning shared memory wins latency and throughput; on one core,
-pipes win round trips and futex-waiting shared memory wins throughput.
+(``policy_builtin.json``) is one ``fable bench --rounds 5`` of a 2-vCPU x86-64 KVM guest, the
+common case of a small cloud VM: cross-core, shared memory wins latency and throughput (spin
+and adaptive within a few percent: adaptive, by the tie rule); on one core, pipes win round
+trips and adaptive shared memory wins throughput.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ Method (docs/bench.md says the same for users):
   and reports when the last arrived; rate = n / (last arrival - first send), both on the
   system's monotonic clock.
 - ``api`` (fable's own rows): ``msg`` is the above; ``batch`` (throughput only) is
-  ``send_many``/``recv_many`` in batches of ``API_BATCH``, checked in C a batch at a time;
+  ``send_many``/``recv_many`` in batches of ``API_BATCH`` (at most ``API_BATCH_BYTES``),
+  checked in C a batch at a time;
   ``buffer`` is the zero-copy API both ways: ``getwritebuf``/``commit`` (``flush=False`` and one
   ``flush`` a batch for throughput) and ``getreadbuf``/``release``, which never waits: the
   reader calls it in a loop, and after ``BUFFER_SPINS`` empty calls waits on ``fileno()`` (not
@@ -65,6 +66,7 @@ AUTO = "auto"
 FLOOR_SIZE = 64  # one cache line moves per hop
 APIS = ("msg", "batch", "buffer")  # how fable's rows move messages (module docstring)
 API_BATCH = 64  # messages per send_many/recv_many call of the batch API
+API_BATCH_BYTES = 1 << 20  # ... and at most this many bytes a batch (16 of 64 KiB)
 BUFFER_SPINS = 64  # empty getreadbuf calls before the buffer API's reader waits on fileno()
 _ns = time.perf_counter_ns  # CLOCK_MONOTONIC, shared by all processes (and by _native.floor)
 
@@ -363,7 +365,7 @@ def _measure(ch: Channel, point: Point, opts: dict[str, Any]) -> dict[str, Any]:
             samples.extend(t[i + 1] - t[i] for i in range(n))
         return _latency_result(samples, n)
 
-    batch = API_BATCH if api == "batch" else _batch_for(size)
+    batch = min(API_BATCH, max(1, API_BATCH_BYTES // size)) if api == "batch" else _batch_for(size)
 
     def trial_thr(n: int) -> float:
         nonlocal first
