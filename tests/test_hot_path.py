@@ -191,3 +191,27 @@ def test_peer_killed_at_a_random_moment(transport: str) -> None:
     for reading in (True, False):
         for batch in (False, True):
             _killed_mid_stream(transport, reading, batch)
+
+
+def test_recv_many_hands_over_what_it_took_before_a_bad_record() -> None:
+    """Three good records, then one with a wrong sequence number (a hostile writer): recv_many
+    returns the three, and the next call raises ProtocolError (none of the three is lost)."""
+    import struct
+
+    from fable.errors import ProtocolError
+    from fable.ring import layout as L
+
+    conn, pending = fable.open_pair("mempipe-futex")
+    other = pending.open()
+    with conn, other:
+        for i in range(3):
+            other.send(b"%d" % i)
+        path: Any = other._path
+        pos, off, _ = path._tx.reserve(8)
+        path._tx.commit(pos, 8)
+        path._tx.publish()
+        at = path._tx_base + off - L.RECORD_HEADER + L.REC_SEQ
+        struct.pack_into("<Q", path._mv, at, 99)  # the writer rewrites the header it published
+        assert conn.recv_many(10, timeout=5) == [b"0", b"1", b"2"]
+        with pytest.raises(ProtocolError, match="sequence gap"):
+            conn.recv_many(10, timeout=5)

@@ -189,7 +189,13 @@ FR_HIDDEN PyObject *Ring_recv_many(Ring *self, PyObject *const *args, Py_ssize_t
             int ok;
             while ((out ? PyList_GET_SIZE(out) : 0) < max && (ok = peek_plain(self, &rec)) != 0) {
                 PyObject *m = ok < 0 ? NULL : take_bytes(self, &rec);
-                if (!m) { Py_XDECREF(out); return NULL; } /* (a record peeked is never lost: see below) */
+                if (!m && out) {
+                    /* the messages taken go back now; the error (the ring's state) comes again
+                     * at the next call, or the record not copied out is read then */
+                    PyErr_Clear();
+                    return out;
+                }
+                if (!m) return NULL;
                 self->msgs++;
                 self->bytes += rec.length;
                 if (!out && !(out = PyList_New(0))) { Py_DECREF(m); return NULL; }
