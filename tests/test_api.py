@@ -82,3 +82,24 @@ def test_negative_timeout(pair: tuple[fable.Connection, fable.Connection]) -> No
     a, b = pair
     with a, b, pytest.raises(ValueError):
         b.recv(timeout=-1)
+
+
+def test_the_papers_names_move_messages(pair: tuple[fable.Connection, fable.Connection]) -> None:
+    """fable.xio: the buffer calls and the batch calls under the paper's names."""
+    from fable import xio
+
+    a, b = pair
+    with a, b:
+        bufs = xio.xio_getwritebuf(a, 5)
+        bufs[0].data[:5] = b"hello"
+        xio.xio_commit(a, bufs, 5)
+        got = xio.xio_getreadbuf(b)
+        while not got:
+            got = xio.xio_getreadbuf(b)
+        assert bytes(got[0].data) == b"hello"
+        xio.xio_release(b, got[0])
+        assert xio.xio_send_many(a, [b"1", b"2", b"3"]) == 3
+        msgs: list[bytes] = []
+        while len(msgs) < 3:
+            msgs += xio.xio_recv_many(b, 8, timeout=5)
+        assert msgs == [b"1", b"2", b"3"]
