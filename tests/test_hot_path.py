@@ -178,6 +178,9 @@ def _killed_mid_stream(transport: str, reading: bool, batch: bool) -> None:
             late = time.monotonic() - killed[0]
             assert late < 1.0, f"PeerDied came {late:.2f} s after the kill"
             assert expect <= n
+        # the child died of the kill, not of a failure of its own (which is PeerDied too)
+        status = ch.join()
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
     finally:
         timer.cancel()
         ch.kill()

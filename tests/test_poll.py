@@ -99,9 +99,24 @@ def test_selectors(transport: str, safe: bool, where: str) -> None:
         sel.unregister(conn)
 
 
-def test_asyncio(pair: tuple[Any, fable.Connection]) -> None:
+@pytest.mark.parametrize("batched", [False, True], ids=["async-for", "arecv_many"])
+def test_asyncio(pair: tuple[Any, fable.Connection], batched: bool) -> None:
+    """Every message once and in order, with ``async for`` or with ``arecv_many`` (at most
+    max_msgs a call), then the peer's close."""
     a, b = pair
     msgs = [b"%d" % i + b"." * (i * 300) for i in range(200)]
+
+    async def receive() -> list[bytes]:
+        if not batched:
+            return [m async for m in b]
+        got: list[bytes] = []
+        while len(got) < len(msgs):
+            batch = await b.arecv_many(32)
+            assert 1 <= len(batch) <= 32
+            got += batch
+        with pytest.raises(fable.ConnectionClosed):
+            await b.arecv_many(32)
+        return got
 
     async def main() -> list[bytes]:
         async def producer() -> None:
@@ -111,44 +126,10 @@ def test_asyncio(pair: tuple[Any, fable.Connection]) -> None:
 
         if isinstance(a, RemoteEnd):  # the other process sends, then closes
             a.send_all_and_close_later(msgs)
-            return [m async for m in b]
+            return await receive()
         task = asyncio.create_task(producer())
-        got = [m async for m in b]
+        got = await receive()
         await task
-        return got
-
-    with b:
-        got = asyncio.run(asyncio.wait_for(main(), 60))
-    if isinstance(a, RemoteEnd):
-        a.close()
-    assert got == msgs
-
-
-def test_asyncio_recv_many(pair: tuple[Any, fable.Connection]) -> None:
-    """arecv_many: every message once and in order, at most max_msgs a call, then the close."""
-    a, b = pair
-    msgs = [b"%d" % i + b"." * (i % 7 * 300) for i in range(500)]
-
-    async def main() -> list[bytes]:
-        async def producer() -> None:
-            for m in msgs:
-                await a.asend(m)
-            a.close()
-
-        task = None
-        if isinstance(a, RemoteEnd):
-            a.send_all_and_close_later(msgs)
-        else:
-            task = asyncio.create_task(producer())
-        got: list[bytes] = []
-        while len(got) < len(msgs):
-            batch = await b.arecv_many(32)
-            assert 1 <= len(batch) <= 32
-            got += batch
-        with pytest.raises(fable.ConnectionClosed):
-            await b.arecv_many(32)
-        if task is not None:
-            await task
         return got
 
     with b:

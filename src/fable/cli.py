@@ -696,7 +696,7 @@ def _scenario(name: str, pairs: str | None, duration: float, json_path: str | No
     from rich.table import Table
 
     from fable.bench.scenario import coschedule
-    from fable.topology import Topology, machine_info
+    from fable.topology import Topology
 
     topo = Topology.read()
     chosen = _pairs(pairs, topo.cpus) if pairs else []
@@ -746,12 +746,7 @@ def _scenario(name: str, pairs: str | None, duration: float, json_path: str | No
         if r["last_switch"]:
             console.print(f"switch: {r['last_switch']['reason']}")
     if json_path:
-        from fable.bench.plan import write_json
-
-        write_json(
-            json_path,
-            {"scenario": name, "machine": machine_info(), "cpus": list(cpus), "runs": runs},
-        )
+        _write_scenario(json_path, name, (int(cpus[0]), int(cpus[1])), {"runs": runs})
 
 
 def _switch_scenario(console: Any, cpus: tuple[int, int], json_path: str | None) -> None:
@@ -760,7 +755,6 @@ def _switch_scenario(console: Any, cpus: tuple[int, int], json_path: str | None)
     from rich.table import Table
 
     from fable.bench.scenario import switch_times
-    from fable.topology import machine_info
     from fable.transports import REGISTRY
 
     console.print(
@@ -778,22 +772,22 @@ def _switch_scenario(console: Any, cpus: tuple[int, int], json_path: str | None)
     v = sorted(ms.values())
     console.print(f"median {statistics.median(v):.2f} ms, min {v[0]:.2f}, max {v[-1]:.2f}")
     if json_path:
-        from fable.bench.plan import write_json
+        rows = [{"from": a, "to": b, "ms": round(x, 3)} for (a, b), x in ms.items()]
+        _write_scenario(json_path, "switch", cpus, {"ms": rows})
 
-        doc = {
-            "scenario": "switch",
-            "machine": machine_info(),
-            "cpus": list(cpus),
-            "ms": [{"from": a, "to": b, "ms": round(x, 3)} for (a, b), x in ms.items()],
-        }
-        write_json(json_path, doc)
+
+def _write_scenario(json_path: str, name: str, cpus: tuple[int, int], body: dict[str, Any]) -> None:
+    """A scenario's JSON: its name, the machine, the CPUs, then ``body``."""
+    from fable.bench.plan import write_json
+    from fable.topology import machine_info
+
+    write_json(json_path, {"scenario": name, "machine": machine_info(), "cpus": list(cpus), **body})
 
 
 def _connect_scenario(console: Any, cpus: tuple[int, int], json_path: str | None) -> None:
     from rich.table import Table
 
     from fable.bench.scenario import CONNECTS, connect_times
-    from fable.topology import machine_info
 
     console.print(
         f"connect: from nothing to the first 64 B message echoed back, {CONNECTS} connections "
@@ -811,10 +805,7 @@ def _connect_scenario(console: Any, cpus: tuple[int, int], json_path: str | None
         )
     console.print(t)
     if json_path:
-        from fable.bench.plan import write_json
-
-        doc = {"scenario": "connect", "machine": machine_info(), "cpus": list(cpus), **res}
-        write_json(json_path, doc)
+        _write_scenario(json_path, "connect", cpus, res)
 
 
 def _fmt_us(v: float | None) -> str:

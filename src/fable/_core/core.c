@@ -167,7 +167,6 @@ static PyMethodDef Ring_methods[] = {
     {"peek", (PyCFunction)Ring_peek, METH_NOARGS, "peek() -> (pos, offset, length, flags, seq) | None"},
     {"release", (PyCFunction)Ring_release, METH_O, "release(pos)"},
     {"read", (PyCFunction)Ring_read, METH_NOARGS, "read() -> (bytes, flags) | None"},
-    {"read_plain", (PyCFunction)Ring_read_plain, METH_NOARGS, "read_plain() -> bytes | None"},
     {"available", (PyCFunction)Ring_available, METH_NOARGS, "available() -> bool"},
     {"wait", (PyCFunction)Ring_wait, METH_VARARGS, "wait(need, mode, slice_ns, spin_ns) -> bool"},
     {"arm", (PyCFunction)Ring_arm, METH_NOARGS, "arm() -> bool (True: data already there)"},

@@ -98,6 +98,7 @@ FR_HIDDEN int release_at(Ring *r, uint64_t pos);
 FR_HIDDEN int peek_plain(Ring *r, rec_t *out);
 FR_HIDDEN void unpeek(Ring *r, const rec_t *rec); /* give back the record just peeked */
 FR_HIDDEN PyObject *take_bytes(Ring *r, const rec_t *rec); /* copy out + release */
+FR_HIDDEN PyObject *copy_out(Ring *r, const rec_t *rec);   /* copy out, still held */
 FR_HIDDEN PyObject *Ring_reserve(Ring *self, PyObject *arg);
 FR_HIDDEN PyObject *Ring_commit(Ring *self, PyObject *args);
 FR_HIDDEN PyObject *Ring_abort(Ring *self, PyObject *arg);
@@ -108,7 +109,6 @@ FR_HIDDEN PyObject *Ring_free(Ring *self, PyObject *ignored);
 FR_HIDDEN PyObject *Ring_peek(Ring *self, PyObject *ignored);
 FR_HIDDEN PyObject *Ring_release(Ring *self, PyObject *arg);
 FR_HIDDEN PyObject *Ring_read(Ring *self, PyObject *ignored);
-FR_HIDDEN PyObject *Ring_read_plain(Ring *self, PyObject *ignored);
 FR_HIDDEN PyObject *Ring_available(Ring *self, PyObject *ignored);
 
 /* wait.c */

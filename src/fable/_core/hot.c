@@ -15,6 +15,12 @@ static int hot_ok(Ring *r, int writer) {
     return !r->gate && r->writer == writer && r->has_view && !r->closing && r->slow;
 }
 
+/* One message more through the hot path (the ring's msgs/nbytes counters). */
+static void count(Ring *r, uint64_t length) {
+    r->msgs++;
+    r->bytes += length;
+}
+
 /* The timeout argument of a hot call: args[at], or the keyword "timeout". 1 with *until set (0:
  * wait forever) and *nowait (timeout 0); 0 when the call is not of the plain kind (another
  * keyword, a bad value, a negative one...): the slow path then takes it and says what is wrong. */
@@ -80,8 +86,7 @@ FR_HIDDEN PyObject *Ring_send(Ring *self, PyObject *const *args, Py_ssize_t narg
             while ((uint64_t)b.len <= self->frag && hot_ok(self, 1)) {
                 int ok = append_record(self, b.buf, (uint64_t)b.len, 0);
                 if (ok > 0) {
-                    self->msgs++;
-                    self->bytes += (uint64_t)b.len;
+                    count(self, (uint64_t)b.len);
                     do_publish(self);
                     PyBuffer_Release(&b);
                     Py_RETURN_NONE;
@@ -113,13 +118,14 @@ FR_HIDDEN PyObject *Ring_send_many(Ring *self, PyObject *const *args, Py_ssize_t
     while (done < n && hot_ok(self, 1)) {
         Py_ssize_t k = done;
         uint64_t next_len = 0;
-        int big = 0;
+        int big = 0; /* items[k] is for the slow path: larger than one record, or not a buffer */
         for (; k < n; k++) {
             Py_buffer b;
             if (PyObject_GetBuffer(items[k], &b, PyBUF_SIMPLE) < 0) { PyErr_Clear(); big = 1; break; }
             next_len = (uint64_t)b.len;
-            int ok = next_len > self->frag ? (big = 1, 0) : append_record(self, b.buf, next_len, 0);
-            if (ok > 0) { self->msgs++; self->bytes += next_len; }
+            if (next_len > self->frag) { PyBuffer_Release(&b); big = 1; break; }
+            int ok = append_record(self, b.buf, next_len, 0);
+            if (ok > 0) count(self, next_len);
             PyBuffer_Release(&b);
             if (ok < 0) { do_publish(self); Py_DECREF(fast); return NULL; }
             if (!ok) break;
@@ -137,13 +143,8 @@ FR_HIDDEN PyObject *Ring_send_many(Ring *self, PyObject *const *args, Py_ssize_t
     PyObject *rest = PySequence_GetSlice(fast, done, n);
     Py_DECREF(fast);
     if (!rest) return NULL;
-    PyObject *tmo;
-    uint64_t t = now_ns();
-    if (until) tmo = PyFloat_FromDouble(t < until ? (double)(until - t) / 1e9 : 1e-9);
-    else tmo = nowait ? PyLong_FromLong(0) : Py_NewRef(Py_None);
-    PyObject *vec[2] = {rest, tmo};
-    PyObject *more = tmo ? call_slow(self->slow_many, vec, 2, NULL, 1, 0) : NULL;
-    Py_XDECREF(tmo);
+    PyObject *vec[2] = {rest, nargs > 1 ? args[1] : kwnames ? args[nargs] : Py_None};
+    PyObject *more = call_slow(self->slow_many, vec, 2, NULL, 1, until);
     Py_DECREF(rest);
     if (!more) return NULL;
     Py_ssize_t extra = PyLong_AsSsize_t(more);
@@ -152,63 +153,71 @@ FR_HIDDEN PyObject *Ring_send_many(Ring *self, PyObject *const *args, Py_ssize_t
     return PyLong_FromSsize_t(done + extra);
 }
 
-/* recv(timeout=None) -> bytes: the next record when it is a whole message, waiting for it. */
+/* The next whole message's record, waiting for it (hot_wait) unless `nowait`: 1 (handed out,
+ * *rec filled), 0 (the slow path decides: nothing there and no wait allowed, a flagged
+ * record, or the wait ended for the slow path), -1 (error). */
+static int next_plain(Ring *r, rec_t *rec, uint64_t until, int nowait) {
+    do {
+        int ok = peek_plain(r, rec);
+        if (ok) return ok;
+        if (nowait || r->wmode < 0 || record_waiting(r)) return 0;
+        ok = hot_wait(r, 0, until);
+        if (ok <= 0) return ok;
+    } while (hot_ok(r, 0));
+    return 0;
+}
+
+/* recv(timeout=None) -> bytes: the next whole message, waiting for it. */
 FR_HIDDEN PyObject *Ring_recv(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     uint64_t until = 0;
     int nowait = 0;
+    rec_t rec;
     if (hot_ok(self, 0) && parse_timeout(args, nargs, kwnames, 0, &until, &nowait)) {
-        do {
-            rec_t rec;
-            int ok = peek_plain(self, &rec);
-            if (ok < 0) return NULL;
-            if (ok) {
-                PyObject *m = take_bytes(self, &rec);
-                if (m) { self->msgs++; self->bytes += rec.length; }
-                return m;
-            }
-            if (nowait || self->wmode < 0 || record_waiting(self)) break;
-            ok = hot_wait(self, 0, until);
-            if (ok < 0) return NULL;
-            if (!ok) break;
-        } while (hot_ok(self, 0));
+        int ok = next_plain(self, &rec, until, nowait);
+        if (ok < 0) return NULL;
+        if (ok) {
+            PyObject *m = take_bytes(self, &rec);
+            if (m) count(self, rec.length);
+            return m;
+        }
     }
     return call_slow(self->slow, args, nargs, kwnames, 0, until);
 }
 
-/* recv_many(max_msgs, timeout=None) -> list[bytes]: every whole message ready, at most
- * max_msgs, at least one (waiting for it). */
+/* recv_many(max_msgs, timeout=None) -> list[bytes]: the next whole message (waiting for it),
+ * then every whole message ready, at most max_msgs. A record is released only once its copy
+ * is in the list: an error after the first hands over the list, and comes again at the next
+ * call (the ring's state), or the record it left is read then (no memory). */
 FR_HIDDEN PyObject *Ring_recv_many(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     uint64_t until = 0;
     int nowait = 0;
+    rec_t rec;
     Py_ssize_t max = nargs >= 1 && PyLong_CheckExact(args[0]) ? PyLong_AsSsize_t(args[0]) : -1;
     if (max == -1 && PyErr_Occurred()) PyErr_Clear();
     if (max >= 1 && hot_ok(self, 0) && parse_timeout(args, nargs, kwnames, 1, &until, &nowait)) {
-        do {
-            PyObject *out = NULL;
-            rec_t rec;
-            int ok;
-            while ((out ? PyList_GET_SIZE(out) : 0) < max && (ok = peek_plain(self, &rec)) != 0) {
-                PyObject *m = ok < 0 ? NULL : take_bytes(self, &rec);
-                if (!m && out) {
-                    /* the messages taken go back now; the error (the ring's state) comes again
-                     * at the next call, or the record not copied out is read then */
-                    PyErr_Clear();
-                    return out;
+        int ok = next_plain(self, &rec, until, nowait);
+        if (ok < 0) return NULL;
+        if (ok) {
+            PyObject *out = PyList_New(0);
+            while (ok > 0) {
+                PyObject *m = out ? copy_out(self, &rec) : NULL;
+                if (!m || PyList_Append(out, m) < 0) {
+                    Py_XDECREF(m);
+                    unpeek(self, &rec);
+                    break;
                 }
-                if (!m) return NULL;
-                self->msgs++;
-                self->bytes += rec.length;
-                if (!out && !(out = PyList_New(0))) { Py_DECREF(m); return NULL; }
-                int err = PyList_Append(out, m);
                 Py_DECREF(m);
-                if (err < 0) { Py_DECREF(out); return NULL; }
+                (void)release_at(self, rec.pos); /* the record just peeked: held, cannot fail */
+                count(self, rec.length);
+                ok = PyList_GET_SIZE(out) < max ? peek_plain(self, &rec) : 0;
             }
-            if (out) return out;
-            if (nowait || self->wmode < 0 || record_waiting(self)) break;
-            ok = hot_wait(self, 0, until);
-            if (ok < 0) return NULL;
-            if (!ok) break;
-        } while (hot_ok(self, 0));
+            if (out && PyList_GET_SIZE(out)) {
+                PyErr_Clear();
+                return out;
+            }
+            Py_XDECREF(out);
+            return NULL;
+        }
     }
     return call_slow(self->slow_many, args, nargs, kwnames, 1, until);
 }
@@ -218,33 +227,25 @@ FR_HIDDEN PyObject *Ring_recv_many(Ring *self, PyObject *const *args, Py_ssize_t
 FR_HIDDEN PyObject *Ring_recv_into(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     uint64_t until = 0;
     int nowait = 0;
+    rec_t rec;
     Py_buffer b;
     if (nargs >= 1 && hot_ok(self, 0) && parse_timeout(args, nargs, kwnames, 1, &until, &nowait)) {
         if (PyObject_GetBuffer(args[0], &b, PyBUF_WRITABLE) < 0) {
-            PyErr_Clear();
+            PyErr_Clear(); /* not a writable buffer: the slow path says what is wrong */
         } else {
-            do {
-                rec_t rec;
-                int ok = peek_plain(self, &rec);
-                if (ok < 0) { PyBuffer_Release(&b); return NULL; }
-                if (ok && rec.length > (uint64_t)b.len) {
-                    unpeek(self, &rec);
-                    break;
-                }
-                if (ok) {
-                    memcpy(b.buf, (const uint8_t *)self->view.buf + rec.offset, (size_t)rec.length);
-                    PyBuffer_Release(&b);
-                    if (release_at(self, rec.pos) < 0) return NULL;
-                    self->msgs++;
-                    self->bytes += rec.length;
-                    return PyLong_FromUnsignedLongLong(rec.length);
-                }
-                if (nowait || self->wmode < 0 || record_waiting(self)) break;
-                ok = hot_wait(self, 0, until);
-                if (ok < 0) { PyBuffer_Release(&b); return NULL; }
-                if (!ok) break;
-            } while (hot_ok(self, 0));
+            int ok = next_plain(self, &rec, until, nowait);
+            if (ok > 0 && rec.length > (uint64_t)b.len) {
+                unpeek(self, &rec);
+                ok = 0;
+            }
+            if (ok > 0) memcpy(b.buf, (const uint8_t *)self->view.buf + rec.offset, (size_t)rec.length);
             PyBuffer_Release(&b);
+            if (ok < 0) return NULL;
+            if (ok) {
+                (void)release_at(self, rec.pos); /* held: cannot fail */
+                count(self, rec.length);
+                return PyLong_FromUnsignedLongLong(rec.length);
+            }
         }
     }
     return call_slow(self->slow_into, args, nargs, kwnames, 1, until);

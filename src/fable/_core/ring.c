@@ -375,9 +375,18 @@ FR_HIDDEN PyObject *Ring_release(Ring *self, PyObject *arg) {
 
 /* Copy a record's payload out and release it. */
 FR_HIDDEN PyObject *take_bytes(Ring *r, const rec_t *rec) {
-    PyObject *data = PyBytes_FromStringAndSize((const char *)r->view.buf + rec->offset, (Py_ssize_t)rec->length);
-    if (data && release_at(r, rec->pos) < 0) Py_CLEAR(data);
+    PyObject *data = copy_out(r, rec);
+    if (!data) {
+        unpeek(r, rec); /* (no memory) the record stays to be read again */
+        return NULL;
+    }
+    if (release_at(r, rec->pos) < 0) Py_CLEAR(data);
     return data;
+}
+
+/* A new bytes object with the payload of `rec` (still held). */
+FR_HIDDEN PyObject *copy_out(Ring *r, const rec_t *rec) {
+    return PyBytes_FromStringAndSize((const char *)r->view.buf + rec->offset, (Py_ssize_t)rec->length);
 }
 
 /* read() -> (bytes, flags) | None: peek + copy + release. */
@@ -418,16 +427,6 @@ FR_HIDDEN void unpeek(Ring *r, const rec_t *rec) {
     r->seq = rec->seq;
     r->pos = rec->pos;
     r->nheld--;
-}
-
-/* read_plain() -> bytes | None: peek_plain, copied out and released. */
-FR_HIDDEN PyObject *Ring_read_plain(Ring *self, PyObject *Py_UNUSED(ignored)) {
-    if (reader_only(self) < 0) return NULL;
-    rec_t rec;
-    int ok = peek_plain(self, &rec);
-    if (ok < 0) return NULL;
-    if (!ok) Py_RETURN_NONE;
-    return take_bytes(self, &rec);
 }
 
 FR_HIDDEN PyObject *Ring_available(Ring *self, PyObject *Py_UNUSED(ignored)) {

@@ -111,12 +111,10 @@ def verify(msg: bytes, seq: int, size: int, full: bool) -> None:
 def _buffer_reader(ch: Any) -> Callable[[], list[Any]]:
     """The buffer API's blocking read: a function returning the read buffers of the next
     message (getreadbuf never waits: it is called in a loop, then ``fileno()`` is polled)."""
-    from fable.transports import REGISTRY as _REG
-
     get = ch.getreadbuf
     pending: deque[Any] = deque()
     waiter = None
-    if not _REG[ch.transport].caps.spins:
+    if not REGISTRY[ch.transport].caps.spins:
         try:
             waiter = select.poll()
             waiter.register(ch.fileno(), select.POLLIN)
@@ -148,16 +146,21 @@ def _joined(bufs: list[Any]) -> bytes | memoryview:
     return bufs[0].data if len(bufs) == 1 else b"".join(bytes(b.data) for b in bufs)
 
 
+def _spread(bufs: list[Any], data: bytes | memoryview) -> None:
+    """``data`` into the write buffers of one getwritebuf call, in order."""
+    pos = 0
+    for b in bufs:
+        b.data[:] = data[pos : pos + len(b.data)]
+        pos += len(b.data)
+
+
 def _write_buffers(ch: Any, seq: int, size: int, flush: bool) -> None:
     """Message ``seq`` written in place with getwritebuf/commit."""
     bufs = ch.getwritebuf(size)
     if len(bufs) == 1:
         _native.fill(bufs[0].data, seq)
     else:
-        m, pos = _native.message(seq, size), 0
-        for b in bufs:
-            b.data[:] = m[pos : pos + len(b.data)]
-            pos += len(b.data)
+        _spread(bufs, _native.message(seq, size))
     ch.commit(bufs, size, flush=flush)
 
 
@@ -166,13 +169,7 @@ def _echo_buffers(ch: Any, bufs: list[Any]) -> None:
     data = _joined(bufs)
     n = len(data)
     out = ch.getwritebuf(n)
-    if len(out) == 1:
-        out[0].data[:] = data
-    else:
-        pos = 0
-        for b in out:
-            b.data[:] = data[pos : pos + len(b.data)]
-            pos += len(b.data)
+    _spread(out, data)
     for b in bufs:
         ch.release(b)
     ch.commit(out, n)

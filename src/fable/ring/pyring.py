@@ -538,22 +538,6 @@ class PyRing:
         self.release(pos)
         return data, flags
 
-    def read_plain(self) -> bytes | None:
-        r = self._r
-        if not r.available():
-            return None
-        pos = r._pos
-        off = pos & r._mask
-        flags_at = (L.HEADER_SIZE + off + L.REC_FLAGS) // 2
-        if r.capacity - off >= L.RECORD_HEADER and self._mem.cast("H")[flags_at]:
-            return None  # flagged or padding: the general path decides
-        got = self.read()
-        if got is None:
-            return None
-        if got[1]:  # pragma: no cover - the peer changed the flags under us
-            raise ProtocolError("record flags changed while being read")
-        return got[0]
-
     def available(self) -> bool:
         return self._r.available()
 

@@ -207,7 +207,6 @@ class RingPath(MessagePath):
         self._open_parts = 0  # records reserved by getwritebuf, not yet committed or aborted
         self._pinned = 0  # ring bytes held by unsafe read buffers
         self._pin_limit = capacity // 2
-        self._next_read_look = 0.0  # when an empty getreadbuf looks at the setup channel next
 
     # ================================================================= liveness and waiting
 
@@ -219,13 +218,16 @@ class RingPath(MessagePath):
             )
         # the peer looks for our CPU on the ring it waits on, which is the other one
         (self._rx if ring is self._tx else self._tx).note_cpu()
-        # the hot path comes here after the setup channel had news: look before waiting
-        self._interrupted()
-        if self._setup.peer_state() is not None:
-            if ring is self._rx and ring.available():
-                return
-            raise self._gone()
         while True:
+            # before each slice, the first too: the hot path comes here when the setup
+            # channel had news
+            self._interrupted()
+            if self._setup.peer_state() is not None:
+                if ring is self._rx and ring.available():
+                    return  # read what the peer left first
+                raise self._gone()
+            if self._closed:
+                raise ConnectionClosed("connection is closed")
             slice_ns = self._slice
             if deadline is not None:
                 left = deadline - time.monotonic()
@@ -234,13 +236,6 @@ class RingPath(MessagePath):
                 slice_ns = min(slice_ns, int(left * 1e9) + 1)
             if ring.wait(need, self._mode, slice_ns, self._spin):
                 return
-            self._interrupted()
-            if self._setup.peer_state() is not None:
-                if ring is self._rx and ring.available():
-                    return  # read what the peer left first
-                raise self._gone()
-            if self._closed:
-                raise ConnectionClosed("connection is closed")
 
     # ================================================================= writing
     def _getwritebuf(self, size: int, timeout: float | None) -> list[Buffer]:
@@ -420,11 +415,8 @@ class RingPath(MessagePath):
                 raise NoSpace(
                     f"read buffers hold {self._pinned} B of the ring; copy and release some"
                 )
-            now = time.monotonic()
-            if now >= self._next_read_look:  # a system call: not on every empty call
-                self._next_read_look = now + LOOK_S
-                if self._setup.peer_state() is not None and not self._rx.available():
-                    raise self._gone()
+            if self._look(True, LOOK_S) is not None and not self._rx.available():
+                raise self._gone()
             if self._epoll is not None:
                 self._armed = True
         else:

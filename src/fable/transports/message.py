@@ -169,7 +169,7 @@ class MessagePath(DataPath):
         self._blocked = False  # a read is in a blocking system call, perhaps without _reading
         self._hurry = False  # the caller may not wait at all (the control thread's push_end)
         self._graced = False  # _gone waited for the peer's reason once: never again
-        self._next_look = 0.0  # when a waiting writer looks at the setup channel next
+        self._next_look = [0.0, 0.0]  # when the writing, the reading side looks next (_look)
         # private (nobody else holds it): readable while the waits of this path must end
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if stop_fd else -1
         self._read_limit = cfg.read_buffers
@@ -397,13 +397,19 @@ class MessagePath(DataPath):
         setup channel says it closed or died (a closed peer reads no more: its kernel may not
         tell us soon, e.g. TCP with a zero window); then :func:`slice_ms`."""
         self._interrupted()
-        if not reading:
-            now = time.monotonic()
-            if now >= self._next_look:  # a system call: once a slice, not before every wait
-                self._next_look = now + SLICE_MS / 1000
-                if self._setup.peer_state() is not None:
-                    raise self._gone()
+        if not reading and self._look(reading, SLICE_MS / 1000) is not None:
+            raise self._gone()
         return slice_ms(deadline, timeout, full, late)
+
+    def _look(self, reading: bool, every: float) -> str | None:
+        """The setup channel's ``peer_state()`` (a system call), looked at by the reading or
+        the writing side at most once every ``every`` seconds (None in between): for calls
+        that come again and again (wait slices, an empty ``getreadbuf`` in a polling loop)."""
+        now = time.monotonic()
+        if now < self._next_look[reading]:
+            return None
+        self._next_look[reading] = now + every
+        return self._setup.peer_state()
 
     def _interrupted(self) -> None:
         """After a wait woke (or before the next): ``ConnectionClosed`` once another thread
