@@ -3,17 +3,84 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
 import fable
-from fable.errors import DeadBuffer, FableError, WouldBlock
+from fable.buffer import Buffer, PyBuffer
+from fable.errors import DeadBuffer, FableError, NoSpace, WouldBlock
 
 
-@pytest.fixture
-def pair() -> tuple[fable.Connection, fable.Connection]:
-    conn, pending = fable.open_pair("unix")
+@pytest.fixture(params=["unix", "mempipe-spin"])
+def pair(request: pytest.FixtureRequest) -> tuple[fable.Connection, fable.Connection]:
+    """A stream transport, and a ring (whose buffer calls have a C fast path)."""
+    conn, pending = fable.open_pair(request.param)
     return conn, pending.open()
+
+
+@pytest.mark.parametrize("cls", [Buffer, PyBuffer], ids=["c", "reference"])
+def test_buffer_contract(cls: Any) -> None:
+    """fable.Buffer (the C core's) and the reference class behave alike."""
+    owner, other = object(), object()
+    b = cls(memoryview(bytearray(b"abcd")), owner, ("tok", 1), more=True, epoch=3, writable=True)
+    assert (b.alive, b.more, b.epoch, b.writable, b.owner, len(b)) == (
+        True,
+        True,
+        3,
+        True,
+        owner,
+        4,
+    )
+    assert bytes(b.data) == b"abcd" and b._token == ("tok", 1) and b._owner is owner
+    assert repr(b) == "<fable.Buffer write 4 B epoch=3 more=True>"
+    with pytest.raises(DeadBuffer, match="another connection"):
+        b._take(other)
+    assert b.alive
+    assert b._take(owner) == ("tok", 1)
+    assert not b.alive and b._data is None
+    for touch in (lambda: b.data, lambda: len(b), lambda: b._take(owner)):
+        with pytest.raises(DeadBuffer, match="already"):
+            touch()
+    assert repr(b) == "<fable.Buffer write dead epoch=3 more=True>"
+    r = cls(memoryview(b"x"), owner, None, more=False, epoch=0, writable=False)
+    assert "read 1 B" in repr(r) and r._take(owner) is None
+
+
+def test_c_buffer_needs_its_keywords() -> None:
+    with pytest.raises(TypeError, match="more, epoch and writable"):
+        Buffer(memoryview(b""), None, None)  # type: ignore[call-arg]
+
+
+def test_unsafe_read_buffers_pin_at_most_half_the_ring() -> None:
+    """Unsafe read buffers keep their records in the ring: once they hold half of it and
+    nothing more is ready, getreadbuf raises NoSpace (the writer may need the room); reading
+    goes on once some are released."""
+    conn, pending = fable.open_pair("mempipe-spin", safe=False, options={"capacity": 65536})
+    peer = pending.open(trusted=True)
+    with conn, peer:
+        for i in range(9):
+            conn.send(bytes([i]) * 4000)
+        held = peer.getreadbuf()  # 36,000 B of 65,536
+        assert [b.data[0] for b in held] == list(range(9))
+        with pytest.raises(NoSpace, match="of the ring"):
+            peer.getreadbuf()
+        assert peer.stats().read_buffers_held == 9
+        peer.release(held.pop(0))  # 32,000 B: below half
+        assert peer.getreadbuf() == []
+        conn.send(b"\x09" * 4000)
+        (nxt,) = peer.getreadbuf()
+        assert nxt.data[0] == 9
+        for b in [*held, nxt]:
+            peer.release(b)
+        assert peer.stats().read_buffers_held == 0
+        with pytest.raises(DeadBuffer):
+            peer.release(nxt)
+        for i in range(40):  # 160 KB through the 64 KiB ring: released records are room again
+            conn.send(i.to_bytes(4, "little") * 1000, timeout=5)
+            (b,) = peer.getreadbuf()
+            assert int.from_bytes(b.data[:4], "little") == i
+            peer.release(b)
 
 
 def test_iteration_ends_on_clean_close(pair: tuple[fable.Connection, fable.Connection]) -> None:
@@ -42,7 +109,7 @@ def test_commit_misuse(pair: tuple[fable.Connection, fable.Connection]) -> None:
         with pytest.raises(DeadBuffer):
             a.abort(x)
         assert "dead" in repr(x[0]) and "write" in repr(x[0])
-        assert "unix" in repr(a)
+        assert a.transport in repr(a)
 
 
 def test_foreign_buffer_rejected(pair: tuple[fable.Connection, fable.Connection]) -> None:

@@ -1,8 +1,10 @@
-"""The ring transports' per-message calls stay in C (``fable/_core/hot.c``): a blocking
-``recv``, ``recv_many``, ``recv_into`` and ``send`` on a ring that is ready, or that the call waits
-on, make no call into fable's Python code, so the fast path cannot silently fall back. And the
-waits in C keep the slow path's promises: a peer killed at any moment is ``PeerDied`` within a
-second, with nothing delivered twice (slow)."""
+"""The ring transports' per-message calls stay in C (``fable/_core/hot.c``, ``lend.c``): a
+blocking ``recv``, ``recv_many``, ``recv_into`` and ``send`` on a ring that is ready, or that the
+call waits on, and the buffer API's ``getwritebuf`` (waiting for room too), ``commit``,
+``getreadbuf`` and ``release`` for a message in one record, make no call into fable's Python
+code, so the fast path cannot silently fall back. And the waits in C keep the slow path's
+promises: a peer killed at any moment is ``PeerDied`` within a second, with nothing delivered
+twice (slow)."""
 
 from __future__ import annotations
 
@@ -113,6 +115,44 @@ def test_blocking_calls_stay_in_c(transport: str) -> None:
         ch.kill()
 
 
+@pytest.mark.parametrize("safe", [True, False], ids=["safe", "unsafe"])
+@pytest.mark.parametrize("transport", RINGS)
+def test_buffer_calls_stay_in_c(transport: str, safe: bool) -> None:
+    conn, pending = fable.open_pair(transport, safe=safe)
+    peer = pending.open(trusted=not safe)
+    with conn, peer:
+        assert peer.getreadbuf() == []  # (the first empty call looks at the peer: Python)
+        with python_calls() as calls:
+            for i in range(200):
+                bufs = conn.getwritebuf(64)
+                bufs[0].data[:8] = i.to_bytes(8, "little")
+                conn.commit(bufs, 64)
+                got = peer.getreadbuf()
+                ok = len(got) == 1 and int.from_bytes(got[0].data[:8], "little") == i
+                peer.release(got[0])
+                if not ok:
+                    break
+            empty = [peer.getreadbuf() for _ in range(1000)]
+        # an empty getreadbuf lets Python look at the peer every 20 ms: not 1000 times
+        assert ok and empty == [[]] * 1000 and len(calls) <= 20, calls
+        assert not [c for c in calls if "getwritebuf" in c or "commit" in c or "release" in c]
+        # getwritebuf on a full ring waits in C, until a reader on another thread makes room
+        full = 0
+        while True:
+            try:
+                conn.commit(conn.getwritebuf(4000, timeout=0), 4000)
+                full += 1
+            except WouldBlock:
+                break
+        reader = threading.Timer(0.005, lambda: [peer.recv(timeout=30) for _ in range(full)])
+        reader.start()
+        with python_calls() as calls:
+            bufs = conn.getwritebuf(4000)
+        reader.join()
+        conn.abort(bufs)
+        assert calls == [], calls
+
+
 def test_the_check_sees_a_fallback() -> None:
     """The control: a ring whose hot path may not wait (``waits(-1, ...)``) waits in Python,
     and ``python_calls`` sees it, so the test above can fail."""
@@ -132,6 +172,22 @@ def test_the_check_sees_a_fallback() -> None:
     finally:
         os.close(wfd)
         ch.kill()
+
+
+def test_the_check_sees_a_buffer_fallback() -> None:
+    """The control for the buffer calls: with the gate down they take the Python path."""
+    conn, pending = fable.open_pair("mempipe-spin")
+    peer = pending.open()
+    with conn, peer:
+        conn._path._tx.gate = True  # type: ignore[attr-defined]
+        peer._path._rx.gate = True  # type: ignore[attr-defined]
+        with python_calls() as calls:
+            bufs = conn.getwritebuf(64)
+            conn.commit(bufs, 64)
+            got = peer.getreadbuf()
+            peer.release(got[0])
+        names = {c.rsplit(":", 1)[1] for c in calls}
+        assert {"_getwritebuf", "_commit", "_getreadbuf"} <= names, names
 
 
 def _killed_mid_stream(transport: str, reading: bool, batch: bool) -> None:

@@ -9,6 +9,10 @@ Between trusted peers this ownership is advisory (a memoryview taken from ``data
 hand-back still points at transport memory; do not keep one). ``epoch`` names the transport
 generation the buffer came from (reconfiguration); ``more`` on a read buffer says that further
 fragments of the same message follow.
+
+``Buffer`` is the C core's type (``fable._core.Buffer``, made by the rings' buffer fast path
+without calling into Python); :class:`PyBuffer` is the reference it follows, used when the C
+core is not built. Both keep this contract, checked over both by the tests.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ from typing import Any
 
 from fable.errors import DeadBuffer
 
-__all__ = ["Buffer"]
+__all__ = ["Buffer", "PyBuffer"]
 
 
-class Buffer:
+class PyBuffer:
     """A fragment of a message: ``data`` (a memoryview), ``more``, ``epoch``, ``writable``."""
 
     __slots__ = ("_data", "_owner", "_token", "epoch", "more", "writable")
@@ -70,3 +74,9 @@ class Buffer:
         state = f"{len(self._data)} B" if self._data is not None else "dead"
         kind = "write" if self.writable else "read"
         return f"<fable.Buffer {kind} {state} epoch={self.epoch} more={self.more}>"
+
+
+try:
+    from fable._core import Buffer
+except ImportError:  # pragma: no cover - the package warns at import when the core is missing
+    Buffer = PyBuffer  # type: ignore[misc,assignment]

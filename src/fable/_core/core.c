@@ -64,6 +64,7 @@ static int Ring_init(Ring *self, PyObject *args, PyObject *kw) {
     self->evfd = evfd;
     self->wmode = -1; /* until waits(): the hot path does not wait */
     self->live_fd = -1;
+    self->bell_fd = -1;
     if (writer) {
         /* SYNC POINT: acquire-loads of the starting positions; pair with the release-stores
          * of the previous owner of this side, if any (do_publish, advance_head). */
@@ -109,10 +110,35 @@ static PyObject *Ring_close(Ring *self, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
-static void Ring_dealloc(Ring *self) {
+/* The Python objects a ring holds: the slow paths are bound methods of the data path that holds
+ * the ring (a cycle, which the path breaks when it frees the ring, and the collector if not). */
+static int Ring_traverse(Ring *self, visitproc visit, void *arg) {
+    Py_VISIT(self->slow);
+    Py_VISIT(self->slow_many);
+    Py_VISIT(self->slow_into);
+    Py_VISIT(self->owner);
+    Py_VISIT(self->mem);
+    Py_VISIT(self->slow_get);
+    Py_VISIT(self->slow_put);
+    Py_VISIT(self->epoch_obj);
+    return 0;
+}
+
+static int Ring_clear(Ring *self) {
     Py_CLEAR(self->slow);
     Py_CLEAR(self->slow_many);
     Py_CLEAR(self->slow_into);
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->mem);
+    Py_CLEAR(self->slow_get);
+    Py_CLEAR(self->slow_put);
+    Py_CLEAR(self->epoch_obj);
+    return 0;
+}
+
+static void Ring_dealloc(Ring *self) {
+    PyObject_GC_UnTrack(self);
+    Ring_clear(self);
     self->busy = 0;
     ring_release_view(self);
     PyMem_Free(self->slots);
@@ -142,7 +168,49 @@ static PyObject *Ring_get_held(Ring *self, void *c) {
     return PyLong_FromSize_t(n);
 }
 
+/* The buffer API's counters, which the Python slow path keeps too (lend.c). */
+static PyObject *get_ssize(Py_ssize_t *v) { return PyLong_FromSsize_t(*v); }
+static int set_ssize(Py_ssize_t *v, PyObject *o) {
+    Py_ssize_t n = o ? PyLong_AsSsize_t(o) : -1;
+    if (n == -1 && (!o || PyErr_Occurred())) {
+        if (!o) PyErr_SetString(PyExc_TypeError, "cannot delete a counter");
+        return -1;
+    }
+    *v = n;
+    return 0;
+}
+static PyObject *Ring_get_lent(Ring *self, void *c) { return get_ssize(&self->lent); }
+static int Ring_set_lent(Ring *self, PyObject *v, void *c) { return set_ssize(&self->lent, v); }
+static PyObject *Ring_get_open_parts(Ring *self, void *c) { return get_ssize(&self->open_parts); }
+static int Ring_set_open_parts(Ring *self, PyObject *v, void *c) { return set_ssize(&self->open_parts, v); }
+static PyObject *Ring_get_pinned(Ring *self, void *c) { return PyLong_FromUnsignedLongLong(self->pinned); }
+static int Ring_set_pinned(Ring *self, PyObject *v, void *c) {
+    unsigned long long n = v ? PyLong_AsUnsignedLongLong(v) : 0;
+    if (!v) PyErr_SetString(PyExc_TypeError, "cannot delete a counter");
+    if (!v || PyErr_Occurred()) return -1;
+    self->pinned = n;
+    return 0;
+}
+static int set_flag(int *f, PyObject *v) {
+    int t = v ? PyObject_IsTrue(v) : 0;
+    if (t < 0) return -1;
+    *f = t;
+    return 0;
+}
+static PyObject *Ring_get_polled(Ring *self, void *c) { return PyBool_FromLong(self->polled); }
+static int Ring_set_polled(Ring *self, PyObject *v, void *c) { return set_flag(&self->polled, v); }
+static PyObject *Ring_get_armed(Ring *self, void *c) { return PyBool_FromLong(self->armed); }
+static int Ring_set_armed(Ring *self, PyObject *v, void *c) { return set_flag(&self->armed, v); }
+static PyObject *Ring_get_signalled(Ring *self, void *c) { return PyBool_FromLong(self->signalled); }
+static int Ring_set_signalled(Ring *self, PyObject *v, void *c) { return set_flag(&self->signalled, v); }
+
 static PyGetSetDef Ring_getset[] = {
+    {"lent", (getter)Ring_get_lent, (setter)Ring_set_lent, "read buffers lent and not yet released", NULL},
+    {"pinned", (getter)Ring_get_pinned, (setter)Ring_set_pinned, "ring bytes under unsafe read buffers", NULL},
+    {"open_parts", (getter)Ring_get_open_parts, (setter)Ring_set_open_parts, "records reserved by getwritebuf, not yet committed or aborted", NULL},
+    {"polled", (getter)Ring_get_polled, (setter)Ring_set_polled, "a readiness fd exists: an empty getreadbuf arms it", NULL},
+    {"armed", (getter)Ring_get_armed, (setter)Ring_set_armed, "readiness is armed: the next getreadbuf consumes it", NULL},
+    {"signalled", (getter)Ring_get_signalled, (setter)Ring_set_signalled, "Python signalled its own readiness fd: getreadbuf is the slow path's", NULL},
     {"seq", (getter)Ring_get_seq, NULL, "next sequence number", NULL},
     {"epoch", (getter)Ring_get_epoch, NULL, "epoch written into / expected in records", NULL},
     {"capacity", (getter)Ring_get_capacity, NULL, "data area size", NULL},
@@ -180,6 +248,11 @@ static PyMethodDef Ring_methods[] = {
     {"recv_many", (PyCFunction)(void (*)(void))Ring_recv_many, METH_FASTCALL | METH_KEYWORDS, "recv_many(max_msgs, timeout=None) -> list: the Connection's recv_many"},
     {"recv_into", (PyCFunction)(void (*)(void))Ring_recv_into, METH_FASTCALL | METH_KEYWORDS, "recv_into(buf, timeout=None) -> int: the Connection's recv_into"},
     {"hot", (PyCFunction)(void (*)(void))Ring_hot, METH_VARARGS | METH_KEYWORDS, "hot(slow, frag=0, many=None, into=None): install the slow paths"},
+    {"getwritebuf", (PyCFunction)(void (*)(void))Ring_getwritebuf, METH_FASTCALL | METH_KEYWORDS, "getwritebuf(size, timeout=None) -> [Buffer]: the Connection's getwritebuf"},
+    {"commit_bufs", (PyCFunction)(void (*)(void))Ring_commit_bufs, METH_FASTCALL | METH_KEYWORDS, "commit_bufs(bufs, nbytes, *, flush=True, more=False): the Connection's commit"},
+    {"getreadbuf", (PyCFunction)(void (*)(void))Ring_getreadbuf, METH_FASTCALL | METH_KEYWORDS, "getreadbuf() -> [Buffer]: the Connection's getreadbuf"},
+    {"release_buf", (PyCFunction)(void (*)(void))Ring_release_buf, METH_FASTCALL | METH_KEYWORDS, "release_buf(buf): the Connection's release"},
+    {"lend", (PyCFunction)(void (*)(void))Ring_lend, METH_VARARGS | METH_KEYWORDS, "lend(owner, mem, get, put, limit=0, pin_limit=0, unsafe=False): install the buffer API's slow paths"},
     {"waits", (PyCFunction)Ring_waits, METH_VARARGS, "waits(mode, slice_ns, spin_ns, live_fd=-1, cpu_hint=None): how the hot path waits"},
     {NULL},
 };
@@ -189,7 +262,9 @@ static PyTypeObject RingType = {
     .tp_name = "fable._core.Ring",
     .tp_basicsize = sizeof(Ring),
     .tp_dealloc = (destructor)Ring_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Ring_traverse,
+    .tp_clear = (inquiry)Ring_clear,
     .tp_doc = "Ring(mem, writer, epoch=0, first_seq=0, eventfd=-1): one side of a shared-memory ring",
     .tp_methods = Ring_methods,
     .tp_getset = Ring_getset,
@@ -267,13 +342,16 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (!errors) return NULL;
     ProtocolError = PyObject_GetAttrString(errors, "ProtocolError");
     ConnectionClosed = PyObject_GetAttrString(errors, "ConnectionClosed");
+    DeadBuffer = PyObject_GetAttrString(errors, "DeadBuffer");
     Py_DECREF(errors);
-    if (!ProtocolError || !ConnectionClosed) return NULL;
-    if (PyType_Ready(&RingType) < 0) return NULL;
+    if (!ProtocolError || !ConnectionClosed || !DeadBuffer) return NULL;
+    if (PyType_Ready(&RingType) < 0 || lend_init() < 0) return NULL;
     PyObject *m = PyModule_Create(&coremodule);
     if (!m) return NULL;
     Py_INCREF(&RingType);
     PyModule_AddObject(m, "Ring", (PyObject *)&RingType);
+    Py_INCREF(&BufferType);
+    PyModule_AddObject(m, "Buffer", (PyObject *)&BufferType);
     PyObject *layout = Py_BuildValue(
         "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
         "MAGIC_OFF", FR_MAGIC_OFF, "VERSION_OFF", FR_VERSION_OFF, "HEADER_SIZE_OFF", FR_HEADER_SIZE_OFF,

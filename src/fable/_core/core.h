@@ -4,6 +4,7 @@
  *   ring.c  the protocol: writer (reserve, commit, publish) and reader (peek, release, read)
  *   wait.c  waiting for the peer: doorbells, futexes, spinning, without the GIL
  *   hot.c   the Connection's per-message calls (send, recv, recv_many, ...), which wait in C
+ *   lend.c  the Buffer type and the buffer API's calls (getwritebuf, commit, getreadbuf, release)
  *   core.c  the type, its lifecycle, the module, and vmsplice()
  * Every value read from the peer's memory is read once and range-checked; a violation raises
  * fable.ProtocolError and nothing outside the mapping is ever touched. */
@@ -78,10 +79,25 @@ typedef struct Ring {
     Py_buffer hint_view; /* this side's CPU field in the pair's other ring (where the peer */
     int has_hint;        /* looks for it), noted before the hot path waits */
     uint32_t *cpu_hint;
+    /* the buffer API's fast path (lend.c; set by lend()) */
+    PyObject *owner;     /* the data path: the owner of the buffers handed out */
+    PyObject *mem;       /* the ring's memory as a memoryview (read-only on the reader) */
+    PyObject *slow_get, *slow_put; /* getwritebuf/commit (writer), getreadbuf/release (reader) */
+    PyObject *epoch_obj; /* the epoch as an int, for the buffers */
+    int unsafe;          /* reader: lends views of the ring, else private copies */
+    int polled, armed;   /* reader: a readiness fd exists / is armed (the event bit is set) */
+    int signalled;       /* reader: Python signalled its own readiness fd: its to undo */
+    int bell_fd;         /* reader: this side's doorbell (the peer rings it when armed) */
+    Py_ssize_t lent, lend_limit; /* reader: read buffers lent (either path), at most */
+    uint64_t pinned, pin_limit;  /* reader: ring bytes under unsafe read buffers, at most */
+    uint64_t next_look;          /* reader: when an empty getreadbuf lets Python look next */
+    Py_ssize_t open_parts;       /* writer: records reserved by getwritebuf, not yet committed */
 } Ring;
 
 extern FR_HIDDEN PyObject *ProtocolError;    /* fable.errors.ProtocolError */
 extern FR_HIDDEN PyObject *ConnectionClosed; /* fable.errors.ConnectionClosed */
+extern FR_HIDDEN PyObject *DeadBuffer;       /* fable.errors.DeadBuffer */
+extern FR_HIDDEN PyTypeObject BufferType;    /* fable.Buffer (lend.c) */
 
 /* core.c */
 FR_HIDDEN PyObject *proto_error(const char *fmt, ...);
@@ -92,6 +108,9 @@ FR_HIDDEN void ring_release_view(Ring *r);
 FR_HIDDEN int writer_only(Ring *r);
 FR_HIDDEN int reader_only(Ring *r);
 FR_HIDDEN int append_record(Ring *r, const void *data, uint64_t len, uint32_t flags);
+FR_HIDDEN int reserve_record(Ring *r, uint64_t length, uint64_t *pos, uint64_t *offset); /* 1/0 no room/-1 */
+FR_HIDDEN int commit_record(Ring *r, uint64_t pos, uint64_t length, uint32_t flags);     /* 0/-1 */
+FR_HIDDEN int abort_record(Ring *r, uint64_t pos);                                      /* 0/-1 */
 FR_HIDDEN long do_publish(Ring *r);
 FR_HIDDEN int do_peek(Ring *r, rec_t *out);
 FR_HIDDEN int release_at(Ring *r, uint64_t pos);
@@ -117,6 +136,8 @@ FR_HIDDEN void wake_own(Ring *r);
 FR_HIDDEN int hot_wait(Ring *r, uint64_t need, uint64_t until);
 FR_HIDDEN PyObject *Ring_wait(Ring *self, PyObject *args);
 FR_HIDDEN PyObject *Ring_interrupt(Ring *self, PyObject *arg);
+FR_HIDDEN int arm_event(Ring *r);     /* readiness: 1 = data already there (not armed) */
+FR_HIDDEN void disarm_event(Ring *r);
 FR_HIDDEN PyObject *Ring_arm(Ring *self, PyObject *ignored);
 FR_HIDDEN PyObject *Ring_disarm(Ring *self, PyObject *ignored);
 FR_HIDDEN PyObject *Ring_note_cpu(Ring *self, PyObject *ignored);
@@ -128,6 +149,22 @@ FR_HIDDEN PyObject *Ring_recv(Ring *self, PyObject *const *args, Py_ssize_t narg
 FR_HIDDEN PyObject *Ring_recv_many(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
 FR_HIDDEN PyObject *Ring_recv_into(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
 FR_HIDDEN PyObject *Ring_hot(Ring *self, PyObject *args, PyObject *kw);
+FR_HIDDEN int parse_timeout(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t at,
+                            uint64_t *until, int *nowait);
+FR_HIDDEN PyObject *call_slow(PyObject *slow, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                              Py_ssize_t at, uint64_t until);
+FR_HIDDEN int record_waiting(Ring *r);
+FR_HIDDEN uint64_t room_for(Ring *r, uint64_t len);
+
+/* lend.c */
+FR_HIDDEN int lend_init(void); /* at import: the Buffer type, interned names */
+FR_HIDDEN PyObject *buffer_new(PyObject *data, PyObject *owner, PyObject *token, PyObject *epoch, int more,
+                               int writable);
+FR_HIDDEN PyObject *Ring_getwritebuf(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
+FR_HIDDEN PyObject *Ring_commit_bufs(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
+FR_HIDDEN PyObject *Ring_getreadbuf(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
+FR_HIDDEN PyObject *Ring_release_buf(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
+FR_HIDDEN PyObject *Ring_lend(Ring *self, PyObject *args, PyObject *kw);
 FR_HIDDEN PyObject *Ring_waits(Ring *self, PyObject *args);
 
 #endif

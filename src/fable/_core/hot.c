@@ -24,8 +24,8 @@ static void count(Ring *r, uint64_t length) {
 /* The timeout argument of a hot call: args[at], or the keyword "timeout". 1 with *until set (0:
  * wait forever) and *nowait (timeout 0); 0 when the call is not of the plain kind (another
  * keyword, a bad value, a negative one...): the slow path then takes it and says what is wrong. */
-static int parse_timeout(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t at,
-                         uint64_t *until, int *nowait) {
+FR_HIDDEN int parse_timeout(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t at,
+                            uint64_t *until, int *nowait) {
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     PyObject *t = NULL;
     if (nargs < at || nargs + nkw > at + 1) return 0;
@@ -48,8 +48,8 @@ static int parse_timeout(PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
 
 /* Call the slow path with the call's arguments; with a deadline (`until`), with what is left
  * of it instead (at least 1 ns: the slow path then reads what is there or raises Timeout). */
-static PyObject *call_slow(PyObject *slow, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                           Py_ssize_t at, uint64_t until) {
+FR_HIDDEN PyObject *call_slow(PyObject *slow, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                              Py_ssize_t at, uint64_t until) {
     if (!slow) { PyErr_SetString(ConnectionClosed, "connection is closed"); return NULL; }
     if (!until) return PyObject_Vectorcall(slow, args, (size_t)nargs, kwnames);
     uint64_t t = now_ns();
@@ -65,11 +65,11 @@ static PyObject *call_slow(PyObject *slow, PyObject *const *args, Py_ssize_t nar
 
 /* After peek_plain found nothing plain: whether a record is there all the same (flagged), for
  * the slow path; waiting would not change that. */
-static int record_waiting(Ring *r) { return r->tail_cache > r->pos; }
+FR_HIDDEN int record_waiting(Ring *r) { return r->tail_cache > r->pos; }
 
 /* The room a full writer waits for: the message twice over or a quarter of the ring, so that
  * a reader catching up wakes it once, not once per record. */
-static uint64_t room_for(Ring *r, uint64_t len) {
+FR_HIDDEN uint64_t room_for(Ring *r, uint64_t len) {
     uint64_t need = 2 * fr_span(len, 0), quarter = r->cap / 4;
     return need > quarter ? need : quarter;
 }

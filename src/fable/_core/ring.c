@@ -69,7 +69,7 @@ static int push_slot(Ring *r, uint64_t pos, uint64_t room, slot_state state, int
 }
 
 /* reserve: 1 = reserved (*pos, *offset set), 0 = no room, -1 = error */
-static int do_reserve(Ring *r, uint64_t length, uint64_t *pos, uint64_t *offset) {
+FR_HIDDEN int reserve_record(Ring *r, uint64_t length, uint64_t *pos, uint64_t *offset) {
     if (length > r->max_record) {
         PyErr_Format(PyExc_ValueError, "record length must be in 0..%llu", (unsigned long long)r->max_record);
         return -1;
@@ -144,7 +144,7 @@ FR_HIDDEN long do_publish(Ring *r) {
 /* Reserve, copy and commit one record (published by the caller): 1 done, 0 no room, -1 error. */
 FR_HIDDEN int append_record(Ring *r, const void *data, uint64_t len, uint32_t flags) {
     uint64_t pos, offset;
-    int ok = do_reserve(r, len, &pos, &offset);
+    int ok = reserve_record(r, len, &pos, &offset);
     if (ok <= 0) return ok;
     memcpy((uint8_t *)r->view.buf + offset, data, (size_t)len);
     slot_t *s = &r->slots[r->slot0 + r->nslots - 1];
@@ -158,23 +158,39 @@ FR_HIDDEN PyObject *Ring_reserve(Ring *self, PyObject *arg) {
     if (length == -1 && PyErr_Occurred()) return NULL;
     if (length < 0) { PyErr_SetString(PyExc_ValueError, "record length must be >= 0"); return NULL; }
     uint64_t pos, offset;
-    int ok = do_reserve(self, (uint64_t)length, &pos, &offset);
+    int ok = reserve_record(self, (uint64_t)length, &pos, &offset);
     if (ok < 0) return NULL;
     if (!ok) Py_RETURN_NONE;
     return Py_BuildValue("KKL", (unsigned long long)pos, (unsigned long long)offset, length);
 }
 
+/* Commit the reserved record at `pos` with `length` bytes of its room and `flags`. */
+FR_HIDDEN int commit_record(Ring *r, uint64_t pos, uint64_t length, uint32_t flags) {
+    slot_t *s = find_slot(r, pos);
+    if (!s) return -1;
+    if (length > s->room) {
+        PyErr_Format(PyExc_ValueError, "length must be in 0..%llu", (unsigned long long)s->room);
+        return -1;
+    }
+    s->length = (int64_t)length; s->flags = flags; s->state = SLOT_COMMITTED;
+    return 0;
+}
+
+/* The reserved record at `pos` becomes padding. */
+FR_HIDDEN int abort_record(Ring *r, uint64_t pos) {
+    slot_t *s = find_slot(r, pos);
+    if (!s) return -1;
+    s->state = SLOT_PADDING;
+    s->length = (int64_t)fr_span(s->room, 0);
+    return 0;
+}
+
 FR_HIDDEN PyObject *Ring_commit(Ring *self, PyObject *args) {
     unsigned long long pos; long long length; unsigned int flags = 0;
     if (writer_only(self) < 0 || !PyArg_ParseTuple(args, "KL|I", &pos, &length, &flags)) return NULL;
-    slot_t *s = find_slot(self, pos);
-    if (!s) return NULL;
-    if (length < 0 || (uint64_t)length > s->room) {
-        PyErr_Format(PyExc_ValueError, "length must be in 0..%llu", (unsigned long long)s->room);
-        return NULL;
-    }
     if (flags & ~(FR_F_MORE | FR_F_CLOSE)) { PyErr_SetString(PyExc_ValueError, "commit takes F_MORE and F_CLOSE only"); return NULL; }
-    s->length = length; s->flags = flags; s->state = SLOT_COMMITTED;
+    if (length < 0) { PyErr_SetString(PyExc_ValueError, "length must be >= 0"); return NULL; }
+    if (commit_record(self, pos, (uint64_t)length, flags) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -182,10 +198,7 @@ FR_HIDDEN PyObject *Ring_abort(Ring *self, PyObject *arg) {
     if (writer_only(self) < 0) return NULL;
     unsigned long long pos = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred()) return NULL;
-    slot_t *s = find_slot(self, pos);
-    if (!s) return NULL;
-    s->state = SLOT_PADDING;
-    s->length = (int64_t)fr_span(s->room, 0);
+    if (abort_record(self, pos) < 0) return NULL;
     Py_RETURN_NONE;
 }
 

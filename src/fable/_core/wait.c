@@ -218,18 +218,29 @@ FR_HIDDEN PyObject *Ring_interrupt(Ring *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-/* arm() -> bool: set the event bit so the writer signals our eventfd on its next publish;
- * True when data is already there (then nothing is armed and the caller reads instead). */
+/* Set the event bit so the writer signals our doorbell on its next publish; 1 when data is
+ * already there (then the bit is cleared again and the caller reads instead). */
+FR_HIDDEN int arm_event(Ring *r) {
+    /* SYNC POINT: seq_cst fetch_or, then re-check TAIL; pairs with the fence in ring_bell. */
+    __atomic_fetch_or(&r->h->data_waiting, FR_WAIT_EVENT, __ATOMIC_SEQ_CST);
+    if (ready(r, 0)) {
+        disarm_event(r);
+        return 1;
+    }
+    return 0;
+}
+
+/* Clear our event bit (the C writer already cleared it when it rang; a Python writer never
+ * does, so the reader does). */
+FR_HIDDEN void disarm_event(Ring *r) {
+    /* SYNC POINT: none; clearing our own bit (relaxed): at worst one spare doorbell ring. */
+    __atomic_fetch_and(&r->h->data_waiting, ~FR_WAIT_EVENT, __ATOMIC_RELAXED);
+}
+
+/* arm() -> bool: arm_event; True when data is already there (nothing is armed then). */
 FR_HIDDEN PyObject *Ring_arm(Ring *self, PyObject *Py_UNUSED(ignored)) {
     if (reader_only(self) < 0) return NULL;
-    /* SYNC POINT: seq_cst fetch_or, then re-check TAIL; pairs with the fence in ring_bell. */
-    __atomic_fetch_or(&self->h->data_waiting, FR_WAIT_EVENT, __ATOMIC_SEQ_CST);
-    if (ready(self, 0)) {
-        /* SYNC POINT: none; clearing our own bit (relaxed): at worst one spare eventfd write. */
-        __atomic_fetch_and(&self->h->data_waiting, ~FR_WAIT_EVENT, __ATOMIC_RELAXED);
-        Py_RETURN_TRUE;
-    }
-    Py_RETURN_FALSE;
+    return PyBool_FromLong(arm_event(self));
 }
 
 /* note_cpu(): publish the CPU this thread runs on in this side's field of the ring. A side
@@ -242,12 +253,9 @@ FR_HIDDEN PyObject *Ring_note_cpu(Ring *self, PyObject *Py_UNUSED(ignored)) {
     return PyLong_FromLong(cpu);
 }
 
-/* disarm(): the reader consumed its wake-up (the C writer already cleared the flag when it rang;
- * a Python writer never clears it, so the reader does). */
+/* disarm(): the reader consumed its wake-up (disarm_event). */
 FR_HIDDEN PyObject *Ring_disarm(Ring *self, PyObject *Py_UNUSED(ignored)) {
     if (reader_only(self) < 0) return NULL;
-    /* SYNC POINT: none; clearing our own bit (relaxed): at worst one spare eventfd write. */
-    __atomic_fetch_and(&self->h->data_waiting, ~FR_WAIT_EVENT, __ATOMIC_RELAXED);
+    disarm_event(self);
     Py_RETURN_NONE;
 }
-

@@ -402,6 +402,9 @@ class PyRing:
         self._into: Any = None
         self._frag = 0
         self._stop = False
+        # the buffer API's counters, kept here as in the C ring (the data path's Python keeps them)
+        self.lent = self.pinned = self.open_parts = 0
+        self.polled = self.armed = self.signalled = False
 
     # -- the Connection's hot path: everything goes to the slow path in this backend ------
     def hot(self, slow: Any, frag: int = 0, many: Any = None, into: Any = None) -> None:

@@ -166,7 +166,6 @@ class RingPath(MessagePath):
         self._peer_ev = peer_ev
         self._own_bell = socket.socket(fileno=own_ev)  # ours: the peer rings it (``drain``)
         self._self_ev = -1  # this side's private readiness signal (nobody else holds it)
-        self._self_signalled = False
         try:
             self._self_ev = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             ring = _ring_class(cfg.backend)
@@ -203,10 +202,72 @@ class RingPath(MessagePath):
         self.max_write = capacity // 2
         self._quarter = capacity // 4
         self._epoll: select.epoll | None = None
-        self._armed = False
-        self._open_parts = 0  # records reserved by getwritebuf, not yet committed or aborted
-        self._pinned = 0  # ring bytes held by unsafe read buffers
         self._pin_limit = capacity // 2
+        # The buffer API likewise, for a message in one record: the rings keep the counters
+        # both paths share (_held, _pinned, _open_parts, _armed: properties below).
+        tx, rx = self._tx, self._rx
+        if isinstance(tx, PyRing) or isinstance(rx, PyRing):
+            return  # (the reference ring: the class's methods serve)
+        tx.lend(self, self._tx_mem, self.getwritebuf, self.commit)
+        rx.lend(
+            self,
+            self._rx_mem.toreadonly(),
+            self.getreadbuf,
+            self.release,
+            limit=self._read_limit,
+            pin_limit=self._pin_limit,
+            unsafe=not safe,
+            bell=self._own_bell.fileno(),
+        )
+        for name, method in (
+            ("getwritebuf", tx.getwritebuf),
+            ("commit", tx.commit_bufs),
+            ("getreadbuf", rx.getreadbuf),
+            ("release", rx.release_buf),
+        ):
+            self.__dict__[name] = method
+
+    # The buffer API's counters live in the rings, where the C fast path keeps them too.
+    @property
+    def _held(self) -> int:  # read buffers lent (MessagePath's counter)
+        return int(self._rx.lent)
+
+    @_held.setter
+    def _held(self, n: int) -> None:
+        if "_rx" in self.__dict__:  # (MessagePath's init sets 0 before the rings exist)
+            self._rx.lent = n
+
+    @property
+    def _pinned(self) -> int:  # ring bytes under unsafe read buffers
+        return int(self._rx.pinned)
+
+    @_pinned.setter
+    def _pinned(self, n: int) -> None:
+        self._rx.pinned = n
+
+    @property
+    def _open_parts(self) -> int:  # records reserved by getwritebuf, not committed or aborted
+        return int(self._tx.open_parts)
+
+    @_open_parts.setter
+    def _open_parts(self, n: int) -> None:
+        self._tx.open_parts = n
+
+    @property
+    def _armed(self) -> bool:  # readiness armed: the next getreadbuf disarms and drains it
+        return bool(self._rx.armed)
+
+    @_armed.setter
+    def _armed(self, on: bool) -> None:
+        self._rx.armed = on
+
+    @property
+    def _self_signalled(self) -> bool:  # fileno() signalled _self_ev: the next getreadbuf reads it
+        return bool(self._rx.signalled)
+
+    @_self_signalled.setter
+    def _self_signalled(self, on: bool) -> None:
+        self._rx.signalled = on
 
     # ================================================================= liveness and waiting
 
@@ -243,7 +304,7 @@ class RingPath(MessagePath):
             raise ValueError(
                 f"size must be in 0..{self.max_write} (commit larger messages in parts, more=True)"
             )
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_of(timeout)
         sizes = [min(self.max_fragment, size - k) for k in range(0, size, self.max_fragment)] or [0]
         got: list[tuple[int, int, int]] = []
         try:
@@ -259,11 +320,14 @@ class RingPath(MessagePath):
                 self._tx.abort(pos)
             self._tx.publish()
             raise
-        claim = Claim()
-        claim.parts = [pos for pos, _, _ in got]
         self._open_parts += len(got)
         mv, base = self._mv, self._tx_base
-        return self._hand_out(claim, [mv[base + off : base + off + room] for _, off, room in got])
+        views = [mv[base + off : base + off + room] for _, off, room in got]
+        if len(got) == 1:  # a claim of one record: the token is its position (as in C)
+            return [Buffer(views[0], self, got[0][0], more=False, epoch=self.epoch, writable=True)]
+        claim = Claim()
+        claim.parts = [pos for pos, _, _ in got]
+        return self._hand_out(claim, views)
 
     def _commit(self, bufs: Sequence[Buffer], nbytes: int, flush: bool, more: bool) -> None:
         claim, sent = self._take_claim(bufs, nbytes)
@@ -305,7 +369,7 @@ class RingPath(MessagePath):
         the fast case.)"""
         mv = memoryview(data).cast("B")
         n = len(mv)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_of(timeout)
         pos = 0
         while True:
             part = min(n - pos, self.max_fragment)
@@ -323,7 +387,7 @@ class RingPath(MessagePath):
         self, msgs: Iterable[bytes | bytearray | memoryview], timeout: float | None
     ) -> int:
         items = msgs if isinstance(msgs, list) else list(msgs)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_of(timeout)
         count = 0
         try:
             while True:
@@ -347,7 +411,7 @@ class RingPath(MessagePath):
     def _gather(self, timeout: float | None) -> None:
         if self._stash and not self._stash[-1][1]:
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_of(timeout)
         while True:
             rec = None if self._peer_closed else self._rx.read()
             if rec is not None:
@@ -457,6 +521,7 @@ class RingPath(MessagePath):
             ep.register(self._self_ev, select.EPOLLIN)
             ep.register(self._setup.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
             self._epoll = ep
+            self._rx.polled = True  # an empty getreadbuf arms it: Python's work
             # Edge-style readiness starts armed: data that is already there signals at once.
             if self._rx.arm():
                 os.eventfd_write(self._self_ev, 1)
@@ -513,6 +578,25 @@ class RingPath(MessagePath):
                 for name in names
             ]
             ring.hot(fwd[0], many=fwd[1], into=fwd[2])
+            if not isinstance(ring, PyRing):
+                # the buffer calls likewise; a read buffer lent before goes back through the
+                # connection to its path's (Python) release
+                get: Any
+                put: Any
+                if ring is self._tx:
+                    get, put = (
+                        functools.partial(hooks.forward, name) if ended and hooks else None
+                        for name in ("getwritebuf", "commit")
+                    )
+                else:
+                    get = (
+                        functools.partial(hooks.forward, "getreadbuf") if ended and hooks else None
+                    )
+                    put = hooks.release if hooks else None
+                ring.lend(None, None, get, put)
+        for name in ("getwritebuf", "commit", "getreadbuf", "release"):
+            self.__dict__.pop(name, None)  # the class's methods serve a freed path
+        for ring in (self._tx, self._rx):
             ring.close()
         if self._epoll is not None:
             self._epoll.close()

@@ -131,6 +131,17 @@ class Claim:
         self.aborted = False
 
 
+def _claim_of(b: Buffer) -> tuple[Any, int] | None:
+    """A write buffer's (claim, index), from its token: ``(Claim, i)``, or a ring record's
+    position (an int: a claim of one record, made in C or by the ring's Python path)."""
+    tok = b._token
+    if isinstance(tok, int):
+        return tok, 0
+    if isinstance(tok, tuple) and len(tok) == 2 and isinstance(tok[0], Claim):
+        return tok[0], tok[1]
+    return None
+
+
 class MessagePath(DataPath):
     """The transport-independent half of a DataPath.
 
@@ -550,17 +561,22 @@ class MessagePath(DataPath):
         for b in bufs:
             if not b.alive:
                 raise DeadBuffer("buffer was already committed, released or aborted")
-            tok = b._token
-            if b._owner is not self or not (isinstance(tok, tuple) and isinstance(tok[0], Claim)):
+            tok = _claim_of(b) if b._owner is self and b.writable else None
+            if tok is None:
                 raise ValueError(
                     "these buffers were not handed out by this connection's getwritebuf"
                 )
             if claim is None:
                 claim = tok[0]
-            elif tok[0] is not claim:
+            elif tok[0] is not claim and not (
+                isinstance(claim, int) and tok[0] == claim  # (the same one-record claim twice)
+            ):
                 raise ValueError("one commit takes the buffers of one getwritebuf call")
             rooms[tok[1]] = len(b.data)
         assert claim is not None
+        if isinstance(claim, int):  # one record, one buffer (a ring's): a claim of its own
+            one = Claim()
+            one.parts, claim = [claim], one
         if claim.aborted:
             raise DeadBuffer("another buffer of this getwritebuf call was aborted")
         total = sum(rooms.values())
@@ -584,8 +600,13 @@ class MessagePath(DataPath):
         buffers can no longer be committed). Returns those claims, uncommitted, once each."""
         out: list[Any] = []
         for b in bufs:
+            writable = b.writable
             tok = b._take(self)
-            if isinstance(tok, tuple) and isinstance(tok[0], Claim):
+            if isinstance(tok, int) and writable:  # a claim of one record: its position
+                one = Claim()
+                one.parts, one.aborted = [tok], True
+                out.append(one)
+            elif isinstance(tok, tuple) and isinstance(tok[0], Claim):
                 claim = tok[0]
                 if not claim.committed and not claim.aborted:
                     claim.aborted = True
