@@ -91,7 +91,6 @@ static PyObject *Buffer_get_data(Buffer *b, void *c) { return b->data ? Py_NewRe
 static PyObject *Buffer_get_alive(Buffer *b, void *c) { return PyBool_FromLong(b->data != NULL); }
 static PyObject *Buffer_get_owner(Buffer *b, void *c) { return Py_NewRef(b->owner); }
 static PyObject *Buffer_get_raw(Buffer *b, void *c) { return Py_NewRef(b->data ? b->data : Py_None); }
-static PyObject *Buffer_get_rawowner(Buffer *b, void *c) { return Py_NewRef(b->owner); }
 static PyObject *Buffer_get_token(Buffer *b, void *c) { return Py_NewRef(b->token); }
 
 static Py_ssize_t Buffer_len(Buffer *b) {
@@ -133,7 +132,7 @@ static PyGetSetDef Buffer_getset[] = {
     {"alive", (getter)Buffer_get_alive, NULL, "True until the buffer is committed, released or aborted", NULL},
     {"owner", (getter)Buffer_get_owner, NULL, "the data path that handed the buffer out", NULL},
     {"_data", (getter)Buffer_get_raw, NULL, "(transports) the memory, None once handed back", NULL},
-    {"_owner", (getter)Buffer_get_rawowner, NULL, "(transports) the owner", NULL},
+    {"_owner", (getter)Buffer_get_owner, NULL, "(transports) the owner", NULL},
     {"_token", (getter)Buffer_get_token, NULL, "(transports) what the owner needs to take it back", NULL},
     {NULL},
 };
