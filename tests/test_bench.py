@@ -455,7 +455,11 @@ def test_the_connect_scenario(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     for kind in ("fable", "tcp", "unix"):
         assert doc[kind]["n"] == 20 and 0 < doc[kind]["median_us"] <= doc[kind]["p90_us"]
     assert doc["fable"]["transport"] in REGISTRY_NAMES
-    assert "vs tcp" in r.output
+    assert set(doc["fable"]["cpu_us"]) == {"this", "accepting", "daemon"}
+    assert set(doc["tcp"]["cpu_us"]) == {"this", "accepting"}
+    # every process did some work for each connection (a wrong pid would read as 0)
+    assert all(v > 0 for k in ("fable", "tcp") for v in doc[k]["cpu_us"].values())
+    assert "vs tcp" in r.output and "CPU us" in r.output
 
 
 @pytest.mark.timeout(120)

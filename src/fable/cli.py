@@ -795,15 +795,25 @@ def _connect_scenario(console: Any, cpus: tuple[int, int], json_path: str | None
     )
     res = connect_times(cpus)
     t = Table(title="connect + first echo")
-    for col in ("kind", "median us", "p90 us", "vs tcp"):
+    for col in ("kind", "median us", "p90 us", "vs tcp", "CPU us"):
         t.add_column(col, justify="left" if col == "kind" else "right")
     tcp = res["tcp"]["median_us"]
     for kind, r in res.items():
         label = f"fable ({r['transport']})" if kind == "fable" else kind
+        cpu = r["cpu_us"]
         t.add_row(
-            label, f"{r['median_us']:,.1f}", f"{r['p90_us']:,.1f}", f"{r['median_us'] / tcp:.2f}x"
+            label,
+            f"{r['median_us']:,.1f}",
+            f"{r['p90_us']:,.1f}",
+            f"{r['median_us'] / tcp:.2f}x",
+            " + ".join(f"{cpu[k]:,.0f}" for k in ("this", "accepting", "daemon") if k in cpu),
         )
     console.print(t)
+    console.print(
+        "CPU us: what this process + the accepting one (+ the daemon) ran per connection "
+        "(connect, echo, close); where the sum nears the time the CPUs have, CPU bounds "
+        "the median, not waiting"
+    )
     if json_path:
         _write_scenario(json_path, "connect", cpus, res)
 
