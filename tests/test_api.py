@@ -83,6 +83,47 @@ def test_unsafe_read_buffers_pin_at_most_half_the_ring() -> None:
             peer.release(b)
 
 
+@pytest.mark.parametrize("backend", ["c", "py"])
+def test_safe_read_buffers_come_a_burst_at_a_time_and_never_change(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A safe getreadbuf stops once it has copied ``COPY_BURST`` bytes (the rest comes at the
+    next call), in C and in the reference ring. The C path refills the copies of released
+    buffers for the next messages; a copy the application still holds (the bytes under the
+    view) never changes, and a refilled one hashes as its new content."""
+    from fable.transports.mempipe import COPY_BURST
+
+    monkeypatch.setenv("FABLE_BACKEND", backend)
+    fable.config.reload()
+    try:
+        conn, pending = fable.open_pair("mempipe-spin", safe=True)
+        peer = pending.open()
+        size, per_call = 65536, COPY_BURST // 65536
+        with conn, peer:
+            for i in range(3 * per_call):
+                conn.send(bytes([i]) * size)
+            first = peer.getreadbuf()
+            assert [b.data[0] for b in first] == list(range(per_call))
+            kept = first[0].data.obj  # the application keeps this copy's bytes
+            for b in first:
+                hash(b.data.obj)  # (cached in the bytes object)
+                peer.release(b)
+            got = []
+            for _ in range(2):
+                bufs = peer.getreadbuf()
+                assert len(bufs) == per_call
+                for b in bufs:
+                    content = bytes(b.data)
+                    got.append(content == bytes([content[0]]) * size and content[0])
+                    assert hash(b.data.obj) == hash(content)
+                    peer.release(b)
+            assert got == list(range(per_call, 3 * per_call))
+            assert kept == bytes(size) and peer.getreadbuf() == []
+    finally:
+        monkeypatch.delenv("FABLE_BACKEND")
+        fable.config.reload()
+
+
 def test_iteration_ends_on_clean_close(pair: tuple[fable.Connection, fable.Connection]) -> None:
     a, b = pair
     a.send_many([b"1", b"2", b"3"])

@@ -98,6 +98,7 @@ class Ring:
         pin_limit: int = 0,
         unsafe: bool = False,
         bell: int = -1,
+        burst: int = 0,
     ) -> None: ...
     def waits(
         self,

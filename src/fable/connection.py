@@ -245,8 +245,9 @@ class Connection:
         return self._path.send_many(msgs, timeout)
 
     def getreadbuf(self) -> list[Buffer]:
-        """Ready fragments without waiting; ``[]`` when none (re-arms ``fileno``).
-        Raises NoSpace while too many read buffers are held."""
+        """Ready fragments without waiting; ``[]`` when none (re-arms ``fileno``). It may
+        return fewer than are ready (a safe read on a mempipe ring copies about 1 MiB a call at
+        most): call it again until ``[]``. Raises NoSpace while too many read buffers are held."""
         return self._path.getreadbuf()
 
     def release(self, buf: Buffer) -> None:

@@ -120,7 +120,7 @@ static int Ring_traverse(Ring *self, visitproc visit, void *arg) {
     Py_VISIT(self->mem);
     Py_VISIT(self->slow_get);
     Py_VISIT(self->slow_put);
-    Py_VISIT(self->epoch_obj);
+    Py_VISIT(self->epoch_obj); /* (not the spare: bytes hold no references, and nobody may see it) */
     return 0;
 }
 
@@ -133,6 +133,7 @@ static int Ring_clear(Ring *self) {
     Py_CLEAR(self->slow_get);
     Py_CLEAR(self->slow_put);
     Py_CLEAR(self->epoch_obj);
+    Py_CLEAR(self->spare);
     return 0;
 }
 

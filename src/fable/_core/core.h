@@ -84,12 +84,16 @@ typedef struct Ring {
     PyObject *mem;       /* the ring's memory as a memoryview (read-only on the reader) */
     PyObject *slow_get, *slow_put; /* getwritebuf/commit (writer), getreadbuf/release (reader) */
     PyObject *epoch_obj; /* the epoch as an int, for the buffers */
+    PyObject *spare;     /* reader, safe: a list of the bytes of released read buffers nobody
+                            else holds, refilled by the next copies of their size (lend.c) */
     int unsafe;          /* reader: lends views of the ring, else private copies */
     int polled, armed;   /* reader: a readiness fd exists / is armed (the event bit is set) */
     int signalled;       /* reader: Python signalled its own readiness fd: its to undo */
     int bell_fd;         /* reader: this side's doorbell (the peer rings it when armed) */
     Py_ssize_t lent, lend_limit; /* reader: read buffers lent (either path), at most */
     uint64_t pinned, pin_limit;  /* reader: ring bytes under unsafe read buffers, at most */
+    uint64_t burst;              /* reader, safe: a getreadbuf stops once it copied this many
+                                    bytes (0: no bound); twice that is kept as spares */
     uint64_t next_look;          /* reader: when an empty getreadbuf lets Python look next */
     Py_ssize_t open_parts;       /* writer: records reserved by getwritebuf, not yet committed */
 } Ring;

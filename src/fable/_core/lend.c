@@ -17,6 +17,7 @@
 #include <sys/socket.h>
 
 FR_HIDDEN PyObject *DeadBuffer; /* fable.errors.DeadBuffer */
+#define SPARE_MIN 4096 /* smaller copies come from Python's own allocator: nothing to keep */
 static PyObject *str_release;   /* "release", interned (lend_init) */
 
 FR_HIDDEN int lend_init(void) {
@@ -258,8 +259,54 @@ FR_HIDDEN PyObject *Ring_commit_bufs(Ring *self, PyObject *const *args, Py_ssize
     return slow(self->slow_put, args, nargs, kwnames);
 }
 
-/* One read buffer over `rec`: a private copy (the record released) or, unsafe, a read-only view
- * of the ring (the record held until release); NULL with the record given back on error. */
+/* A safe read buffer's copy of `rec`: a spare (the bytes of a buffer released earlier, refilled)
+ * when there is one of its size, else a new bytes object. Reusing the memory a reader gave back
+ * matters at large sizes: freeing a burst of 64 KiB copies and asking for them again lets glibc
+ * trim the heap in between, and each message then page-faults its copy back in (16 faults at
+ * 64 KiB). Refilling bytes in place is sound only while nobody else can see them: a spare is
+ * kept only with a reference count of one (keep_spare), the list is the ring's alone (not even
+ * the garbage collector visits it), and the cached hash is reset.
+ * The spares are one size (a release of another size starts over), at most twice the bytes one
+ * getreadbuf copies (r->burst): what a reader that releases each call's buffers before the
+ * next call gives back. */
+static PyObject *spare_copy(Ring *r, const rec_t *rec) {
+    Py_ssize_t n = r->spare ? PyList_GET_SIZE(r->spare) : 0;
+    PyObject *b = n ? PyList_GET_ITEM(r->spare, n - 1) : NULL;
+    if (!b || PyBytes_GET_SIZE(b) != (Py_ssize_t)rec->length) return copy_out(r, rec);
+    Py_INCREF(b);
+    if (PyList_SetSlice(r->spare, n - 1, n, NULL) < 0) { /* (cannot fail: shrinking) */
+        Py_DECREF(b);
+        return NULL;
+    }
+    memcpy(PyBytes_AS_STRING(b), (const char *)r->view.buf + rec->offset, (size_t)rec->length);
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    ((PyBytesObject *)b)->ob_shash = -1;
+#pragma GCC diagnostic pop
+    return b;
+}
+
+/* After a safe read buffer's view over `bytes` was released: keep `bytes` as a spare if it is big
+ * enough to matter, nobody else holds it (the caller's reference is the only one), and the
+ * spares have room. Never fails (a spare not kept is freed). */
+static void keep_spare(Ring *r, PyObject *bytes) {
+    Py_ssize_t size = PyBytes_CheckExact(bytes) ? PyBytes_GET_SIZE(bytes) : 0;
+    if (size < SPARE_MIN || Py_REFCNT(bytes) != 1 || (uint64_t)size > r->burst) return;
+    if (!r->spare && !(r->spare = PyList_New(0))) {
+        PyErr_Clear();
+        return;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(r->spare);
+    if (n && PyBytes_GET_SIZE(PyList_GET_ITEM(r->spare, 0)) != size) {
+        (void)PyList_SetSlice(r->spare, 0, n, NULL);
+        n = 0;
+    }
+    if ((uint64_t)((n + 1) * size) <= 2 * r->burst && PyList_Append(r->spare, bytes) < 0) PyErr_Clear();
+}
+
+/* One read buffer over `rec`: a private copy or, unsafe, a read-only view of the ring; the record
+ * stays peeked (the caller releases a copy's once the buffer is handed over; a view's is held
+ * until release); NULL with the record given back on error. */
 static PyObject *lend_record(Ring *r, const rec_t *rec) {
     PyObject *view, *token, *buf;
     if (r->unsafe) {
@@ -270,7 +317,7 @@ static PyObject *lend_record(Ring *r, const rec_t *rec) {
         Py_XDECREF(pos);
         Py_XDECREF(len);
     } else {
-        PyObject *copy = copy_out(r, rec);
+        PyObject *copy = spare_copy(r, rec);
         view = copy ? PyMemoryView_FromObject(copy) : NULL;
         Py_XDECREF(copy);
         token = Py_NewRef(Py_None);
@@ -279,7 +326,6 @@ static PyObject *lend_record(Ring *r, const rec_t *rec) {
     Py_XDECREF(view);
     Py_XDECREF(token);
     if (!buf) unpeek(r, rec);
-    else if (!r->unsafe) (void)release_at(r, rec->pos); /* the record just peeked: cannot fail */
     return buf;
 }
 
@@ -331,24 +377,29 @@ FR_HIDDEN PyObject *Ring_getreadbuf(Ring *self, PyObject *const *args, Py_ssize_
     }
     if (ok < 0) return NULL;
     PyObject *out = PyList_New(0);
+    uint64_t copied = 0;
     while (ok > 0) {
         PyObject *buf = out ? lend_record(self, &rec) : NULL;
         if (!buf) {
             if (!out) unpeek(self, &rec);
             break;
         }
-        if (PyList_Append(out, buf) < 0) {
-            Py_DECREF(buf); /* its record: a copy's is released (the message is lost with the
-                               memory), a view's stays held; the error is raised */
-            Py_CLEAR(out);
-            return NULL;
+        if (PyList_Append(out, buf) < 0) { /* (no memory) this record stays to be read again; the
+                                              buffers in the list are handed over */
+            Py_DECREF(buf);
+            unpeek(self, &rec);
+            break;
         }
         Py_DECREF(buf);
+        if (!self->unsafe) (void)release_at(self, rec.pos); /* the record just peeked: cannot fail */
         self->lent++;
         if (self->unsafe) self->pinned += rec.length;
         self->msgs++;
         self->bytes += rec.length;
-        ok = self->lent < self->lend_limit ? peek_plain(self, &rec) : 0;
+        copied += rec.length;
+        ok = self->lent < self->lend_limit && (self->unsafe || !self->burst || copied < self->burst)
+                 ? peek_plain(self, &rec)
+                 : 0;
     }
     if (out && PyList_GET_SIZE(out)) {
         PyErr_Clear(); /* an error after the first: it comes again at the next call */
@@ -375,11 +426,20 @@ FR_HIDDEN PyObject *Ring_release_buf(Ring *self, PyObject *const *args, Py_ssize
                 PyObject *view = b->data;
                 b->data = NULL;
                 self->lent--;
+                PyObject *copy = pinned || !PyMemoryView_Check(view) ? NULL
+                                                                    : Py_XNewRef(PyMemoryView_GET_BASE(view));
                 PyObject *res = PyObject_CallMethodNoArgs(view, str_release);
                 Py_DECREF(view);
                 if (res) Py_DECREF(res);
                 else if (PyErr_ExceptionMatches(PyExc_BufferError)) PyErr_Clear(); /* views of the view */
-                else return NULL;
+                else {
+                    Py_XDECREF(copy);
+                    return NULL;
+                }
+                if (copy) {
+                    keep_spare(self, copy);
+                    Py_DECREF(copy);
+                }
                 if (pinned) {
                     self->pinned -= length;
                     if (release_at(self, pos) < 0) return NULL;
@@ -391,21 +451,23 @@ FR_HIDDEN PyObject *Ring_release_buf(Ring *self, PyObject *const *args, Py_ssize
     return slow(self->slow_put, args, nargs, kwnames);
 }
 
-/* lend(owner, mem, get, put, limit=0, pin_limit=0, unsafe=False, bell=-1): the buffer API's slow paths
- * (`get`: getwritebuf or getreadbuf, `put`: commit or release), the owner of the buffers (the data path), the ring's memory as a memoryview the
- * buffers slice (read-only on the reader), and on the reader: at most `limit` read buffers
- * lent, at most `pin_limit` ring bytes under unsafe ones (`unsafe`: views, else copies), and
- * `bell`, the doorbell the peer rings when this side armed readiness (drained after).
+/* lend(owner, mem, get, put, limit=0, pin_limit=0, unsafe=False, bell=-1, burst=0): the buffer API's
+ * slow paths (`get`: getwritebuf or getreadbuf, `put`: commit or release), the owner of the
+ * buffers (the data path), the ring's memory as a memoryview the buffers slice (read-only on the
+ * reader), and on the reader: at most `limit` read buffers lent, at most `pin_limit` ring bytes
+ * under unsafe ones (`unsafe`: views, else copies), `bell`, the doorbell the peer rings when this
+ * side armed readiness (drained after), and `burst`: a getreadbuf of copies stops once it has
+ * copied that many bytes (0: no bound).
  * lend(None, None, get, put): no fast path any more; every call goes to `get`/`put` (None:
  * ConnectionClosed). */
 FR_HIDDEN PyObject *Ring_lend(Ring *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"owner", "mem", "get", "put", "limit", "pin_limit", "unsafe", "bell", NULL};
+    static char *kwlist[] = {"owner", "mem", "get", "put", "limit", "pin_limit", "unsafe", "bell", "burst", NULL};
     PyObject *owner, *mem, *get, *put;
     Py_ssize_t limit = 0;
-    unsigned long long pin_limit = 0;
+    unsigned long long pin_limit = 0, burst = 0;
     int unsafe = 0, bell = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|nKpi", kwlist, &owner, &mem, &get, &put, &limit, &pin_limit,
-                                     &unsafe, &bell))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|nKpiK", kwlist, &owner, &mem, &get, &put, &limit, &pin_limit,
+                                     &unsafe, &bell, &burst))
         return NULL;
     if ((get != Py_None && !PyCallable_Check(get)) || (put != Py_None && !PyCallable_Check(put))) {
         PyErr_SetString(PyExc_TypeError, "the slow paths must be callable or None");
@@ -440,6 +502,7 @@ FR_HIDDEN PyObject *Ring_lend(Ring *self, PyObject *args, PyObject *kw) {
     self->lend_limit = limit;
     self->pin_limit = pin_limit;
     self->unsafe = unsafe;
+    self->burst = burst;
     self->bell_fd = bell;
     Py_RETURN_NONE;
 }

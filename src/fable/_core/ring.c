@@ -422,9 +422,10 @@ FR_HIDDEN int peek_plain(Ring *r, rec_t *out) {
         if (tail <= pos) return 0;
     }
     uint64_t off = pos & r->mask;
-    if (r->cap - off >= FR_RECORD_HEADER && tail - pos >= FR_RECORD_HEADER &&
-        ((volatile fr_record *)(r->data + off))->flags != 0)
-        return 0; /* flagged (or padding): the general path decides */
+    if (r->cap - off >= FR_RECORD_HEADER && tail - pos >= FR_RECORD_HEADER) {
+        uint32_t flags = ((volatile fr_record *)(r->data + off))->flags;
+        if (flags != 0 && flags != FR_F_PAD) return 0; /* flagged: the general path decides */
+    } /* (padding, and the gap at the end, do_peek steps over: the ring wraps in C) */
     int ok = do_peek(r, out);
     if (ok <= 0) return ok;
     if (out->flags) {

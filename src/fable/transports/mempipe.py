@@ -75,6 +75,11 @@ SPIN, FUTEX, ADAPTIVE = L.WAIT_SPIN, L.WAIT_FUTEX, L.WAIT_ADAPTIVE
 SLICE_NS = {SPIN: 20_000_000, FUTEX: 200_000_000, ADAPTIVE: 200_000_000}
 LOOK_S = 0.02  # an empty getreadbuf looks for a closed or dead peer at most this often
 MAX_FRAGMENT = 1 << 20
+# A safe getreadbuf stops once it has copied this many bytes (at least one buffer): a burst of
+# copies larger than the caches gains nothing, and the C path keeps up to twice it of released
+# copies to refill (glibc trims a heap that a whole burst was freed from, and the next burst
+# page-faults its copies back in).
+COPY_BURST = 1 << 20
 
 
 def _ring_bytes(capacity: int) -> int:
@@ -218,6 +223,7 @@ class RingPath(MessagePath):
             pin_limit=self._pin_limit,
             unsafe=not safe,
             bell=self._own_bell.fileno(),
+            burst=COPY_BURST,
         )
         for name, method in (
             ("getwritebuf", tx.getwritebuf),
@@ -441,7 +447,10 @@ class RingPath(MessagePath):
                     os.eventfd_read(self._self_ev)
                 except BlockingIOError:
                     pass
+        copied = 0
         while self._held < self._read_limit and not self._peer_closed:
+            if self.safe and copied >= COPY_BURST:
+                break
             rec = self._rx.peek()
             if rec is None:
                 # readiness is armed only for a fileno() that exists (arming makes the
@@ -468,6 +477,7 @@ class RingPath(MessagePath):
                 self._pinned += length
             out.append(Buffer(view, self, token, more=more, epoch=self.epoch, writable=False))
             self._count_in(more, length)
+            copied += length
         if not out:
             if self._peer_closed:
                 nxt = self._successor()
