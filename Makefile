@@ -15,6 +15,13 @@ $(STAMP): pyproject.toml constraints-dev.txt $(wildcard src/fable/_core/*.[ch] s
 
 venv: $(STAMP)
 
+# The test hosts' ZooKeeper (fable.testing.cluster): the Debian package, installed when missing
+# (root: CI runs as root; elsewhere install it once by hand, or `make check` fails there).
+ZK_JAR := /usr/share/java/zookeeper.jar
+$(ZK_JAR):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends zookeeper
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
@@ -24,7 +31,7 @@ bench: $(STAMP)
 	mkdir -p bench-results
 	$(BIN)/fable bench --quick --plot bench-results/ --json bench-results/run.json
 
-check: lint
+check: lint $(ZK_JAR)
 	$(BIN)/pytest -m "not slow" -q
 
 # The fast suite under coverage (this process and the fable processes it spawns; forked
@@ -32,7 +39,7 @@ check: lint
 # fail_under in pyproject.toml) with 1,100 fds opened first (every fd fable opens is then above
 # 1024; `make check` runs the suite without them), then the slow suite (fuzzing, stress,
 # scenarios) without coverage.
-test: lint
+test: lint $(ZK_JAR)
 	rm -rf .coverage-data
 	FABLE_TEST_EXTRA_FDS=1100 $(BIN)/coverage run -m pytest -m "not slow" -q
 	$(BIN)/coverage combine -q

@@ -30,6 +30,8 @@ def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ("FABLE_BACKEND", "rust"),
         ("FABLE_LOG_LEVEL", "LOUD"),
         ("FABLE_GRACE_PERIOD", "-1"),
+        ("FABLE_HOST_ID", "../etc"),
+        ("FABLE_HOST_ID", "h" * 65),
     ],
 )
 def test_bad_values_are_clear_errors(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:

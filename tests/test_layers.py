@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fable.xio", "fable"),
     ("fable.policy",),
     ("fable.daemon",),
-    ("fable.bench",),
+    ("fable.bench", "fable.testing.cluster"),
     ("fable.doctor", "fable.cli"),
 ]
 PRIVATE_MODULES_OK = {"fable._core", "fable._wire", "fable.bench._native"}

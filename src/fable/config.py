@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["Settings", "reload", "settings", "state_dir"]
 
 logger = logging.getLogger("fable")
+HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # what FABLE_HOST_ID may be
 
 
 def _default_state_dir() -> Path:
@@ -171,6 +173,14 @@ class Settings:
             "daemon before stay reserved for their uids (their processes register them again)",
         },
     )
+    host_id: str = field(
+        default="",
+        metadata={
+            "env": "FABLE_HOST_ID",
+            "help": "daemon: this host's id among hosts (empty: /etc/machine-id); letters, "
+            "digits, '.', '_' and '-', at most 64, starting with a letter or digit",
+        },
+    )
     state_dir: Path = field(
         default_factory=_default_state_dir,
         metadata={"env": "FABLE_STATE_DIR", "help": "daemon log, calibration table"},
@@ -251,6 +261,11 @@ def _validate(s: Settings) -> None:
         raise ValueError("FABLE_SETUP_TIMEOUT must be > 0")
     if s.backend not in ("auto", "c", "py"):
         raise ValueError(f"FABLE_BACKEND={s.backend!r} must be auto, c or py")
+    if s.host_id and not HOST_ID.fullmatch(s.host_id):
+        raise ValueError(
+            f"FABLE_HOST_ID={s.host_id!r} must be 1 to 64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
     if s.log_level.upper() not in logging.getLevelNamesMapping():
         raise ValueError(f"FABLE_LOG_LEVEL={s.log_level!r} is not a logging level")
 

@@ -72,6 +72,10 @@ def setup_logging(path: Path | None) -> None:
 
 
 def host_id() -> str:
+    """This host's id: ``FABLE_HOST_ID`` when set (test hosts in network namespaces share
+    ``/etc/machine-id``), else the machine id, else the host name."""
+    if settings().host_id:
+        return settings().host_id
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
             text = Path(path).read_text().strip()

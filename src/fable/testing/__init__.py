@@ -8,7 +8,9 @@ By contract:
   switch, a quiet side, the stable fileno, refusals, a peer dying mid-switch);
 - ``fable.testing.hostile``: a malicious peer for the shared-memory transports;
 - ``fable.testing.harness``: what the checks are made of (a forked peer, message patterns, fd
-  and mapping counts).
+  and mapping counts);
+- ``fable.testing.cluster``: test hosts, network namespaces on a bridge with a daemon each
+  (root only; imported on its own, not here).
 
 Every check works across two processes and fails on a leaked fd or mapping.
 """
