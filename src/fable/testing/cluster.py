@@ -63,11 +63,13 @@ def _ip(*args: str) -> str:
 
 def namespaces() -> list[str]:
     """The network namespaces this module makes (any run's), by name."""
-    return [line.split()[0] for line in _ip("netns", "list").splitlines() if _OURS.match(line)]
+    names = [line.split()[0] for line in _ip("netns", "list").splitlines() if line.strip()]
+    return [ns for ns in names if _OURS.fullmatch(ns)]
 
 
 def _kill_inside(ns: str) -> None:
-    """SIGKILL every process in namespace ``ns`` (and reap our own children among them)."""
+    """SIGKILL every process in namespace ``ns`` (our own children are reaped by whoever
+    holds their Popen)."""
     with contextlib.suppress(RuntimeError):
         for pid in _ip("netns", "pids", ns).split():
             with contextlib.suppress(ProcessLookupError):
@@ -96,7 +98,7 @@ def sweep() -> list[str]:
     is gone too.)"""
     gone = []
     for ns in namespaces():
-        m = _OURS.match(ns)
+        m = _OURS.fullmatch(ns)
         if m and not _alive(int(m.group(1))):
             _remove(ns)
             gone.append(ns)
@@ -275,8 +277,8 @@ class Cluster:
     happened."""
 
     def __init__(self, n: int, *, daemons: bool = True, zookeeper: bool = False) -> None:
-        if not 1 <= n <= 250:
-            raise ValueError("a cluster has 1 to 250 hosts")
+        if not 1 <= n < ZK_INDEX:
+            raise ValueError(f"a cluster has 1 to {ZK_INDEX - 1} hosts")
         sweep()
         self.prefix = f"{PREFIX}{os.getpid()}-"
         if any(ns.startswith(self.prefix) for ns in namespaces()):
