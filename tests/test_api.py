@@ -83,20 +83,23 @@ def test_unsafe_read_buffers_pin_at_most_half_the_ring() -> None:
             peer.release(b)
 
 
-@pytest.mark.parametrize("backend", ["c", "py"])
+@pytest.mark.parametrize(
+    ("transport", "backend"), [("mempipe-spin", "c"), ("mempipe-spin", "py"), ("shmem-pipe", "c")]
+)
 def test_safe_read_buffers_come_a_burst_at_a_time_and_never_change(
-    backend: str, monkeypatch: pytest.MonkeyPatch
+    transport: str, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A safe getreadbuf stops once it has copied ``COPY_BURST`` bytes (the rest comes at the
-    next call), in C and in the reference ring. The C path refills the copies of released
-    buffers for the next messages; a copy the application still holds (the bytes under the
-    view) never changes, and a refilled one hashes as its new content."""
-    from fable.transports.mempipe import COPY_BURST
+    """A safe getreadbuf on shared memory stops once it has copied ``COPY_BURST`` bytes (the
+    rest comes at the next call): in the C ring, the reference ring and shmem-pipe. The C ring
+    refills the copies of released buffers for the next messages; a copy the application still
+    holds (the bytes under the view) never changes, and a refilled one hashes as its new
+    content."""
+    from fable.transports.message import COPY_BURST
 
     monkeypatch.setenv("FABLE_BACKEND", backend)
     fable.config.reload()
     try:
-        conn, pending = fable.open_pair("mempipe-spin", safe=True)
+        conn, pending = fable.open_pair(transport, safe=True)
         peer = pending.open()
         size, per_call = 65536, COPY_BURST // 65536
         with conn, peer:

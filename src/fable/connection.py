@@ -246,7 +246,7 @@ class Connection:
 
     def getreadbuf(self) -> list[Buffer]:
         """Ready fragments without waiting; ``[]`` when none (re-arms ``fileno``). It may
-        return fewer than are ready (a safe read on a mempipe ring copies about 1 MiB a call at
+        return fewer than are ready (a safe read from shared memory copies about 1 MiB a call at
         most): call it again until ``[]``. Raises NoSpace while too many read buffers are held."""
         return self._path.getreadbuf()
 

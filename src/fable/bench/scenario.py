@@ -355,7 +355,9 @@ def connect_times(cpus: tuple[int, int], n: int | None = None) -> dict[str, dict
                     raise RuntimeError("the accepting process did not start")
                 os.sched_setaffinity(0, {cpus[0]})
                 ctx = fable.register(f"{name}/client")
-                hello = one_shot("hello", daemon) or {}
+                hello = one_shot("hello", daemon)
+                if hello is None:
+                    raise RuntimeError("the bench's own daemon does not answer")
                 pids = {"this": os.getpid(), "accepting": server, "daemon": hello["daemon"]}
                 before = {k: _cpu_s(p) for k, p in pids.items()}
                 times, got = [], set()

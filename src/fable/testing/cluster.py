@@ -160,7 +160,7 @@ class Host:
             )
         deadline = time.monotonic() + DAEMON_START_S
         while True:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError):  # (not listening yet, or gone: looked at below)
                 if one_shot("hello", self.socket) is not None:
                     return
             if self.daemon.poll() is not None or time.monotonic() > deadline:

@@ -356,6 +356,30 @@ def record_header(raw: Raw, rng: random.Random) -> None:
     time.sleep(0.3)
 
 
+def ring_padding(raw: Raw, rng: random.Random) -> None:
+    """Padding where the writer needs none: an honest one first (its span well-formed, in the
+    middle of the data area: the reader steps over it, in C as in Python), then one whose
+    span runs past the end of the data area (chosen by the seed: a huge LENGTH or one a little
+    too long) and TAIL moved past it."""
+    send_some(raw, 2, 64)
+    assert raw.ring is not None
+    mem = _ring_half(raw, 0)
+    cap = int(raw.params["capacity"])
+    tail = _u64(mem, L.TAIL)
+    off = tail & (cap - 1)
+    base = L.HEADER_SIZE + off
+    mem[base : base + L.RECORD_HEADER] = RECORD.pack(40, L.F_PAD, 0, 0, 0, 0)
+    tail += L.record_span(40)
+    mem[L.TAIL : L.TAIL + 8] = tail.to_bytes(8, "little")
+    time.sleep(0.2)
+    off = tail & (cap - 1)
+    base = L.HEADER_SIZE + off
+    length = rng.choice((rng.randrange(cap, 1 << 32), cap - off - L.RECORD_HEADER + 8))
+    mem[base : base + L.RECORD_HEADER] = RECORD.pack(length, L.F_PAD, 0, 0, 0, 0)
+    mem[L.TAIL : L.TAIL + 8] = (tail + L.record_span(64)).to_bytes(8, "little")
+    time.sleep(0.3)
+
+
 def ring_tail_ahead(raw: Raw, rng: random.Random) -> None:
     """The writer's published position (TAIL) moved past anything the ring can hold."""
     send_some(raw, 2)
@@ -476,6 +500,7 @@ ATTACKS: dict[str, dict[str, tuple[Attack, Expect]]] = {
                 "record of epoch|close record with a payload|TAIL ends inside a record header"
             ),
         ),
+        "ring-padding": (ring_padding, fails("runs past its bounds")),
         "ring-tail-ahead": (ring_tail_ahead, fails("the writer moved TAIL")),
         "ring-head-ahead": (ring_head_ahead, fails("the reader moved HEAD")),
         "change-after-commit": (ring_change_after_commit, delivered(8)),

@@ -59,7 +59,7 @@ from fable.ring import layout as L
 from fable.ring.pyring import PyRing, format_ring
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
 from fable.transports.channel import SetupChannel
-from fable.transports.message import Claim, MessagePath, deadline_of
+from fable.transports.message import COPY_BURST, Claim, MessagePath, deadline_of
 from fable.transports.shm import (
     check_peer_ring,
     check_sealed_memfd,
@@ -75,11 +75,6 @@ SPIN, FUTEX, ADAPTIVE = L.WAIT_SPIN, L.WAIT_FUTEX, L.WAIT_ADAPTIVE
 SLICE_NS = {SPIN: 20_000_000, FUTEX: 200_000_000, ADAPTIVE: 200_000_000}
 LOOK_S = 0.02  # an empty getreadbuf looks for a closed or dead peer at most this often
 MAX_FRAGMENT = 1 << 20
-# A safe getreadbuf stops once it has copied this many bytes (at least one buffer): a burst of
-# copies larger than the caches gains nothing, and the C path keeps up to twice it of released
-# copies to refill (glibc trims a heap that a whole burst was freed from, and the next burst
-# page-faults its copies back in).
-COPY_BURST = 1 << 20
 
 
 def _ring_bytes(capacity: int) -> int:

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from fable.transports.channel import SetupChannel
 
 __all__ = [
+    "COPY_BURST",
     "POLLERRS",
     "POLLIN",
     "POLLOUT",
@@ -70,6 +71,11 @@ log = logging.getLogger("fable")
 SLICE_MS = 200  # the longest one wait lasts before it checks the connection again
 GONE_GRACE_S = 0.5  # how long a path that found its peer gone waits to learn why
 QUIESCE_S = 5.0  # how long a close waits for interrupted calls of other threads to leave
+# A safe getreadbuf on shared memory stops once it has copied this many bytes (at least one
+# buffer): a burst of copies larger than the caches gains nothing, and the C ring keeps up to
+# twice it of released copies to refill (glibc trims a heap that a whole burst was freed from,
+# and the next burst page-faults its copies back in).
+COPY_BURST = 1 << 20
 # poll(2) events the transports wait for (select.poll: no limit on fd numbers, unlike select)
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 POLLERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL  # the other end is gone

@@ -60,6 +60,7 @@ from fable.errors import (
 from fable.transports.base import Capabilities, DataPath, EndSpec, TransportInfo
 from fable.transports.channel import SetupChannel
 from fable.transports.message import (
+    COPY_BURST,
     POLLERRS,
     POLLIN,
     POLLOUT,
@@ -719,7 +720,8 @@ class ShmemPipePath(MessagePath):
 
     def _getreadbuf(self) -> list[Buffer]:
         out = self._start_getreadbuf()
-        while self._held < self._read_limit:
+        copied = 0
+        while self._held < self._read_limit and not (self.safe and copied >= COPY_BURST):
             d = None if self._peer_closed else self._next()
             if d is None:
                 if out or self._peer_closed or self._fill() <= 0:
@@ -738,6 +740,7 @@ class ShmemPipePath(MessagePath):
                 self._pinned += n
             out.append(Buffer(view, self, token, more=more, epoch=self.epoch, writable=False))
             self._count_in(more, n)
+            copied += n
         if out:
             self._mid = out[-1].more
             return out
