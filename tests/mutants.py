@@ -340,6 +340,39 @@ FAULTS = [
         "        if False:",
         ("tests/test_local_users.py -k restart",),
     ),
+    Fault(
+        "cluster-claim-skipped",
+        "a name is unique across the cluster: a register claims it in ZooKeeper first",
+        "daemon/cluster.py",
+        '        if self.state != "connected" or not self.joined:\n            return\n'
+        "        self.claiming.add(name)",
+        "        if True:\n            return\n        self.claiming.add(name)",
+        ("tests/test_cluster_tier.py -k one_winner",),
+    ),
+    Fault(
+        "cluster-live-host-id-taken",
+        "a daemon refuses a host id a live daemon holds",
+        "daemon/cluster.py",
+        '        if pid == os.getpid() or _start_time(pid) != info["start"]:',
+        "        if True:",
+        ("tests/test_cluster_tier.py -k host_id",),
+    ),
+    Fault(
+        "cluster-persistent-znode-listed",
+        "a persistent znode is no daemon's: the cache ignores it",
+        "daemon/cluster.py",
+        "            if stat.ephemeralOwner == 0:\n                raise _Bad(",
+        "            if False:\n                raise _Bad(",
+        ("tests/test_cluster_tier.py -k bad_znodes",),
+    ),
+    Fault(
+        "cluster-zxid-kept",
+        "a ZooKeeper back with an empty data dir takes the daemons back (they forget its zxid)",
+        "daemon/cluster.py",
+        "            zk.last_zxid = 0",
+        "            pass",
+        ("tests/test_cluster_tier.py -k zookeeper_down",),
+    ),
 ]
 
 

@@ -36,18 +36,21 @@ def main() -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def doctor(as_json: bool) -> None:
-    """Print the settings in force and the kernel features fable can use."""
+    """Print the settings in force, the kernel features fable can use and the daemon's
+    cluster state."""
     from fable.config import settings
     from fable.doctor import kernel_features
 
     feats = kernel_features()
     rows = settings().describe()
+    cluster = _cluster_state()
     if as_json:
         click.echo(
             json.dumps(
                 {
                     "settings": {n: {"value": v, "env": e, "source": s} for n, v, e, s in rows},
                     "kernel": {f.name: {"ok": f.ok, "detail": f.detail} for f in feats},
+                    "cluster": cluster,
                 },
                 indent=2,
             )
@@ -62,6 +65,37 @@ def doctor(as_json: bool) -> None:
     for f in feats:
         mark = "yes" if f.ok else "NO "
         click.echo(f"  {f.name:<{width}}  {mark}  {f.detail}")
+    click.echo("\nCluster:")
+    if not isinstance(cluster, dict):
+        click.echo(f"  {cluster}")
+        return
+    click.echo(
+        f"  {cluster['url']} as host {cluster['host']}: {cluster['state']}, "
+        f"session {cluster['session']}, {'joined' if cluster['joined'] else 'not joined'}"
+    )
+    if cluster["refused"]:
+        click.echo(f"  refused: {cluster['refused']}")
+    click.echo(
+        f"  hosts: {', '.join(cluster['hosts']) or '-'}; names in the cluster: "
+        f"{cluster['names']}; ours published: {cluster['published']}"
+    )
+    if cluster["pending"]:
+        click.echo(f"  waiting to be published: {', '.join(cluster['pending'])}")
+    for name, holder in cluster["conflicts"].items():
+        click.echo(f"  conflict: {name} is held by host {holder} (it stays local here)")
+
+
+def _cluster_state() -> dict[str, Any] | str:
+    """The daemon's cluster tier (``cluster`` op), or a line saying why there is none."""
+    from fable.client import one_shot
+
+    try:
+        reply = one_shot("cluster")
+    except FableError as e:
+        return f"the daemon did not answer: {type(e).__name__}: {e}"
+    if reply is None:
+        return "no daemon is running"
+    return reply["cluster"] or "the daemon is in no cluster (fable daemon --cluster zk://...)"
 
 
 # ----------------------------------------------------------------------------- name service
@@ -82,7 +116,16 @@ def doctor(as_json: bool) -> None:
     default=None,
     help="log to this file (rotated at 1 MiB, 3 kept) instead of stderr",
 )
-def daemon(system: bool, sock: str | None, stop: bool, log_file: str | None) -> None:
+@click.option(
+    "--cluster",
+    default=None,
+    metavar="zk://ADDR[:PORT][,...]/ROOT",
+    help="join this cluster: publish this host's endpoints in ZooKeeper, names unique across "
+    "hosts (default: $FABLE_CLUSTER)",
+)
+def daemon(
+    system: bool, sock: str | None, stop: bool, log_file: str | None, cluster: str | None
+) -> None:
     """Run fabled, the name service, in the foreground (the library starts one by itself
     when none runs)."""
     from pathlib import Path
@@ -104,17 +147,20 @@ def daemon(system: bool, sock: str | None, stop: bool, log_file: str | None) -> 
 
     setup_logging(Path(log_file) if log_file else None)
     try:
-        serve(path, system=system)
+        serve(path, system=system, cluster=cluster)
     except FableError as e:
         raise click.ClickException(str(e)) from None
 
 
-def _listing(op: str, as_json: bool) -> list[dict[str, Any]] | None:
+def _listing(op: str, as_json: bool, **fields: Any) -> list[dict[str, Any]] | None:
     """The daemon's list for ``ls``/``flows``; printed here as JSON, or "no daemon is
     running" (then None: nothing more to print)."""
     from fable.client import one_shot
 
-    reply = one_shot(op)
+    try:
+        reply = one_shot(op, **fields)
+    except FableError as e:
+        raise click.ClickException(f"{type(e).__name__}: {e}") from None
     items = None if reply is None else list(reply["endpoints" if op == "ls" else "flows"])
     if as_json:
         click.echo(json.dumps(items or [], indent=1))
@@ -126,8 +172,28 @@ def _listing(op: str, as_json: bool) -> list[dict[str, Any]] | None:
 
 @main.command(name="ls")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list")
-def ls_cmd(as_json: bool) -> None:
-    """The registered endpoints."""
+@click.option("--cluster", is_flag=True, help="every host's endpoints, from the cluster tier")
+@click.option(
+    "--timeout",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0, 30),
+    help="--cluster: seconds to wait for ZooKeeper",
+)
+def ls_cmd(as_json: bool, cluster: bool, timeout: float) -> None:
+    """The registered endpoints (--cluster: on every host of the daemon's cluster; exit
+    status 1 when its ZooKeeper does not answer)."""
+    if cluster:
+        eps = _listing("ls", as_json, cluster=True, timeout=timeout)
+        if eps is None:
+            return
+        click.echo(f"{'name':<32} {'host':<20} {'uid':>6} {'listening':<9} remote")
+        for e in eps:
+            click.echo(
+                f"{e['name']:<32} {e['host']:<20} {e['uid']:>6} "
+                f"{'yes' if e['listening'] else 'no':<9} {'yes' if e['remote'] else 'no'}"
+            )
+        return
     eps = _listing("ls", as_json)
     if eps is None:
         return

@@ -181,6 +181,22 @@ class Settings:
             "digits, '.', '_' and '-', at most 64, starting with a letter or digit",
         },
     )
+    cluster: str = field(
+        default="",
+        metadata={
+            "env": "FABLE_CLUSTER",
+            "help": "daemon: the cluster it joins, zk://ADDR[:PORT][,ADDR[:PORT]...]/ROOT "
+            "(empty: none; `fable daemon --cluster` overrides)",
+        },
+    )
+    cluster_session_s: float = field(
+        default=10.0,
+        metadata={
+            "env": "FABLE_CLUSTER_SESSION",
+            "help": "daemon: ZooKeeper session timeout in seconds: a dead daemon's names leave "
+            "the cluster this long after it died (the server bounds it: 2 to 20 ticks)",
+        },
+    )
     state_dir: Path = field(
         default_factory=_default_state_dir,
         metadata={"env": "FABLE_STATE_DIR", "help": "daemon log, calibration table"},
@@ -266,6 +282,10 @@ def _validate(s: Settings) -> None:
             f"FABLE_HOST_ID={s.host_id!r} must be 1 to 64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
+    if s.cluster and not s.cluster.startswith("zk://"):
+        raise ValueError(f"FABLE_CLUSTER={s.cluster!r} must be zk://ADDR[:PORT][,...]/ROOT")
+    if not 0.1 <= s.cluster_session_s <= 3600:
+        raise ValueError("FABLE_CLUSTER_SESSION must be 0.1 to 3600 seconds")
     if s.log_level.upper() not in logging.getLevelNamesMapping():
         raise ValueError(f"FABLE_LOG_LEVEL={s.log_level!r} is not a logging level")
 

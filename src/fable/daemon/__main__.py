@@ -1,13 +1,17 @@
-"""``python -m fable.daemon [--system] [--socket PATH] [--log FILE]``: what ``fable daemon`` and
-the library's auto-start run (the library logs to ``$FABLE_STATE_DIR/fabled.log``, rotated)."""
+"""``python -m fable.daemon [--system] [--socket PATH] [--log FILE] [--cluster URL]``: what
+``fable daemon`` and the library's auto-start run (the library logs to
+``$FABLE_STATE_DIR/fabled.log``, rotated). A refusal to start (a bad setting, the host id
+another daemon's) is one line on stderr and exit status 1."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from fable.daemon.server import serve, setup_logging
+from fable.errors import FableError
 
 
 def main() -> None:
@@ -15,10 +19,15 @@ def main() -> None:
     p.add_argument("--system", action="store_true", help="serve every user of this host")
     p.add_argument("--socket", type=Path, default=None, help="listen here instead")
     p.add_argument("--log", type=Path, default=None, help="log here (rotated), not to stderr")
+    p.add_argument("--cluster", default=None, help="join this cluster: zk://ADDR[:PORT][,...]/ROOT")
     args = p.parse_args()
     setup_logging(args.log)
     try:
-        serve(args.socket, system=args.system)
+        serve(args.socket, system=args.system, cluster=args.cluster)
+    except FableError as e:
+        logging.getLogger("fable.daemon").error("fabled refuses to start: %s", e)
+        print(f"fabled: {e}", file=sys.stderr)
+        sys.exit(1)
     except Exception:  # (not SIGINT/SystemExit: those are no error)
         logging.getLogger("fable.daemon").exception("fabled ended by an error")
         raise

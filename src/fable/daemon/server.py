@@ -39,9 +39,17 @@ from typing import Any
 
 from fable._wire import FrameReader, close_fds
 from fable.config import settings
+from fable.daemon.cluster import ClusterTier, parse_url
 from fable.daemon.registry import Endpoint, Flow, Registry
 from fable.daemon.triggers import FlowFacts, FlowState, decide, note_asked
-from fable.errors import DaemonUnavailable, FableError, PermissionDenied, ProtocolError, Timeout
+from fable.errors import (
+    DaemonUnavailable,
+    FableError,
+    NameInUse,
+    PermissionDenied,
+    ProtocolError,
+    Timeout,
+)
 from fable.nameservice import CONTROL, SYSTEM_SOCKET, check_name, private_dir, user_socket
 
 __all__ = ["Daemon", "host_id", "serve", "setup_logging"]
@@ -208,12 +216,17 @@ class Client:
 
 
 class Daemon:
-    def __init__(self, path: Path, *, system: bool = False) -> None:
+    def __init__(self, path: Path, *, system: bool = False, cluster: str = "") -> None:
         self.path = path
         self.system = system
         self.registry = Registry()
         self._tickets = itertools.count(1)  # one per `fable reconfigure` request
         self.host = host_id()
+        self.cluster: ClusterTier | None = None  # the cluster tier (--cluster), cluster.py
+        if cluster:
+            self.cluster = ClusterTier(
+                parse_url(cluster), self.host, settings().cluster_session_s, self._published
+            )
         self.clients: dict[int, Client] = {}
         self.listen_changed = asyncio.Event()
         self.waiting: dict[str, int] = {}  # name -> connects waiting for it to listen (fable ls)
@@ -283,6 +296,14 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        if self.cluster is not None:
+            try:  # (clients that connect meanwhile wait in the backlog)
+                await self.cluster.start()
+            except BaseException:
+                sock.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+                raise
         log.info("fabled %d serving on %s", os.getpid(), self.path)
         accept = asyncio.ensure_future(self._accept_loop(sock))  # cancelled below
         watchdog = asyncio.ensure_future(self._watchdog())
@@ -292,6 +313,8 @@ class Daemon:
         watchdog.cancel()
         saver.cancel()
         self._save()  # (a planned restart: the names of now are reserved for their users)
+        if self.cluster is not None:
+            self.cluster.stop()  # (our znodes go with the session, at once)
         for c in list(self.clients.values()):
             c.closed = True
             c.sock.close()
@@ -489,6 +512,16 @@ class Daemon:
     def _listeners_changed(self) -> None:
         self.listen_changed.set()
         self.listen_changed = asyncio.Event()
+        if self.cluster is not None:
+            self.cluster.changed()
+
+    def _published(self) -> dict[str, dict[str, Any]]:
+        """What the cluster tier publishes of our endpoints: name -> uid, listening, remote
+        (remote connections come with the TCP setup channel: none yet)."""
+        return {
+            n: {"uid": ep.uid, "listening": ep.listening, "remote": False}
+            for n, ep in self.registry.endpoints.items()
+        }
 
     # ---------------------------------------------------------------------------- requests
     async def _dispatch(self, client: Client, req: dict[str, Any]) -> None:
@@ -562,7 +595,17 @@ class Daemon:
                 os.close(fd)
 
     async def _op_hello(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
-        return {"daemon": os.getpid(), "host": self.host, "system": self.system}, None
+        cluster = None if self.cluster is None else str(self.cluster.url)
+        return {
+            "daemon": os.getpid(),
+            "host": self.host,
+            "system": self.system,
+            "cluster": cluster,
+        }, None
+
+    async def _op_cluster(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
+        """The cluster tier's state (``fable doctor``): {"cluster": None} without one."""
+        return {"cluster": None if self.cluster is None else self.cluster.status()}, None
 
     async def _op_register(
         self, client: Client, req: dict[str, Any]
@@ -585,6 +628,13 @@ class Daemon:
                 f"uid {client.uid} holds {held} names, the most FABLE_MAX_NAMES_PER_UID allows"
             )
         self.registry.register(ep)
+        if self.cluster is not None:  # unique in the cluster: another host's name is taken
+            try:
+                await self.cluster.claim(name, {"uid": ep.uid, "listening": False})
+            except NameInUse:
+                if self.registry.endpoints.get(name) is ep:
+                    self.registry.unregister(name, client.id)
+                raise
         log.info("registered %s (pid %d, uid %d)", name, client.pid, client.uid)
         self._listeners_changed()
         return {"endpoint": ep.public()}, None
@@ -912,8 +962,16 @@ class Daemon:
 
     async def _op_ls(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
         """Endpoints, one page (``after``: the last name of the page before). Another user's
-        endpoint shows its name, uid, host and whether it listens; not its pid or placement."""
+        endpoint shows its name, uid, host and whether it listens; not its pid or placement.
+        ``cluster``: every host's endpoints as the cluster tier knows them (DaemonUnavailable
+        when its ZooKeeper does not answer within ``timeout`` s, default 2)."""
         after = _field(req, "after", str, "")
+        if _field(req, "cluster", bool, False):
+            if self.cluster is None:
+                raise FableError("this daemon is in no cluster (fable daemon --cluster zk://...)")
+            timeout = _field(req, "timeout", (int, float), 2.0)
+            eps = await self.cluster.listing(min(float(timeout), 30.0))
+            return _page("endpoints", ((e["name"], e) for e in eps if e["name"] > after)), None
 
         def rows() -> Iterator[tuple[str, dict[str, Any]]]:
             for name in sorted(n for n in self.registry.endpoints if n > after):
@@ -1018,8 +1076,9 @@ async def _quietly(send: Any) -> None:
         await send
 
 
-def serve(path: Path | None = None, *, system: bool = False) -> None:
-    """Run a daemon in this process until SIGTERM/SIGINT or a ``stop`` request."""
+def serve(path: Path | None = None, *, system: bool = False, cluster: str | None = None) -> None:
+    """Run a daemon in this process until SIGTERM/SIGINT or a ``stop`` request; ``cluster``
+    (default FABLE_CLUSTER): the cluster it joins, ``zk://ADDR[,ADDR...]/ROOT``."""
     if path is None:
         path = SYSTEM_SOCKET if system else user_socket()
     with contextlib.suppress(OSError):
@@ -1033,7 +1092,7 @@ def serve(path: Path | None = None, *, system: bool = False) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
 
     async def main() -> None:
-        d = Daemon(path, system=system)
+        d = Daemon(path, system=system, cluster=settings().cluster if cluster is None else cluster)
         await d.serve(d.bind())
 
     asyncio.run(main())

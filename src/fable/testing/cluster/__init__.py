@@ -26,6 +26,7 @@ them. ``sweep()`` does the same for namespaces whose maker is gone (a run that w
 ``Cluster`` sweeps before it starts. Needs root (``ip netns``), like the tests that use it.
 
     python -m fable.testing.cluster sweep     # remove what earlier runs left
+    python -m fable.testing.cluster demo      # the cluster tier and its failures (demo.py)
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Cluster", "Host", "ZooKeeper", "sweep"]
+__all__ = ["Cluster", "Host", "ZooKeeper", "finish", "sweep"]
 
 PREFIX = "fable-"
 _OURS = re.compile(r"fable-(\d+)-(sw|zk|h\d+)")
@@ -142,9 +143,10 @@ class Host:
         """Start ``argv`` inside this host; the Popen (the caller waits for it)."""
         return subprocess.Popen(self._argv(argv), env=self._env(env), **kw)
 
-    def start_daemon(self) -> None:
-        """Start this host's ``fabled`` and wait until it answers (RuntimeError with its output
-        if it does not within DAEMON_START_S)."""
+    def start_daemon(self, *args: str, env: dict[str, str] | None = None) -> None:
+        """Start this host's ``fabled`` (with ``args``, e.g. ``--cluster URL``, and ``env``)
+        and wait until it answers (RuntimeError with its output if it does not within
+        DAEMON_START_S)."""
         from fable.client import one_shot
 
         for d in (self.socket.parent, self.dir / "state"):
@@ -152,7 +154,8 @@ class Host:
             d.chmod(0o700)
         with open(self.dir / "fabled.out", "ab") as out:  # (the child keeps its own copy)
             self.daemon = self.popen(
-                [sys.executable, "-m", "fable.daemon", "--socket", str(self.socket)],
+                [sys.executable, "-m", "fable.daemon", "--socket", str(self.socket), *args],
+                env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
@@ -167,6 +170,11 @@ class Host:
                 said = (self.dir / "fabled.out").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{self.name}: its daemon did not start: {said}")
             time.sleep(0.02)
+
+    def crash(self) -> None:
+        """Kill every process in this host at once (SIGKILL): a host that dies. Its daemon is
+        reaped by ``stop_daemon``."""
+        _kill_inside(self.netns)
 
     def stop_daemon(self) -> None:
         """Stop this host's daemon (SIGTERM, then SIGKILL after 5 s) and reap it."""
@@ -184,6 +192,24 @@ class Host:
 
     def __repr__(self) -> str:
         return f"<Host {self.name} {self.address} netns={self.netns}>"
+
+
+def finish(procs: list[Any], wait: float = 10.0) -> None:
+    """End processes started with a pipe on stdin that run until it closes: close every
+    stdin, wait up to ``wait`` s for each (then SIGKILL), close their pipes."""
+    for p in procs:
+        if p.stdin:
+            with contextlib.suppress(OSError):
+                p.stdin.close()
+    for p in procs:
+        try:
+            p.wait(wait)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        for f in (p.stdout, p.stderr):
+            if f:
+                f.close()
 
 
 _RUOK = """
@@ -235,7 +261,8 @@ class ZooKeeper:
             "4lw.commands.whitelist=ruok,stat\n"
         )
         with open(self.dir / "zookeeper.out", "ab") as out:
-            java = ["java", "-Xmx256m", "-cp", str(ZK_JAR)]
+            # (jute.maxbuffer: znodes up to 4 MiB, so that tests can write 1 MiB of data)
+            java = ["java", "-Xmx256m", "-Djute.maxbuffer=4194304", "-cp", str(ZK_JAR)]
             main = "org.apache.zookeeper.server.ZooKeeperServerMain"
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.netns, *java, main, str(cfg)],
@@ -344,16 +371,3 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def main(argv: list[str]) -> int:
-    if argv == ["sweep"]:
-        for ns in sweep():
-            print(f"removed {ns}")
-        return 0
-    print("usage: python -m fable.testing.cluster sweep", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,220 @@
+"""``python -m fable.testing.cluster demo``: the cluster tier on three test hosts, and how it
+fails (exit status 0 when every bound holds).
+
+It makes three hosts and a ZooKeeper (``Cluster``), starts each host's daemon with
+``--cluster``, registers two names on each, lists them with ``fable ls --cluster --json`` run
+inside h1, then breaks things and measures each recovery against its bound:
+
+- a host dies (everything in it killed): its names leave the cluster within the session
+  timeout + 1 s;
+- ZooKeeper down: a register, connect and echo on h1 still work; a cluster listing raises
+  DaemonUnavailable within its timeout (+ 1 s for the command's start);
+- ZooKeeper back (with its data, then with an empty data dir): every name, the one registered
+  while it was down too, is listed again within 5 s;
+- a daemon started while ZooKeeper is down starts, serves locally, and joins within 5 s of
+  ZooKeeper's return.
+
+At the end everything is removed, and it checks that no namespace of this run is left.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fable.testing.cluster import Cluster, Host, finish, namespaces
+
+SESSION_S = 3.0  # FABLE_CLUSTER_SESSION of the demo's daemons
+LISTING_TIMEOUT_S = 2.0
+BACK_S = 5.0  # the bound for everything being published again after ZooKeeper returns
+
+HOLD = """
+import sys, fable
+ctxs = [fable.register(n) for n in sys.argv[1:]]
+for c in ctxs:
+    c.listen()
+print("registered", flush=True)
+sys.stdin.read()
+"""
+
+ECHO = """
+import sys, threading, fable
+lst = fable.register(sys.argv[1]).listen()
+def serve():
+    conn = lst.accept(timeout=10)
+    conn.send(conn.recv(timeout=10))
+t = threading.Thread(target=serve); t.start()
+cli = fable.register(sys.argv[1] + "-client")
+conn = cli.connect(sys.argv[1], timeout=10)
+conn.send(b"ping")
+assert conn.recv(timeout=10) == b"ping"
+t.join()
+print("echoed", flush=True)
+"""
+
+
+def _listed(h: Host) -> dict[str, str] | None:
+    """name -> host of the cluster listing through ``h``'s daemon, or None if it fails."""
+    from fable.client import one_shot
+
+    try:
+        reply = one_shot("ls", h.socket, cluster=True, timeout=1.0)
+    except Exception:
+        return None
+    return None if reply is None else {e["name"]: e["host"] for e in reply["endpoints"]}
+
+
+def _until(cond: Callable[[], bool], limit: float) -> float | None:
+    """Seconds until ``cond()`` held (polled every 50 ms), or None if not within ``limit``."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        if cond():
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    return None
+
+
+class _Table:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, bool]] = []
+
+    def timed(self, what: str, bound: float, took: float | None, ok: bool = True) -> None:
+        """A recovery: ``took`` seconds (None: never) against ``bound``; ``ok`` its outcome."""
+        good = ok and took is not None and took <= bound
+        self._row(what, f"<= {bound:g} s", "never" if took is None else f"{took:.2f} s", good)
+
+    def check(self, what: str, ok: bool) -> None:
+        """A fact with no time to it."""
+        self._row(what, "-", "-", ok)
+
+    def _row(self, what: str, bound: str, took: str, good: bool) -> None:
+        self.rows.append((what, bound, took, good))
+        print(f"  {'ok  ' if good else 'FAIL'} {what}: {took} (bound {bound})", flush=True)
+
+    def print(self) -> None:
+        w = max(len(r[0]) for r in self.rows)
+        print(f"\n{'failure':<{w}}  {'bound':>9}  {'measured':>9}  result")
+        for what, bound, took, good in self.rows:
+            print(f"{what:<{w}}  {bound:>9}  {took:>9}  {'ok' if good else 'FAIL'}")
+
+
+def demo() -> int:
+    table = _Table()
+    holders: list[Any] = []
+    prefix = ""
+    with Cluster(3, zookeeper=True, daemons=False) as c:
+        prefix = c.prefix
+        zk = c.zookeeper
+        assert zk is not None
+        url = f"zk://{zk.hosts}/fable"
+        env = {"FABLE_CLUSTER_SESSION": str(SESSION_S)}
+        print(f"3 hosts, ZooKeeper at {zk.hosts}; daemons join {url} (session {SESSION_S:g} s)")
+        for h in c.hosts:
+            h.start_daemon("--cluster", url, env=env)
+        h1, h2, h3 = c.hosts
+        try:
+            names = {h.name: [f"svc/{h.name}", f"db/{h.name}"] for h in c.hosts}
+            for h in c.hosts:
+                p = h.popen(
+                    [sys.executable, "-c", HOLD, *names[h.name]],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                holders.append(p)
+                if p.stdout.readline().strip() != "registered":
+                    raise RuntimeError(f"{h.name}: could not register {names[h.name]}")
+            everyone = {n: h for h, ns in names.items() for n in ns}
+            r = h1.run([sys.executable, "-m", "fable.cli", "ls", "--cluster", "--json"])
+            listed = (
+                {e["name"]: e["host"] for e in json.loads(r.stdout)} if r.returncode == 0 else {}
+            )
+            print("\nfable ls --cluster, run inside h1:")
+            for n, host in sorted(listed.items()):
+                print(f"  {n:<12} on {host}")
+            table.check("all three hosts' names listed on h1", listed == everyone)
+
+            # a host dies: its daemon and processes are killed
+            h3.crash()
+            h3.stop_daemon()
+            gone = _until(
+                lambda: (got := _listed(h1)) is not None and not set(names["h3"]) & set(got),
+                SESSION_S + 5,
+            )
+            table.timed("h3 dies: its names leave the cluster", SESSION_S + 1, gone)
+
+            # ZooKeeper down
+            zk.stop()
+            t0 = time.monotonic()
+            r = h1.run([sys.executable, "-c", ECHO, "late/h1"], timeout=30)
+            table.timed(
+                "ZooKeeper down: register, connect, echo on h1",
+                10,
+                time.monotonic() - t0,
+                ok=r.returncode == 0 and "echoed" in r.stdout,
+            )
+            late = h1.popen(
+                [sys.executable, "-c", HOLD, "late/h1"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            holders.append(late)
+            late_ok = late.stdout.readline().strip() == "registered"
+            t0 = time.monotonic()
+            r = h1.run(
+                [sys.executable, "-m", "fable.cli", "ls", "--cluster", "--timeout", "2"],
+                timeout=30,
+            )
+            table.timed(
+                "ZooKeeper down: a cluster listing raises DaemonUnavailable",
+                LISTING_TIMEOUT_S + 1,
+                time.monotonic() - t0,
+                ok=r.returncode == 1 and "DaemonUnavailable" in r.stderr,
+            )
+            alive = {n: h for n, h in everyone.items() if h != "h3"} | {"late/h1": "h1"}
+
+            def all_back() -> bool:
+                return _listed(h1) == alive and _listed(h2) == alive
+
+            zk.start()
+            table.check("ZooKeeper down: a name registers on h1", late_ok)
+            table.timed("ZooKeeper back: every name listed again", BACK_S, _until(all_back, 30))
+            zk.stop()
+            zk.start(empty=True)
+            table.timed(
+                "ZooKeeper back with an empty data dir: every name again",
+                BACK_S,
+                _until(all_back, 30),
+            )
+
+            # a daemon started while ZooKeeper is down
+            zk.stop()
+            t0 = time.monotonic()
+            h3.start_daemon("--cluster", url, env=env)
+            table.timed("ZooKeeper down: h3's daemon starts", 6.0, time.monotonic() - t0)
+            p = h3.popen(
+                [sys.executable, "-c", HOLD, *names["h3"]],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            holders.append(p)
+            table.check(
+                "  and serves locally (its names register)",
+                p.stdout.readline().strip() == "registered",
+            )
+            zk.start()
+            everyone_now = alive | {n: "h3" for n in names["h3"]}
+            joined = _until(lambda: _listed(h1) == everyone_now, 30)
+            table.timed("ZooKeeper back: h3 joins, its names listed on h1", BACK_S, joined)
+        finally:
+            finish(holders)
+    left = [ns for ns in namespaces() if ns.startswith(prefix)]
+    table.check("everything removed (no namespace of this run left)", not left)
+    table.print()
+    return 0 if all(r[3] for r in table.rows) else 1
