@@ -55,6 +55,16 @@ except NameInUse:
 sys.stdin.read()
 """
 
+CONNECT = """
+import sys, fable
+from fable.errors import NameNotFound
+try:
+    fable.register("caller").connect("xio://" + sys.argv[1], timeout=5)
+    print("connected")
+except NameNotFound as e:
+    print("NameNotFound:", e)
+"""
+
 # the hostile side: a ZooKeeper client of its own that writes what it is given, says
 # "ready" and keeps its session (its ephemeral znodes) until its stdin closes
 ZK_WRITER = """
@@ -274,6 +284,14 @@ def test_names_are_listed_across_hosts_and_unique_among_them(tier: Tier) -> None
     }
     r = _cli(h2, "ls", "--json")
     assert "svc/h1" not in [e["name"] for e in json.loads(r.stdout)]
+    # a connect to it from h2 says where it is (connections between hosts come later)
+    r = h2.run([sys.executable, "-c", CONNECT, "svc/h1"], timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == (
+        "NameNotFound: 'svc/h1' is registered on host h1, not on this one: connections "
+        "between hosts are not supported yet"
+    ), r.stderr
+    r = h2.run([sys.executable, "-c", CONNECT, "svc/nowhere"], timeout=60)
+    assert r.stdout.strip() == "NameNotFound: no endpoint is registered as 'svc/nowhere'"
     # the doctor says how the daemon stands in the cluster
     wait_for(
         lambda: (one_shot("cluster", h1.socket) or {})["cluster"]["hosts"] == ["h1", "h2", "h3"]

@@ -685,6 +685,11 @@ class ClusterTier:
             {k: v for k, v in self.names[n].items() if k != "owner"} for n in sorted(self.names)
         ]
 
+    def host_of(self, name: str) -> str | None:
+        """The host that holds ``name`` as the cache has it (None: unknown to the cluster)."""
+        got = self.names.get(name)
+        return None if got is None else str(got["host"])
+
     def status(self) -> dict[str, Any]:
         """The cluster state for ``fable doctor``."""
         want = self.want()

@@ -46,6 +46,7 @@ from fable.errors import (
     DaemonUnavailable,
     FableError,
     NameInUse,
+    NameNotFound,
     PermissionDenied,
     ProtocolError,
     Timeout,
@@ -676,7 +677,11 @@ class Daemon:
             while True:
                 if client.closed:  # do not wait forever for a process that is gone
                     raise ConnectionError("the connecting process went away")
-                listener = self.registry.listener(to, client.uid)
+                try:
+                    listener = self.registry.listener(to, client.uid)
+                except NameNotFound:
+                    self._elsewhere(to)
+                    raise
                 if listener is not None:
                     owner = self.clients.get(listener.client)
                     if owner is not None:
@@ -756,6 +761,15 @@ class Daemon:
         }
         return {"flow": self._public(flow), "token": flow.token, "options": options}, a.detach()
 
+    def _elsewhere(self, name: str) -> None:
+        """NameNotFound saying so when the cluster has ``name`` on another host."""
+        host = None if self.cluster is None else self.cluster.host_of(name)
+        if host is not None and host != self.host:
+            raise NameNotFound(
+                f"{name!r} is registered on host {host}, not on this one: connections between "
+                "hosts are not supported yet"
+            )
+
     def table(self) -> Any:
         """The calibration table, reloaded when ``fable calibrate`` rewrote it."""
         from fable.policy import calibration_path, load_table
@@ -809,7 +823,6 @@ class Daemon:
 
     async def _op_explain(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], None]:
         """The ranking a connect from ``a`` to ``b`` would use now (``fable explain``)."""
-        from fable.errors import NameNotFound
 
         eps = []
         for key in ("a", "b"):
@@ -1000,7 +1013,6 @@ class Daemon:
     ) -> tuple[dict[str, Any], None]:
         """``fable reconfigure``: ask one end of a flow to switch it (the switch itself runs
         between the two processes; the flow's epoch and last_switch show when it is done)."""
-        from fable.errors import NameNotFound
         from fable.transports import REGISTRY
 
         fid = _field(req, "flow", int)
