@@ -498,6 +498,60 @@ def test_a_daemon_started_while_zookeeper_is_down_serves_and_joins_later(tier: T
     wait_for(lambda: tier.listing(h1) == {"svc/h3": "h3"}, timeout=10)
 
 
+def test_a_name_taken_elsewhere_while_cut_off_is_a_conflict_until_freed(tier: Tier) -> None:
+    """h1 loses its link; h2 takes a name; h1 registers it locally meanwhile. With the link
+    back, h1's name stays local (a conflict, in `fable doctor`) until h2 frees it; then h1
+    publishes it."""
+    h1, h2, _ = tier.c.hosts
+    tier.start(h1, session=10.0)  # (longer than the cut: h1 keeps its session)
+    tier.start(h2)
+
+    def link(state: str) -> None:
+        subprocess.run(["ip", "-n", h1.netns, "link", "set", "eth0", state], check=True)
+
+    link("down")
+    try:
+        wait_for(lambda: tier.listing(h1, timeout=0.2) is None, timeout=10)
+        assert tier.hold(h2, "svc/x") == {"svc/x": "registered"}
+        assert tier.hold(h1, "svc/x") == {"svc/x": "registered"}  # (locally: not published)
+    finally:
+        link("up")
+
+    def state() -> dict[str, Any]:
+        reply = one_shot("cluster", h1.socket)
+        assert reply is not None
+        return dict(reply["cluster"])
+
+    wait_for(lambda: state()["conflicts"] == {"svc/x": "h2"}, timeout=10)
+    assert state()["state"] == "connected" and tier.listing(h1) == {"svc/x": "h2"}
+    assert "conflict: svc/x is held by host h2" in _cli(h1, "doctor").stdout
+    assert "svc/x is held by host h2: it stays local to this host" in tier.log(h1)
+    h2_holder = tier.procs[0]
+    assert h2_holder.stdin is not None
+    h2_holder.stdin.close()
+    assert h2_holder.wait(10) == 0
+    wait_for(lambda: tier.listing(h2) == {"svc/x": "h1"}, timeout=10)
+    assert state()["conflicts"] == {}
+
+
+def test_a_daemon_the_library_starts_joins_the_cluster_of_its_setting(tier: Tier) -> None:
+    h1, h2, _ = tier.c.hosts
+    tier.start(h1)
+    env = {"FABLE_CLUSTER": tier.url, "FABLE_CLUSTER_SESSION": "3"}
+    p = h2.popen(  # no daemon on h2: the library starts one, with h2's settings
+        [sys.executable, "-c", HOLD, "svc/auto"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    tier.procs.append(p)
+    assert p.stdout.readline().split()[:2] == ["registered", "svc/auto"]
+    wait_for(lambda: tier.listing(h1) == {"svc/auto": "h2"}, timeout=10)
+    hello = one_shot("hello", h2.socket)
+    assert hello is not None and (hello["host"], hello["cluster"]) == ("h2", tier.url)
+
+
 def test_a_daemon_without_cluster_is_in_none(tier: Tier) -> None:
     h1 = tier.c.hosts[0]
     h1.start_daemon()

@@ -13,6 +13,9 @@ listings are paged. Another user's endpoints show no pid or placement, their flo
 What the registry holds is saved next to the socket so that the next daemon reserves it
 (``registry.py``). Every refusal is a log line with its uid (``setup_logging``: rotated).
 
+With ``--cluster zk://.../ROOT`` it is one host of a cluster (``cluster.py``): its endpoints are
+published in ZooKeeper, a register claims its name across hosts, ``ls`` can list every host's.
+
 Run it with ``fable daemon`` (foreground) or let ``fable.register`` start it (``client.py``).
 """
 
