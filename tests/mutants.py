@@ -373,6 +373,14 @@ FAULTS = [
         "            pass",
         ("tests/test_cluster_tier.py -k zookeeper_down",),
     ),
+    Fault(
+        "cluster-vandalised-znode-left",
+        "a daemon puts back its znodes that another client deleted or wrote over",
+        "daemon/cluster.py",
+        "        if ours is None or (\n",
+        "        if True or (\n",
+        ("tests/test_cluster_tier.py -k overwritten",),
+    ),
 ]
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -85,6 +86,32 @@ sys.stdin.read()
 zk.stop()
 """
 
+# the hostile side again: deletes or overwrites znodes, then exits 0 (checked by the test)
+ZK_VANDAL = """
+import json, sys
+from kazoo.client import KazooClient
+zk = KazooClient(hosts=sys.argv[1], timeout=5)
+zk.start(timeout=10)
+for op, path, *data in json.loads(sys.argv[2]):
+    if op == "delete":
+        zk.delete(path)
+    else:
+        zk.set(path, json.dumps(data[0]).encode())
+zk.stop()
+print("done")
+"""
+
+# a daemon with fds 3..1102 taken first (inherited), as a process with many files open
+MANY_FDS = """
+import os, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+fd = os.open("/dev/null", os.O_RDONLY)
+for _ in range(1100):
+    os.set_inheritable(os.dup(fd), True)
+os.execv(sys.executable, [sys.executable, "-m", "fable.daemon", *sys.argv[1:]])
+"""
+
 ZK_READ = """
 import json, sys
 from kazoo.client import KazooClient
@@ -116,6 +143,8 @@ class Tier:
         self.root = f"/t{next(_roots)}"
         self.url = f"zk://{self.zk.hosts}{self.root}"
         self.procs: list[subprocess.Popen[str]] = []
+        # where each host's daemon log stood: close() reads what this test's daemons wrote
+        self._logs = {h.name: _size(h.dir / "fabled.out") for h in c.hosts}
 
     def start(self, h: Host, session: float = 3.0, **env: str) -> None:
         h.start_daemon("--cluster", self.url, env={"FABLE_CLUSTER_SESSION": str(session), **env})
@@ -177,6 +206,22 @@ class Tier:
             h.crash()  # (a daemon a library started when ours died)
         if self.zk.proc is None:
             self.zk.start()
+        # the tier's catch-all logs a bug and goes on: here a bug fails the test
+        for h in self.c.hosts:
+            if not (h.dir / "fabled.out").exists():
+                continue  # (no daemon of ours ran there yet)
+            with open(h.dir / "fabled.out", "rb") as f:
+                f.seek(self._logs[h.name])
+                said = f.read().decode(errors="replace")
+            for bad in ("Traceback", "sync failed", "internal error"):
+                assert bad not in said, f"{h.name}'s daemon log: {said[-3000:]}"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 @pytest.fixture
@@ -550,6 +595,69 @@ def test_a_daemon_the_library_starts_joins_the_cluster_of_its_setting(tier: Tier
     wait_for(lambda: tier.listing(h1) == {"svc/auto": "h2"}, timeout=10)
     hello = one_shot("hello", h2.socket)
     assert hello is not None and (hello["host"], hello["cluster"]) == ("h2", tier.url)
+
+
+def test_a_daemons_znodes_deleted_or_overwritten_by_another_client_come_back(tier: Tier) -> None:
+    """Anyone who reaches ZooKeeper can write the tree (no ACLs): a daemon whose host or name
+    znodes another client deletes or overwrites puts them back, and lists them again."""
+    h1, h2, h3 = tier.c.hosts
+    tier.start(h1)
+    tier.start(h2)
+    assert tier.hold(h1, "svc/a", "svc/b") == {"svc/a": "registered", "svc/b": "registered"}
+    wait_for(lambda: tier.listing(h2) == {"svc/a": "h1", "svc/b": "h1"})
+    root = tier.root
+    lie = {"v": 1, "name": "svc/b", "host": "h2", "uid": 0, "listening": False, "remote": False}
+    r = h3.run(
+        [
+            sys.executable,
+            "-c",
+            ZK_VANDAL,
+            tier.zk.hosts,
+            json.dumps(
+                [
+                    ["delete", f"{root}/names/svc+a"],
+                    ["set", f"{root}/names/svc+b", lie],
+                    ["delete", f"{root}/hosts/h1"],
+                ]
+            ),
+        ],
+        timeout=60,
+    )
+    assert (r.returncode, r.stdout.strip()) == (0, "done"), r.stderr  # the attack ran whole
+    paths = [f"{root}/hosts/h1", f"{root}/names/svc+a", f"{root}/names/svc+b"]
+
+    def restored() -> bool:
+        st = one_shot("cluster", h1.socket)
+        assert st is not None
+        mine = int(st["cluster"]["session"], 16)
+        return tier.owners(h3, *paths) == {p: mine for p in paths} and tier.listing(h2) == {
+            "svc/a": "h1",
+            "svc/b": "h1",
+        }
+
+    wait_for(restored, timeout=10)
+    st = one_shot("cluster", h2.socket)
+    assert st is not None and st["cluster"]["hosts"] == ["h1", "h2"]
+
+
+def test_a_daemon_with_fds_above_1024_joins(tier: Tier) -> None:
+    """A daemon started with fds 3..1102 open (inherited) joins: nothing on its way to
+    ZooKeeper may use select(), which fails on an fd above 1024 (kazoo waits with selectors
+    and makes its wake-up pair with socketpair; this keeps it so)."""
+    h1, h2, _ = tier.c.hosts
+    tier.start(h2)
+    p = h1.popen(
+        [sys.executable, "-c", MANY_FDS, "--socket", str(h1.socket), "--cluster", tier.url],
+        env={"FABLE_CLUSTER_SESSION": "3"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    tier.procs.append(p)
+    wait_for(lambda: p.poll() is not None or one_shot("hello", h1.socket) is not None, 15)
+    assert p.poll() is None, p.stdout.read() if p.stdout else ""
+    assert tier.hold(h1, "svc/many") == {"svc/many": "registered"}
+    wait_for(lambda: tier.listing(h2) == {"svc/many": "h1"})
 
 
 def test_a_daemon_without_cluster_is_in_none(tier: Tier) -> None:

@@ -20,6 +20,8 @@ Rules:
 - A name is unique in the cluster: creating its znode is the claim, and ZooKeeper orders two
   claims (exactly one wins; the other ``register`` raises ``NameInUse``). A znode naming this
   host but another session is this daemon's from before: it is replaced.
+- A znode of ours that another client deletes or writes over (nothing stops one: there are
+  no ACLs) is put back when its watch fires.
 - ZooKeeper unreachable: local registration and rendezvous go on; names registered meanwhile
   are published when it is back (a name another host took in between is a conflict: logged,
   shown by ``fable doctor``, retried). Cluster listings wait up to their timeout and raise
@@ -245,8 +247,9 @@ class ClusterTier:
         self.session: int | None = None  # the session our ephemerals belong to
         self.joined = False  # our host znode is ours in this session
         self.refused = ""  # why another daemon holds our host id (then we do not join)
+        self._host_data = b""  # our host znode's data
         self.hosts: dict[str, dict[str, Any]] = {}  # the cache: host id -> its data
-        self.names: dict[str, dict[str, Any]] = {}  # name -> its data (+ "owner": session)
+        self.names: dict[str, dict[str, Any]] = {}  # name -> its data
         self.published: dict[str, bytes] = {}  # our name znodes in this session -> data
         self._versions: dict[str, int] = {}
         self.conflicts: dict[str, str] = {}  # name -> the host that holds it instead of us
@@ -438,6 +441,8 @@ class ClusterTier:
             d, _, child = path[len(self.url.root) + 1 :].partition("/")
             if child and d in ("hosts", "names"):
                 await self._read_node(d, child)
+        if not self.joined:  # our host znode went: claim it again first (the next turn)
+            return
         await self._publish()
 
     async def _read_dir(self, d: str, everything: bool = False) -> None:
@@ -450,6 +455,7 @@ class ClusterTier:
         now = set(children)
         for gone in [c for c in cache if (znode_name(c) if d == "names" else c) not in now]:
             del cache[gone]
+            self._not_ours_now(d, gone, None, None)
         known = {znode_name(c) if d == "names" else c for c in cache}
         todo = [c for c in now if everything or c not in known]
         await asyncio.gather(*(self._read_node(d, c) for c in todo))
@@ -464,7 +470,9 @@ class ClusterTier:
             data, stat = await self._call(self.zk.get_async, path, watch=self._on_watch)
         except NoNodeError:
             cache.pop(key, None)
+            self._not_ours_now(d, key, None, None)
             return
+        self._not_ours_now(d, key, data, stat)
         try:
             if stat.ephemeralOwner == 0:
                 raise _Bad("persistent: no daemon's (a daemon's znodes are ephemeral)")
@@ -477,7 +485,31 @@ class ClusterTier:
                     self._logged = set(list(self._logged)[2048:])
                 log.warning("cluster %s: ignoring znode %s: %s", self.url, path, e)
             return
-        cache[key] = {**obj, "owner": stat.ephemeralOwner}
+        cache[key] = obj
+
+    def _not_ours_now(self, d: str, key: str, data: bytes | None, stat: Any) -> None:
+        """A znode of ours read as gone, another session's or with other data (another client
+        deleted or wrote it; nobody may): publish it again (the host: claim it again)."""
+        if d == "names":
+            ours = self.published.get(key)
+        else:
+            ours = self._host_data if key == self.host and self.joined else None
+        if ours is None or (
+            stat is not None and stat.ephemeralOwner == self.session and data == ours
+        ):
+            return
+        log.warning(
+            "cluster %s: %s/%s was deleted or changed by another client: putting it back",
+            self.url,
+            d,
+            key,
+        )
+        if d == "names":
+            self.published.pop(key, None)
+            self._versions.pop(key, None)
+        else:
+            self.joined = False
+        self._dirty.set()
 
     # ------------------------------------------------------------------------------- claims
     async def _create(self, path: str, data: bytes) -> tuple[bytes, Any] | None:
@@ -501,7 +533,7 @@ class ClusterTier:
         from kazoo.exceptions import BadVersionError, NoNodeError
 
         path = f"{self.url.root}/hosts/{self.host}"
-        data = _dumps(host_facts(self.host))
+        data = self._host_data = _dumps(host_facts(self.host))
         waited_until: float | None = None
         while True:
             there = await self._create(path, data)
@@ -509,7 +541,9 @@ class ClusterTier:
                 self.joined, self.refused = True, ""
                 return
             got, stat = there
-            if stat.ephemeralOwner == self.session:
+            if stat.ephemeralOwner == self.session:  # ours, maybe written over by another
+                if got != data:
+                    await self._call(self.zk.set_async, path, data, version=stat.version)
                 self.joined, self.refused = True, ""
                 return
             why = self._holder(got, stat.ephemeralOwner)
@@ -681,9 +715,7 @@ class ClusterTier:
                 f"the cluster's ZooKeeper ({self.url}) did not answer within {timeout:g} s "
                 f"(this daemon: {self.state})"
             ) from None
-        return [
-            {k: v for k, v in self.names[n].items() if k != "owner"} for n in sorted(self.names)
-        ]
+        return [self.names[n] for n in sorted(self.names)]
 
     def host_of(self, name: str) -> str | None:
         """The host that holds ``name`` as the cache has it (None: unknown to the cluster)."""

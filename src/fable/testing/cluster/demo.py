@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fable.errors import FableError
 from fable.testing.cluster import Cluster, Host, finish, namespaces
 
 SESSION_S = 3.0  # FABLE_CLUSTER_SESSION of the demo's daemons
@@ -63,7 +64,7 @@ def _listed(h: Host) -> dict[str, str] | None:
 
     try:
         reply = one_shot("ls", h.socket, cluster=True, timeout=1.0)
-    except Exception:
+    except (FableError, OSError):  # (DaemonUnavailable while ZooKeeper is away)
         return None
     return None if reply is None else {e["name"]: e["host"] for e in reply["endpoints"]}
 
