@@ -71,7 +71,8 @@ def doctor(as_json: bool) -> None:
         return
     click.echo(
         f"  {cluster['url']} as host {cluster['host']}: {cluster['state']}, "
-        f"session {cluster['session']}, {'joined' if cluster['joined'] else 'not joined'}"
+        f"session {cluster['session']}, {'joined' if cluster['joined'] else 'not joined'}; "
+        f"link {cluster.get('link') or 'none (no --listen: no connections between hosts)'}"
     )
     if cluster["refused"]:
         click.echo(f"  refused: {cluster['refused']}")
@@ -123,8 +124,20 @@ def _cluster_state() -> dict[str, Any] | str:
     help="join this cluster: publish this host's endpoints in ZooKeeper, names unique across "
     "hosts (default: $FABLE_CLUSTER)",
 )
+@click.option(
+    "--listen",
+    default=None,
+    metavar="ADDR:PORT",
+    help="with --cluster: take connections from other hosts' daemons here (this host's "
+    "address; port 0: any; default: $FABLE_LISTEN)",
+)
 def daemon(
-    system: bool, sock: str | None, stop: bool, log_file: str | None, cluster: str | None
+    system: bool,
+    sock: str | None,
+    stop: bool,
+    log_file: str | None,
+    cluster: str | None,
+    listen: str | None,
 ) -> None:
     """Run fabled, the name service, in the foreground (the library starts one by itself
     when none runs)."""
@@ -147,8 +160,8 @@ def daemon(
 
     setup_logging(Path(log_file) if log_file else None)
     try:
-        serve(path, system=system, cluster=cluster)
-    except FableError as e:
+        serve(path, system=system, cluster=cluster, listen=listen)
+    except (FableError, ValueError) as e:
         raise click.ClickException(str(e)) from None
 
 

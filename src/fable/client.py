@@ -165,6 +165,8 @@ class _Name:
     listening: bool = False
     trusted: bool = False
     allow_uids: list[int] | None = None
+    allow_remote: bool = False  # connections from every host of the cluster
+    allow_hosts: list[str] | None = None  # ... or from these hosts
     lost: str = ""  # why it could not be registered again after a restart (accept raises)
     lost_error: type[FableError] = FableError  # what accept raises (the daemon's error class)
     # connections for the listener; None wakes it to look at ``lost``
@@ -324,6 +326,7 @@ class DaemonLink:
                     "last_switch": conn.last_switch,
                     "pollable": conn.polled,
                     "token": info["token"],
+                    "hosts": info.get("hosts") or ["", ""],
                 }
             )
         return out
@@ -425,6 +428,8 @@ class DaemonLink:
                             "name": name,
                             "trusted": entry.trusted,
                             "allow_uids": entry.allow_uids,
+                            "allow_remote": entry.allow_remote,
+                            "allow_hosts": entry.allow_hosts,
                         },
                         name,
                     )

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Settings", "reload", "settings", "state_dir"]
+__all__ = ["Settings", "parse_listen", "reload", "settings", "state_dir"]
 
 logger = logging.getLogger("fable")
 HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # what FABLE_HOST_ID may be
@@ -75,6 +75,23 @@ class Settings:
         metadata={
             "env": "FABLE_SETUP_TIMEOUT",
             "help": "seconds a peer has, in all, to send its whole first offer",
+        },
+    )
+    peer_timeout_s: float = field(
+        default=10.0,
+        metadata={
+            "env": "FABLE_PEER_TIMEOUT",
+            "help": "between hosts: seconds after which a peer that stopped answering (its link "
+            "down, its host gone) is dead: PeerDied (TCP keepalive and TCP_USER_TIMEOUT); also "
+            "the most a connect waits for the other host's daemon",
+        },
+    )
+    listen: str = field(
+        default="",
+        metadata={
+            "env": "FABLE_LISTEN",
+            "help": "daemon: ADDR:PORT where it takes connections from other hosts' daemons "
+            "(empty: none; `fable daemon --listen` overrides; needs a cluster)",
         },
     )
     # Spin budget: on this machine kind (2-vCPU KVM guest) `fable bench --sizes 64 --pairs 0:1
@@ -275,6 +292,10 @@ def _validate(s: Settings) -> None:
         )
     if s.setup_timeout_s <= 0:
         raise ValueError("FABLE_SETUP_TIMEOUT must be > 0")
+    if not 1 <= s.peer_timeout_s <= 3600:
+        raise ValueError("FABLE_PEER_TIMEOUT must be 1 to 3600 seconds")
+    if s.listen:
+        parse_listen(s.listen)
     if s.backend not in ("auto", "c", "py"):
         raise ValueError(f"FABLE_BACKEND={s.backend!r} must be auto, c or py")
     if s.host_id and not HOST_ID.fullmatch(s.host_id):
@@ -288,6 +309,21 @@ def _validate(s: Settings) -> None:
         raise ValueError("FABLE_CLUSTER_SESSION must be 0.1 to 3600 seconds")
     if s.log_level.upper() not in logging.getLevelNamesMapping():
         raise ValueError(f"FABLE_LOG_LEVEL={s.log_level!r} is not a logging level")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``ADDR:PORT`` (``[ADDR]:PORT`` for IPv6) as (address, port); ValueError otherwise."""
+    import ipaddress
+
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"listen address {text!r} must be ADDR:PORT (an IP address)") from None
+    return host, int(port)
 
 
 def _load() -> Settings:

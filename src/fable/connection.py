@@ -43,6 +43,7 @@ from fable.epochs import GROUPS, Epochs
 from fable.errors import ConnectionClosed, FableError, PeerDied
 from fable.readiness import BusyFd, StableFd
 from fable.transports import REGISTRY, ConnectionStats, DataPath, SetupChannel
+from fable.transports.across import Across
 
 __all__ = ["Connection", "PendingEnd", "attach", "initiate", "open_pair"]
 
@@ -424,8 +425,9 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class PendingEnd:
     """The not-yet-opened other end of an ``open_pair`` connection (hand it to a child)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, across: Across | None = None) -> None:
         self._sock: socket.socket | None = sock
+        self._across = across  # a TCP setup channel between hosts (transports/across.py)
 
     def fileno(self) -> int:
         """The setup channel fd, to pass to a spawned child (``pass_fds``), then ``attach(fd)``."""
@@ -450,7 +452,13 @@ class PendingEnd:
         if self._sock is None:
             raise FableError("this PendingEnd was already opened or closed")
         sock, self._sock = self._sock, None
-        ch = SetupChannel(sock)
+        try:
+            ch = SetupChannel(sock, self._across)
+        except BaseException:
+            sock.close()
+            if self._across is not None:
+                self._across.close()
+            raise
         try:
             stance = handshake.Stance(trusted=trusted, transport=expect)
             path, _ = handshake.first_offer(ch, stance, timeout)
@@ -464,6 +472,8 @@ class PendingEnd:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+            if self._across is not None:
+                self._across.close()
 
     def __enter__(self) -> PendingEnd:
         return self
@@ -487,8 +497,10 @@ def initiate(
     options: dict[str, Any] | None = None,
     trusted: bool | None = None,
     forced: bool = True,
+    across: Across | None = None,
 ) -> Connection:
-    """Set ``transport`` up over the setup channel ``sock`` (this side creates it and sends the
+    """Set ``transport`` up over the setup channel ``sock`` (TCP to another host with
+    ``across``: ``fable/transports/across.py``) (this side creates it and sends the
     peer its share in the first offer, asking it to read in form ``peer_safe``) and return
     this side's Connection; the peer opens its end with ``PendingEnd(sock).open()`` or
     ``attach(fd)``. Takes ``sock`` over, closing it on failure. Raises ValueError for an
@@ -498,9 +510,11 @@ def initiate(
         safe = handshake.choose_form(info, safe)
         if peer_safe is not None:
             handshake.choose_form(info, peer_safe)
-        ch = SetupChannel(sock)
+        ch = SetupChannel(sock, across)
     except BaseException:
         sock.close()
+        if across is not None:
+            across.close()
         raise
     try:
         path = handshake.make_offer(

@@ -13,6 +13,7 @@ checks the offer against its own trust and the transport the daemon chose for it
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from typing import Any
@@ -30,6 +31,7 @@ from fable.errors import (
 )
 from fable.nameservice import check_name
 from fable.topology import thread_placement
+from fable.transports.across import admit, join
 
 __all__ = ["Context", "Listener", "PlainStream", "register"]
 
@@ -59,16 +61,35 @@ class Context:
         self.name = name
         self._closed = False
 
-    def listen(self, *, trusted: bool = False, allow_uids: list[int] | None = None) -> Listener:
+    def listen(
+        self,
+        *,
+        trusted: bool = False,
+        allow_uids: list[int] | None = None,
+        allow_remote: bool = False,
+        allow_hosts: list[str] | None = None,
+    ) -> Listener:
         """Accept connections to this name. ``trusted``: this side may read peers' memory in
-        place (zero-copy) when they trust too. ``allow_uids``: other users that may connect
-        (this user and root always may)."""
+        place (zero-copy) when they trust too. ``allow_uids``: other users of this host that
+        may connect (this user and root always may). ``allow_remote``: processes on every other
+        host of the daemon's cluster may connect; ``allow_hosts``: those on these hosts (ids)
+        may. Without either, a connect from another host gets ``PermissionDenied`` (a uid of
+        another host means nothing here: the daemons vouch for hosts, not users)."""
         self._check()
         lk = link()
         entry = lk.names[self.name]
         allow = None if allow_uids is None else sorted({int(u) for u in allow_uids})
-        lk.request("listen", name=self.name, trusted=bool(trusted), allow_uids=allow)
+        hosts = None if allow_hosts is None else sorted({str(h) for h in allow_hosts})
+        lk.request(
+            "listen",
+            name=self.name,
+            trusted=bool(trusted),
+            allow_uids=allow,
+            allow_remote=bool(allow_remote),
+            allow_hosts=hosts,
+        )
         entry.listening, entry.trusted, entry.allow_uids = True, bool(trusted), allow
+        entry.allow_remote, entry.allow_hosts = bool(allow_remote), hosts
         return Listener(self)
 
     def connect(
@@ -88,7 +109,11 @@ class Context:
         Waits up to ``timeout`` for ``to`` to listen (``Timeout``); ``NameNotFound`` if nobody
         registered it, ``PermissionDenied`` if its owner does not allow this user. ``transport``
         forces one (a REGISTRY name); ``pollable``, ``msg_size`` and ``mode`` ("latency" or
-        "throughput") are hints for the daemon's choice."""
+        "throughput") are hints for the daemon's choice.
+
+        A name on another host of the daemon's cluster is reached there: the two daemons
+        arrange it, over ``tcp`` or ``tcp-nodelay``; ``PermissionDenied`` if that listener does
+        not take connections from this host, ``Timeout`` if that host does not answer."""
         self._check()
         if to.startswith(("tcp://", "unix://")):
             return PlainStream.open(to, timeout)
@@ -108,9 +133,16 @@ class Context:
             msg_size=msg_size,
             mode=mode,
         )
-        if fd is None:
+        remote = reply.get("remote")
+        across = None
+        if isinstance(remote, dict):  # on another host: reach its process as arranged
+            if fd is not None:
+                os.close(fd)
+            sock, across = join(remote, settings().peer_timeout_s if timeout is None else timeout)
+        elif fd is None:
             raise FableError("the daemon answered connect without a setup channel")
-        sock = socket.socket(fileno=fd)
+        else:
+            sock = socket.socket(fileno=fd)
         opts = reply["options"]
         conn = initiate(
             sock,
@@ -119,6 +151,7 @@ class Context:
             peer_safe=opts.get("peer_safe"),
             trusted=bool(trusted),
             forced=bool(opts.get("forced", True)),
+            across=across,
         )
         link().add_flow(reply["flow"], 0, conn, str(reply.get("token", "")))
         return conn
@@ -189,8 +222,12 @@ class Listener:
             msg, sock = item
             options = msg.get("options", {})
             forced = bool(options.get("forced", True))
+            remote = msg.get("remote")
             try:
-                conn = PendingEnd(sock).open(
+                across = None
+                if isinstance(remote, dict):  # from another host: the caller with its token
+                    sock, across = admit(sock, remote, settings().setup_timeout_s)
+                conn = PendingEnd(sock, across).open(
                     timeout=settings().setup_timeout_s,
                     trusted=entry.trusted,
                     forced=forced,

@@ -22,6 +22,9 @@ never reads unsafe unless it trusts (``PermissionDenied`` otherwise: ``kind: "pe
 every other refusal is a ``ProtocolError`` (``kind: "protocol"``). vmsplice-coop has only the
 unsafe form, so it needs both sides' trust: the offering side offers it only when it trusts.
 
+Between hosts (``ch.across`` set: a TCP setup channel) only ``cross_host`` transports are
+offered or taken, and an offer carries parameters, never fds (``TransportInfo.create_across``).
+
 The offering side keeps nothing of the answering side's share: its fds are closed once sent.
 The answering side owns the fds that came with an offer from ``read_offer`` on, and closes them
 on every path that does not open them.
@@ -138,8 +141,13 @@ def make_offer(
 ) -> DataPath:
     """Create transport ``info``, open this side's end (role 0, form ``safe``) and send the
     peer its share in an offer asking it for form ``yours``; returns this side's path. Nothing
-    is left behind if it raises."""
-    ours, theirs = info.create(dict(options or {}))
+    is left behind if it raises. Between hosts: ValueError for a transport that cannot cross."""
+    if ch.across is None:
+        ours, theirs = info.create(dict(options or {}))
+    elif info.create_across is None or not info.caps.cross_host:
+        raise ValueError(f"{info.name} cannot connect two hosts; between hosts: {_crossing()}")
+    else:
+        ours, theirs = info.create_across(ch.across, dict(options or {}))
     try:
         path = info.open(ours, 0, safe, ch, epoch)
     except BaseException:
@@ -163,6 +171,10 @@ def make_offer(
     finally:
         close_fds(theirs.fds)
     return path
+
+
+def _crossing() -> str:
+    return ", ".join(n for n, i in REGISTRY.items() if i.caps.cross_host)
 
 
 def read_offer(record: dict[str, Any], fds: list[int], op: str) -> Offer:
@@ -262,6 +274,8 @@ def answer(
         if busy is not None:
             raise ProtocolError(busy)
         offer = read_offer(record, [], op)
+        if ch.across is not None and not offer.info.caps.cross_host:
+            raise ProtocolError(f"the peer offered {offer.info.name} between hosts")
         if offer.epoch != epoch:
             raise ProtocolError(f"the offer is for epoch {offer.epoch}, not {epoch}")
         form = answer_form(offer, stance)

@@ -5,6 +5,8 @@
 1. **Rules** read capabilities (never names) and exclude what cannot or must not be used:
    another host -> only ``cross_host`` transports; ends that could share a core (their CPU
    affinities overlap) -> nothing that ``spins``; a pollable fd asked for -> only ``pollable``;
+   a latency flow -> nothing that ``delays_small`` (Nagle: a ping-pong bench cannot see the
+   delayed-ACK stall it causes when a side waits for two messages before it answers);
    the reading sides' trust decides ``safe`` (unsafe only when both trust; no safe form, e.g.
    ``mutual_trust`` transports, excludes the transport for untrusting ends).
 2. **Numbers** from a calibration table (bench records: ``fable calibrate``, else the built-in
@@ -171,6 +173,8 @@ def _exclusion(name: str, facts: Facts) -> str | None:
         return "it spins, and the ends could share a core (their CPU affinities overlap)"
     if facts.pollable and not caps.pollable:
         return "a pollable fd was asked for"
+    if facts.mode == "latency" and caps.delays_small:
+        return "a latency flow: it holds small messages back (Nagle's algorithm)"
     fa, fb = facts.side_forms(name)
     if not fa or not fb:
         return "both ends must trust each other" if caps.mutual_trust else "it has no safe form"
@@ -190,11 +194,12 @@ def rank(facts: Facts, table: Table, topo: Topology | None = None) -> list[Choic
     else:  # the calibrated size nearest on a log scale
         sizes = [min(SIZES, key=lambda s: abs(math.log2(max(facts.msg_size or 1, 1) / s)))]
     modes = [facts.mode] if facts.mode in MODES else list(MODES)
-    where = (
-        f"ends pinned apart ({', '.join(places)})"
-        if facts.apart
-        else f"ends may share a core ({', '.join(places)})"
-    )
+    if not facts.same_host:
+        where = "ends on two hosts (other-host)"
+    elif facts.apart:
+        where = f"ends pinned apart ({', '.join(places)})"
+    else:
+        where = f"ends may share a core ({', '.join(places)})"
     ok = [
         (n, form)
         for n in REGISTRY

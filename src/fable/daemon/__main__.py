@@ -1,4 +1,5 @@
-"""``python -m fable.daemon [--system] [--socket PATH] [--log FILE] [--cluster URL]``: what
+"""``python -m fable.daemon [--system] [--socket PATH] [--log FILE] [--cluster URL]
+[--listen ADDR:PORT]``: what
 ``fable daemon`` and the library's auto-start run (the library logs to
 ``$FABLE_STATE_DIR/fabled.log``, rotated). A refusal to start (a bad setting, the host id
 another daemon's) is one line on stderr and exit status 1."""
@@ -20,11 +21,12 @@ def main() -> None:
     p.add_argument("--socket", type=Path, default=None, help="listen here instead")
     p.add_argument("--log", type=Path, default=None, help="log here (rotated), not to stderr")
     p.add_argument("--cluster", default=None, help="join this cluster: zk://ADDR[:PORT][,...]/ROOT")
+    p.add_argument("--listen", default=None, help="take other hosts' daemons here: ADDR:PORT")
     args = p.parse_args()
     setup_logging(args.log)
     try:
-        serve(args.socket, system=args.system, cluster=args.cluster)
-    except FableError as e:
+        serve(args.socket, system=args.system, cluster=args.cluster, listen=args.listen)
+    except (FableError, ValueError) as e:
         logging.getLogger("fable.daemon").error("fabled refuses to start: %s", e)
         print(f"fabled: {e}", file=sys.stderr)
         sys.exit(1)

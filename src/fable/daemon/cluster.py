@@ -5,7 +5,10 @@ its session: a daemon that dies takes its names out of the cluster within the se
 watches the tree and keeps a cache of it for cluster-wide listings. The layout, under ROOT:
 
     ROOT/hosts/<host id>     ephemeral  {"v": 1, "host", "addresses", "networks",
-                                         "pid", "boot", "start"}
+                                         "pid", "boot", "start", "link"}
+                             ("link": "ADDR:PORT" of its daemon link, ``link.py``, or null)
+    ROOT/seq/<host id>-NNNNNNNNNN   ephemeral, sequential: a number no other daemon's join got,
+                             which makes the ids of flows between hosts unique (``flow_base``)
     ROOT/names/<name>        ephemeral  {"v": 1, "name", "host", "uid", "listening", "remote"}
                              (the name with each '/' written as '+', which names never hold)
 
@@ -51,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fable.config import HOST_ID
+from fable.config import HOST_ID, parse_listen
 from fable.errors import DaemonUnavailable, FableError, InvalidName, NameInUse
 from fable.nameservice import check_name
 
@@ -65,6 +68,7 @@ JOIN_WAIT_S = 3.0  # a starting daemon waits this long for ZooKeeper, then serve
 OP_TIMEOUT_S = 5.0  # a ZooKeeper request not answered by then is connection trouble
 CLAIM_TIMEOUT_S = 2.0  # a register waits this long for its cluster claim, then publishes later
 RETRY_S = 1.0  # after a failed sync, the next try
+FLOW_SPAN = 10**10  # ids of one daemon's flows between hosts (``flow_base``); local ids < 2e9
 ZXID_RESET_S = 1.0  # a connection not back by then may be to a ZooKeeper that lost its data
 REFUSED_RETRY_S = 5.0  # a host id held by another daemon: asked again this often (joined late)
 DEFAULT_PORT = 2181
@@ -129,10 +133,10 @@ def _boot_id() -> str:
         return ""
 
 
-def host_facts(host: str) -> dict[str, Any]:
+def host_facts(host: str, link: str | None = None) -> dict[str, Any]:
     """This host's znode data: its id, its addresses and networks (loopback and link-local
-    left out), and who this daemon is (pid, boot id, start time: to tell a live daemon's znode
-    from a dead one's)."""
+    left out), who this daemon is (pid, boot id, start time: to tell a live daemon's znode
+    from a dead one's) and where its daemon link listens (``link``: ADDR:PORT, or None)."""
     import psutil
 
     addresses, networks = [], []
@@ -157,6 +161,7 @@ def host_facts(host: str) -> dict[str, Any]:
         "pid": pid,
         "boot": _boot_id(),
         "start": _start_time(pid),
+        "link": link,
     }
 
 
@@ -199,6 +204,12 @@ def check_host(child: str, data: bytes | None) -> dict[str, Any]:
         raise _Bad("pid or boot missing")
     if obj.get("start") is not None and not _is_int(obj.get("start")):
         raise _Bad("start is not an int")
+    link = obj.get("link")
+    if link is not None:
+        try:
+            parse_listen(link if isinstance(link, str) else "")
+        except ValueError:
+            raise _Bad("link is not ADDR:PORT") from None
     return obj
 
 
@@ -248,6 +259,8 @@ class ClusterTier:
         self.joined = False  # our host znode is ours in this session
         self.refused = ""  # why another daemon holds our host id (then we do not join)
         self._host_data = b""  # our host znode's data
+        self.link: str | None = None  # our daemon link's ADDR:PORT, set before ``start``
+        self.number: int | None = None  # our join's number (ROOT/seq): ``flow_base``
         self.hosts: dict[str, dict[str, Any]] = {}  # the cache: host id -> its data
         self.names: dict[str, dict[str, Any]] = {}  # name -> its data
         self.published: dict[str, bytes] = {}  # our name znodes in this session -> data
@@ -405,6 +418,8 @@ class ClusterTier:
                     log.warning("cluster %s: %s; trying again", self.url, type(e).__name__)
                     self.loop.call_later(RETRY_S, self._dirty.set)  # type: ignore[union-attr]
             except Exception:
+                if self.state == "stopped":  # (a sync that ran on after stop(): asyncio's
+                    return  # wait_for of 3.11 may drop a cancel that meets a result)
                 log.exception("cluster %s: sync failed", self.url)
                 self.loop.call_later(RETRY_S, self._dirty.set)  # type: ignore[union-attr]
 
@@ -423,6 +438,8 @@ class ClusterTier:
             for d in ("hosts", "names"):
                 await self._call(self.zk.ensure_path_async, f"{self.url.root}/{d}")
             await self._claim_host()
+            if self.joined and self.number is None:
+                await self._take_number()
             self._first.set()
             if not self.joined:
                 self.loop.call_later(REFUSED_RETRY_S, self._dirty.set)  # type: ignore[union-attr]
@@ -533,7 +550,7 @@ class ClusterTier:
         from kazoo.exceptions import BadVersionError, NoNodeError
 
         path = f"{self.url.root}/hosts/{self.host}"
-        data = self._host_data = _dumps(host_facts(self.host))
+        data = self._host_data = _dumps(host_facts(self.host, self.link))
         waited_until: float | None = None
         while True:
             there = await self._create(path, data)
@@ -582,6 +599,24 @@ class ClusterTier:
                 log.error("cluster %s: %s", self.url, self.refused)
                 return
             await asyncio.sleep(0.25)
+
+    async def _take_number(self) -> None:
+        """A number no other join got (ZooKeeper's sequence under ROOT/seq), once."""
+        path = await self._call(
+            self.zk.create_async,
+            f"{self.url.root}/seq/{self.host}-",
+            b"",
+            ephemeral=True,
+            sequence=True,
+            makepath=True,
+        )
+        self.number = int(str(path).rsplit("-", 1)[1])
+
+    def flow_base(self) -> int | None:
+        """The first id of this daemon's flows between hosts (None: not numbered yet): ids
+        ``(number + 1) * FLOW_SPAN + n``, above every local flow id (``Registry``) and apart
+        from every other daemon's."""
+        return None if self.number is None else (self.number + 1) * FLOW_SPAN
 
     def _holder(self, data: bytes | None, owner: int) -> str | None:
         """Who holds our host znode with ``data``: None if nobody alive (a persistent znode,
@@ -717,6 +752,17 @@ class ClusterTier:
             ) from None
         return [self.names[n] for n in sorted(self.names)]
 
+    def link_of(self, host: str) -> tuple[str, int] | None:
+        """Where ``host``'s daemon takes connections from other hosts (None: nowhere)."""
+        got = self.hosts.get(host)
+        link = None if got is None else got.get("link")
+        return None if not isinstance(link, str) else parse_listen(link)
+
+    def addresses_of(self, host: str) -> list[str]:
+        """``host``'s addresses as its znode lists them ([] for a host the cluster lacks)."""
+        got = self.hosts.get(host)
+        return [] if got is None else list(got.get("addresses", []))
+
     def host_of(self, name: str) -> str | None:
         """The host that holds ``name`` as the cache has it (None: unknown to the cluster)."""
         got = self.names.get(name)
@@ -732,6 +778,7 @@ class ClusterTier:
             "session": _hex(self.session),
             "joined": self.joined,
             "refused": self.refused,
+            "link": self.link,
             "hosts": sorted(self.hosts),
             "names": len(self.names),
             "published": len(self.published),

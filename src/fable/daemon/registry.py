@@ -49,7 +49,13 @@ class Endpoint:
     listening: bool = False
     trusted: bool = False
     allow_uids: frozenset[int] | None = None
+    allow_remote: bool = False  # processes on every other host of the cluster may connect
+    allow_hosts: frozenset[str] = frozenset()  # ... or those on these hosts
     since: float = field(default_factory=time.time)
+
+    def takes_host(self, host: str) -> bool:
+        """Whether a process on ``host`` (another host of the cluster) may connect."""
+        return self.listening and (self.allow_remote or host in self.allow_hosts)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -89,6 +95,7 @@ class Flow:
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     owners: set[int] = field(default_factory=set)
     adopted: bool = False  # reported again after a restart: its owners are who holds the token
+    hosts: tuple[str, str] = ("", "")  # each end's host, in the order of ends
 
     def public(self) -> dict[str, Any]:
         return {
@@ -103,7 +110,16 @@ class Flow:
             "last_switch": self.last_switch,
             "refused": self.refused,
             "since": self.since,
+            "hosts": list(self.hosts),
         }
+
+
+# local flow ids stay below this (they start at seconds x 1000, under 1e9): the ids of flows
+# between hosts are above it (``ClusterTier.flow_base``)
+LOCAL_IDS = 2 * 10**9
+# a new flow an end has not reported yet stays this long without its report (its process is
+# still setting it up: between hosts that is a TCP connection or two)
+FRESH_S = 30.0
 
 
 class Registry:
@@ -195,9 +211,18 @@ class Registry:
         reason: str,
         clients: set[int],
         owners: set[int],
+        hosts: tuple[str, str] = ("", ""),
+        fid: int | None = None,
     ) -> Flow:
-        flow = Flow(next(self._ids), ends, transport, safe, reason, clients=set(clients))
+        """A new flow: ``fid`` given for one between hosts (the connecting daemon numbers it,
+        ``ClusterTier.flow_base``), else the next local id. ValueError if ``fid`` is taken."""
+        if fid is None:
+            fid = next(self._ids)
+        elif fid in self.flows:
+            raise ValueError(f"flow {fid} exists already")
+        flow = Flow(fid, ends, transport, safe, reason, clients=set(clients))
         flow.owners = set(owners)
+        flow.hosts = hosts
         self.flows[flow.id] = flow
         self.version += 1
         return flow
@@ -224,8 +249,9 @@ class Registry:
             if isinstance(v, list) and len(v) == 2 and isinstance(v[1], list)
         }
         self.reserved_names, self.reserved_flows, self.reserved_until = rnames, rflows, until
-        if rflows:  # new flow ids start past the saved ones
-            self._ids = itertools.count(max(max(rflows) + 1, next(self._ids)))
+        local = [f for f in rflows if f < LOCAL_IDS]  # (flows between hosts: their own ids)
+        if local:  # new flow ids start past the saved ones
+            self._ids = itertools.count(max(max(local) + 1, next(self._ids)))
 
     def _expire(self) -> None:
         """Forget the reservations once their grace period is over."""
@@ -296,13 +322,15 @@ class Registry:
                 )
                 flow.token = str(f.get("token", ""))  # the first end to report it again
                 flow.adopted = True
+                flow.hosts = f.get("hosts", ("", ""))
                 saved = self.reserved_flows.pop(fid, None)
                 if saved is not None:  # its owners as they were, not whoever reports first
                     flow.owners = set(saved[1])
                     flow.adopted = False
                 self.flows[fid] = flow
                 self.version += 1
-                self._ids = itertools.count(max(fid + 1, next(self._ids)))
+                if fid < LOCAL_IDS:
+                    self._ids = itertools.count(max(fid + 1, next(self._ids)))
             flow.owners.add(uid)  # (an end that holds the token)
             flow.clients.add(client)
             flow.transport, flow.epoch = f["transport"], f["epoch"]
@@ -322,8 +350,11 @@ class Registry:
         if earlier is None:
             return out
         seen |= earlier
+        fresh = time.time() - FRESH_S
         for flow in list(self.flows.values()):
             if client in flow.clients and flow.id not in seen:
+                if client not in flow.counters and flow.since > fresh:
+                    continue  # not reported yet: its process is still setting it up
                 flow.clients.discard(client)
                 flow.counters.pop(client, None)
                 if not flow.clients:

@@ -15,6 +15,9 @@ What the registry holds is saved next to the socket so that the next daemon rese
 
 With ``--cluster zk://.../ROOT`` it is one host of a cluster (``cluster.py``): its endpoints are
 published in ZooKeeper, a register claims its name across hosts, ``ls`` can list every host's.
+With ``--listen ADDR:PORT`` too, it arranges connections between hosts with the other daemons
+(``link.py``): a connect to a name on another host asks that host's daemon, and the two
+processes then meet over TCP (``fable/transports/across.py``); neither daemon is on that path.
 
 Run it with ``fable daemon`` (foreground) or let ``fable.register`` start it (``client.py``).
 """
@@ -26,6 +29,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import ipaddress
 import itertools
 import json
 import logging
@@ -41,8 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from fable._wire import FrameReader, close_fds
-from fable.config import settings
+from fable.config import HOST_ID, settings
 from fable.daemon.cluster import ClusterTier, parse_url
+from fable.daemon.link import LinkServer, ask
 from fable.daemon.registry import Endpoint, Flow, Registry
 from fable.daemon.triggers import FlowFacts, FlowState, decide, note_asked
 from fable.errors import (
@@ -55,6 +60,7 @@ from fable.errors import (
     Timeout,
 )
 from fable.nameservice import CONTROL, SYSTEM_SOCKET, check_name, private_dir, user_socket
+from fable.transports.across import new_token
 
 __all__ = ["Daemon", "host_id", "serve", "setup_logging"]
 
@@ -96,6 +102,17 @@ def host_id() -> str:
         if text:
             return text
     return socket.gethostname()
+
+
+def _hosts(v: Any) -> tuple[str, str]:
+    """A reported flow's two hosts (("", "") when not two host ids)."""
+    if (
+        isinstance(v, list)
+        and len(v) == 2
+        and all(isinstance(h, str) and HOST_ID.fullmatch(h) for h in v)
+    ):
+        return (v[0], v[1])
+    return ("", "")
 
 
 class _BadRequest(FableError):
@@ -220,17 +237,32 @@ class Client:
 
 
 class Daemon:
-    def __init__(self, path: Path, *, system: bool = False, cluster: str = "") -> None:
+    def __init__(
+        self, path: Path, *, system: bool = False, cluster: str = "", listen: str = ""
+    ) -> None:
         self.path = path
         self.system = system
         self.registry = Registry()
         self._tickets = itertools.count(1)  # one per `fable reconfigure` request
+        self._remote_ids = itertools.count(1)  # our flows between hosts: flow_base() + n
         self.host = host_id()
         self.cluster: ClusterTier | None = None  # the cluster tier (--cluster), cluster.py
         if cluster:
             self.cluster = ClusterTier(
                 parse_url(cluster), self.host, settings().cluster_session_s, self._published
             )
+        self.link: LinkServer | None = None  # --listen: the other daemons' way in (link.py)
+        if listen:
+            from fable.config import parse_listen
+
+            address, port = parse_listen(listen)
+            if self.cluster is None:
+                raise FableError("--listen takes connections from other hosts: it needs --cluster")
+            if ipaddress.ip_address(address).is_unspecified:
+                raise FableError(
+                    f"--listen {listen}: give this host's address (the other hosts dial it)"
+                )
+            self.link = LinkServer(address, port, self._on_link)
         self.clients: dict[int, Client] = {}
         self.listen_changed = asyncio.Event()
         self.waiting: dict[str, int] = {}  # name -> connects waiting for it to listen (fable ls)
@@ -302,6 +334,9 @@ class Daemon:
             loop.add_signal_handler(sig, self.stopping.set)
         if self.cluster is not None:
             try:  # (clients that connect meanwhile wait in the backlog)
+                if self.link is not None:
+                    await self.link.start()
+                    self.cluster.link = f"{self.link.address}:{self.link.port}"
                 await self.cluster.start()
             except BaseException:
                 sock.close()
@@ -317,6 +352,8 @@ class Daemon:
         watchdog.cancel()
         saver.cancel()
         self._save()  # (a planned restart: the names of now are reserved for their users)
+        if self.link is not None:
+            self.link.stop()
         if self.cluster is not None:
             self.cluster.stop()  # (our znodes go with the session, at once)
         for c in list(self.clients.values()):
@@ -521,9 +558,13 @@ class Daemon:
 
     def _published(self) -> dict[str, dict[str, Any]]:
         """What the cluster tier publishes of our endpoints: name -> uid, listening, remote
-        (remote connections come with the TCP setup channel: none yet)."""
+        (it takes connections from some other host)."""
         return {
-            n: {"uid": ep.uid, "listening": ep.listening, "remote": False}
+            n: {
+                "uid": ep.uid,
+                "listening": ep.listening,
+                "remote": ep.listening and (ep.allow_remote or bool(ep.allow_hosts)),
+            }
             for n, ep in self.registry.endpoints.items()
         }
 
@@ -655,11 +696,18 @@ class Daemon:
         allow = req.get("allow_uids")
         ep.allow_uids = None if allow is None else frozenset(_int_list(allow, "allow_uids"))
         ep.trusted = _field(req, "trusted", bool, False)
+        ep.allow_remote = _field(req, "allow_remote", bool, False)
+        hosts = _field(req, "allow_hosts", (list, type(None)), None) or []
+        if len(hosts) > 1024 or not all(isinstance(h, str) and HOST_ID.fullmatch(h) for h in hosts):
+            raise _BadRequest("listen: allow_hosts is a list of host ids")
+        ep.allow_hosts = frozenset(hosts)
         ep.listening = True
         self._listeners_changed()
         return {}, None
 
-    async def _op_connect(self, client: Client, req: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    async def _op_connect(
+        self, client: Client, req: dict[str, Any]
+    ) -> tuple[dict[str, Any], int | None]:
         me = self.registry.owned(check_name(_field(req, "name", str)), client.id)
         to = check_name(_field(req, "to", str))
         trusted = _field(req, "trusted", bool, False)
@@ -683,8 +731,11 @@ class Daemon:
                 try:
                     listener = self.registry.listener(to, client.uid)
                 except NameNotFound:
-                    self._elsewhere(to)
-                    raise
+                    host = self._elsewhere(to)
+                    if host is None:
+                        raise
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    return await self._connect_remote(client, me, to, host, req, left)
                 if listener is not None:
                     owner = self.clients.get(listener.client)
                     if owner is not None:
@@ -726,6 +777,7 @@ class Daemon:
             reason,
             {client.id, listener.client},
             {client.uid, listener.uid},
+            hosts=(self.host, self.host),
         )
         flow.trusted = (trusted, listener.trusted)
         flow.hints = {k: req.get(k) for k in ("pollable", "msg_size", "mode")}
@@ -764,14 +816,207 @@ class Daemon:
         }
         return {"flow": self._public(flow), "token": flow.token, "options": options}, a.detach()
 
-    def _elsewhere(self, name: str) -> None:
-        """NameNotFound saying so when the cluster has ``name`` on another host."""
+    def _elsewhere(self, name: str) -> str | None:
+        """The other host the cluster has ``name`` on (None: on none)."""
         host = None if self.cluster is None else self.cluster.host_of(name)
-        if host is not None and host != self.host:
+        return host if host is not None and host != self.host else None
+
+    # ------------------------------------------------------------------ between hosts
+    async def _connect_remote(
+        self,
+        client: Client,
+        me: Endpoint,
+        to: str,
+        host: str,
+        req: dict[str, Any],
+        timeout: float | None,
+    ) -> tuple[dict[str, Any], None]:
+        """A connect to ``to`` on ``host``: choose the transport (an ``other-host`` flow),
+        number the flow, ask that host's daemon (``link.py``), and tell our process where to
+        go and the two tokens (``fable/transports/across.py``). Its daemon's refusals are
+        raised here (NameNotFound, PermissionDenied, Timeout...)."""
+        from fable.transports import REGISTRY
+
+        assert self.cluster is not None
+        where = self.cluster.link_of(host)
+        if where is None:
             raise NameNotFound(
-                f"{name!r} is registered on host {host}, not on this one: connections between "
-                "hosts are not supported yet"
+                f"{to!r} is registered on host {host}, whose daemon takes no connections from "
+                "other hosts (it runs without --listen)"
             )
+        base = self.cluster.flow_base()
+        if base is None:
+            raise DaemonUnavailable("this daemon has not joined its cluster yet: try again")
+        trusted = _field(req, "trusted", bool, False)
+        transport = _field(req, "transport", (str, type(None)), None)
+        between = f"between hosts {self.host} ({me.name}) and {host} ({to})"
+        if transport is not None:
+            if not REGISTRY[transport].caps.cross_host:
+                crossing = ", ".join(n for n, i in REGISTRY.items() if i.caps.cross_host)
+                raise FableError(f"{transport} cannot connect two hosts; between hosts: {crossing}")
+            name, forms = transport, (True, True)
+            reason = f"{name}: asked for by {me.name} with transport={name!r}; {between}"
+        else:
+            choice = self._choose(me, Endpoint(to, 0, 0, host, -1), trusted, req)
+            name, forms = choice.transport, choice.safe
+            reason = f"{choice.reason}; {between}"
+        self._flow_room(client.uid, 1)
+        fid = base + next(self._remote_ids)
+        token = new_token()  # T2: the listener's process proves itself with it
+        reply = await ask(
+            where[0],
+            where[1],
+            {
+                "op": "remote-connect",
+                "host": self.host,
+                "name": me.name,
+                "to": to,
+                "transport": name,
+                "safe": list(forms),
+                "forced": transport is not None,
+                "reason": reason,
+                "flow": fid,
+                "token": token,
+                "timeout": timeout,
+            },
+            settings().peer_timeout_s,
+            None if timeout is None else timeout + settings().peer_timeout_s,
+        )
+        address, port, t1 = reply.get("address"), reply.get("port"), reply.get("token")
+        try:
+            ipaddress.ip_address(address if isinstance(address, str) else "")
+            if not (isinstance(port, int) and 0 < port < 65536 and isinstance(t1, str)):
+                raise ValueError
+        except ValueError:
+            raise ProtocolError(
+                f"host {host}'s daemon answered a connect without a place"
+            ) from None
+        if client.closed:
+            raise ConnectionError("the connecting process went away")
+        flow = self.registry.new_flow(
+            (me.name, to), name, forms, reason, {client.id}, {client.uid}, (self.host, host), fid
+        )
+        flow.trusted = (trusted, False)
+        flow.hints = {k: req.get(k) for k in ("pollable", "msg_size", "mode")}
+        log.info("flow %d: %s -> %s on host %s over %s", fid, me.name, to, host, name)
+        options = {
+            "transport": name,
+            "safe": forms[0],
+            "peer_safe": forms[1],
+            "forced": transport is not None,
+        }
+        remote = {"address": address, "port": port, "token": t1, "peer_token": token, "host": host}
+        return {
+            "flow": self._public(flow),
+            "token": flow.token,
+            "options": options,
+            "remote": remote,
+        }, None
+
+    async def _on_link(self, peer: str, here: str, req: dict[str, Any]) -> dict[str, Any]:
+        """A request of another host's daemon (``link.py``): ``remote-connect``."""
+        from fable.transports import REGISTRY
+
+        if req.get("op") != "remote-connect":
+            raise _BadRequest(f"unknown link op {req.get('op')!r}")
+        assert self.cluster is not None
+        host = _field(req, "host", str)
+        if not HOST_ID.fullmatch(host) or host == self.host:
+            raise _BadRequest("remote-connect: host is another host's id")
+        if peer not in self.cluster.addresses_of(host):
+            raise PermissionDenied(
+                f"a connect in the name of host {host} came from {peer}, which the cluster does "
+                "not list as that host's"
+            )
+        name, to = check_name(_field(req, "name", str)), check_name(_field(req, "to", str))
+        transport = _field(req, "transport", str)
+        info = REGISTRY.get(transport)
+        if info is None or not info.caps.cross_host:
+            raise _BadRequest(f"remote-connect: {transport!r} does not cross hosts")
+        safe = req.get("safe")
+        if not (
+            isinstance(safe, list) and len(safe) == 2 and all(isinstance(f, bool) for f in safe)
+        ):
+            raise _BadRequest("remote-connect: safe is two bools")
+        if any(info.no_form(f) for f in safe):
+            raise _BadRequest(f"remote-connect: {transport} has no such form")
+        fid = _field(req, "flow", int)
+        from fable.daemon.registry import LOCAL_IDS
+
+        if fid < LOCAL_IDS or fid >= 1 << 53 or fid in self.registry.flows:
+            raise _BadRequest(f"remote-connect: flow id {fid} is not one a daemon gives")
+        token = _field(req, "token", str)
+        if len(token) != 32 or not all(c in "0123456789abcdef" for c in token):
+            raise _BadRequest("remote-connect: token is 32 hex digits")
+        timeout = _field(req, "timeout", (int, float, type(None)), None)
+        reason = str(_field(req, "reason", str, ""))[:500]
+        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
+        while True:  # as a local connect: wait for the name to listen
+            ep = self.registry.endpoints.get(to)
+            if ep is None:
+                raise NameNotFound(f"no endpoint is registered as {to!r} on host {self.host}")
+            if ep.listening:
+                if not ep.takes_host(host):
+                    raise PermissionDenied(
+                        f"{to!r} takes no connections from host {host} (its listener passes "
+                        "allow_remote=True or allow_hosts to take some)"
+                    )
+                owner = self.clients.get(ep.client)
+                if owner is not None and not owner.closed:
+                    break
+            changed = self.listen_changed
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise Timeout(
+                    f"{to!r} is registered on host {self.host} but did not listen in time"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), 1.0 if left is None else min(left, 1.0))
+        self._flow_room(ep.uid, 1)
+        family = socket.AF_INET6 if ":" in here else socket.AF_INET
+        lst = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            lst.bind((here, 0))
+            lst.listen(8)
+        except OSError as e:
+            lst.close()
+            raise DaemonUnavailable(f"no listening socket for {to!r}: {e}") from None
+        t1 = new_token()  # the connecting process proves itself with it
+        flow = self.registry.new_flow(
+            (name, to),
+            transport,
+            (safe[0], safe[1]),
+            reason,
+            {ep.client},
+            {ep.uid},
+            (host, self.host),
+            fid,
+        )
+        flow.trusted = (False, ep.trusted)
+        try:
+            await owner.send(
+                {
+                    "op": "incoming",
+                    "listener": to,
+                    "flow": self._public(flow),
+                    "token": flow.token,
+                    "options": {
+                        "transport": transport,
+                        "safe": safe[1],
+                        "forced": req.get("forced") is True,
+                    },
+                    "remote": {"host": host, "token": t1, "peer_token": token},
+                },
+                lst.fileno(),
+            )
+        except (ConnectionError, OSError):
+            self.registry.flows.pop(flow.id, None)
+            raise Timeout(f"{to!r} went away during the rendezvous") from None
+        finally:
+            port = lst.getsockname()[1]
+            lst.close()
+        log.info("flow %d: %s on host %s -> %s over %s", fid, name, host, to, transport)
+        return {"address": here, "port": port, "token": t1, "flow": fid}
 
     def table(self) -> Any:
         """The calibration table, reloaded when ``fable calibrate`` rewrote it."""
@@ -883,6 +1128,7 @@ class Daemon:
                     "last_switch": _last_switch(f.get("last_switch")),
                     "pollable": f.get("pollable") is True,
                     "token": _field(f, "token", str, ""),
+                    "hosts": _hosts(f.get("hosts")),
                 }
             )
         for e in req.get("endpoints", []) if isinstance(req.get("endpoints"), list) else []:
@@ -928,8 +1174,9 @@ class Daemon:
         st = self._trig(flow.id)
         a = self.registry.endpoints.get(flow.ends[0])
         b = self.registry.endpoints.get(flow.ends[1])
-        if a is None or b is None:
-            return  # an end unregistered its name: where it runs is not known any more
+        if a is None or b is None or flow.hosts[0] != flow.hosts[1]:
+            return  # an end unregistered its name (where it runs is not known any more), or
+            # it runs on another host (no placement to follow: the flow stays as it is)
         trusted = flow.trusted or (not flow.safe[0], not flow.safe[1])
         try:
             ranking = self._ranking(a, b, trusted[0], trusted[1], flow.hints)
@@ -1033,6 +1280,12 @@ class Daemon:
             self._trig(flow.id).hold = False
             await self._trigger(flow, time.monotonic())
             return {"flow": self._public(flow)}, None
+        crossing = flow.hosts[0] != flow.hosts[1]
+        if transport is not None and crossing and not REGISTRY[transport].caps.cross_host:
+            raise _BadRequest(
+                f"flow {fid} is between hosts {flow.hosts[0]} and {flow.hosts[1]}: "
+                f"{transport} cannot cross hosts"
+            )
         if end is not None and end not in flow.ends:
             raise _BadRequest(f"flow {fid} has no end {end!r}; its ends: {', '.join(flow.ends)}")
         # the form for each end, in the order of ends (None: that end's most zero-copy form
@@ -1091,9 +1344,16 @@ async def _quietly(send: Any) -> None:
         await send
 
 
-def serve(path: Path | None = None, *, system: bool = False, cluster: str | None = None) -> None:
+def serve(
+    path: Path | None = None,
+    *,
+    system: bool = False,
+    cluster: str | None = None,
+    listen: str | None = None,
+) -> None:
     """Run a daemon in this process until SIGTERM/SIGINT or a ``stop`` request; ``cluster``
-    (default FABLE_CLUSTER): the cluster it joins, ``zk://ADDR[,ADDR...]/ROOT``."""
+    (default FABLE_CLUSTER): the cluster it joins, ``zk://ADDR[,ADDR...]/ROOT``; ``listen``
+    (default FABLE_LISTEN): ``ADDR:PORT`` where the other hosts' daemons reach it."""
     if path is None:
         path = SYSTEM_SOCKET if system else user_socket()
     with contextlib.suppress(OSError):
@@ -1107,7 +1367,13 @@ def serve(path: Path | None = None, *, system: bool = False, cluster: str | None
             resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
 
     async def main() -> None:
-        d = Daemon(path, system=system, cluster=settings().cluster if cluster is None else cluster)
+        cfg = settings()
+        d = Daemon(
+            path,
+            system=system,
+            cluster=cfg.cluster if cluster is None else cluster,
+            listen=cfg.listen if listen is None else listen,
+        )
         await d.serve(d.bind())
 
     asyncio.run(main())

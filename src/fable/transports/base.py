@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from fable.buffer import Buffer
+    from fable.transports.across import Across
     from fable.transports.channel import SetupChannel
 
 __all__ = [
@@ -63,6 +64,9 @@ class Capabilities:
     cross_host: bool  # can connect two hosts
     spins: bool  # burns a core while waiting (never pick when both ends may share one)
     mutual_trust: bool = False  # both sides must trust each other to use it at all
+    # holds a small write while an earlier one is unacknowledged (Nagle's algorithm): up to a
+    # delayed ACK (40 ms on Linux) per message when the peer waits for more before answering
+    delays_small: bool = False
 
     @property
     def forms(self) -> tuple[bool, ...]:
@@ -92,6 +96,10 @@ class TransportInfo:
     into a DataPath on its own side. ``role`` is 0 on the initiating side, 1 on the other;
     ``epoch`` is the connection's transport generation (0, then +1 per reconfiguration), which
     every frame or record of the path carries.
+
+    ``create_across(across, options)`` (the ``cross_host`` transports) does what ``create``
+    does between hosts: no fds for the peer, only parameters (``fable/transports/across.py``);
+    ``open`` then finds its end from them (``setup.across``).
     """
 
     name: str
@@ -99,6 +107,7 @@ class TransportInfo:
     summary: str
     create: Callable[[dict[str, Any]], tuple[EndSpec, EndSpec]]
     open: Callable[[EndSpec, int, bool, SetupChannel, int], DataPath]
+    create_across: Callable[[Across, dict[str, Any]], tuple[EndSpec, EndSpec]] | None = None
 
     def no_form(self, safe: bool) -> str | None:
         """Why this transport cannot be opened with ``safe`` reads (None: it can)."""

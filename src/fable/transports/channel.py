@@ -1,8 +1,10 @@
 """The setup channel: records between the two sides of one connection, for its whole life.
 
-It is an already-connected AF_UNIX stream socket. Records are frames of the one codec of
-``fable._wire`` (``SETUP``: a u32 big-endian length, a JSON object with ``"v": SETUP_VERSION``,
-fds attached by SCM_RIGHTS to its first byte). What travels on it:
+It is an already-connected stream socket: AF_UNIX on a host, TCP between hosts (then records
+carry no fds, and ``across`` holds what that needs: ``fable/transports/across.py``). Records
+are frames of the one codec of ``fable._wire`` (``SETUP``: a u32 big-endian length, a JSON
+object with ``"v": SETUP_VERSION``, fds attached by SCM_RIGHTS to its first byte). What
+travels on it:
 
     hello        the first offer (epoch 0), with the answering side's fds   (fable/handshake.py)
     reconfig, reconfig-accept, reconfig-refuse, reconfig-done
@@ -34,10 +36,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fable._wire import Codec, FrameReader, close_fds
 from fable.errors import FableError, PermissionDenied, ProtocolError, Timeout
+
+if TYPE_CHECKING:
+    from fable.transports.across import Across
 
 __all__ = ["MAX_BACKLOG", "REFUSE", "SETUP", "SETUP_VERSION", "SetupChannel", "refusal_error"]
 
@@ -70,9 +75,13 @@ class SetupChannel:
     """One connection's setup channel (see the module docstring). Any thread may send (records
     stay whole) or poll; the inbox is the caller's to take from."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            raise ProtocolError("the setup channel must be an AF_UNIX stream socket")
+    def __init__(self, sock: socket.socket, across: Across | None = None) -> None:
+        families = (socket.AF_UNIX,) if across is None else (socket.AF_INET, socket.AF_INET6)
+        if sock.type != socket.SOCK_STREAM or sock.family not in families:
+            raise ProtocolError(
+                "the setup channel must be an AF_UNIX stream socket (TCP between hosts)"
+            )
+        self.across = across  # between hosts: the peer's data listener and ours
         sock.setblocking(True)
         self._sock: socket.socket | None = sock
         self._send_lock = threading.Lock()
@@ -106,6 +115,8 @@ class SetupChannel:
         """Send one record (``fds`` attached; they stay the caller's), never waiting: what the
         kernel does not take now is queued (module docstring). ``ProtocolError`` once the
         peer let ``MAX_BACKLOG`` bytes pile up (the channel is failed for every reader)."""
+        if fds and self.across is not None:
+            raise ProtocolError("a setup channel between hosts carries no fds")
         frame = memoryview(SETUP.encode(record))
         with self._send_lock:
             if self._error is not None:
@@ -200,8 +211,8 @@ class SetupChannel:
                         n = self._reader.read_from(sock, socket.MSG_DONTWAIT)
                     except (BlockingIOError, InterruptedError):
                         break
-                    except (ConnectionResetError, EOFError):
-                        n = 0
+                    except (ConnectionResetError, ConnectionAbortedError, TimeoutError, EOFError):
+                        n = 0  # (TimeoutError: ETIMEDOUT, a TCP peer that stopped answering)
                     while (rec := self._reader.pop()) is not None:
                         if rec[0].get("op") == "close":
                             close_fds(rec[1])
@@ -300,3 +311,5 @@ class SetupChannel:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self.across is not None:
+            self.across.close()

@@ -93,6 +93,10 @@ _unpack_from = HEADER.unpack_from
 _monotonic = time.monotonic
 _DONTWAIT = socket.MSG_DONTWAIT
 _SENDFLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+# the peer is gone, as a read or a write finds out (TimeoutError: ETIMEDOUT, a TCP peer on
+# another host that stopped answering within its keepalive or TCP_USER_TIMEOUT)
+_RESET = (ConnectionResetError, ConnectionAbortedError, TimeoutError)
+_BROKEN = (BrokenPipeError, *_RESET)
 
 
 class _Claim(Claim):
@@ -195,7 +199,7 @@ class StreamPath(MessagePath):
             return os.writev(self._wfd, bufs)
         except BlockingIOError:
             return 0
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+        except _BROKEN:
             raise self._gone_on_write() from None
 
     def _fill(self, block: bool) -> int:
@@ -215,7 +219,7 @@ class StreamPath(MessagePath):
                 n = self._readinto(mv)
         except BlockingIOError:
             return -1
-        except (ConnectionResetError, ConnectionAbortedError):
+        except _RESET:
             n = 0
         finally:
             self._blocked = False
@@ -456,7 +460,7 @@ class StreamPath(MessagePath):
                     sent = self._write1(frame)
                 except BlockingIOError:
                     sent = 0
-                except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+                except _BROKEN:
                     raise self._gone_on_write() from None
                 if sent < HDR + n:
                     with self._wlock:
@@ -613,7 +617,7 @@ class StreamPath(MessagePath):
                     n = self._readinto(self._rmv)
                     if self._closing:
                         n = 0  # woken by a close of ours: what came is not read
-                except (ConnectionResetError, ConnectionAbortedError):
+                except _RESET:
                     n = 0
                 finally:
                     self._blocked = False

@@ -14,6 +14,16 @@ inside h1, then breaks things and measures each recovery against its bound:
 - a daemon started while ZooKeeper is down starts, serves locally, and joins within 5 s of
   ZooKeeper's return.
 
+Between hosts (each daemon also has ``--listen``): a process on h2 connects by name to one on
+h1 and sends MESSAGES sequence-checked messages of mixed sizes, echoed back; the flow is on a
+transport that crosses hosts, with a reason that names both hosts, and both hosts' ``eth0``
+received at least the payload (the bytes really crossed the link); a latency flow
+(``mode="latency"``) is on tcp-nodelay.
+
+``python -m fable.testing.cluster calibrate`` measures the ``other-host`` rows of the policy's
+table the same way (h2 -> h1 over the link, tcp and tcp-nodelay, the bench's sizes): round trips
+(p50) and one-way message rates, as bench records on stdout.
+
 At the end everything is removed, and it checks that no namespace of this run is left.
 """
 
@@ -56,6 +66,98 @@ assert conn.recv(timeout=10) == b"ping"
 t.join()
 print("echoed", flush=True)
 """
+
+
+MESSAGES = 10_000
+SIZES = (1, 100, 1500, 4096, 20_000, 65_536)  # the demo's mixed sizes, in turn
+
+# h1's side: echo every message of every connection; "sink N": take N messages, say "done"
+SERVE = """
+import sys, threading, fable
+lst = fable.register(sys.argv[1]).listen(allow_remote=True)
+print("listening", flush=True)
+def serve(conn):
+    try:
+        while True:
+            m = conn.recv(timeout=60)
+            if m.startswith(b"sink "):
+                for _ in range(int(m[5:])):
+                    conn.recv(timeout=60)
+                conn.send(b"done")
+            else:
+                conn.send(m)
+    except fable.ConnectionClosed:
+        pass
+while True:
+    try:
+        c = lst.accept(timeout=60)
+    except fable.Timeout:
+        break
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+# h2's side of the demo: the checked stream, then a latency flow; one JSON line
+ACROSS = """
+import json, sys, fable
+from fable.client import one_shot
+n, sizes = int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")]
+ctx = fable.register("demo/h2")
+conn = ctx.connect(sys.argv[1], timeout=10)
+payload = 0
+for i in range(n):
+    m = i.to_bytes(8, "little") * (sizes[i % len(sizes)] // 8 + 1)
+    m = m[: sizes[i % len(sizes)]]
+    conn.send(m)
+    if conn.recv(timeout=30) != m:
+        raise SystemExit(f"message {i} came back wrong")
+    payload += len(m)
+flows = one_shot("flows")["flows"]
+fast = ctx.connect(sys.argv[1], timeout=10, mode="latency")
+fast.send(b"ping")
+assert fast.recv(timeout=10) == b"ping"
+print(json.dumps({"transport": conn.transport, "payload": payload, "flows": flows,
+                  "latency": fast.transport}), flush=True)
+conn.close()
+fast.close()
+"""
+
+# h2's side of calibrate: bench records of tcp and tcp-nodelay to h1
+MEASURE = """
+import json, sys, time, fable
+ctx = fable.register("calibrate/h2")
+out = []
+for t in ("tcp", "tcp-nodelay"):
+    conn = ctx.connect(sys.argv[1], timeout=10, transport=t)
+    for size in (64, 4096, 65536):
+        m = bytes(range(256)) * (size // 256) or bytes(size)
+        rts = []
+        for _ in range(int(sys.argv[2])):
+            t0 = time.perf_counter_ns()
+            conn.send(m)
+            ok = conn.recv(timeout=30) == m
+            rts.append(time.perf_counter_ns() - t0)
+            if not ok:
+                raise SystemExit("a reply came back wrong")
+        rts.sort()
+        rec = {"transport": t, "safe": True, "size": size, "placement": "other-host",
+               "cpus": [], "verified": True}
+        out.append({**rec, "mode": "latency", "p50_ns": rts[len(rts) // 2]})
+        count = int(sys.argv[3]) * 65536 // max(size, 4096)
+        t0 = time.perf_counter()
+        conn.send(b"sink %d" % count)
+        for _ in range(count):
+            conn.send(m)
+        assert conn.recv(timeout=60) == b"done"
+        out.append({**rec, "mode": "throughput", "msgs_per_s": count / (time.perf_counter() - t0)})
+    conn.close()
+print(json.dumps(out), flush=True)
+"""
+
+
+def _rx_bytes(h: Host) -> int:
+    """What ``h``'s eth0 has received, in bytes."""
+    r = h.run(["cat", "/sys/class/net/eth0/statistics/rx_bytes"])
+    return int(r.stdout)
 
 
 def _listed(h: Host) -> dict[str, str] | None:
@@ -103,6 +205,83 @@ class _Table:
             print(f"{what:<{w}}  {bound:>9}  {took:>9}  {'ok' if good else 'FAIL'}")
 
 
+def _serve(h: Host, name: str, holders: list[Any]) -> Any:
+    """Start the echo (and sink) listener ``name`` in ``h``; its Popen."""
+    p = h.popen([sys.executable, "-c", SERVE, name], stdout=subprocess.PIPE, text=True)
+    holders.append(p)
+    if p.stdout.readline().strip() != "listening":
+        raise RuntimeError(f"{h.name}: {name} did not listen")
+    return p
+
+
+def _between_hosts(table: _Table, h1: Host, h2: Host, holders: list[Any]) -> None:
+    """The connection between hosts: a checked stream h2 <-> h1 by name (module docstring)."""
+    server = _serve(h1, "echo/h1", holders)
+    rx1, rx2 = _rx_bytes(h1), _rx_bytes(h2)
+    t0 = time.monotonic()
+    r = h2.run(
+        [sys.executable, "-c", ACROSS, "echo/h1", str(MESSAGES), ",".join(map(str, SIZES))],
+        timeout=120,
+    )
+    took = time.monotonic() - t0
+    got = json.loads(r.stdout.splitlines()[-1]) if r.returncode == 0 else {}
+    grown = (_rx_bytes(h1) - rx1, _rx_bytes(h2) - rx2)
+    payload = got.get("payload", 0)
+    table.timed(
+        f"h2 -> h1 by name: {MESSAGES} checked messages, echoed",
+        60,
+        took,
+        ok=r.returncode == 0,
+    )
+    if r.returncode:
+        print(r.stderr[-2000:])
+    flow: dict[str, Any] = next((f for f in got.get("flows", []) if f["ends"][1] == "echo/h1"), {})
+    reason = str(flow.get("reason", ""))
+    print(f"  the flow: {flow.get('transport')} on hosts {flow.get('hosts')}: {reason[:160]}...")
+    table.check(
+        "  over a transport between hosts, its reason naming h1 and h2",
+        flow.get("transport") in ("tcp", "tcp-nodelay")
+        and flow.get("hosts") == ["h2", "h1"]
+        and "h1" in reason
+        and "h2" in reason,
+    )
+    print(f"  eth0 received: h1 {grown[0]} B, h2 {grown[1]} B; payload {payload} B each way")
+    table.check(
+        "  both hosts' eth0 received at least the payload", payload > 0 and min(grown) >= payload
+    )
+    table.check("  a latency flow h2 -> h1 is on tcp-nodelay", got.get("latency") == "tcp-nodelay")
+    server.kill()  # (its name leaves the cluster: the rest of the demo counts names)
+    server.wait()
+    _until(lambda: "echo/h1" not in (_listed(h1) or {"echo/h1": ""}), 10)
+
+
+def calibrate(rounds: int = 2000, volume: int = 200) -> int:
+    """Print the ``other-host`` records (module docstring); exit status 0 when measured."""
+    with Cluster(2, zookeeper=True, daemons=False) as c:
+        zk = c.zookeeper
+        assert zk is not None
+        url = f"zk://{zk.hosts}/fable"
+        for h in c.hosts:
+            h.start_daemon("--cluster", url, "--listen", f"{h.address}:0")
+        h1, h2 = c.hosts
+        holders: list[Any] = []
+        try:
+            _serve(h1, "calibrate/h1", holders)
+            r = h2.run(
+                [sys.executable, "-c", MEASURE, "calibrate/h1", str(rounds), str(volume)],
+                timeout=600,
+            )
+        finally:
+            for p in holders:
+                p.kill()
+            finish(holders)
+    if r.returncode:
+        print(r.stderr[-2000:], file=sys.stderr)
+        return 1
+    print(r.stdout.strip())
+    return 0
+
+
 def demo() -> int:
     table = _Table()
     holders: list[Any] = []
@@ -115,7 +294,7 @@ def demo() -> int:
         env = {"FABLE_CLUSTER_SESSION": str(SESSION_S)}
         print(f"3 hosts, ZooKeeper at {zk.hosts}; daemons join {url} (session {SESSION_S:g} s)")
         for h in c.hosts:
-            h.start_daemon("--cluster", url, env=env)
+            h.start_daemon("--cluster", url, "--listen", f"{h.address}:0", env=env)
         h1, h2, h3 = c.hosts
         try:
             names = {h.name: [f"svc/{h.name}", f"db/{h.name}"] for h in c.hosts}
@@ -138,6 +317,7 @@ def demo() -> int:
             for n, host in sorted(listed.items()):
                 print(f"  {n:<12} on {host}")
             table.check("all three hosts' names listed on h1", listed == everyone)
+            _between_hosts(table, h1, h2, holders)
 
             # a host dies: its daemon and processes are killed
             h3.crash()
