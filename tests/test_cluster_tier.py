@@ -329,11 +329,12 @@ def test_names_are_listed_across_hosts_and_unique_among_them(tier: Tier) -> None
     }
     r = _cli(h2, "ls", "--json")
     assert "svc/h1" not in [e["name"] for e in json.loads(r.stdout)]
-    # a connect to it from h2 says where it is (connections between hosts come later)
+    # a connect to it from h2 says where it is, and why it cannot go there: these daemons
+    # run without --listen (connections between hosts: test_across_hosts.py)
     r = h2.run([sys.executable, "-c", CONNECT, "svc/h1"], timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == (
-        "NameNotFound: 'svc/h1' is registered on host h1, not on this one: connections "
-        "between hosts are not supported yet"
+        "NameNotFound: 'svc/h1' is registered on host h1, whose daemon takes no "
+        "connections from other hosts (it runs without --listen)"
     ), r.stderr
     r = h2.run([sys.executable, "-c", CONNECT, "svc/nowhere"], timeout=60)
     assert r.stdout.strip() == "NameNotFound: no endpoint is registered as 'svc/nowhere'"
