@@ -129,7 +129,7 @@ def knock(token):
     # connection ended, reset or refused), "silent" (no answer in 5 s) or the op it answered
     try:
         c = socket.create_connection((reply["address"], reply["port"]), timeout=5)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):  # (its listener closed)
         return "closed"
     try:
         c.sendall(SETUP.encode({"op": "join", "token": token, "port": 1}))
@@ -508,3 +508,160 @@ def test_the_readmes_example_runs_on_two_hosts(two: Two) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "tcp-nodelay"
     assert bob.stdout.readline().strip() == "accepted tcp-nodelay"
+
+
+# ------------------------------------------- a connection between "hosts" on loopback
+def _listening_end(transport: str) -> tuple[dict[str, Any], threading.Thread, dict[str, Any]]:
+    """A listening end set up the way a host's is (``admit``, then the first offer), in a
+    thread on 127.0.0.1: the ``remote`` a caller joins with, the thread, and where its
+    Connection lands (``["end"]``)."""
+    from fable.connection import PendingEnd
+    from fable.transports.across import admit
+
+    lst = socket.create_server(("127.0.0.1", 0))
+    remote = {
+        "address": "127.0.0.1",
+        "port": lst.getsockname()[1],
+        "token": new_token(),
+        "peer_token": new_token(),
+        "host": "test",
+    }
+    got: dict[str, Any] = {}
+
+    def accept() -> None:
+        sock, across = admit(lst, remote, 5)
+        got["end"] = PendingEnd(sock, across).open(5, trusted=False, expect=transport)
+
+    t = threading.Thread(target=accept)
+    t.start()
+    return remote, t, got
+
+
+def _pair_across(transport: str = "tcp-nodelay") -> tuple[Any, Any]:
+    """Two ends of a connection set up the way two hosts do (join / admit, a TCP setup
+    channel, dialed data paths), both in this process on 127.0.0.1."""
+    from fable.connection import initiate
+
+    remote, t, got = _listening_end(transport)
+    sock, across = join(remote, 5)
+    a = initiate(sock, transport, trusted=False, across=across)
+    t.join(10)
+    return a, got["end"]
+
+
+def test_switches_between_hosts_keep_every_message() -> None:
+    a, b = _pair_across()
+    steps = (("tcp", a), ("tcp-nodelay", b), ("tcp", b), ("tcp-nodelay", a))
+    echoed: list[int] = []
+
+    def echo() -> None:  # both sides read all along (a switch ends once each read the END)
+        try:
+            while True:
+                b.send(b.recv(timeout=10))
+                echoed.append(1)
+        except ConnectionClosed:
+            pass
+
+    echoer = threading.Thread(target=echo)
+    echoer.start()
+    try:
+        assert a.crosses_hosts and b.crosses_hosts and b.transport == "tcp-nodelay"
+        sent = 0
+
+        def burst(n: int) -> None:
+            nonlocal sent
+            for _ in range(n):
+                m = sent.to_bytes(4, "little") * (1 + sent % 300)
+                a.send(m)
+                assert a.recv(timeout=10) == m
+                sent += 1
+
+        for target, by in steps:
+            burst(50)
+            by.reconfigure(target)
+            burst(50)
+            assert a.transport == b.transport == target
+        with pytest.raises(ValueError, match="cannot connect two hosts"):
+            a.reconfigure("unix")
+        burst(10)
+        assert sent == 100 * len(steps) + 10
+    finally:
+        a.close()
+        echoer.join(10)
+        b.close()
+    assert len(echoed) == sent  # (each echo counted after it went out: looked at once done)
+
+
+def test_an_offer_that_never_dials_is_refused_without_holding_the_peer() -> None:
+    """The hostile side offers a switch whose data connection never comes: the other side
+    refuses within TAKE_S (its control thread does not wait on the network), and its
+    connection goes on."""
+    from fable.transports.across import TAKE_S
+    from fable.transports.stream import HEADER
+
+    remote, t, got = _listening_end("tcp-nodelay")
+    setup, across = join(remote, 5)  # the hostile side speaks the rest by hand
+    data, token = across.dial(5)
+    hello = {"op": "hello", "epoch": 0, "transport": "tcp-nodelay", "safe": True, "yours": None}
+    setup.sendall(SETUP.encode({**hello, "params": {"token": token}}))
+    t.join(10)
+    victim = got["end"]
+    try:
+        t0 = time.monotonic()
+        offer = {**hello, "op": "reconfig", "epoch": 1, "transport": "tcp"}
+        setup.sendall(SETUP.encode({**offer, "params": {"token": new_token()}}))
+        answer, _ = recv_frame(setup, FrameReader(SETUP), time.monotonic() + 10)
+        took = time.monotonic() - t0
+        assert answer["op"] == "reconfig-refuse" and answer["epoch"] == 1, answer
+        assert "did not dial in" in answer["why"]
+        assert took < TAKE_S + 1.0, took
+        victim.send(b"x")  # its data path is as it was
+        frame = b""
+        data.settimeout(5)
+        while len(frame) < HEADER.size + 1:
+            frame += data.recv(64)
+        assert frame[HEADER.size :] == b"x" and victim.transport == "tcp-nodelay"
+    finally:
+        victim.close()
+        for s in (setup, data):
+            s.close()
+        across.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fable_bench_hosts_measures_the_other_host_rows(tmp_path: Any) -> None:
+    """``fable bench --hosts``: the same loops between two test hosts of its own, records with
+    placement other-host and the two hosts, in the same table."""
+    out = tmp_path / "run.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fable.cli",
+            "bench",
+            "--hosts",
+            "--transports",
+            "tcp,tcp-nodelay",
+            "--sizes",
+            "4096",
+            "--pairs",
+            "0:1",
+            "--quick",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    records = json.loads(out.read_text())["records"]
+    far = [x for x in records if x["placement"] == "other-host"]
+    assert {(x["transport"], x["mode"]) for x in far} == {
+        (t, m) for t in ("tcp", "tcp-nodelay") for m in ("latency", "throughput")
+    }
+    assert all(x["verified"] and x["hosts"] == ["h2", "h1"] and x["cpus"] == [0, 1] for x in far)
+    assert all(x["p50_ns"] > 0 for x in far if x["mode"] == "latency")
+    assert "other-host (test hosts h2 -> h1" in r.stdout
+    assert len(records) == 2 * len(far)  # and the local rows beside them

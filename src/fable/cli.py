@@ -635,6 +635,13 @@ def _option(convert: Callable[[], Any]) -> Any:
     "peer:NAME rows; a peer that is not installed is skipped with a note",
 )
 @click.option(
+    "--hosts",
+    is_flag=True,
+    help="also measure the transports that cross hosts (tcp, tcp-nodelay) between two test "
+    "hosts (network namespaces on a veth bridge, a daemon each, one ZooKeeper): the "
+    "other-host rows; needs root and ZooKeeper",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False),
@@ -681,6 +688,7 @@ def bench(
     timeout_s: float,
     quick: bool,
     peers: bool,
+    hosts: bool,
     json_path: str | None,
     plot_dir: str | None,
     scenario: str | None,
@@ -737,19 +745,35 @@ def bench(
     todo = plan.points(
         sel, pair_list, safety=wanted_safety, sizes=size_list, modes=mode_list, apis=api_list
     )
+    across = []
+    if hosts:
+        if os.geteuid() != 0:
+            raise click.ClickException(
+                "--hosts makes test hosts in network namespaces: run as root"
+            )
+        across = plan.host_points(sel, pair_list, sizes=size_list, modes=mode_list)
+        if not across:
+            raise click.BadParameter(
+                "--hosts: none of --transports crosses hosts (tcp, tcp-nodelay)"
+            )
     err = Console(stderr=True)
     for n in sel.notes:
         err.print(f"[yellow]note:[/] {n}")
-    records = plan.run_points(
-        todo,
-        topo,
-        _progress_bar(len(todo) * rounds),
-        rounds=rounds,
-        repeats=repeats,
-        target_s=target_s,
-        verify=verify,
-        timeout_s=timeout_s,
-    )
+    opts: dict[str, Any] = {
+        "rounds": rounds,
+        "repeats": repeats,
+        "target_s": target_s,
+        "verify": verify,
+        "timeout_s": timeout_s,
+    }
+    records = plan.run_points(todo, topo, _progress_bar(len(todo) * rounds), **opts)
+    if across:
+        from fable.bench.hosts import run_host_points
+
+        try:
+            records += run_host_points(across, _progress_bar(len(across) * rounds), **opts)
+        except RuntimeError as e:
+            raise click.ClickException(f"--hosts: {e}") from None
     out = Console(soft_wrap=False, width=max(100, Console().width))
     for part in results_table(records):
         out.print(part)

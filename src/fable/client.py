@@ -637,17 +637,24 @@ class DaemonLink:
                         }
                     )
 
-        try:
-            conn.reconfigure(
-                str(msg.get("transport")),
-                forms[role] if isinstance(forms[role], bool) else None,
-                peer_safe=forms[1 - role] if isinstance(forms[1 - role], bool) else None,
-                reason=str(msg.get("reason", "asked for by the operator")),
-                wait=False,
-                on_answer=answered,
-            )
-        except (FableError, ValueError, OSError) as e:  # refused here (busy, no trust...)
-            answered(e)
+        def switch() -> None:
+            try:
+                conn.reconfigure(
+                    str(msg.get("transport")),
+                    forms[role] if isinstance(forms[role], bool) else None,
+                    peer_safe=forms[1 - role] if isinstance(forms[1 - role], bool) else None,
+                    reason=str(msg.get("reason", "asked for by the operator")),
+                    wait=False,
+                    on_answer=answered,
+                )
+            except (FableError, ValueError, OSError) as e:  # refused here (busy, no trust...)
+                answered(e)
+
+        if conn.crosses_hosts:  # its offer dials the other host: not on the control thread,
+            # which must never wait on one peer (up to FABLE_PEER_TIMEOUT for a dead one)
+            threading.Thread(target=switch, name="fable-switch", daemon=True).start()
+        else:
+            switch()
 
     def close_after_fork(self) -> None:
         """In a forked child: drop the parent's link without touching it."""

@@ -149,6 +149,12 @@ class Connection:
         return self._epochs.newest.transport
 
     @property
+    def crosses_hosts(self) -> bool:
+        """Whether the peer is on another host (a TCP setup channel: only transports that
+        cross hosts, and each switch dials the peer)."""
+        return self._setup.across is not None
+
+    @property
     def safe(self) -> bool:
         """True when this side's reads are private copies; False when they are views into
         memory the peer can write (only if this side said ``trusted=True``)."""

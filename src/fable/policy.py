@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fable.topology import PLACEMENTS, Topology, machine_info
+from fable.topology import OTHER_HOST, PLACEMENTS, Topology, machine_info
 from fable.transports import REGISTRY
 
 __all__ = [
@@ -188,14 +188,14 @@ def _fmt(mode: str, v: float) -> str:
 def rank(facts: Facts, table: Table, topo: Topology | None = None) -> list[Choice]:
     """Every REGISTRY transport (in its best allowed form), best first; excluded ones last,
     with ``excluded=True``."""
-    places = plausible_placements(facts, topo) if facts.same_host else ["other-host"]
+    places = plausible_placements(facts, topo) if facts.same_host else [OTHER_HOST]
     if facts.msg_size is None:
         sizes = list(SIZES)
     else:  # the calibrated size nearest on a log scale
         sizes = [min(SIZES, key=lambda s: abs(math.log2(max(facts.msg_size or 1, 1) / s)))]
     modes = [facts.mode] if facts.mode in MODES else list(MODES)
     if not facts.same_host:
-        where = "ends on two hosts (other-host)"
+        where = f"ends on two hosts ({OTHER_HOST})"
     elif facts.apart:
         where = f"ends pinned apart ({', '.join(places)})"
     else:

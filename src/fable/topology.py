@@ -27,6 +27,7 @@ from typing import Any
 import psutil
 
 __all__ = [
+    "OTHER_HOST",
     "PLACEMENTS",
     "Topology",
     "current_cpu",
@@ -36,6 +37,7 @@ __all__ = [
     "thread_placement",
 ]
 
+OTHER_HOST = "other-host"  # the placement of two ends on two hosts (no CPU pair to it)
 PLACEMENTS = (
     "same-core",
     "smt-sibling",

@@ -57,7 +57,9 @@ __all__ = [
     "SCHEMA_VERSION",
     "VerifyError",
     "link_for",
+    "measure",
     "run_point",
+    "serve_peer",
 ]
 
 SCHEMA_VERSION = 1
@@ -189,7 +191,9 @@ def _bad(m: bytes | memoryview, seq: int, size: int, mask: int, full: bool) -> b
     )
 
 
-def _peer(ch: Channel, size: int, full: bool) -> None:
+def serve_peer(ch: Channel, size: int, full: bool) -> None:
+    """Worker B: answer the measuring side's commands (``lat``: echo each message, ``thr``:
+    take them, then say when the last came) until ``end``, checking every message."""
     check, mask = _native.check, _mask(size)
     buffers: Callable[[], list[Any]] | None = None
     while True:
@@ -387,7 +391,9 @@ def _latency_result(samples: list[int], n: int) -> dict[str, Any]:
     }
 
 
-def _measure(ch: Channel, point: Point, opts: dict[str, Any]) -> dict[str, Any]:
+def measure(ch: Channel, point: Point, opts: dict[str, Any]) -> dict[str, Any]:
+    """Worker A: measure ``point`` over ``ch`` against ``serve_peer`` (counts grow until a
+    repeat lasts ``opts["target_s"]``); the record's result fields."""
     full = opts["verify"] == "full"
     size, repeats, api = point.size, opts["repeats"], point.api
     first = 0
@@ -505,7 +511,7 @@ def _worker_a(point: Point, link: Link | None, opts: dict[str, Any], out_fd: int
         try:
             os.sched_setaffinity(0, {point.cpus[1]})
             ch = link.end(1)
-            _peer(ch, point.size, opts["verify"] == "full")
+            serve_peer(ch, point.size, opts["verify"] == "full")
             ch.close()
         except BaseException as e:
             os.write(err_w, f"{type(e).__name__}: {e}".encode()[:4000])
@@ -517,7 +523,7 @@ def _worker_a(point: Point, link: Link | None, opts: dict[str, Any], out_fd: int
     try:
         ch = link.end(0)
         chosen = (getattr(ch, "transport", None), getattr(ch, "safe", None))
-        result = _measure(ch, point, opts)
+        result = measure(ch, point, opts)
         if point.transport == AUTO:
             result["chosen"], result["chosen_safe"] = chosen
         ch.send(json.dumps({"op": "end"}).encode())
@@ -640,6 +646,7 @@ def merge_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             r["size"],
             r.get("api", "msg"),
             tuple(r["cpus"]),
+            r.get("placement"),  # (other-host points run on the same CPUs as local ones)
         )
         groups.setdefault(key, []).append(r)
     out = []

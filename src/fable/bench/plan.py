@@ -36,6 +36,7 @@ __all__ = [
     "Selection",
     "allowed_cpus",
     "calibration_points",
+    "host_points",
     "points",
     "read_run",
     "run_points",
@@ -132,6 +133,26 @@ def points(
                         if api != "batch" or mode == "throughput":
                             out.append(Point(name, safe, mode, size, cpus, api))
     return out
+
+
+def host_points(
+    sel: Selection,
+    pairs: Sequence[tuple[int, int]],
+    *,
+    sizes: Sequence[int] = CALIBRATION_SIZES,
+    modes: Sequence[str] = MODES,
+) -> list[Point]:
+    """The points of ``fable bench --hosts``: each selected transport that crosses hosts, in
+    its safe form (the only one those have), at each size and mode, pinned to the first CPU
+    pair (the two test hosts share this machine's CPUs)."""
+    cpus = next((p for p in pairs if p[0] != p[1]), pairs[0] if pairs else (0, 0))
+    return [
+        Point(n, True, mode, size, cpus)
+        for n in sel.names
+        if n in REGISTRY and REGISTRY[n].caps.cross_host
+        for size in sizes
+        for mode in modes
+    ]
 
 
 def calibration_points(topo: Topology) -> list[Point]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fable.topology import PLACEMENTS
+from fable.topology import OTHER_HOST, PLACEMENTS
 
 __all__ = ["Summary", "compare_table", "markdown", "results_table"]
 
@@ -78,7 +78,7 @@ class Summary:
             a, b = r["cpus"]
             self.pairs.setdefault(r["placement"], set()).add((a, b))
         self.cells = {k: statistics.median(v) for k, v in cells.items()}
-        self.placements = [p for p in PLACEMENTS if p in self.pairs]
+        self.placements = [p for p in (*PLACEMENTS, OTHER_HOST) if p in self.pairs]
         self.sizes = sorted({k[2] for k in self.cells if k[1] != "floor"}) or sorted(
             {k[2] for k in self.cells}
         )
@@ -139,6 +139,8 @@ def results_table(records: list[Record]) -> list[Any]:
             if len(pairs) == 1
             else f"median of {len(pairs)} CPU pairs"
         )
+        if placement == OTHER_HOST:
+            where = f"test hosts h2 -> h1 over a veth bridge, {where}"
         t = Table(title=f"{placement} ({where})", title_justify="left", header_style="bold")
         t.add_column("transport")
         for size in s.sizes:

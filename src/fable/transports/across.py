@@ -22,6 +22,9 @@ offering side makes to the other side's data listener (the connecting process's 
 listening process's socket above), opening with DIAL {token} for a token the offering side
 made up and sends in its offer on the (already trusted) setup channel; the answering side takes
 the connection holding that token from its listener (``Across.take``) and drops any other.
+The offering side sends its offer only once the peer's kernel acknowledged the DIAL, so the
+answering side (on a switch, the process's control thread) finds it there and never waits on
+the network: ``take`` gives a peer that offers without dialing TAKE_S, then refuses.
 
 Every socket gets ``tune``: keepalive and ``TCP_USER_TIMEOUT`` of FABLE_PEER_TIMEOUT, so a
 link that goes down or a host that vanishes ends the connection with ``PeerDied`` within that
@@ -43,6 +46,8 @@ __all__ = ["ADMIT_S", "Across", "admit", "join", "new_token", "tune"]
 
 JOIN, JOINED, DIAL = "join", "joined", "dial"
 ADMIT_S = 1.0  # a caller on a listening socket has this long to say who it is
+TAKE_S = 0.5  # an offer's dial is in the kernel before the offer: this is scheduling slack
+SIOCOUTQ = 0x5411  # bytes of a TCP socket the peer has not acknowledged (linux/sockios.h)
 TOKEN_CHARS = 32  # a token: 16 random bytes in hex
 
 
@@ -120,18 +125,23 @@ class Across:
         """A new TCP connection to the peer's data listener, opened with a DIAL of a fresh
         token (the peer takes it by that token: ``take``); returns it and the token."""
         token = new_token()
+        deadline = time.monotonic() + timeout
         sock = _connect(self.address, self.port, timeout, f"the peer on host {self.host}")
         try:
             _send(sock, {"op": DIAL, "token": token})
+            _acked(sock, deadline, f"the peer on host {self.host}")
         except OSError as e:
             sock.close()
+            if isinstance(e, FableError):
+                raise
             raise ConnectionClosed(f"the peer on host {self.host}: {e.strerror or e}") from None
         return sock, token
 
-    def take(self, token: Any, timeout: float) -> socket.socket:
+    def take(self, token: Any, timeout: float = TAKE_S) -> socket.socket:
         """The connection on this side's data listener that opens with DIAL ``token`` (a
         ``ProtocolError`` for a token that is not a token); any other is closed unread.
-        ``Timeout`` if it does not come within ``timeout`` s."""
+        ``Timeout`` if it does not come within ``timeout`` s (an honest peer's is there
+        already: module docstring)."""
         if not isinstance(token, str) or len(token) != TOKEN_CHARS:
             raise ProtocolError("an offer across hosts without a valid dial token")
         deadline = time.monotonic() + timeout
@@ -144,6 +154,24 @@ class Across:
 
     def close(self) -> None:
         self.listener.close()
+
+
+def _acked(sock: socket.socket, deadline: float, what: str) -> None:
+    """Wait until the peer's kernel acknowledged every byte sent on ``sock`` (``Timeout`` at
+    ``deadline``): what was sent is then in its receive queue."""
+    import array
+    import fcntl
+
+    left = array.array("i", [0])
+    pause = 0.0001
+    while True:
+        fcntl.ioctl(sock.fileno(), SIOCOUTQ, left)
+        if left[0] == 0:
+            return
+        if time.monotonic() >= deadline:
+            raise Timeout(f"{what} did not acknowledge a dial in time")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
 
 
 def _accept(lst: socket.socket, deadline: float, good: Any, what: str) -> socket.socket:

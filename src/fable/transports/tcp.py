@@ -37,8 +37,8 @@ def _create_across(across: Across, options: dict[str, Any]) -> tuple[EndSpec, En
 
 
 def _wait() -> float:
-    """How long a data connection between hosts may take to come: FABLE_PEER_TIMEOUT, at
-    most FABLE_SETUP_TIMEOUT."""
+    """How long dialing the peer for a data connection between hosts may take:
+    FABLE_PEER_TIMEOUT, at most FABLE_SETUP_TIMEOUT."""
     cfg = settings()
     return min(cfg.peer_timeout_s, cfg.setup_timeout_s)
 
@@ -52,7 +52,7 @@ def _opener(name: str, nodelay: bool) -> Any:
         elif role == 1:  # between hosts, the answering side: the connection the peer dialed
             if spec.fds:
                 raise ProtocolError("an offer between hosts came with fds")
-            sock = setup.across.take(spec.params.get("token"), _wait())
+            sock = setup.across.take(spec.params.get("token"))
         else:
             sock = adopt_socket(spec, setup.sock.family)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)

@@ -1,14 +1,13 @@
-"""``python -m fable.testing.cluster sweep|demo|calibrate``: remove the namespaces earlier runs
-left (``sweep``), show the cluster tier, connections between hosts and their failures on three
-test hosts (``demo``, exit 0 when every bound holds), or measure the policy's ``other-host``
-rows between two test hosts (``calibrate``: bench records as JSON on stdout)."""
+"""``python -m fable.testing.cluster sweep|demo``: remove the namespaces earlier runs left
+(``sweep``), or show the cluster tier, connections between hosts and their failures on three
+test hosts (``demo``, exit 0 when every bound holds)."""
 
 from __future__ import annotations
 
 import sys
 
 from fable.testing.cluster import sweep
-from fable.testing.cluster.demo import calibrate, demo
+from fable.testing.cluster.demo import demo
 
 
 def main(argv: list[str]) -> int:
@@ -18,9 +17,7 @@ def main(argv: list[str]) -> int:
         return 0
     if argv == ["demo"]:
         return demo()
-    if argv == ["calibrate"]:
-        return calibrate()
-    print("usage: python -m fable.testing.cluster sweep|demo|calibrate", file=sys.stderr)
+    print("usage: python -m fable.testing.cluster sweep|demo", file=sys.stderr)
     return 2
 
 

@@ -20,10 +20,6 @@ transport that crosses hosts, with a reason that names both hosts, and both host
 received at least the payload (the bytes really crossed the link); a latency flow
 (``mode="latency"``) is on tcp-nodelay.
 
-``python -m fable.testing.cluster calibrate`` measures the ``other-host`` rows of the policy's
-table the same way (h2 -> h1 over the link, tcp and tcp-nodelay, the bench's sizes): round trips
-(p50) and one-way message rates, as bench records on stdout.
-
 At the end everything is removed, and it checks that no namespace of this run is left.
 """
 
@@ -71,7 +67,7 @@ print("echoed", flush=True)
 MESSAGES = 10_000
 SIZES = (1, 100, 1500, 4096, 20_000, 65_536)  # the demo's mixed sizes, in turn
 
-# h1's side: echo every message of every connection; "sink N": take N messages, say "done"
+# h1's side: echo every message of every connection
 SERVE = """
 import sys, threading, fable
 lst = fable.register(sys.argv[1]).listen(allow_remote=True)
@@ -79,13 +75,7 @@ print("listening", flush=True)
 def serve(conn):
     try:
         while True:
-            m = conn.recv(timeout=60)
-            if m.startswith(b"sink "):
-                for _ in range(int(m[5:])):
-                    conn.recv(timeout=60)
-                conn.send(b"done")
-            else:
-                conn.send(m)
+            conn.send(conn.recv(timeout=60))
     except fable.ConnectionClosed:
         pass
 while True:
@@ -119,38 +109,6 @@ print(json.dumps({"transport": conn.transport, "payload": payload, "flows": flow
                   "latency": fast.transport}), flush=True)
 conn.close()
 fast.close()
-"""
-
-# h2's side of calibrate: bench records of tcp and tcp-nodelay to h1
-MEASURE = """
-import json, sys, time, fable
-ctx = fable.register("calibrate/h2")
-out = []
-for t in ("tcp", "tcp-nodelay"):
-    conn = ctx.connect(sys.argv[1], timeout=10, transport=t)
-    for size in (64, 4096, 65536):
-        m = bytes(range(256)) * (size // 256) or bytes(size)
-        rts = []
-        for _ in range(int(sys.argv[2])):
-            t0 = time.perf_counter_ns()
-            conn.send(m)
-            ok = conn.recv(timeout=30) == m
-            rts.append(time.perf_counter_ns() - t0)
-            if not ok:
-                raise SystemExit("a reply came back wrong")
-        rts.sort()
-        rec = {"transport": t, "safe": True, "size": size, "placement": "other-host",
-               "cpus": [], "verified": True}
-        out.append({**rec, "mode": "latency", "p50_ns": rts[len(rts) // 2]})
-        count = int(sys.argv[3]) * 65536 // max(size, 4096)
-        t0 = time.perf_counter()
-        conn.send(b"sink %d" % count)
-        for _ in range(count):
-            conn.send(m)
-        assert conn.recv(timeout=60) == b"done"
-        out.append({**rec, "mode": "throughput", "msgs_per_s": count / (time.perf_counter() - t0)})
-    conn.close()
-print(json.dumps(out), flush=True)
 """
 
 
@@ -206,7 +164,7 @@ class _Table:
 
 
 def _serve(h: Host, name: str, holders: list[Any]) -> Any:
-    """Start the echo (and sink) listener ``name`` in ``h``; its Popen."""
+    """Start the echo listener ``name`` in ``h``; its Popen."""
     p = h.popen([sys.executable, "-c", SERVE, name], stdout=subprocess.PIPE, text=True)
     holders.append(p)
     if p.stdout.readline().strip() != "listening":
@@ -253,33 +211,6 @@ def _between_hosts(table: _Table, h1: Host, h2: Host, holders: list[Any]) -> Non
     server.kill()  # (its name leaves the cluster: the rest of the demo counts names)
     server.wait()
     _until(lambda: "echo/h1" not in (_listed(h1) or {"echo/h1": ""}), 10)
-
-
-def calibrate(rounds: int = 2000, volume: int = 200) -> int:
-    """Print the ``other-host`` records (module docstring); exit status 0 when measured."""
-    with Cluster(2, zookeeper=True, daemons=False) as c:
-        zk = c.zookeeper
-        assert zk is not None
-        url = f"zk://{zk.hosts}/fable"
-        for h in c.hosts:
-            h.start_daemon("--cluster", url, "--listen", f"{h.address}:0")
-        h1, h2 = c.hosts
-        holders: list[Any] = []
-        try:
-            _serve(h1, "calibrate/h1", holders)
-            r = h2.run(
-                [sys.executable, "-c", MEASURE, "calibrate/h1", str(rounds), str(volume)],
-                timeout=600,
-            )
-        finally:
-            for p in holders:
-                p.kill()
-            finish(holders)
-    if r.returncode:
-        print(r.stderr[-2000:], file=sys.stderr)
-        return 1
-    print(r.stdout.strip())
-    return 0
 
 
 def demo() -> int:
