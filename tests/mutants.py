@@ -381,6 +381,48 @@ FAULTS = [
         "        if True or (\n",
         ("tests/test_cluster_tier.py -k overwritten",),
     ),
+    Fault(
+        "across-join-token-unchecked",
+        "a listening process admits only the caller that holds its daemon's token (T1)",
+        "transports/across.py",
+        '        if record.get("op") != JOIN or not _same(record.get("token"), '
+        'str(remote["token"])):\n',
+        '        if record.get("op") != JOIN:\n',
+        ("tests/test_across_hosts.py -k replayed",),
+    ),
+    Fault(
+        "across-peer-token-unchecked",
+        "a connecting process refuses what answers without the other daemon's token (T2)",
+        "transports/across.py",
+        '            if record.get("op") != JOINED or not _same(record.get("token"), '
+        'remote["peer_token"]):\n',
+        '            if record.get("op") != JOINED:\n',
+        ("tests/test_across_hosts.py -k does_not_hold",),
+    ),
+    Fault(
+        "across-dial-token-unchecked",
+        "a data connection between hosts is taken by its token only",
+        "transports/across.py",
+        '            lambda r: r.get("op") == DIAL and _same(r.get("token"), token),\n',
+        '            lambda r: r.get("op") == DIAL,\n',
+        ("tests/test_across_hosts.py -k taken_by_its_token",),
+    ),
+    Fault(
+        "link-caller-address-unchecked",
+        "a daemon takes a remote-connect only from an address of the host it names",
+        "daemon/server.py",
+        "        if peer not in self.cluster.addresses_of(host):\n",
+        "        if False:\n",
+        ("tests/test_across_hosts.py -k another_hosts_name",),
+    ),
+    Fault(
+        "listener-takes-every-host",
+        "a listener takes other hosts only with allow_remote or allow_hosts",
+        "daemon/server.py",
+        "                if not ep.takes_host(host):\n",
+        "                if False:\n",
+        ("tests/test_across_hosts.py -k does_not_allow",),
+    ),
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -294,6 +295,16 @@ def test_both_hosts_list_the_flow_under_one_id(two: Two) -> None:
     (flow,) = theirs()
     assert flow["ends"] == ["caller", "bob"] and flow["hosts"] == ["h2", "h1"]
     assert flow["transport"] == mine["transport"]
+    for h in (two.h1, two.h2):  # the commands show it on both hosts, each end with its host
+        for cmd in (["flows"], ["top", "--once"]):
+            r = h.run([sys.executable, "-m", "fable.cli", *cmd], env={"COLUMNS": "250"})
+            assert r.returncode == 0 and str(mine["id"]) in r.stdout, (cmd, r.stdout, r.stderr)
+            # (fable top shows where a local end runs: caller@cpu1 on h2)
+            assert re.search(r"caller[^<\n]*? on h2 <-> bob[^\n]*? on h1", r.stdout), (
+                h.name,
+                cmd,
+                r.stdout,
+            )
     p.stdin.close()  # (the caller ends: a closed stdin reads as the go, then it ends)
     p.kill()
 

@@ -231,7 +231,7 @@ def flows(as_json: bool) -> None:
         f"{'msgs':>10} {'bytes':>12}"
     )
     for f in fl:
-        ends = " <-> ".join(f["ends"])
+        ends = _ends(f)
         safe = "/".join("safe" if x else "unsafe" for x in f["safe"])
         click.echo(
             f"{f['id']:>10}  {ends:<30} {f['transport']:<17} {safe:<11} "
@@ -274,6 +274,16 @@ def top(interval: float, once: bool) -> None:
                 live.update(frame())
         except KeyboardInterrupt:
             pass
+
+
+def _ends(f: dict[str, Any], name: Callable[[str], str] = str) -> str:
+    """A flow's two ends, each with its host when they are on two (``name``: how an end's
+    name is shown)."""
+    hosts = f.get("hosts") or ["", ""]
+    apart = len(hosts) == 2 and all(hosts) and hosts[0] != hosts[1]
+    return " <-> ".join(
+        name(n) + (f" on {h}" if apart else "") for n, h in zip(f["ends"], hosts, strict=False)
+    )
 
 
 def _si(v: float, unit: str) -> str:
@@ -324,7 +334,7 @@ def top_table(
             switch += " [held by the operator]"
         t.add_row(
             str(f["id"]),
-            " <-> ".join(_where(n, endpoints or {}) for n in f["ends"]),
+            _ends(f, lambda n: _where(n, endpoints or {})),
             f["transport"],
             "/".join("safe" if x else "unsafe" for x in f["safe"]),
             str(f["epoch"]),
