@@ -489,6 +489,28 @@ def test_a_data_connection_is_taken_by_its_token_only() -> None:
     mine.close()
 
 
+def test_callers_from_another_address_cannot_jam_a_switch() -> None:
+    """Silent connections from an address other than the peer's, queued ahead of the peer's
+    dial, are dropped unread: the dial is still taken within TAKE_S."""
+    from fable.transports.across import TAKE_S
+
+    lst = socket.create_server(("127.0.0.1", 0))
+    mine = Across(lst, "127.0.0.1", lst.getsockname()[1], "test")
+    jam = []
+    for _ in range(5):  # (the listen backlog of the test listener is larger than this)
+        s = socket.socket()
+        s.bind(("127.0.0.2", 0))
+        s.connect(lst.getsockname())
+        jam.append(s)
+    good, token = mine.dial(5)
+    t0 = time.monotonic()
+    got = mine.take(token)
+    assert time.monotonic() - t0 < TAKE_S and got.getpeername() == good.getsockname()
+    for s in (*jam, good, got):
+        s.close()
+    mine.close()
+
+
 def test_an_address_that_refuses_is_connection_closed() -> None:
     s = socket.create_server(("127.0.0.1", 0))
     port = s.getsockname()[1]

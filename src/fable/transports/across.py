@@ -42,7 +42,7 @@ from typing import Any
 from fable._wire import FrameReader, recv_frame
 from fable.errors import ConnectionClosed, FableError, ProtocolError, Timeout
 
-__all__ = ["ADMIT_S", "Across", "admit", "join", "new_token", "tune"]
+__all__ = ["ADMIT_S", "TAKE_S", "Across", "admit", "join", "new_token", "tune"]
 
 JOIN, JOINED, DIAL = "join", "joined", "dial"
 ADMIT_S = 1.0  # a caller on a listening socket has this long to say who it is
@@ -150,6 +150,7 @@ class Across:
             deadline,
             lambda r: r.get("op") == DIAL and _same(r.get("token"), token),
             f"the peer on host {self.host} did not dial in",
+            only=self.address,
         )
 
     def close(self) -> None:
@@ -174,9 +175,12 @@ def _acked(sock: socket.socket, deadline: float, what: str) -> None:
         pause = min(pause * 2, 0.01)
 
 
-def _accept(lst: socket.socket, deadline: float, good: Any, what: str) -> socket.socket:
+def _accept(
+    lst: socket.socket, deadline: float, good: Any, what: str, only: str | None = None
+) -> socket.socket:
     """The first connection on ``lst`` whose first record ``good`` approves, by ``deadline``.
-    Each caller has ADMIT_S to say who it is; any other is closed unanswered."""
+    Each caller has ADMIT_S to say who it is; any other is closed unanswered, and one from
+    another address than ``only`` (when given: the peer's) at once, unread."""
     import select
 
     poller = select.poll()
@@ -188,11 +192,14 @@ def _accept(lst: socket.socket, deadline: float, good: Any, what: str) -> socket
         if not poller.poll(int(left * 1000) + 1):
             continue
         try:
-            conn, _ = lst.accept()
+            conn, where = lst.accept()
         except (BlockingIOError, InterruptedError):
             continue
         except OSError as e:
             raise FableError(f"accepting on the data listener: {e}") from None
+        if only is not None and where[0] != only:
+            conn.close()  # not the peer's host: it may not even spend our time
+            continue
         conn.setblocking(True)
         try:
             record = _first(conn, min(deadline, time.monotonic() + ADMIT_S))
