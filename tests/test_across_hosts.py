@@ -218,6 +218,21 @@ class Two:
         assert r.returncode == 0, r.stderr[-3000:]
         return dict(json.loads(r.stdout.splitlines()[-1]))
 
+    def connected_caller(self) -> tuple[Any, dict[str, Any]]:
+        """A caller on h2 connected to bob that waits for a line on its stdin, then streams
+        until its connection dies; its Popen and its first report (the flows, "ready")."""
+        p = self.h2.popen(
+            [sys.executable, "-c", CALL, "bob", json.dumps({"then": "wait-death"})],
+            env=self.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(p)
+        first = json.loads(p.stdout.readline())
+        assert first.get("ready"), first
+        return p, first
+
     def close(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -271,16 +286,7 @@ def test_a_name_on_another_host_connects_streams_and_switches(two: Two) -> None:
 
 def test_both_hosts_list_the_flow_under_one_id(two: Two) -> None:
     two.serve(allow_hosts=["h2"])
-    p = two.h2.popen(
-        [sys.executable, "-c", CALL, "bob", json.dumps({"then": "wait-death"})],
-        env=two.env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    two.procs.append(p)
-    first = json.loads(p.stdout.readline())
-    assert first.get("ready"), first
+    p, first = two.connected_caller()
     (mine,) = [f for f in first["flows"] if f["ends"] == ["caller", "bob"]]
 
     def theirs() -> list[dict[str, Any]]:
@@ -342,15 +348,7 @@ def test_a_request_in_another_hosts_name_is_refused(two: Two) -> None:
 
 def test_the_link_going_down_mid_stream_is_peer_died_on_both_sides(two: Two) -> None:
     bob = two.serve(allow_remote=True)
-    p = two.h2.popen(
-        [sys.executable, "-c", CALL, "bob", json.dumps({"then": "wait-death"})],
-        env=two.env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    two.procs.append(p)
-    assert json.loads(p.stdout.readline()).get("ready")
+    p, _ = two.connected_caller()
     assert _lines(bob, 1)[0]["accepted"]
     down = ["ip", "-n", two.h1.netns, "link", "set", "eth0", "down"]
     subprocess.run(down, check=True)
@@ -371,15 +369,7 @@ def test_the_link_going_down_mid_stream_is_peer_died_on_both_sides(two: Two) -> 
 
 def test_the_peers_host_killed_is_peer_died(two: Two) -> None:
     two.serve(allow_remote=True)
-    p = two.h2.popen(
-        [sys.executable, "-c", CALL, "bob", json.dumps({"then": "wait-death"})],
-        env=two.env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    two.procs.append(p)
-    assert json.loads(p.stdout.readline()).get("ready")
+    p, _ = two.connected_caller()
     two.h1.crash()  # every process of h1, its daemon too
     p.stdin.write("go\n")
     p.stdin.flush()
