@@ -5,9 +5,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: bench test check lint venv clean mutants
+.PHONY: bench test check lint venv clean mutants run-programs
 
-$(STAMP): pyproject.toml constraints-dev.txt $(wildcard src/fable/_core/*.[ch] src/fable/bench/*.c)
+$(STAMP): pyproject.toml constraints-dev.txt $(wildcard src/fable/_core/*.[ch] src/fable/_shim/*.c src/fable/bench/*.c)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints-dev.txt -e '.[dev]'
@@ -21,6 +21,17 @@ ZK_JAR := /usr/share/java/zookeeper.jar
 $(ZK_JAR):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends zookeeper
+
+# The unmodified programs `fable run`'s slow tests run (tests/test_run_programs.py): Debian's,
+# installed when one is missing (root, as for ZooKeeper).
+RUN_PROGRAMS := redis-server redis-benchmark redis-cli nginx socat wrk curl
+run-programs:
+	@missing=; for p in $(RUN_PROGRAMS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing what provides:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends redis-server redis-tools nginx socat wrk curl; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
@@ -39,7 +50,7 @@ check: lint $(ZK_JAR)
 # fail_under in pyproject.toml) with 1,100 fds opened first (every fd fable opens is then above
 # 1024; `make check` runs the suite without them), then the slow suite (fuzzing, stress,
 # scenarios) without coverage.
-test: lint $(ZK_JAR)
+test: lint $(ZK_JAR) run-programs
 	rm -rf .coverage-data
 	FABLE_TEST_EXTRA_FDS=1100 $(BIN)/coverage run -m pytest -m "not slow" -q
 	$(BIN)/coverage combine -q

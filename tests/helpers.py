@@ -488,3 +488,27 @@ def _serve(conn: Any, r: int, w: int) -> None:
             _put(w, ("raise", type(e).__name__, str(e)))
             continue
         _put(w, ("ok", out))
+
+
+def kinds_in_own_netns(env: dict[str, str], setup: str, host: str, port: int = 0) -> list[str]:
+    """Run tests/fablerun_peer.py's server and one client in a network namespace of their own
+    (``unshare -n``; ``setup``: shell commands first, lo is up), under ``env``: the kind of each
+    end's fd (the client's, then the server's)."""
+    peer = Path(__file__).with_name("fablerun_peer.py")
+    script = (
+        f"ip link set lo up; {setup}\n"
+        f"{sys.executable} {peer} serve --host {host} --port {port} > $T/srv &\n"
+        "until [ -s $T/srv ]; do sleep 0.1; done\n"
+        f"{sys.executable} {peer} connect --host {host} --port "
+        '$(sed -E "s/.*: ([0-9]+).*/\\1/" $T/srv); wait; cat $T/srv\n'
+    )
+    with tempfile.TemporaryDirectory() as t:
+        done = subprocess.run(
+            ["unshare", "-n", "sh", "-ec", script],
+            env={**env, "T": t},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(x)["kind"] for x in done.stdout.splitlines() if '"kind"' in x]

@@ -423,6 +423,40 @@ FAULTS = [
         "                if False:\n",
         ("tests/test_across_hosts.py -k does_not_allow",),
     ),
+    Fault(
+        "pair-beside-a-stranger",
+        "fable run pairs a connection only if every listener that could take it is a fable-run "
+        "one (a listener outside fable on the port would get a connection it cannot read)",
+        "daemon/ports.py",
+        "        if not all(i in self.registered for i in found):\n",
+        "        if not any(i in self.registered for i in found):\n",
+        ("tests/test_run_hostile.py",),
+    ),
+    Fault(
+        "accept-any-peer",
+        "a pair goes only to the socket the asking one is connected to (addresses, namespace)",
+        "daemon/ports.py",
+        "                same = _addr(p.tcp.getpeername()) == here and _netns(sock) == "
+        "_netns(p.tcp)\n",
+        "                same = True\n",
+        ("tests/test_run_hostile.py",),
+    ),
+    Fault(
+        "trust-any-daemon",
+        "the LD_PRELOAD library speaks only to a daemon of its own user or root",
+        "_shim/shim.c",
+        "        (cred.uid != getuid() && cred.uid != 0))",
+        "        0)",
+        ("tests/test_run_hostile.py",),
+    ),
+    Fault(
+        "swap-under-epoll",
+        "a socket already in an epoll set when it connects stays TCP",
+        "_shim/shim.c",
+        "    if (in_epoll(fd)) {",
+        "    if (0) {",
+        ("tests/test_run.py",),
+    ),
 ]
 
 
@@ -464,6 +498,14 @@ def _build_core(tree: Path) -> None:
         str(out),
     ]
     subprocess.run(cmd, check=True, capture_output=True)
+
+
+def _build_shim(tree: Path) -> None:
+    """Rebuild fable run's LD_PRELOAD library in ``tree`` (pyproject.toml's flags)."""
+    src = tree / "src" / "fable" / "_shim" / "shim.c"
+    out = tree / "src" / "fable" / ("_shim" + str(sysconfig.get_config_var("EXT_SUFFIX")))
+    cmd = ["gcc", "-shared", "-fPIC", "-O2", "-std=gnu11", "-Wall", "-Wextra"]
+    subprocess.run([*cmd, str(src), "-o", str(out), "-ldl"], check=True, capture_output=True)
 
 
 def _pytest(tree: Path, args: list[str], timeout: float) -> tuple[bool, str]:
@@ -529,6 +571,8 @@ def _run_fault(fault: Fault, timeout: float) -> tuple[bool, str]:
         path.write_text(text.replace(fault.old, fault.new))
         if fault.file.startswith("_core/"):
             _build_core(tree)
+        if fault.file.startswith("_shim/"):
+            _build_shim(tree)
         for first in fault.first:
             parts = first.split(" -k ")
             args = [parts[0]] + (["-k", parts[1]] if len(parts) > 1 else [])

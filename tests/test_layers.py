@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fable.connection",),
     ("fable.poll", "fable.testing"),
     ("fable.nameservice", "fable.client"),
-    ("fable.endpoint",),
+    ("fable.endpoint", "fable.run"),
     ("fable.xio", "fable"),
     ("fable.policy",),
     ("fable.daemon",),

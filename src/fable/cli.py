@@ -6,8 +6,11 @@ fable ls, fable flows the daemon's endpoints and flows (--json)
 fable explain A B     the policy's ranking of transports for a connection from A to B
 fable calibrate       measure this machine for the policy (about 30 s on 2 vCPUs)
 fable reconfigure     switch a live flow to another transport
+fable run -- CMD      run an unmodified program; its loopback TCP to other fable-run programs
+                      is carried by unix sockets (LD_PRELOAD, fable/run.py)
 fable bench           measure the transports between pinned processes (DESIGN.md §9)
 fable bench compare   two runs' JSON side by side
+fable bench redis     redis-benchmark over TCP, under fable run, over a unix socket
 """
 
 from __future__ import annotations
@@ -238,6 +241,21 @@ def flows(as_json: bool) -> None:
             f"{f['epoch']:>5} {f['msgs']:>10} {f['bytes']:>12}"
         )
         click.echo(f"{'':>10}  why: {f['reason']}")
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@click.option("--name", default=None, metavar="N", help="this program's name in `fable flows`")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(name: str | None, cmd: tuple[str, ...]) -> None:
+    """Run CMD (after --) so that its loopback TCP connections with other programs run under
+    fable run are carried by unix sockets, listed by `fable flows`."""
+    import re
+
+    from fable.run import run as run_program
+
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise click.BadParameter("1 to 64 of A-Z a-z 0-9 . _ -, starting with a letter or digit")
+    run_program(list(cmd), name)
 
 
 @main.command()
@@ -960,6 +978,27 @@ def compare(a: str, b: str) -> None:
         f"{len(ratios)} points: median ratio {statistics.median(r for _, r in ratios):.3f}, "
         f"lowest {worst[1]:.3f} ({worst[0]})"
     )
+
+
+@bench.command()
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 100))
+@click.option("--requests", default=100_000, show_default=True, type=click.IntRange(1000))
+@click.option("--clients", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--port", default=16379, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--json", "json_path", default=None, metavar="FILE", help="write the result")
+def redis(rounds: int, requests: int, clients: int, port: int, json_path: str | None) -> None:
+    """redis-benchmark against a redis-server under `fable run`, three ways (plain TCP, under
+    fable run, the server's unix socket), interleaved rounds, medians (bench/programs.py)."""
+    from fable.bench import programs
+
+    try:
+        result = programs.redis(rounds, requests, clients, port)
+    except FableError as e:
+        raise click.ClickException(str(e)) from None
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    click.echo(programs.table(result))
 
 
 if __name__ == "__main__":  # pragma: no cover

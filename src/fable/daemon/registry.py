@@ -96,6 +96,7 @@ class Flow:
     owners: set[int] = field(default_factory=set)
     adopted: bool = False  # reported again after a restart: its owners are who holds the token
     hosts: tuple[str, str] = ("", "")  # each end's host, in the order of ends
+    reconfigurable: bool = True  # False: fable run's flows (a program's one kernel fd)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -111,6 +112,7 @@ class Flow:
             "refused": self.refused,
             "since": self.since,
             "hosts": list(self.hosts),
+            "reconfigurable": self.reconfigurable,
         }
 
 

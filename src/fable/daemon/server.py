@@ -35,6 +35,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import resource
 import signal
 import socket
@@ -48,6 +49,7 @@ from fable._wire import FrameReader, close_fds
 from fable.config import HOST_ID, settings
 from fable.daemon.cluster import ClusterTier, parse_url
 from fable.daemon.link import LinkServer, ask
+from fable.daemon.ports import Ports
 from fable.daemon.registry import Endpoint, Flow, Registry
 from fable.daemon.triggers import FlowFacts, FlowState, decide, note_asked
 from fable.errors import (
@@ -68,6 +70,8 @@ log = logging.getLogger("fable.daemon")
 
 _SEND_TIMEOUT_S = 5.0
 MAX_CONNECTING = 64  # connects one client may have waiting for a listener at once
+_TAKES_FD = frozenset({"port_listen", "port_connect", "port_accept"})  # fable run's (ports.py)
+_PROGRAM = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")  # a fable-run program's name
 _ACCEPT_BACKOFF_S = (0.02, 0.25)  # out of fds: wait this long before accepting again, doubling
 LOG_BYTES, LOG_BACKUPS = 1 << 20, 3  # the daemon log rotates at 1 MiB and keeps 3 old files
 
@@ -278,6 +282,8 @@ class Daemon:
         # who held what, saved for the daemon after this one (Registry.snapshot)
         self.state_path = path.with_name(path.name + ".state")
         self.uid = os.getuid()  # per-uid limits bind every uid but this one (config.py)
+        # fable run's listeners, pairs and flows (ports.py)
+        self.ports = Ports(self._port_flow, self._drop_flow, self._room)
 
     def _trig(self, fid: int) -> FlowState:
         """What the triggers remember of flow ``fid``."""
@@ -347,10 +353,13 @@ class Daemon:
         accept = asyncio.ensure_future(self._accept_loop(sock))  # cancelled below
         watchdog = asyncio.ensure_future(self._watchdog())
         saver = asyncio.ensure_future(self._saver())
+        sweeper = asyncio.ensure_future(self._port_sweeper())
         await self.stopping.wait()
         accept.cancel()
         watchdog.cancel()
         saver.cancel()
+        sweeper.cancel()
+        self.ports.close()
         self._save()  # (a planned restart: the names of now are reserved for their users)
         if self.link is not None:
             self.link.stop()
@@ -492,16 +501,15 @@ class Daemon:
                 elif now - c.last > cfg.idle_timeout_s:
                     c.kick(f"nothing sent for {cfg.idle_timeout_s:g} s (FABLE_IDLE_TIMEOUT)")
 
-    async def _next_frame(self, client: Client) -> dict[str, Any]:
-        """The client's next request (fds it attached are closed: the daemon takes none)."""
+    async def _next_frame(self, client: Client) -> tuple[dict[str, Any], list[int]]:
+        """The client's next request and the fds it attached (now the caller's)."""
         loop = asyncio.get_running_loop()
         reader = client.reader
         while True:
             got = reader.pop()
             if got is not None:
-                close_fds(got[1])
                 client.last = time.monotonic()
-                return got[0]
+                return got
             try:
                 if reader.read_from(client.sock) == 0:
                     raise EOFError
@@ -521,12 +529,17 @@ class Daemon:
         try:
             first = True
             while True:
-                req = await self._next_frame(client)
+                req, fds = await self._next_frame(client)
                 if first and req.get("op") != "hello":
+                    close_fds(fds)
                     raise ProtocolError("the first control frame must be a hello")
                 first = False
                 client.helloed = True
-                await self._dispatch(client, req)
+                if req.get("op") in _TAKES_FD:
+                    await self._dispatch(client, req, fds)
+                else:  # the daemon takes fds with fable run's port ops only
+                    close_fds(fds)
+                    await self._dispatch(client, req)
         except (EOFError, ConnectionError, OSError):
             pass
         except ProtocolError as e:
@@ -569,15 +582,23 @@ class Daemon:
         }
 
     # ---------------------------------------------------------------------------- requests
-    async def _dispatch(self, client: Client, req: dict[str, Any]) -> None:
+    async def _dispatch(
+        self, client: Client, req: dict[str, Any], fds: list[int] | None = None
+    ) -> None:
         rid = req.get("id")
         op = req.get("op")
         handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
         try:
             if not isinstance(rid, int) or isinstance(rid, bool):
+                close_fds(fds or [])
                 raise ProtocolError("a request needs an integer id")
             if handler is None:
                 raise _BadRequest(f"unknown op {op!r}")
+            if fds is not None:  # a port op: exactly one fd, which it takes
+                if len(fds) != 1:
+                    close_fds(fds)
+                    raise _BadRequest(f"{op} takes one socket fd, not {len(fds)}")
+                req = {**req, "_fd": fds[0]}
             if op == "connect":
                 # waiting for a listener must not hold up this client's other requests; each
                 # waiting connect is a task: a client may not pile them up
@@ -603,7 +624,11 @@ class Daemon:
                 os.close(fd)
             await client.send({"id": rid, "ok": False, **self._error(client, op, e)})
             return
-        await client.send(frame, fd)
+        try:
+            await client.send(frame, fd)
+        finally:  # (sent: the client holds its copy)
+            if fd is not None:
+                os.close(fd)
 
     def _error(self, client: Client, op: Any, e: BaseException) -> dict[str, str]:
         """The error fields of a reply to a request that failed with ``e``; refusals are
@@ -815,6 +840,62 @@ class Daemon:
             "forced": transport is not None,
         }
         return {"flow": self._public(flow), "token": flow.token, "options": options}, a.detach()
+
+    # ---------------------------------------------------------------- fable run (ports.py)
+    def _port_args(self, client: Client, req: dict[str, Any]) -> tuple[int, int, str, int]:
+        """uid, pid, the program's name and the fd of a port op."""
+        name = req.get("name")
+        if not isinstance(name, str) or not _PROGRAM.match(name):
+            name = "program"
+        return client.uid, client.pid, name, req["_fd"]
+
+    async def _op_port_listen(
+        self, client: Client, req: dict[str, Any]
+    ) -> tuple[dict[str, Any], None]:
+        return self.ports.listen(*self._port_args(client, req)), None
+
+    async def _op_port_connect(
+        self, client: Client, req: dict[str, Any]
+    ) -> tuple[dict[str, Any], int | None]:
+        uid, pid, name, fd = self._port_args(client, req)
+        return self.ports.connect(uid, pid, name, req, fd)
+
+    async def _op_port_accept(
+        self, client: Client, req: dict[str, Any]
+    ) -> tuple[dict[str, Any], int | None]:
+        return self.ports.accept(*self._port_args(client, req))
+
+    async def _op_port_resolve(
+        self, client: Client, req: dict[str, Any]
+    ) -> tuple[dict[str, Any], None]:
+        name = _field(req, "lookup", str)
+        return self.ports.resolve(name if _PROGRAM.match(name) else ""), None
+
+    def _room(self, uid: int) -> bool:
+        """Whether ``uid`` may have one more flow (FABLE_MAX_FLOWS_PER_UID)."""
+        return uid == self.uid or self.registry.flows_of(uid) < settings().max_flows_per_uid
+
+    def _port_flow(self, ends: tuple[str, str], reason: str, uids: set[int]) -> int:
+        flow = self.registry.new_flow(
+            ends, "unix", (True, True), reason, set(), uids, hosts=(self.host, self.host)
+        )
+        flow.reconfigurable = False
+        log.info("flow %d: %s -> %s over unix (fable run)", flow.id, *ends)
+        return flow.id
+
+    def _drop_flow(self, fid: int) -> None:
+        if self.registry.flows.pop(fid, None) is not None:
+            self.registry.version += 1
+        self.trig.pop(fid, None)
+
+    async def _port_sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self.ports.registered or self.ports.pending or self.ports.flows:
+                try:
+                    self.ports.sweep()
+                except OSError:
+                    log.exception("the fable run sweep failed; it runs again in a second")
 
     def _elsewhere(self, name: str) -> str | None:
         """The other host the cluster has ``name`` on (None: on none)."""
@@ -1276,6 +1357,8 @@ class Daemon:
             raise NameNotFound(f"no flow {fid}")
         if client.uid != 0 and client.uid not in flow.owners:
             raise PermissionDenied("only the users of a flow's ends, or root, may switch it")
+        if not flow.reconfigurable:
+            raise _BadRequest(f"flow {fid} is not reconfigurable: {flow.reason}")
         if transport is None:  # --auto: hand the flow back to the triggers
             self._trig(flow.id).hold = False
             await self._trigger(flow, time.monotonic())
