@@ -677,6 +677,10 @@ def test_names_belong_to_their_uid_system_daemon(monkeypatch: pytest.MonkeyPatch
         (frame({"v": 1, "op": "ls", "id": 1}), "closed"),  # no hello first
         (frame([1, 2]), "closed"),  # not an object
         (HELLO + frame({"v": 1, "op": "explode", "id": 1}), "ProtocolError"),
+        (HELLO + frame({"v": 1, "op": ["port_listen"], "id": 1}), "ProtocolError"),
+        (HELLO + frame({"v": 1, "op": {"a": 1}, "id": 1}), "ProtocolError"),
+        (HELLO + frame({"v": 1, "op": "port_listen", "id": 1}), "ProtocolError"),  # no fd
+        (HELLO + frame({"v": 1, "op": "port_resolve", "id": 1, "lookup": 5}), "ProtocolError"),
         (HELLO + frame({"v": 1, "op": "register", "id": 1, "name": 7}), "ProtocolError"),
         (HELLO + frame({"v": 1, "op": "register", "id": 1, "name": "a b"}), "InvalidName"),
         (HELLO + frame({"v": 1, "op": "listen", "id": 1, "name": "x"}), "NameNotFound"),

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -153,7 +154,7 @@ def test_fable_run_command_passes_the_exit_status_and_names_the_end(
     srv.done()
 
 
-def test_not_preloadable_programs_are_named(tmp_path: Path) -> None:
+def test_not_preloadable_programs_are_named(daemon: Path, tmp_path: Path) -> None:
     assert not_preloadable(sys.executable) is None
     assert not_preloadable("sh") is None
     suid = tmp_path / "suid"
@@ -169,6 +170,15 @@ def test_not_preloadable_programs_are_named(tmp_path: Path) -> None:
     script.chmod(0o755)
     assert "statically linked" in (not_preloadable(str(script)) or "")
     assert shim_path().is_file()
+    # fable run warns, then runs it as usual (this one is no real program: exec fails)
+    done = subprocess.run(
+        [sys.executable, "-m", "fable.cli", "run", "--", str(static)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 127
+    assert "statically linked" in done.stderr and "runs over plain TCP" in done.stderr
 
 
 def test_no_daemon_everything_stays_tcp(tmp_path: Path, programs: list[Program]) -> None:
@@ -205,6 +215,29 @@ def test_daemon_killed_mid_run(tmp_path: Path, programs: list[Program]) -> None:
         if d.poll() is None:
             d.kill()
             d.wait()
+
+
+def test_a_hung_daemon_costs_a_timeout_not_a_freeze(programs: list[Program]) -> None:
+    """A daemon that accepts and never answers (SIGSTOP): each call of the library gives up
+    after its timeout (2 s) and the programs go on over TCP."""
+    path = Path(os.environ["FABLE_SOCKET"])
+    d = start_daemon(path)
+    try:
+        env = environment(None)
+        os.kill(d.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        srv = Program("serve", env=env)
+        programs.append(srv)
+        port = srv.line()["port"]
+        cli = Program("connect", "--port", str(port), env=env)
+        programs.append(cli)
+        assert cli.done()[0]["kind"] == "tcp"
+        assert srv.done()[0]["kind"] == "tcp"
+        assert time.monotonic() - t0 < 30
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+        d.kill()
+        d.wait()
 
 
 @pytest.mark.parametrize("mode", ["--nonblock", "--epoll"])

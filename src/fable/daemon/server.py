@@ -535,7 +535,8 @@ class Daemon:
                     raise ProtocolError("the first control frame must be a hello")
                 first = False
                 client.helloed = True
-                if req.get("op") in _TAKES_FD:
+                op = req.get("op")
+                if isinstance(op, str) and op in _TAKES_FD:
                     await self._dispatch(client, req, fds)
                 else:  # the daemon takes fds with fable run's port ops only
                     close_fds(fds)
