@@ -181,15 +181,20 @@ def test_not_preloadable_programs_are_named(daemon: Path, tmp_path: Path) -> Non
     assert "statically linked" in done.stderr and "runs over plain TCP" in done.stderr
 
 
-def test_no_daemon_everything_stays_tcp(tmp_path: Path, programs: list[Program]) -> None:
-    env = {**os.environ, "LD_PRELOAD": str(shim_path()), "FABLE_RUN_SOCKET": str(tmp_path / "x")}
+def _kinds(programs: list[Program], *args: str, env: dict[str, str] | None = None) -> list[str]:
+    """One connection (``args``: the client's options) between a server and a client under
+    fable run (``env``: their environment): the kinds of the client's and the server's fds."""
     srv = Program("serve", env=env)
     programs.append(srv)
     port = srv.line()["port"]
-    cli = Program("connect", "--port", str(port), env=env)
+    cli = Program("connect", "--port", str(port), *args, env=env)
     programs.append(cli)
-    assert cli.done()[0]["kind"] == "tcp"
-    assert srv.done()[0]["kind"] == "tcp"
+    return [cli.done()[0]["kind"], srv.done()[0]["kind"]]
+
+
+def test_no_daemon_everything_stays_tcp(tmp_path: Path, programs: list[Program]) -> None:
+    env = {**os.environ, "LD_PRELOAD": str(shim_path()), "FABLE_RUN_SOCKET": str(tmp_path / "x")}
+    assert _kinds(programs, env=env) == ["tcp", "tcp"]
 
 
 def test_daemon_killed_mid_run(tmp_path: Path, programs: list[Program]) -> None:
@@ -226,13 +231,7 @@ def test_a_hung_daemon_costs_a_timeout_not_a_freeze(programs: list[Program]) -> 
         env = environment(None)
         os.kill(d.pid, signal.SIGSTOP)
         t0 = time.monotonic()
-        srv = Program("serve", env=env)
-        programs.append(srv)
-        port = srv.line()["port"]
-        cli = Program("connect", "--port", str(port), env=env)
-        programs.append(cli)
-        assert cli.done()[0]["kind"] == "tcp"
-        assert srv.done()[0]["kind"] == "tcp"
+        assert _kinds(programs, env=env) == ["tcp", "tcp"]
         assert time.monotonic() - t0 < 30
     finally:
         os.kill(d.pid, signal.SIGCONT)
@@ -242,16 +241,10 @@ def test_a_hung_daemon_costs_a_timeout_not_a_freeze(programs: list[Program]) -> 
 
 @pytest.mark.parametrize("mode", ["--nonblock", "--epoll"])
 def test_nonblocking_connect_and_epoll(mode: str, daemon: Path, programs: list[Program]) -> None:
-    srv = Program("serve")
-    programs.append(srv)
-    port = srv.line()["port"]
-    cli = Program("connect", "--port", str(port), mode)
-    programs.append(cli)
     # non-blocking: EINPROGRESS, then writable, SO_ERROR 0, on a unix socket; a socket in an
     # epoll set before its connect stays TCP (epoll would watch the old socket)
     want = "unix" if mode == "--nonblock" else "tcp"
-    assert cli.done()[0]["kind"] == want
-    assert srv.done()[0]["kind"] == want
+    assert _kinds(programs, mode) == [want, want]
 
 
 def test_close_range_leaves_no_stale_state(daemon: Path, programs: list[Program]) -> None:
