@@ -60,6 +60,6 @@ test: lint $(ZK_JAR) run-programs
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage-data
 
-# Curated faults the fast suite must catch (tests/mutants.py); about 3 minutes, not in `make test`.
+# Curated faults the fast suite must catch (tests/mutants.py); about 10 minutes, not in `make test`.
 mutants: $(STAMP)
 	$(BIN)/python tests/mutants.py
