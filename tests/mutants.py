@@ -436,7 +436,7 @@ FAULTS = [
         "accept-any-peer",
         "a pair goes only to the socket the asking one is connected to (addresses, namespace)",
         "daemon/ports.py",
-        "                same = _addr(p.tcp.getpeername()) == here and _netns(sock) == "
+        "                same = _addr(p.tcp.getpeername()) == here == p.to and _netns(sock) == "
         "_netns(p.tcp)\n",
         "                same = True\n",
         ("tests/test_run_hostile.py",),

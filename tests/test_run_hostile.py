@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +190,27 @@ def test_a_second_socket_on_the_same_address_gets_no_pair(daemon: Path) -> None:
             x.close()
 
 
+def test_a_pair_for_one_port_is_not_taken_at_another(daemon: Path) -> None:
+    """A process asks for a pair to a registered port, then connects the socket to another
+    listener (its own) and claims the pair there: no pair (the pair is for where it said)."""
+    ls, mine = _listener(), _listener()
+    s = socket.socket()
+    try:
+        assert _op(daemon, "port_listen", [ls.fileno()])[0]["ok"]
+        port = ls.getsockname()[1]
+        reply, got = _op(daemon, "port_connect", [s.fileno()], host="127.0.0.1", port=port)
+        assert reply["pair"] is True
+        os.close(got[0])
+        s.connect(mine.getsockname())  # not where it said
+        peer, _ = mine.accept()
+        with peer:
+            reply, got = _op(daemon, "port_accept", [peer.fileno()])
+        assert reply["ok"] and reply["pair"] is False and not got
+    finally:
+        for x in (ls, mine, s):
+            x.close()
+
+
 def test_an_impostor_daemon_of_another_user_gets_nothing() -> None:
     """FABLE_RUN_SOCKET names a socket another (non-root) user serves: the library sees its
     credentials, sends nothing, and the connection stays TCP."""
@@ -213,11 +233,13 @@ def _impostor(tmp_path: Path) -> None:
             os.chmod(sock, 0o777)
             ls.listen()
             os.write(ready_w, b"x")
-            ls.settimeout(20)
-            received = 0
+            ls.settimeout(20)  # the first caller; then it ends 3 s after the last one
+            calls = received = 0
             try:
                 while True:
                     c, _ = ls.accept()
+                    calls += 1
+                    ls.settimeout(3)
                     c.settimeout(2)
                     with c:
                         try:
@@ -225,9 +247,9 @@ def _impostor(tmp_path: Path) -> None:
                                 received += len(d)
                         except TimeoutError:
                             pass
-                    got.write_text(str(received))
             except TimeoutError:
                 pass
+            got.write_text(f"{calls} {received}")
 
     pid = fork(impostor)
     os.close(ready_w)
@@ -255,11 +277,10 @@ def _impostor(tmp_path: Path) -> None:
     vpid = fork(victim)
     _, status = os.waitpid(vpid, 0)
     assert os.waitstatus_to_exitcode(status) == 0  # the victim ran, over TCP
-    time.sleep(2.5)
-    os.kill(pid, 15)
     _, status = os.waitpid(pid, 0)
-    # the impostor was reached (it accepted), and it was sent nothing at all
-    assert got.read_text() == "0"
+    assert os.waitstatus_to_exitcode(status) == 0  # the impostor ran to its end
+    calls, received = map(int, got.read_text().split())
+    assert calls >= 2 and received == 0  # reached (listen, connect), and sent nothing at all
 
 
 def test_a_client_in_another_network_namespace_stays_tcp(daemon: Path) -> None:

@@ -46,14 +46,12 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <poll.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -241,7 +239,8 @@ static int read_frame(int s, char *body, int *fd) {
 
 /* Ask the daemon: op's JSON fields (without braces), `fd` attached (-1: none). 1: the reply
  * says "pair":true and *got is the fd it sent, or "found":true; 0: done, neither; -1: no
- * daemon, or it refused or failed (then nothing changes: plain TCP). errno is kept. */
+ * daemon, or it refused or failed (then nothing changes: plain TCP); -2: paired, but the fd
+ * did not arrive (no room in the fd table). errno is kept. */
 static int ask(const char *op, const char *fields, int fd, int *got) {
     int saved = errno, rc = -1;
     *got = -1;
@@ -271,7 +270,7 @@ static int ask(const char *op, const char *fields, int fd, int *got) {
     if (!strstr(body, "\"ok\":true"))
         say("%s refused: %.200s", op, body);
     else
-        rc = (strstr(body, "\"pair\":true") && *got >= 0) || strstr(body, "\"found\":true");
+        rc = strstr(body, "\"pair\":true") ? (*got >= 0 ? 1 : -2) : !!strstr(body, "\"found\":true");
 out:
     if (rc != 1 && *got >= 0) {
         close(*got);
@@ -419,7 +418,13 @@ int connect(int fd, const struct sockaddr *to, socklen_t tolen) {
     inet_ntop(to->sa_family, addr, host, sizeof host);
     snprintf(fields, sizeof fields, "\"host\":\"%s\",\"port\":%d", host, port_of(to));
     int u;
+    if (slot(fd, 1) == NULL) return real_connect(fd, to, tolen); /* (no state: never swapped) */
     int paired = ask("port_connect", fields, fd, &u);
+    if (paired == -2) { /* the pair is made and its end lost: connecting would strand the peer
+                         * (the daemon drops a pair whose socket never connects) */
+        errno = EMFILE;
+        return -1;
+    }
     errno = saved;
     int rc = real_connect(fd, to, tolen);
     if (paired != 1) return rc;

@@ -288,7 +288,7 @@ class Ports:
             if p is None:
                 return {"pair": False}, None
             try:  # the socket that connected from there must be the accepted one's peer
-                same = _addr(p.tcp.getpeername()) == here and _netns(sock) == _netns(p.tcp)
+                same = _addr(p.tcp.getpeername()) == here == p.to and _netns(sock) == _netns(p.tcp)
             except OSError:
                 same = False
             if not same:
